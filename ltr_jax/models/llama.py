@@ -1,0 +1,299 @@
+"""The Llama-3 family as a Flax NNX module, with an explicit, donatable KV cache.
+
+Owns: RMSNorm, rotary embeddings (plain and Llama-3.1 "llama3" scaled), grouped-query attention, the SwiGLU MLP,
+optional tied embeddings, and the three forward passes the rest of the stack needs:
+
+* `Llama.prefill`  - one padded prompt, causal attention, returns logits and that prompt's K/V per layer;
+* `Llama.decode`   - one new token for each of B decode slots, reading and writing a per-layer KV cache
+                     in place (a scatter of B rows; the cache buffers are donated by the engine, so no step copies
+                     the cache);
+* `reference_forward` / `hidden_states` - plain full-sequence passes for tests and the ranker backbone.
+
+KV cache layout: a list with one `(k, v)` pair per layer, each `[max_len, slots, kv_heads, head_dim]`
+(sequence-major). Decode attends over a static prefix `[:attend_len]` of the cache (the engine picks a bucket that
+covers the longest running sequence), so step cost follows the real context, not `max_len`; with the sequence axis
+first that prefix is one contiguous block, which on CPU measured 2.3x faster than a slot-major layout.
+
+Weights enter as a plain params dict of arrays (see `ltr_jax.models.loading`) with (in, out) matrices and Q/K in
+Hugging Face rotate-half order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ltr_jax.models.config import LlamaConfig
+
+KVCache = list  # list[tuple[jax.Array, jax.Array]]: per layer (k, v), each [max_len, slots, kv_heads, head_dim]
+
+_LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+
+def dtype_of(config: LlamaConfig) -> jnp.dtype:
+    return jnp.dtype(config.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- rotary embedding
+def rope_frequencies(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2], with Llama-3.1 "llama3" scaling when configured."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    rs = config.rope_scaling
+    if rs is not None:
+        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor
+        )
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+        mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv_freq = np.where(mid, (1 - smooth) * inv_freq / rs.factor + smooth * inv_freq, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """x: [B, T, H, hd]; positions: [B, T]. Rotate-half convention (Hugging Face order)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------- modules
+class Block(nnx.Module):
+    """One decoder layer: pre-norm GQA attention + pre-norm SwiGLU MLP, residual around each."""
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        c, dt = config, dtype_of(config)
+        init = nnx.initializers.normal(0.02)
+        hd = c.head_dim
+        self.config = c
+        self.attn_norm = nnx.Param(jnp.ones((c.dim,), dt))
+        self.wq = nnx.Param(init(rngs.params(), (c.dim, c.n_heads * hd), dt))
+        self.wk = nnx.Param(init(rngs.params(), (c.dim, c.n_kv_heads * hd), dt))
+        self.wv = nnx.Param(init(rngs.params(), (c.dim, c.n_kv_heads * hd), dt))
+        self.wo = nnx.Param(init(rngs.params(), (c.n_heads * hd, c.dim), dt))
+        self.mlp_norm = nnx.Param(jnp.ones((c.dim,), dt))
+        self.w_gate = nnx.Param(init(rngs.params(), (c.dim, c.ffn_dim), dt))
+        self.w_up = nnx.Param(init(rngs.params(), (c.dim, c.ffn_dim), dt))
+        self.w_down = nnx.Param(init(rngs.params(), (c.ffn_dim, c.dim), dt))
+
+    def qkv(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array):
+        c = self.config
+        b, t, _ = x.shape
+        h = rms_norm(x, self.attn_norm[...], c.norm_eps)
+        q = (h @ self.wq[...]).reshape(b, t, c.n_heads, c.head_dim)
+        k = (h @ self.wk[...]).reshape(b, t, c.n_kv_heads, c.head_dim)
+        v = (h @ self.wv[...]).reshape(b, t, c.n_kv_heads, c.head_dim)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def attend_one(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """Decode attention, one query per slot. q [B, H, hd]; k, v [S, B, KV, hd]; mask [B, S]. -> [B, H*hd]."""
+        c = self.config
+        b = q.shape[0]
+        qg = q.reshape(b, c.n_kv_heads, c.q_per_kv, c.head_dim)
+        scores = jnp.einsum("bkgd,sbkd->bkgs", qg, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, None, :], scores * (1.0 / math.sqrt(c.head_dim)), -1e30)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgs,sbkd->bkgd", probs, v, preferred_element_type=jnp.float32)
+        return out.reshape(b, c.n_heads * c.head_dim).astype(q.dtype)
+
+    def mlp(self, x: jax.Array) -> jax.Array:
+        h = rms_norm(x, self.mlp_norm[...], self.config.norm_eps)
+        return (jax.nn.silu(h @ self.w_gate[...]) * (h @ self.w_up[...])) @ self.w_down[...]
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """q [B, T, H, hd]; k, v [S, B, KV, hd]; mask [B, T, S] (True = may attend). Returns [B, T, H*hd]."""
+        c = self.config
+        b, t = q.shape[:2]
+        qg = q.reshape(b, t, c.n_kv_heads, c.q_per_kv, c.head_dim)
+        scores = jnp.einsum("btkgd,sbkd->bkgts", qg, k, preferred_element_type=jnp.float32)
+        scores = scores * (1.0 / math.sqrt(c.head_dim))
+        scores = jnp.where(mask[:, None, None, :, :], scores, -1e30)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,sbkd->btkgd", probs, v, preferred_element_type=jnp.float32)
+        return out.reshape(b, t, c.n_heads * c.head_dim).astype(q.dtype)
+
+
+class Llama(nnx.Module):
+    """A Llama-family decoder. Build with `Llama(config, rngs)` (random) or `Llama.from_params(config, params)`."""
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        c, dt = config, dtype_of(config)
+        self.config = c
+        self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (c.vocab_size, c.dim), dt))
+        self.layers = nnx.List([Block(c, rngs) for _ in range(c.n_layers)])
+        self.final_norm = nnx.Param(jnp.ones((c.dim,), dt))
+        if not c.tie_embeddings:
+            self.lm_head = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (c.dim, c.vocab_size), dt))
+        self.inv_freq = nnx.Variable(jnp.asarray(rope_frequencies(c)))
+
+    # -------------------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_params(cls, config: LlamaConfig, params: dict[str, Any]) -> Llama:
+        """Build the module from a loader's params dict (numpy or jax arrays), checking every shape."""
+        check_params(config, params)
+        abstract = nnx.eval_shape(lambda: cls(config, nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        dt = dtype_of(config)
+        tree = {
+            "embed": params["embed"],
+            "final_norm": params["final_norm"],
+            "layers": {i: {k: layer[k] for k in _LAYER_KEYS} for i, layer in enumerate(params["layers"])},
+        }
+        if not config.tie_embeddings:
+            tree["lm_head"] = params["lm_head"]
+        tree = jax.tree.map(lambda a: jnp.asarray(a, dtype=dt), tree)
+        tree["inv_freq"] = jnp.asarray(rope_frequencies(config))
+        state.replace_by_pure_dict(tree)
+        return nnx.merge(graphdef, state)
+
+    def to_params(self) -> dict[str, Any]:
+        """The inverse of `from_params`: a params dict of numpy arrays."""
+        layers = [{k: np.asarray(getattr(blk, k)[...]) for k in _LAYER_KEYS} for blk in self.layers]
+        out: dict[str, Any] = {"embed": np.asarray(self.embed[...]), "final_norm": np.asarray(self.final_norm[...]),
+                               "layers": layers}
+        if not self.config.tie_embeddings:
+            out["lm_head"] = np.asarray(self.lm_head[...])
+        return out
+
+    # ---------------------------------------------------------------------------------------------- pieces
+    def logits(self, x: jax.Array) -> jax.Array:
+        x = rms_norm(x, self.final_norm[...], self.config.norm_eps)
+        head = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
+        return jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embed[...], tokens, axis=0)
+
+    # ---------------------------------------------------------------------------------------------- passes
+    def hidden(self, tokens: jax.Array, lengths: jax.Array, n_layers: int | None = None):
+        """Causal pass over [B, T] right-padded tokens; returns (hidden [B, T, D], per-layer (k, v) [T, B, KV, hd])."""
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        valid = jnp.arange(t)[None, :] < lengths[:, None]  # keys past the true length are padding
+        mask = causal[None] & valid[:, None, :]
+        x = self._embed(tokens)
+        kvs = []
+        layers = self.layers if n_layers is None else list(self.layers)[:n_layers]
+        for blk in layers:
+            q, k, v = blk.qkv(x, positions, self.inv_freq[...])
+            k, v = k.transpose(1, 0, 2, 3), v.transpose(1, 0, 2, 3)
+            x = x + blk.attend(q, k, v, mask) @ blk.wo[...]
+            x = x + blk.mlp(x)
+            kvs.append((k, v))
+        return x, kvs
+
+    def prefill(self, tokens: jax.Array, lengths: jax.Array):
+        """tokens [B, T] right-padded, lengths [B]. Returns (logits at position length-1 [B, V], kv list)."""
+        x, kvs = self.hidden(tokens, lengths)
+        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        return self.logits(last), kvs
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, attend_len: int):
+        """One token per slot. tokens, positions: [B]. Writes K/V at `positions`, attends over [:attend_len].
+
+        Returns (logits [B, V], cache). The cache is updated with a row scatter per layer; when the caller donates
+        it (the engine does) XLA updates the buffers in place.
+        """
+        b = tokens.shape[0]
+        rows = jnp.arange(b)
+        x = self._embed(tokens)[:, None, :]
+        mask = jnp.arange(attend_len)[None, :] <= positions[:, None]  # [B, S]
+        new_cache = []
+        for blk, (kc, vc) in zip(self.layers, cache):
+            q, k, v = blk.qkv(x, positions[:, None], self.inv_freq[...])
+            kc = kc.at[positions, rows].set(k[:, 0].astype(kc.dtype), mode="drop")
+            vc = vc.at[positions, rows].set(v[:, 0].astype(vc.dtype), mode="drop")
+            attn = blk.attend_one(q[:, 0], kc[:attend_len], vc[:attend_len], mask)
+            x = x + (attn @ blk.wo[...])[:, None, :]
+            x = x + blk.mlp(x)
+            new_cache.append((kc, vc))
+        return self.logits(x[:, 0]), new_cache
+
+
+# ------------------------------------------------------------------------------------------- params utilities
+def param_shapes(config: LlamaConfig) -> dict[str, Any]:
+    c, hd = config, config.head_dim
+    layer = {
+        "attn_norm": (c.dim,), "wq": (c.dim, c.n_heads * hd), "wk": (c.dim, c.n_kv_heads * hd),
+        "wv": (c.dim, c.n_kv_heads * hd), "wo": (c.n_heads * hd, c.dim), "mlp_norm": (c.dim,),
+        "w_gate": (c.dim, c.ffn_dim), "w_up": (c.dim, c.ffn_dim), "w_down": (c.ffn_dim, c.dim),
+    }
+    shapes: dict[str, Any] = {"embed": (c.vocab_size, c.dim), "final_norm": (c.dim,),
+                              "layers": [dict(layer) for _ in range(c.n_layers)]}
+    if not c.tie_embeddings:
+        shapes["lm_head"] = (c.dim, c.vocab_size)
+    return shapes
+
+
+def check_params(config: LlamaConfig, params: dict[str, Any]) -> None:
+    """Raise ValueError naming every missing or mis-shaped tensor."""
+    expected = param_shapes(config)
+    problems = []
+    for key in ("embed", "final_norm", "lm_head"):
+        if key not in expected:
+            continue
+        if key not in params:
+            problems.append(f"missing tensor {key!r}")
+        elif tuple(params[key].shape) != expected[key]:
+            problems.append(f"{key}: shape {tuple(params[key].shape)}, expected {expected[key]}")
+    layers = params.get("layers")
+    if not isinstance(layers, (list, tuple)) or len(layers) != config.n_layers:
+        problems.append(f"expected {config.n_layers} layers, got {len(layers) if layers is not None else 'none'}")
+    else:
+        for i, (layer, shapes) in enumerate(zip(layers, expected["layers"])):
+            for key, shape in shapes.items():
+                if key not in layer:
+                    problems.append(f"layers.{i}.{key} missing")
+                elif tuple(layer[key].shape) != shape:
+                    problems.append(f"layers.{i}.{key}: shape {tuple(layer[key].shape)}, expected {shape}")
+    if problems:
+        raise ValueError(f"params do not match the {config.name} config: " + "; ".join(problems[:10]))
+
+
+def init_random_params(config: LlamaConfig, seed: int = 0, scale: float = 0.02) -> dict[str, Any]:
+    """Random float32 numpy params in the loader format (norm weights near 1). For tests and dummy-weight runs."""
+    rng = np.random.default_rng(seed)
+    shapes = param_shapes(config)
+
+    def make(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name.endswith("norm"):
+            return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    out: dict[str, Any] = {k: make(k, v) for k, v in shapes.items() if k != "layers"}
+    out["layers"] = [{k: make(k, s) for k, s in layer.items()} for layer in shapes["layers"]]
+    return out
+
+
+def reference_forward(config: LlamaConfig, params: dict[str, Any], tokens) -> jax.Array:
+    """Full causal forward, no cache: logits [B, T, V] in float32. For tests and reference checks."""
+    model = Llama.from_params(config, params)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+    x, _ = model.hidden(tokens, lengths)
+    return model.logits(x)
+
+
+def hidden_states(config: LlamaConfig, params: dict[str, Any], tokens, lengths, n_layers: int) -> jax.Array:
+    """Output of the first `n_layers` blocks, [B, T, D] (ranker backbone). Padded positions are garbage."""
+    model = Llama.from_params(config, params)
+    x, _ = model.hidden(jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), n_layers)
+    return x
