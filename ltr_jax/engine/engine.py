@@ -1,0 +1,275 @@
+"""The JetStream-style engine: prefill, insert into a decode slot, generate over all slots, free.
+
+Owns the device side of serving. Every call is one `jax.jit`-compiled pure function with static shapes:
+
+* `prefill(tokens, sampling)`      -> `Prefix`: the prompt (padded to a length bucket) run causally; its K/V and its
+                                      first sampled token stay on the device.
+* `insert(prefix, slot)`           -> writes the prefix's K/V into the slot (decode state donated, updated in place).
+* `generate()`                     -> one decode step for every slot; returns the new token of each slot
+                                      (one small device->host copy per step).
+* `free(slot)`                     -> the slot stops decoding (its cache rows are simply overwritten later).
+
+The decode state (KV cache + per-slot last token, length and sampling settings) is a plain pytree that is donated
+to each call. Decode attends over a bucket of the cache that covers the longest running sequence, so one compiled
+step exists per bucket and per-step cost follows the real context length. The host keeps a mirror of per-slot
+lengths and activity, so scheduling decisions never wait on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ltr_jax.engine.sampling import sample_tokens
+from ltr_jax.models.config import LlamaConfig
+from ltr_jax.models.llama import Llama
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Static shape of the engine: slots, maximum sequence length and the compiled length buckets."""
+
+    num_slots: int = 8
+    max_seq_len: int = 1024
+    min_prefill_bucket: int = 16
+    attend_bucket_step: int = 64  # decode attends over a multiple of this (rounded up), capped at max_seq_len
+
+    def __post_init__(self) -> None:
+        if self.num_slots < 1:
+            raise ValueError(f"engine.num_slots={self.num_slots} must be >= 1")
+        if self.max_seq_len < 2 or self.max_seq_len & (self.max_seq_len - 1):
+            raise ValueError(f"engine.max_seq_len={self.max_seq_len} must be a power of two >= 2")
+        if self.min_prefill_bucket < 1 or self.min_prefill_bucket > self.max_seq_len:
+            raise ValueError(f"engine.min_prefill_bucket={self.min_prefill_bucket} must be in [1, max_seq_len]")
+        if self.attend_bucket_step < 1:
+            raise ValueError(f"engine.attend_bucket_step={self.attend_bucket_step} must be >= 1")
+
+    def prefill_buckets(self) -> list[int]:
+        out, b = [], self.min_prefill_bucket
+        while b < self.max_seq_len:
+            out.append(b)
+            b *= 2
+        return out + [self.max_seq_len]
+
+    def prefill_bucket(self, n: int) -> int:
+        for b in self.prefill_buckets():
+            if n <= b:
+                return b
+        raise ValueError(f"a sequence of {n} tokens exceeds engine.max_seq_len={self.max_seq_len}")
+
+    def attend_bucket(self, n: int) -> int:
+        """Smallest bucket >= n: steps of `attend_bucket_step` up to 8 steps, then powers of two ratios of 1.5x."""
+        step = self.attend_bucket_step
+        b = step
+        while b < n:
+            b = b + step if b < 8 * step else int(b * 1.5) // step * step
+        return min(b, self.max_seq_len)
+
+
+@dataclass(frozen=True)
+class SlotSampling:
+    """Per-request sampling settings as the device sees them."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+class Prefix(NamedTuple):
+    """The result of a prefill, still on the device: K/V [bucket, 1, kv_heads, head_dim] per layer."""
+
+    kv: list
+    length: jax.Array  # int32 scalar: tokens in the prefix
+    token: jax.Array  # int32 scalar: the token sampled after the prefix
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    seed: jax.Array
+
+
+class DecodeState(NamedTuple):
+    cache: list  # per layer (k, v) [max_seq_len, slots, kv_heads, head_dim]
+    tokens: jax.Array  # int32 [slots]: last token of each slot (input of the next step)
+    lengths: jax.Array  # int32 [slots]: tokens in each slot's cache = position of the next input token
+    temperature: jax.Array  # float32 [slots]
+    top_k: jax.Array  # int32 [slots]
+    top_p: jax.Array  # float32 [slots]
+    seed: jax.Array  # uint32 [slots]
+
+
+@dataclass
+class EngineStats:
+    prefill_calls: int = 0
+    prefill_tokens: int = 0
+    generate_calls: int = 0
+    compile_seconds: float = 0.0
+    compiled_shapes: set = field(default_factory=set)
+
+
+# --------------------------------------------------------------------------------------------- compiled pieces
+def _prefill_fn(graphdef, state, tokens, length, temperature, top_k, top_p, seed):
+    model = nnx.merge(graphdef, state)
+    logits, kv = model.prefill(tokens[None, :], length[None])
+    token = sample_tokens(logits, temperature[None], top_k[None], top_p[None], seed[None], length[None])[0]
+    return Prefix(kv, length, token, temperature, top_k, top_p, seed)
+
+
+def _insert_fn(prefix: Prefix, decode_state: DecodeState, slot):
+    cache = [
+        (jax.lax.dynamic_update_slice(kc, pk.astype(kc.dtype), (0, slot, 0, 0)),
+         jax.lax.dynamic_update_slice(vc, pv.astype(vc.dtype), (0, slot, 0, 0)))
+        for (kc, vc), (pk, pv) in zip(decode_state.cache, prefix.kv)
+    ]
+    return DecodeState(
+        cache=cache,
+        tokens=decode_state.tokens.at[slot].set(prefix.token),
+        lengths=decode_state.lengths.at[slot].set(prefix.length),
+        temperature=decode_state.temperature.at[slot].set(prefix.temperature),
+        top_k=decode_state.top_k.at[slot].set(prefix.top_k),
+        top_p=decode_state.top_p.at[slot].set(prefix.top_p),
+        seed=decode_state.seed.at[slot].set(prefix.seed),
+    )
+
+
+def _generate_fn(graphdef, state, decode_state: DecodeState, active, attend_len: int):
+    model = nnx.merge(graphdef, state)
+    positions = decode_state.lengths
+    logits, cache = model.decode(decode_state.tokens, positions, decode_state.cache, attend_len)
+    new = sample_tokens(logits, decode_state.temperature, decode_state.top_k, decode_state.top_p,
+                        decode_state.seed, positions + 1)
+    tokens = jnp.where(active, new, decode_state.tokens)
+    lengths = positions + active.astype(positions.dtype)
+    return decode_state._replace(cache=cache, tokens=tokens, lengths=lengths), tokens
+
+
+class Engine:
+    """Prefill / insert / generate over a fixed number of decode slots for one Llama-family model."""
+
+    def __init__(self, model: Llama, config: EngineConfig, mesh: jax.sharding.Mesh | None = None):
+        self.model_config: LlamaConfig = model.config
+        self.config = config
+        if config.max_seq_len > self.model_config.max_position_embeddings:
+            raise ValueError(
+                f"engine.max_seq_len={config.max_seq_len} exceeds the model's context "
+                f"({self.model_config.max_position_embeddings}); lower engine.max_seq_len"
+            )
+        self.mesh = mesh
+        self.graphdef, self.params = nnx.split(model)
+        if mesh is not None:
+            from ltr_jax.engine.sharding import shard_params
+
+            self.params = shard_params(self.params, mesh)
+        self.stats = EngineStats()
+        self._prefill = jax.jit(functools.partial(_prefill_fn, self.graphdef))
+        self._insert = jax.jit(_insert_fn, donate_argnums=(1,))
+        self._generate = jax.jit(functools.partial(_generate_fn, self.graphdef), static_argnames=("attend_len",),
+                                 donate_argnums=(1,))
+        self.decode_state = self._init_decode_state()
+        self.host_lengths = np.zeros(config.num_slots, np.int64)
+        self.host_active = np.zeros(config.num_slots, bool)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _init_decode_state(self) -> DecodeState:
+        c, e = self.model_config, self.config
+        shape = (e.max_seq_len, e.num_slots, c.n_kv_heads, c.head_dim)
+        dt = jnp.dtype(c.dtype)
+        if self.mesh is not None:
+            from ltr_jax.engine.sharding import cache_sharding
+
+            sharding = cache_sharding(self.mesh)
+            zeros = jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=sharding)
+            cache = [(zeros(), zeros()) for _ in range(c.n_layers)]
+        else:
+            cache = [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(c.n_layers)]
+        n = e.num_slots
+        return DecodeState(cache, jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.float32),
+                           jnp.zeros(n, jnp.int32), jnp.ones(n, jnp.float32), jnp.zeros(n, jnp.uint32))
+
+    @property
+    def num_slots(self) -> int:
+        return self.config.num_slots
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_seq_len
+
+    def _timed(self, key: Any, fn, *args, **kwargs):
+        first = key not in self.stats.compiled_shapes
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        if first:
+            jax.block_until_ready(out)
+            self.stats.compile_seconds += time.perf_counter() - t0
+            self.stats.compiled_shapes.add(key)
+        return out
+
+    def warmup(self, prefill_buckets: list[int] | None = None, attend_buckets: list[int] | None = None) -> float:
+        """Compile the given shapes ahead of traffic; returns seconds spent. Leaves the state as it was."""
+        t0 = time.perf_counter()
+        for b in prefill_buckets or []:
+            prefix = self.prefill([0] * min(b, 2), SlotSampling(), bucket=b)
+            self.insert(prefix, 0)
+            self.free(0)
+        saved = self.host_active.copy()
+        self.host_active[:] = False
+        for a in attend_buckets or []:
+            self.generate(attend_len=a)
+        self.host_active[:] = saved
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------------------------ API
+    def prefill(self, tokens: list[int] | np.ndarray, sampling: SlotSampling, bucket: int | None = None) -> Prefix:
+        """Run a prompt (or prompt + already generated tokens, for a resume). Returns the device-side Prefix."""
+        n = len(tokens)
+        if n < 1:
+            raise ValueError("prefill needs at least one token")
+        if n >= self.config.max_seq_len:
+            raise ValueError(
+                f"a sequence of {n} tokens does not fit engine.max_seq_len={self.config.max_seq_len} "
+                "(one position is needed for the next token)"
+            )
+        bucket = bucket or self.config.prefill_bucket(n)
+        padded = np.zeros(bucket, np.int32)
+        padded[:n] = np.asarray(tokens, np.int32)
+        self.stats.prefill_calls += 1
+        self.stats.prefill_tokens += n
+        return self._timed(
+            ("prefill", bucket), self._prefill, self.params, padded, np.int32(n), np.float32(sampling.temperature),
+            np.int32(sampling.top_k), np.float32(sampling.top_p), np.uint32(sampling.seed & 0xFFFFFFFF),
+        )
+
+    def insert(self, prefix: Prefix, slot: int) -> None:
+        """Place a prefix into decode slot `slot` and mark it active."""
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
+        self.decode_state = self._timed(("insert", prefix.kv[0][0].shape[0]), self._insert, prefix,
+                                        self.decode_state, np.int32(slot))
+        self.host_lengths[slot] = int(prefix.length)
+        self.host_active[slot] = True
+
+    def free(self, slot: int) -> None:
+        self.host_active[slot] = False
+        self.host_lengths[slot] = 0
+
+    def slot_lengths(self) -> np.ndarray:
+        """Tokens currently in each slot's cache (host mirror; no device sync)."""
+        return self.host_lengths.copy()
+
+    def generate(self, attend_len: int | None = None) -> jax.Array:
+        """One decode step for all active slots. Returns the device array of new tokens [slots] (int32)."""
+        if attend_len is None:
+            longest = int(self.host_lengths[self.host_active].max()) if self.host_active.any() else 1
+            attend_len = self.config.attend_bucket(longest + 1)
+        self.stats.generate_calls += 1
+        self.decode_state, tokens = self._timed(("generate", attend_len), self._generate, self.params,
+                                                self.decode_state, self.host_active.copy(), attend_len=attend_len)
+        self.host_lengths += self.host_active
+        return tokens

@@ -1,0 +1,425 @@
+"""The continuous-batching driver loop: scheduler decisions in, engine calls out, tokens streamed to consumers.
+
+Owns the one thread that touches the engine. At every batch boundary it:
+
+1. takes new submissions (scoring them with the ranker in one batch) and cancellations from a thread-safe inbox;
+2. expires requests past their deadline;
+3. asks the scheduler (`schedule(now)`) which running requests to evict and which waiting ones to admit;
+4. evicts (tokens stay on the host), prefills + inserts admitted requests (a resumed request re-prefills its
+   prompt plus everything it generated: recompute, nothing lost), emitting each new request's first token;
+5. runs one `generate` step over all slots and streams each running request's token and detokenized text.
+
+The scheduler module stays free of JAX: it only ever sees `Request` records. Any policy object works here.
+An exception while serving one request finishes that request with `finish_reason="error"`; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ltr_jax.engine.engine import Engine, SlotSampling
+from ltr_jax.scheduler.request import Request
+from ltr_jax.scheduler.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self, max_tokens_limit: int) -> None:
+        """Raise ValueError naming the first bad field."""
+        if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= max_tokens_limit:
+            raise ValueError(f"max_tokens must be an integer in [1, {max_tokens_limit}], got {self.max_tokens!r}")
+        if not 0.0 <= float(self.temperature) <= 100.0:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+
+
+@dataclass
+class StreamEvent:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "timeout" | "error"
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_generated: int = 0
+
+
+class QueueFullError(Exception):
+    """The admission queue is at its bound; retry later (HTTP 429)."""
+
+
+class ShuttingDownError(Exception):
+    """The orchestrator is draining or stopped and takes no new requests (HTTP 503)."""
+
+
+@dataclass(eq=False)
+class _Job:
+    """Host-side state of one request: its tokens, streaming decoder, consumer and slot."""
+
+    request: Request
+    prompt_tokens: list[int]
+    sampling: SamplingParams
+    seed: int
+    on_event: Callable[[StreamEvent], None]
+    deadline: float | None
+    stop_ids: frozenset[int]
+    decoder: Any
+    output: list[int] = field(default_factory=list)
+    text: str = ""
+    slot: int | None = None
+    done: bool = False
+
+
+class Orchestrator:
+    """Continuous batching over an `Engine`, ordered by a `Scheduler`, streaming to per-request callbacks."""
+
+    def __init__(self, engine: Engine, tokenizer, scheduler: Scheduler, ranker=None, max_queue: int = 1024,
+                 observer=None, clock: Callable[[], float] = time.monotonic):
+        if scheduler.num_slots != engine.num_slots:
+            raise ValueError(f"scheduler has {scheduler.num_slots} slots but the engine has {engine.num_slots}")
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.ranker = ranker
+        self.max_queue = max_queue
+        self.observer = observer
+        self.clock = clock
+        self.max_prompt_len = engine.max_seq_len - 2
+        self.max_tokens_limit = engine.max_seq_len - 1
+        self._lock = threading.Condition()
+        self._inbox: list[_Job] = []
+        self._cancels: list[str] = []
+        self._jobs: dict[str, _Job] = {}
+        self._deadlines: list[tuple[float, int, str]] = []
+        self._tie = itertools.count()
+        self._free_slots = list(range(engine.num_slots - 1, -1, -1))
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._drain = True
+        self._unfinished = 0
+        self.counters = dict(tokens_generated=0, requests_finished=0, requests_errored=0, steps=0,
+                             ranker_seconds=0.0, ranker_calls=0, ranker_requests=0, busy_seconds=0.0)
+
+    # ------------------------------------------------------------------------------------- thread-safe API
+    def submit(self, prompt_tokens: list[int], sampling: SamplingParams, on_event: Callable[[StreamEvent], None],
+               request_id: str | None = None, timeout_s: float | None = None) -> str:
+        """Queue a request; returns its id. Raises ValueError for bad input, QueueFullError when full."""
+        prompt_tokens = [int(t) for t in prompt_tokens]
+        if not prompt_tokens:
+            raise ValueError("prompt is empty: it must contain at least one token")
+        if len(prompt_tokens) > self.max_prompt_len:
+            raise ValueError(f"prompt has {len(prompt_tokens)} tokens, more than this server's limit of "
+                             f"{self.max_prompt_len}; shorten the prompt")
+        sampling.validate(self.max_tokens_limit)
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout_s!r}")
+        vocab = self.engine.model_config.vocab_size
+        if min(prompt_tokens) < 0 or max(prompt_tokens) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        request_id = request_id or uuid.uuid4().hex
+        stop_ids = frozenset(() if sampling.ignore_eos else
+                             set(self.tokenizer.stop_token_ids) | set(sampling.stop_token_ids))
+        seed = sampling.seed if sampling.seed is not None else int(np.random.default_rng().integers(2**32))
+        with self._lock:
+            if self._stopping:
+                raise ShuttingDownError("the server is shutting down and accepts no new requests")
+            if request_id in self._jobs:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            waiting = self._unfinished - self.scheduler.num_running
+            if waiting >= self.max_queue:
+                raise QueueFullError(f"admission queue is full ({self.max_queue} waiting requests)")
+            now = self.clock()
+            req = Request(request_id=request_id, arrival_time=now, prompt_len=len(prompt_tokens),
+                          max_tokens=sampling.max_tokens)
+            deadline = now + timeout_s if timeout_s else None
+            job = _Job(req, prompt_tokens, sampling, seed, on_event, deadline, stop_ids,
+                       self.tokenizer.incremental_decoder())
+            req.payload = job
+            self._jobs[request_id] = job
+            self._inbox.append(job)
+            self._unfinished += 1
+            self._lock.notify()
+        return request_id
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancels.append(request_id)
+            self._lock.notify()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("orchestrator already started")
+        self._thread = threading.Thread(target=self._run, name="ltr-jax-orchestrator", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = True, timeout_s: float | None = None) -> None:
+        """Stop taking requests; with drain, finish the in-flight ones first; else cancel them."""
+        with self._lock:
+            self._stopping = True
+            self._drain = drain
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            running = self.scheduler.num_running
+            return dict(queue_len=self._unfinished - running, running=running,
+                        free_slots=self.engine.num_slots - running, num_slots=self.engine.num_slots,
+                        preemptions=self.scheduler.num_preemptions, promotions=self.scheduler.num_promotions,
+                        **self.counters)
+
+    # ------------------------------------------------------------------------------------------- the loop
+    def run_until_idle(self) -> None:
+        """Drive the loop on the calling thread until no request is left (benchmarks and tests)."""
+        while self._boundary():
+            pass
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                idle = not self._inbox and not self._cancels and len(self._jobs) == 0
+                if self._stopping and (idle or not self._drain):
+                    break
+                if idle:
+                    self._lock.wait(timeout=0.1)
+                    continue
+            try:
+                self._boundary()
+            except Exception:  # noqa: BLE001 - the loop must survive; _boundary already failed the culprits
+                log.error("orchestrator boundary failed:\n%s", traceback.format_exc())
+                time.sleep(0.01)
+        if not self._drain:
+            self._cancel_everything("cancelled")
+        self._fail_unfinished("server stopped")
+
+    def _boundary(self) -> bool:
+        """One batch boundary. Returns False when there was nothing to do."""
+        self._take_inbox()
+        now = self.clock()
+        self._expire(now)
+        sched = self.scheduler
+        if sched.num_waiting == 0 and sched.num_running == 0:
+            return False
+        t0 = time.perf_counter()
+        decision = sched.schedule(now)
+        if decision.preempt and self.observer:
+            self.observer.on_preempt(len(decision.preempt))
+        for req in decision.preempt:
+            job: _Job = req.payload
+            self.engine.free(job.slot)
+            self._free_slots.append(job.slot)
+            job.slot = None
+        for req in decision.admit:
+            self._admit(req.payload)
+        if sched.num_running:
+            self._step()
+        self.counters["busy_seconds"] += time.perf_counter() - t0
+        return True
+
+    def _take_inbox(self) -> None:
+        with self._lock:
+            new, self._inbox = self._inbox, []
+            cancels, self._cancels = self._cancels, []
+        if new:
+            self._score(new)
+            now = self.clock()
+            for job in new:
+                self.scheduler.add(job.request, now)
+                if job.deadline is not None:
+                    heapq.heappush(self._deadlines, (job.deadline, next(self._tie), job.request.request_id))
+        for rid in cancels:
+            job = self._jobs.get(rid)
+            if job is not None and not job.done:
+                self._finish(job, "cancelled", self.clock())
+
+    def _score(self, jobs: list[_Job]) -> None:
+        if self.ranker is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            scores = self.ranker.score([j.prompt_tokens for j in jobs])
+            buckets = self.ranker.buckets(scores) if hasattr(self.ranker, "buckets") else None
+        except Exception:  # noqa: BLE001 - a ranker failure must not lose requests: they run unranked
+            log.error("ranker failed; requests scheduled with score 0:\n%s", traceback.format_exc())
+            return
+        for i, job in enumerate(jobs):
+            job.request.score = float(scores[i])
+            if buckets is not None:
+                job.request.bucket = int(buckets[i])
+        dt = time.perf_counter() - t0
+        self.counters["ranker_seconds"] += dt
+        self.counters["ranker_calls"] += 1
+        self.counters["ranker_requests"] += len(jobs)
+        if self.observer:
+            self.observer.on_ranker(dt, len(jobs))
+
+    def _expire(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, rid = heapq.heappop(self._deadlines)
+            job = self._jobs.get(rid)
+            if job is not None and not job.done:
+                self._finish(job, "timeout", now)
+
+    def _admit(self, job: _Job) -> None:
+        slot = self._free_slots.pop()
+        job.slot = slot
+        resuming = bool(job.output)
+        try:
+            s = job.sampling
+            sampling = SlotSampling(float(s.temperature), int(s.top_k), float(s.top_p), job.seed)
+            context = job.prompt_tokens + job.output[:-1]
+            prefix = self.engine.prefill(context, sampling)
+            if resuming:  # the pending input token is already known: keep it exactly
+                prefix = prefix._replace(token=np.int32(job.output[-1]))
+            self.engine.insert(prefix, slot)
+        except Exception as exc:  # noqa: BLE001
+            log.error("prefill failed for %s:\n%s", job.request.request_id, traceback.format_exc())
+            self._finish(job, "error", self.clock(), error=f"prefill failed: {exc}")
+            return
+        if not resuming:
+            self._on_token(job, int(prefix.token), self.clock())
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            tokens = np.asarray(self.engine.generate())
+        except Exception as exc:  # noqa: BLE001 - fail the running requests, keep serving the rest
+            log.error("generate failed:\n%s", traceback.format_exc())
+            for req in list(self.scheduler.running):
+                self._finish(req.payload, "error", self.clock(), error=f"decode step failed: {exc}")
+            return
+        now = self.clock()
+        running = list(self.scheduler.running)
+        self.counters["steps"] += 1
+        if self.observer:
+            self.observer.on_step(len(running), time.perf_counter() - t0, len(running))
+        for req in running:
+            job: _Job = req.payload
+            self._on_token(job, int(tokens[job.slot]), now)
+
+    # ------------------------------------------------------------------------------------ per-token work
+    def _on_token(self, job: _Job, token: int, now: float) -> None:
+        req = job.request
+        first = req.generated == 0
+        prev = req.last_token_time
+        self.scheduler.on_token(req, now)
+        job.output.append(token)
+        self.counters["tokens_generated"] += 1
+        if self.observer:
+            if first:
+                self.observer.on_first_token(req.request_id, now - req.arrival_time)
+            elif prev is not None:
+                self.observer.on_token_gap(now - prev)
+        try:
+            reason = None
+            if token in job.stop_ids:
+                reason, delta = "stop", job.decoder.finish()
+            else:
+                delta = job.decoder.push(token)
+                if len(job.output) >= job.sampling.max_tokens:
+                    reason = "length"
+                    delta += job.decoder.finish()
+                elif len(job.prompt_tokens) + len(job.output) >= self.engine.max_seq_len - 1:
+                    reason = "length"
+                    delta += job.decoder.finish()
+            if job.sampling.stop and delta:
+                delta, hit = self._apply_stop_strings(job, delta)
+                if hit:
+                    reason = "stop"
+            job.text += delta
+            if reason is None:
+                self._emit(job, StreamEvent(req.request_id, [token], delta, num_prompt_tokens=len(job.prompt_tokens),
+                                            num_generated=len(job.output)))
+            else:
+                ids = [] if token in job.stop_ids else [token]
+                self._finish(job, reason, now, last_ids=ids, last_text=delta)
+        except Exception as exc:  # noqa: BLE001
+            self._finish(job, "error", now, error=f"detokenization failed: {exc}")
+
+    def _apply_stop_strings(self, job: _Job, delta: str) -> tuple[str, bool]:
+        text = job.text + delta
+        window_start = max(0, len(job.text) - max(len(s) for s in job.sampling.stop))
+        hits = [i for i in (text.find(s, window_start) for s in job.sampling.stop) if i >= 0]
+        if not hits:
+            return delta, False
+        cut = min(hits)
+        return text[len(job.text):cut] if cut >= len(job.text) else "", True
+
+    def _emit(self, job: _Job, event: StreamEvent) -> None:
+        try:
+            job.on_event(event)
+        except Exception:  # noqa: BLE001 - a broken consumer cancels its own request only
+            log.warning("consumer of %s failed; cancelling it:\n%s", job.request.request_id, traceback.format_exc())
+            if not job.done and event.finished is False:
+                self._finish(job, "cancelled", self.clock(), notify=False)
+
+    def _finish(self, job: _Job, reason: str, now: float, error: str | None = None, last_ids: list[int] | None = None,
+                last_text: str = "", notify: bool = True) -> None:
+        if job.done:
+            return
+        job.done = True
+        req = job.request
+        if job.slot is not None:
+            self.engine.free(job.slot)
+            self._free_slots.append(job.slot)
+            job.slot = None
+        if reason in ("cancelled", "timeout", "error") and req.state.value in ("waiting", "running", "new"):
+            self.scheduler.cancel(req.request_id, now)
+        else:
+            self.scheduler.finish(req, now)
+        with self._lock:
+            self._jobs.pop(req.request_id, None)
+            self._unfinished -= 1
+        self.counters["requests_finished"] += 1
+        if reason == "error":
+            self.counters["requests_errored"] += 1
+        if self.observer:
+            self.observer.on_finish(req.request_id, reason, len(job.output), now - req.arrival_time)
+        if notify:
+            self._emit(job, StreamEvent(req.request_id, last_ids or [], last_text, True, reason, error,
+                                        len(job.prompt_tokens), len(job.output)))
+
+    def _cancel_everything(self, reason: str) -> None:
+        with self._lock:
+            pending, self._inbox = self._inbox, []
+        for job in pending:
+            self.scheduler.add(job.request, self.clock())
+        for job in list(self._jobs.values()):
+            self._finish(job, reason, self.clock())
+
+    def _fail_unfinished(self, message: str) -> None:
+        for job in list(self._jobs.values()):
+            self._finish(job, "error", self.clock(), error=message)
