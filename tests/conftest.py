@@ -1,0 +1,81 @@
+"""Shared pytest fixtures: the real SmolLM2 GGUF (downloaded once into the user cache) and a tiny byte-level BPE
+tokenizer expressed as GGUF tokenizer metadata (for fast unit tests of the loaders)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+_TINY_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n",
+    "What is the capital of France? The capital of France is Paris.",
+    "Numbers 0123456789 and 3.14159, café naïve, 日本語, emoji 😀.",
+    "  indented\n\ttabbed\r\n lines  with   spaces ",
+]
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY_CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    """The embedded default model file, fetched on first use (integration tests only)."""
+    from ltr_jax.models.default_model import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2_gguf_path):
+    """SmolLM2-135M-Instruct loaded once per session with our loader."""
+    from ltr_jax.models.loading import load_model
+
+    return load_model(str(smollm2_gguf_path))
+
+
+def _train_tiny_bpe(pre: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if pre == "smollm" else byte_level)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=TINY_SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_TINY_CORPUS, trainer=trainer)
+    return tok
+
+
+def tiny_bpe_metadata(pre: str = "smollm"):
+    """(GGUF-style tokenizer metadata, the trained `tokenizers.Tokenizer` it was taken from)."""
+    tok = _train_tiny_bpe(pre)
+    model = json.loads(tok.to_str())["model"]
+    vocab = model["vocab"]
+    tokens = [None] * len(vocab)
+    for text, idx in vocab.items():
+        tokens[idx] = text
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    types = [3 if t in TINY_SPECIAL_TOKENS else 1 for t in tokens]
+    meta = {
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": merges, "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": tokens.index("<|im_start|>"),
+        "tokenizer.ggml.eos_token_id": tokens.index("<|endoftext|>"),
+        "tokenizer.chat_template": TINY_CHATML_TEMPLATE,
+    }
+    return meta, tok
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe():
+    return tiny_bpe_metadata("smollm")
