@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-
 _TINY_CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
     "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n",
@@ -78,4 +76,11 @@ def tiny_bpe_metadata(pre: str = "smollm"):
 
 @pytest.fixture(scope="session")
 def tiny_bpe():
+    """(GGUF tokenizer metadata, trained tokenizer) for a ~420-token byte-level BPE with SmolLM2's pre-tokenizer."""
     return tiny_bpe_metadata("smollm")
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_factory():
+    """`tiny_bpe_metadata` itself, for tests that need another pre-tokenizer."""
+    return tiny_bpe_metadata

@@ -122,6 +122,9 @@ def test_f32_gguf_round_trip_gives_identical_params_and_logits(tmp_path, tiny_bp
     assert model.config.replace(name="tiny") == cfg.replace(norm_eps=model.config.norm_eps)
     assert math.isclose(model.config.norm_eps, cfg.norm_eps, rel_tol=1e-6)
     _assert_params_equal(model.params, params)
+    # owned, writable arrays (not read-only views into the file mapping)
+    assert all(a.flags.writeable for a in model.params["layers"][0].values())
+    assert model.params["final_norm"].flags.writeable
     tokens = np.array([[3, 17, 200, 5, 9, 64, 1, 99]], np.int32)
     np.testing.assert_allclose(np.asarray(reference_forward(model.config, model.params, tokens)),
                                np.asarray(reference_forward(cfg, params, tokens)), atol=1e-5)

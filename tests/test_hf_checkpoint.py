@@ -4,16 +4,18 @@ transformers itself, and clear errors for broken directories."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES
 
 from ltr_jax.models.config import RopeScaling, tiny_config
 from ltr_jax.models.hf_checkpoint import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from ltr_jax.models.llama import init_random_params, reference_forward
 from ltr_jax.models.loading import load_model
 from ltr_jax.models.tokenizer import ChatTokenizer
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 TOKENS = np.array([[5, 1, 77, 200, 3, 3, 150, 42, 9, 0, 255, 18]], np.int32)
 

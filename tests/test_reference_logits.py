@@ -12,11 +12,14 @@ bug moves logits by >= 1e-1.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
-from conftest import FIXTURES
 
 from ltr_jax.models.llama import reference_forward
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 pytestmark = pytest.mark.integration
 TOLERANCE = 1e-3

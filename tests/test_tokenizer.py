@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, TINY_CHATML_TEMPLATE, tiny_bpe_metadata
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ltr_jax.models.hf_checkpoint import save_hf_checkpoint
 from ltr_jax.models.tokenizer import ChatTokenizer
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 VARIED_TEXTS = [
     "Hello world",
@@ -31,11 +33,23 @@ def chat_tok(tiny_bpe) -> ChatTokenizer:
 
 
 @pytest.mark.parametrize("pre", ["smollm", "gpt2"])
-def test_gguf_rebuild_encodes_like_the_original_tokenizer(pre):
-    meta, trained = tiny_bpe_metadata(pre)
+def test_gguf_rebuild_encodes_like_the_original_tokenizer(tiny_bpe_factory, pre):
+    meta, trained = tiny_bpe_factory(pre)
     tok = ChatTokenizer.from_gguf_metadata(meta, source="tiny.gguf")
     for text in VARIED_TEXTS + ["<|im_start|>user\nhi<|im_end|>", "x1234y"]:
         assert tok.encode(text) == trained.encode(text).ids, text
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_regex_split_pre_tokenizers_round_trip(tiny_bpe, pre):
+    meta, _ = tiny_bpe
+    tok = ChatTokenizer.from_gguf_metadata(dict(meta, **{"tokenizer.ggml.pre": pre}), source="t.gguf")
+    for text in VARIED_TEXTS:
+        assert tok.decode(tok.encode(text)) == text
+    # Llama 3 splits digit runs into groups of up to three, Qwen2 into single digits
+    pieces = [p for p, _ in tok.tokenizer.pre_tokenizer.pre_tokenize_str("x 1234567 don't")]
+    digits = ["123", "456", "7"] if pre == "llama-bpe" else list("1234567")
+    assert pieces == ["x", "Ġ", *digits, "Ġdon", "'t"]
 
 
 @pytest.mark.parametrize("text", VARIED_TEXTS)
@@ -138,7 +152,7 @@ def test_incremental_decoder_holds_partial_multibyte_character(chat_tok):
     assert dec.push(emoji_ids[-1]) == "😀"
 
 
-def test_hf_dir_tokenizer_round_trip(tmp_path, chat_tok):
+def test_hf_dir_tokenizer_round_trip(tmp_path, chat_tok, tiny_bpe):
     from ltr_jax.models.config import tiny_config
     from ltr_jax.models.llama import init_random_params
 
@@ -148,7 +162,7 @@ def test_hf_dir_tokenizer_round_trip(tmp_path, chat_tok):
     for text in VARIED_TEXTS:
         assert loaded.encode(text) == chat_tok.encode(text)
     assert loaded.stop_token_ids == chat_tok.stop_token_ids
-    assert loaded.chat_template == TINY_CHATML_TEMPLATE
+    assert loaded.chat_template == tiny_bpe[0]["tokenizer.chat_template"]
     msgs = [{"role": "user", "content": "x"}]
     assert loaded.apply_chat_template(msgs) == chat_tok.apply_chat_template(msgs)
 

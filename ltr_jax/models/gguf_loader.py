@@ -186,7 +186,8 @@ def _dequantize(tensor, path: Path) -> np.ndarray:
     except Exception as exc:
         raise GGUFError(f"{path}: cannot dequantize tensor {tensor.name} of type {tensor.tensor_type.name} "
                         f"({type(exc).__name__}: {exc})") from exc
-    return np.ascontiguousarray(out, dtype=np.float32)
+    # F32/F16 tensors can come back as read-only views of the file mapping: always return an owned array
+    return np.array(out, dtype=np.float32, order="C", copy=True)
 
 
 def params_from_tensors(tensors: dict[str, Any], config: LlamaConfig, path: Path) -> dict[str, Any]:
