@@ -1,0 +1,265 @@
+"""The output-length ranker: a frozen backbone, a pooling rule and a small trained MLP head -> one score.
+
+Owns:
+- `RankerSpec`: everything needed to rebuild a ranker besides the head's weights (backbone source and depth,
+  pooling, head shape, training method, prompt truncation, classifier bucket edges);
+- `pooled_features`: the backbone pass (the serving model's own first ``n_layers`` blocks via
+  `ltr_jax.models.llama.hidden_states`) pooled over the prompt tokens ("mean", "last" or "mean+last");
+- `RankerHead`: an NNX module (feature standardisation, then Linear/GELU layers) mapping pooled features to the
+  head outputs (1 score, or one logit per length bucket for the classifier);
+- `RankerScorer`: serving-time scoring of many prompts at once, in jitted batches padded to power-of-two
+  length buckets.
+
+Score convention: HIGHER score = SHORTER expected output (runs first), for every method.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ltr_jax.models.config import LlamaConfig
+from ltr_jax.models.llama import hidden_states
+
+POOLINGS = ("mean", "last", "mean+last")
+METHODS = ("listmle", "regression", "classify")
+
+
+# ------------------------------------------------------------------------------------------------ spec
+@dataclass(frozen=True)
+class RankerSpec:
+    """The shape and recipe of one ranker (saved as JSON beside the head's checkpoint)."""
+
+    method: str = "listmle"
+    model_source: str | None = None  # what `ltr_jax.models.loading.load_model` takes; None = embedded default
+    model_name: str = ""  # LlamaConfig.name of the backbone, checked when restoring
+    model_dim: int = 0  # LlamaConfig.dim of the backbone
+    n_layers: int = 4
+    pooling: str = "mean"
+    hidden_dims: tuple[int, ...] = (128,)
+    num_outputs: int = 1
+    max_prompt_len: int = 512
+    bucket_edges: tuple[float, ...] = field(default_factory=tuple)  # classify only: inner length boundaries
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
+        object.__setattr__(self, "bucket_edges", tuple(float(e) for e in self.bucket_edges))
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method={self.method!r} must be one of {METHODS}")
+        if self.pooling not in POOLINGS:
+            problems.append(f"pooling={self.pooling!r} must be one of {POOLINGS}")
+        for name in ("model_dim", "n_layers", "num_outputs", "max_prompt_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                problems.append(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if any(h <= 0 for h in self.hidden_dims):
+            problems.append(f"hidden_dims={self.hidden_dims} must all be positive")
+        if self.method == "classify" and len(self.bucket_edges) != self.num_outputs - 1:
+            problems.append(f"a classifier with {self.num_outputs} buckets needs {self.num_outputs - 1} "
+                            f"bucket_edges, got {len(self.bucket_edges)}")
+        if self.method != "classify" and self.num_outputs != 1:
+            problems.append(f"method={self.method!r} emits one score, not num_outputs={self.num_outputs}")
+        if problems:
+            raise ValueError("invalid RankerSpec: " + "; ".join(problems))
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model_dim * (2 if self.pooling == "mean+last" else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden_dims"] = list(self.hidden_dims)
+        d["bucket_edges"] = list(self.bucket_edges)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RankerSpec:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown RankerSpec keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------------------------------ backbone
+def truncate_prompt_tokens(tokens: Sequence[int], max_len: int, keep_tail: int = 16) -> list[int]:
+    """At most ``max_len`` tokens: the head of the prompt plus its last ``keep_tail`` tokens.
+
+    Keeping the tail keeps the chat template's generation prompt (and the end of the question) in view, which
+    last-token pooling relies on. Training and serving both go through this function.
+    """
+    if max_len <= 0:
+        raise ValueError(f"max_len={max_len} must be positive")
+    tokens = [int(t) for t in tokens]
+    if len(tokens) <= max_len:
+        return tokens
+    tail = min(keep_tail, max_len // 4)
+    return tokens[: max_len - tail] + (tokens[len(tokens) - tail:] if tail else [])
+
+
+def backbone_params(config: LlamaConfig, params: dict[str, Any], n_layers: int
+                    ) -> tuple[LlamaConfig, dict[str, Any]]:
+    """The (config, params) of the model's first ``n_layers`` blocks, as device arrays (no copy when already)."""
+    if not 0 < n_layers <= config.n_layers:
+        raise ValueError(f"ranker backbone n_layers={n_layers} must be in 1..{config.n_layers} for {config.name}")
+    sub = {k: v for k, v in params.items() if k != "layers"}
+    sub["layers"] = list(params["layers"][:n_layers])
+    return config.replace(n_layers=n_layers), jax.tree.map(jnp.asarray, sub)
+
+
+def pool(hidden: jax.Array, lengths: jax.Array, pooling: str) -> jax.Array:
+    """Pool [B, T, D] hidden states over each row's first ``lengths`` positions -> [B, D] (or [B, 2D])."""
+    t = hidden.shape[1]
+    valid = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.float32)
+    hidden = hidden.astype(jnp.float32)
+    mean = jnp.einsum("btd,bt->bd", hidden, valid) / jnp.maximum(lengths, 1)[:, None].astype(jnp.float32)
+    last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    if pooling == "mean":
+        return mean
+    if pooling == "last":
+        return last
+    if pooling == "mean+last":
+        return jnp.concatenate([mean, last], axis=-1)
+    raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+
+
+def pooled_features(config: LlamaConfig, params: dict[str, Any], tokens: jax.Array, lengths: jax.Array,
+                    pooling: str) -> jax.Array:
+    """Backbone features for right-padded prompts: all ``config.n_layers`` blocks, then pooling. Jittable."""
+    hidden = hidden_states(config, params, tokens, lengths, config.n_layers)
+    return pool(hidden, jnp.asarray(lengths, jnp.int32), pooling)
+
+
+# ------------------------------------------------------------------------------------------------ head
+class FeatureStats(nnx.Variable):
+    """Per-feature mean/std of the training features (fixed at training start, not trained)."""
+
+
+class RankerHead(nnx.Module):
+    """Standardise pooled features, then an MLP (GELU between layers) -> ``num_outputs`` numbers."""
+
+    def __init__(self, feature_dim: int, hidden_dims: Sequence[int], num_outputs: int, rngs: nnx.Rngs):
+        self.feature_mean = FeatureStats(jnp.zeros((feature_dim,), jnp.float32))
+        self.feature_std = FeatureStats(jnp.ones((feature_dim,), jnp.float32))
+        dims = [feature_dim, *hidden_dims, num_outputs]
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(dims)])
+
+    @classmethod
+    def for_spec(cls, spec: RankerSpec, seed: int = 0) -> RankerHead:
+        return cls(spec.feature_dim, spec.hidden_dims, spec.num_outputs, nnx.Rngs(seed))
+
+    def set_feature_stats(self, features: np.ndarray) -> None:
+        features = np.asarray(features, np.float32)
+        self.feature_mean[...] = jnp.asarray(features.mean(axis=0))
+        self.feature_std[...] = jnp.asarray(features.std(axis=0) + 1e-6)
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        x = (features - self.feature_mean[...]) / self.feature_std[...]
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = jax.nn.gelu(x)
+        return x
+
+
+def scores_from_outputs(method: str, outputs: jax.Array) -> jax.Array:
+    """Head outputs -> scores (higher = shorter): listmle as is, regression negated, classify -expected bucket."""
+    if method == "listmle":
+        return outputs[..., 0]
+    if method == "regression":
+        return -outputs[..., 0]
+    if method == "classify":
+        probs = jax.nn.softmax(outputs.astype(jnp.float32), axis=-1)
+        return -jnp.sum(probs * jnp.arange(outputs.shape[-1], dtype=jnp.float32), axis=-1)
+    raise ValueError(f"unknown ranking method {method!r}; choose one of {METHODS}")
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def length_bucket(n: int, max_len: int, min_bucket: int = 16) -> int:
+    """The padded length for an n-token prompt: the next power of two >= n (at least min_bucket), capped."""
+    return min(max_len, max(min_bucket, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
+
+
+@partial(jax.jit, static_argnames=("config", "pooling", "method", "graphdef"))
+def _score_batch(config, pooling, method, graphdef, backbone, head_state, tokens, lengths):
+    features = pooled_features(config, backbone, tokens, lengths, pooling)
+    outputs = nnx.merge(graphdef, head_state)(features)
+    return scores_from_outputs(method, outputs), outputs
+
+
+class RankerScorer:
+    """Scores prompts (token id lists, chat template already applied) with a trained head over the backbone.
+
+    ``score(prompts)`` pads prompts into power-of-two length buckets and batches of at most ``max_batch``
+    (also padded to a power of two), so a handful of compiled shapes serve every request mix.
+    """
+
+    def __init__(self, spec: RankerSpec, head: RankerHead, config: LlamaConfig, params: dict[str, Any],
+                 max_batch: int = 32, min_bucket: int = 16):
+        if config.dim != spec.model_dim:
+            raise ValueError(f"ranker expects a backbone with dim {spec.model_dim} ({spec.model_name}), "
+                             f"got {config.name} with dim {config.dim}")
+        self.spec = spec
+        self.head = head
+        self.max_batch = max_batch
+        self.min_bucket = min_bucket
+        self.backbone_config, self.backbone = backbone_params(config, params, spec.n_layers)
+        self.graphdef, self.head_state = nnx.split(head)
+
+    def _batches(self, lengths: list[int]) -> list[tuple[int, list[int]]]:
+        """(padded length, indices) groups: prompts sorted by length, cut at bucket changes and max_batch."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        groups: list[tuple[int, list[int]]] = []
+        for i in order:
+            bucket = length_bucket(lengths[i], self.spec.max_prompt_len, self.min_bucket)
+            if groups and groups[-1][0] == bucket and len(groups[-1][1]) < self.max_batch:
+                groups[-1][1].append(i)
+            else:
+                groups.append((bucket, [i]))
+        return groups
+
+    def raw(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [N], head outputs [N, num_outputs]) for N prompts."""
+        prompts = [truncate_prompt_tokens(p, self.spec.max_prompt_len) for p in prompts]
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("cannot score an empty prompt (0 tokens)")
+        scores = np.zeros((len(prompts),), np.float32)
+        outputs = np.zeros((len(prompts), self.spec.num_outputs), np.float32)
+        for padded_len, idx in self._batches([len(p) for p in prompts]):
+            batch = 1 << math.ceil(math.log2(len(idx)))
+            tokens = np.zeros((batch, padded_len), np.int32)
+            lengths = np.ones((batch,), np.int32)
+            for row, i in enumerate(idx):
+                tokens[row, : len(prompts[i])] = prompts[i]
+                lengths[row] = len(prompts[i])
+            s, o = _score_batch(self.backbone_config, self.spec.pooling, self.spec.method, self.graphdef,
+                                self.backbone, self.head_state, tokens, lengths)
+            scores[idx] = np.asarray(s)[: len(idx)]
+            outputs[idx] = np.asarray(o)[: len(idx)]
+        return scores, outputs
+
+    def score(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Scores [N] float32: higher = shorter expected output."""
+        return self.raw(prompts)[0]
+
+    def predict_buckets(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Classifier rankers only: the most likely length bucket per prompt (0 = shortest)."""
+        if self.spec.method != "classify":
+            raise ValueError(f"predict_buckets needs a 'classify' ranker, this one is {self.spec.method!r}")
+        return np.argmax(self.raw(prompts)[1], axis=-1).astype(np.int32)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, model: Any = None, **kwargs: Any) -> RankerScorer:
+        """Restore an exported ranker (see `ltr_jax.train.checkpoint`); ``model`` is a loaded model or None."""
+        from ltr_jax.train.checkpoint import load_scorer
+
+        return load_scorer(path, model=model, **kwargs)

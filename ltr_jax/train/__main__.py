@@ -1,0 +1,45 @@
+"""Command line: ``python -m ltr_jax.train --config configs/ranker_<name>.yaml``.
+
+Splits the data, computes (or reuses) backbone features, trains every configured method, evaluates each on the
+held-out split and exports the configured head; prints the report as JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ltr_jax.train.trainer import ConfigError, TrainConfig, run_training
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ltr_jax.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML training config (see configs/ranker_*.yaml)")
+    parser.add_argument("--labels", help="override the config's label file (JSONL from the labeling job)")
+    parser.add_argument("--export-path", help="override where the chosen head is exported")
+    parser.add_argument("--no-export", action="store_true", help="train and evaluate only")
+    parser.add_argument("--no-progress", action="store_true", help="hide the feature progress bar")
+    args = parser.parse_args(argv)
+    try:
+        cfg = TrainConfig.from_yaml(args.config)
+        overrides = {}
+        if args.labels:
+            overrides["labels"] = args.labels
+        if args.export_path:
+            overrides["export_path"] = args.export_path
+        if args.no_export:
+            overrides["export_method"] = None
+        if overrides:
+            raw = {**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, **overrides}
+            cfg = TrainConfig(**raw)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report = run_training(cfg, progress=not args.no_progress)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Training losses for the length ranker: ListMLE, log-length regression and bucket classification.
+
+Sign convention everywhere in ltr_jax: a HIGHER score means a SHORTER expected output (that request runs first).
+Each loss therefore comes with the rule that turns the head's raw output into such a score:
+
+- ``listmle``: the head output IS the score; the true order is shortest output first.
+- ``regression``: the head predicts the standardised log output length; score = -prediction.
+- ``classify``: the head gives one logit per length bucket (bucket 0 = shortest); score = -expected bucket.
+
+All losses take a ``mask`` so padded entries of a ragged list or batch contribute nothing.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NUM_BUCKETS = 10
+
+# A finite stand-in for -inf: keeps logsumexp and its gradient free of NaNs on fully padded tails.
+_MASKED_SCORE = -1e30
+
+
+def listmle_loss(scores: jax.Array, lengths: jax.Array, mask: jax.Array, key: jax.Array) -> jax.Array:
+    """ListMLE (Plackett-Luce negative log-likelihood of the shortest-first order), mean over lists.
+
+    scores, lengths, mask: [num_lists, list_size]. Entries with equal lengths are ordered by a random shuffle
+    drawn from ``key`` (one independent shuffle per list) before a stable sort by length, so ties are broken
+    uniformly at random. For each list: loss = sum_i [logsumexp(s_(i), ..., s_(n)) - s_(i)] over the valid
+    entries in true order.
+    """
+    scores = jnp.asarray(scores, jnp.float32)
+    lengths = jnp.asarray(lengths, jnp.float32)
+    mask = jnp.asarray(mask, bool)
+    num_lists, list_size = scores.shape
+    shuffle = jnp.argsort(jax.random.uniform(key, (num_lists, list_size)), axis=-1)
+    scores, lengths, mask = (jnp.take_along_axis(a, shuffle, axis=-1) for a in (scores, lengths, mask))
+    # Padded entries sort after every real one; argsort is stable, so the shuffle decides among ties.
+    sort_key = jnp.where(mask, lengths, jnp.inf)
+    order = jnp.argsort(sort_key, axis=-1, stable=True)
+    scores, mask = (jnp.take_along_axis(a, order, axis=-1) for a in (scores, mask))
+    masked = jnp.where(mask, scores, _MASKED_SCORE)
+    tail_logsumexp = jax.lax.cumlogsumexp(masked, axis=masked.ndim - 1, reverse=True)
+    per_entry = jnp.where(mask, tail_logsumexp - masked, 0.0)
+    return jnp.mean(jnp.sum(per_entry, axis=-1))
+
+
+def log_length_target(lengths: np.ndarray | jax.Array) -> jax.Array:
+    """The regression target before standardisation: log(1 + output length)."""
+    return jnp.log1p(jnp.asarray(lengths, jnp.float32))
+
+
+def regression_loss(predictions: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked mean squared error between predicted and true (standardised) log lengths."""
+    mask = jnp.asarray(mask, jnp.float32)
+    squared = (jnp.asarray(predictions, jnp.float32) - targets) ** 2
+    return jnp.sum(squared * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def bucket_edges(train_lengths: np.ndarray, num_buckets: int = NUM_BUCKETS) -> np.ndarray:
+    """Inner bucket boundaries (num_buckets - 1 of them) at the quantiles of the training lengths (S3-style).
+
+    Repeated quantiles (many equal lengths) are kept, so some buckets may be empty; bucket assignment stays
+    monotone in length either way.
+    """
+    lengths = np.asarray(train_lengths, dtype=np.float64)
+    if lengths.size == 0:
+        raise ValueError("bucket_edges needs at least one training length")
+    if num_buckets < 2:
+        raise ValueError(f"num_buckets={num_buckets} must be at least 2")
+    quantiles = np.arange(1, num_buckets) / num_buckets
+    return np.quantile(lengths, quantiles).astype(np.float32)
+
+
+def bucketize(lengths: np.ndarray | jax.Array, edges: np.ndarray | jax.Array) -> jax.Array:
+    """Bucket index of each length: 0 for the shortest bucket, len(edges) for the longest."""
+    return jnp.searchsorted(jnp.asarray(edges, jnp.float32), jnp.asarray(lengths, jnp.float32), side="right")
+
+
+def classify_loss(logits: jax.Array, buckets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked mean cross-entropy between bucket logits [..., num_buckets] and true bucket indices."""
+    log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(log_probs, jnp.asarray(buckets, jnp.int32)[..., None], axis=-1)[..., 0]
+    mask = jnp.asarray(mask, jnp.float32)
+    return -jnp.sum(picked * mask) / jnp.maximum(jnp.sum(mask), 1.0)

@@ -1,0 +1,317 @@
+"""The ranker training recipe: config, head training for each method, and the end-to-end run.
+
+`run_training(config)` does: load the serving model and its tokenizer, load prompts and labels (a label file
+from the labeling job, else trace lengths of the references), render prompts with the chat template, split by
+id hash, compute (or reuse) frozen backbone features, train one head per method (ListMLE over lists of
+``list_size`` prompts; regression and bucket classification over minibatches of the same size), evaluate each on
+the held-out split, and export the chosen method's head with Orbax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from flax import nnx
+
+from ltr_jax.models.ranker import METHODS, POOLINGS, RankerHead, RankerSpec, scores_from_outputs
+from ltr_jax.train import data as train_data
+from ltr_jax.train import losses
+from ltr_jax.train.evaluate import per_group_tau, ranking_metrics
+from ltr_jax.train.features import FeatureSet, cached_features
+
+
+class ConfigError(ValueError):
+    """A training config is malformed; the message names the key and the fix."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    schedule: str = "cosine"  # "cosine" (decay to 0 over training) or "constant"
+    warmup_steps: int = 20
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs (YAML keys are these field names; unknown keys are errors)."""
+
+    name: str = "ranker"
+    model: str | None = None  # load_model source: None = embedded SmolLM2, a .gguf path or an HF directory
+    prompts: str | None = None  # None/"shared" = ../shared/data/prompts.jsonl; a JSON/JSONL path; "tfds:NAME"
+    labels: str | None = None  # label JSONL from the labeling job; None = trace lengths of references
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    n_layers: int = 4
+    pooling: str = "mean"
+    hidden_dims: list[int] = field(default_factory=lambda: [128])
+    max_prompt_len: int = 512
+    list_size: int = 32
+    lists_per_step: int = 8
+    epochs: int = 30
+    seed: int = 0
+    num_buckets: int = losses.NUM_BUCKETS
+    val_fraction: float = 0.1
+    split_salt: str = train_data.DEFAULT_SPLIT_SALT
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    feature_cache_dir: str | None = "default"  # "default" = <user cache>/ranker_features; null = no cache
+    token_budget: int = 4096  # prompt tokens per backbone batch while computing features
+    export_method: str | None = "listmle"  # which head to export (null = export nothing)
+    export_path: str | None = None  # where to export it; relative paths are relative to the config's folder
+
+    def __post_init__(self) -> None:
+        problems = []
+        for m in self.methods:
+            if m not in METHODS:
+                problems.append(f"methods: unknown method {m!r} (choose from {list(METHODS)})")
+        if not self.methods:
+            problems.append("methods: give at least one of " + ", ".join(METHODS))
+        if self.pooling not in POOLINGS:
+            problems.append(f"pooling: {self.pooling!r} is not one of {list(POOLINGS)}")
+        for key in ("n_layers", "max_prompt_len", "list_size", "lists_per_step", "epochs", "token_budget"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+                problems.append(f"{key}: must be a positive integer, got {getattr(self, key)!r}")
+        if not isinstance(self.num_buckets, int) or self.num_buckets < 2:
+            problems.append(f"num_buckets: must be an integer >= 2, got {self.num_buckets!r}")
+        if not 0 < self.val_fraction < 1:
+            problems.append(f"val_fraction: must be in (0, 1), got {self.val_fraction!r}")
+        if self.export_method is not None and self.export_method not in self.methods:
+            problems.append(f"export_method: {self.export_method!r} is not among the trained methods {self.methods}")
+        if self.export_method is not None and not self.export_path:
+            problems.append("export_path: required when export_method is set (or set export_method: null)")
+        if self.optimizer.name not in ("adamw", "adam", "sgd"):
+            problems.append(f"optimizer.name: {self.optimizer.name!r} is not one of adamw, adam, sgd")
+        if self.optimizer.schedule not in ("cosine", "constant"):
+            problems.append(f"optimizer.schedule: {self.optimizer.schedule!r} is not one of cosine, constant")
+        if problems:
+            raise ConfigError("invalid ranker training config: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], base_dir: Path | None = None) -> TrainConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a ranker training config must be a mapping, got {type(raw).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        raw = dict(raw)
+        opt = raw.get("optimizer", {}) or {}
+        if not isinstance(opt, dict):
+            raise ConfigError("optimizer: must be a mapping like {name: adamw, lr: 0.001, weight_decay: 0.01}")
+        opt_known = {f.name for f in dataclasses.fields(OptimizerConfig)}
+        opt_unknown = sorted(set(opt) - opt_known)
+        if opt_unknown:
+            raise ConfigError(f"unknown optimizer key(s) {opt_unknown}; known keys: {sorted(opt_known)}")
+        try:
+            raw["optimizer"] = OptimizerConfig(**opt)
+        except TypeError as err:
+            raise ConfigError(f"optimizer: {err}") from err
+        if base_dir is not None:
+            for key in ("export_path", "labels"):
+                if raw.get(key) and not Path(raw[key]).is_absolute():
+                    raw[key] = str((base_dir / raw[key]).resolve())
+        return cls(**raw)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        try:
+            # Relative paths in a config under configs/ are relative to the repository root (its parent).
+            return cls.from_dict(raw, base_dir=path.resolve().parent.parent)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
+
+
+# ------------------------------------------------------------------------------------------------ head training
+@dataclass
+class HeadResult:
+    method: str
+    head: RankerHead
+    spec: RankerSpec
+    train_seconds: float
+    final_loss: float
+
+
+def _targets(method: str, lengths: np.ndarray, edges: np.ndarray | None, log_mean: float, log_std: float
+             ) -> np.ndarray:
+    if method == "listmle":
+        return lengths.astype(np.float32)
+    if method == "regression":
+        return ((np.log1p(lengths) - log_mean) / log_std).astype(np.float32)
+    return np.asarray(losses.bucketize(lengths, edges), np.float32)
+
+
+def _make_optimizer(opt: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    if opt.schedule == "cosine":
+        warmup = min(opt.warmup_steps, max(total_steps // 10, 1))
+        lr = optax.warmup_cosine_decay_schedule(0.0, opt.lr, warmup, max(total_steps, warmup + 1))
+    else:
+        lr = opt.lr
+    if opt.name == "adamw":
+        return optax.adamw(lr, weight_decay=opt.weight_decay)
+    if opt.name == "adam":
+        return optax.adam(lr)
+    return optax.sgd(lr)
+
+
+def train_head(method: str, features: np.ndarray, lengths: np.ndarray, spec_base: RankerSpec,
+               cfg: TrainConfig) -> HeadResult:
+    """Train one head on cached features [N, F] and output lengths [N]; returns the head and its spec."""
+    start = time.perf_counter()
+    lengths = np.asarray(lengths)
+    edges = losses.bucket_edges(lengths, cfg.num_buckets) if method == "classify" else None
+    spec = dataclasses.replace(
+        spec_base, method=method, num_outputs=cfg.num_buckets if method == "classify" else 1,
+        bucket_edges=tuple(edges.tolist()) if edges is not None else ())
+    log_len = np.log1p(lengths)
+    targets = _targets(method, lengths, edges, float(log_len.mean()), float(log_len.std() + 1e-6))
+
+    head = RankerHead.for_spec(spec, seed=cfg.seed)
+    head.set_feature_stats(features)
+    graphdef, params, stats = nnx.split(head, nnx.Param, ...)
+
+    n, size, per_step = len(lengths), cfg.list_size, cfg.lists_per_step
+    num_lists = -(-n // size)
+    steps_per_epoch = -(-num_lists // per_step)
+    tx = _make_optimizer(cfg.optimizer, steps_per_epoch * cfg.epochs)
+    opt_state = tx.init(params)
+
+    def loss_fn(p, feats, tgt, mask, key):
+        outputs = nnx.merge(graphdef, p, stats)(feats)
+        if method == "listmle":
+            return losses.listmle_loss(outputs[..., 0], tgt, mask, key)
+        if method == "regression":
+            return losses.regression_loss(outputs[..., 0], tgt, mask)
+        return losses.classify_loss(outputs, tgt.astype(jnp.int32), mask)
+
+    @jax.jit
+    def step(p, state, feats, tgt, mask, key):
+        loss, grads = jax.value_and_grad(loss_fn)(p, feats, tgt, mask, key)
+        updates, state = tx.update(grads, state, p)
+        return optax.apply_updates(p, updates), state, loss
+
+    rng = np.random.default_rng(cfg.seed)
+    key = jax.random.key(cfg.seed)
+    feats_padded = np.concatenate([features, np.zeros((1, features.shape[1]), np.float32)])
+    tgt_padded = np.concatenate([targets, np.zeros((1,), np.float32)])
+    slots = steps_per_epoch * per_step * size
+    loss = jnp.zeros(())
+    for _epoch in range(cfg.epochs):
+        order = np.full((slots,), n)  # index n = the zero padding row
+        order[:n] = rng.permutation(n)
+        order = order.reshape(steps_per_epoch, per_step, size)
+        for s in range(steps_per_epoch):
+            idx = order[s]
+            key, sub = jax.random.split(key)
+            params, opt_state, loss = step(params, opt_state, feats_padded[idx], tgt_padded[idx], idx < n, sub)
+    nnx.update(head, params)
+    return HeadResult(method, head, spec, time.perf_counter() - start, float(loss))
+
+
+def head_scores(head: RankerHead, method: str, features: np.ndarray) -> np.ndarray:
+    return np.asarray(scores_from_outputs(method, head(jnp.asarray(features))))
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def default_feature_cache_dir() -> Path:
+    from ltr_jax.models.default_model import cache_dir
+
+    return cache_dir() / "ranker_features"
+
+
+def load_serving_model(source: str | None):
+    """The serving model (config, params, tokenizer) via the shared loader."""
+    from ltr_jax.models.loading import load_model
+
+    return load_model(source)
+
+
+def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[train_data.RankingData, str]:
+    """Examples joined with labels and rendered; returns (data, a description of the label source)."""
+    examples = train_data.load_examples(cfg.prompts)
+    if cfg.labels:
+        rows = train_data.load_label_file(cfg.labels)
+        labels = {rid: row.output_tokens for rid, row in rows.items()}
+        label_source = f"label file {cfg.labels}"
+    else:
+        labels = train_data.trace_length_labels(examples, tokenizer)
+        label_source = "trace lengths (token count of each reference)"
+    return train_data.build_ranking_data(examples, labels, tokenizer, cfg.max_prompt_len), label_source
+
+
+def run_training(cfg: TrainConfig, model=None, progress: bool = True) -> dict[str, Any]:
+    """The whole recipe; returns a JSON-able report (and exports the chosen head when configured)."""
+    from ltr_jax.train.checkpoint import save_ranker
+
+    t0 = time.perf_counter()
+    model = model if model is not None else load_serving_model(cfg.model)
+    data, label_source = prepare_data(cfg, model.tokenizer)
+    train_ids, val_ids = train_data.split_ids(data.ids, cfg.val_fraction, cfg.split_salt)
+    if len(train_ids) < cfg.list_size or len(val_ids) < 2:
+        raise ValueError(f"too little data: {len(train_ids)} training and {len(val_ids)} validation prompts")
+    prep_seconds = time.perf_counter() - t0
+
+    cache_dir = None
+    if cfg.feature_cache_dir == "default":
+        cache_dir = default_feature_cache_dir()
+    elif cfg.feature_cache_dir:
+        cache_dir = Path(cfg.feature_cache_dir)
+    features: FeatureSet = cached_features(model.config, model.params, data.tokens, cfg.n_layers, cache_dir,
+                                           progress=progress, token_budget=cfg.token_budget)
+    index = {rid: i for i, rid in enumerate(data.ids)}
+    train_rows = np.array([index[r] for r in train_ids])
+    val_rows = np.array([index[r] for r in val_ids])
+    x = features.select(cfg.pooling)
+
+    spec_base = RankerSpec(model_source=cfg.model, model_name=model.config.name, model_dim=model.config.dim,
+                           n_layers=cfg.n_layers, pooling=cfg.pooling, hidden_dims=tuple(cfg.hidden_dims),
+                           max_prompt_len=cfg.max_prompt_len)
+    results = {}
+    exported = None
+    sources = [data.sources[i] for i in val_rows]
+    for method in cfg.methods:
+        res = train_head(method, x[train_rows], data.lengths[train_rows], spec_base, cfg)
+        scores = head_scores(res.head, method, x[val_rows])
+        metrics = ranking_metrics(scores, data.lengths[val_rows])
+        results[method] = {
+            **metrics,
+            "per_source_tau": per_group_tau(scores, data.lengths[val_rows], sources),
+            "train_seconds": round(res.train_seconds, 2),
+            "final_loss": res.final_loss,
+        }
+        if method == cfg.export_method and cfg.export_path:
+            save_ranker(cfg.export_path, res.head, res.spec, extra={
+                "trained_on": label_source, "train_prompts": len(train_ids), "config_name": cfg.name,
+                "val_kendall_tau_b": metrics["kendall_tau_b"]})
+            exported = cfg.export_path
+    report = {
+        "name": cfg.name,
+        "labels": label_source,
+        "n_train": len(train_ids),
+        "n_val": len(val_ids),
+        "n_layers": cfg.n_layers,
+        "pooling": cfg.pooling,
+        "hidden_dims": list(cfg.hidden_dims),
+        "prep_seconds": round(prep_seconds, 2),
+        "feature_seconds": round(features.seconds, 2),
+        "features_computed": features.computed,
+        "methods": results,
+        "exported": exported,
+        "total_seconds": round(time.perf_counter() - t0, 2),
+    }
+    return report
