@@ -260,7 +260,8 @@ def save_hf_checkpoint(directory: str | Path, config: LlamaConfig, params: dict[
 
     `tokenizer` may be a `ChatTokenizer` (writes tokenizer.json, tokenizer_config.json with the chat template
     and special tokens, generation_config.json with the stop ids) or a path to an existing tokenizer.json.
-    `dtype` is the on-disk dtype: float32, bfloat16 or float16.
+    `dtype` is the on-disk dtype: float32, bfloat16 or float16. Existing `model*.safetensors` files and the index
+    in `directory` are replaced, so a re-export never leaves stale shards behind.
     """
     from safetensors.numpy import save_file
 
