@@ -10,9 +10,10 @@ Owns the device side of serving. Every call is one `jax.jit`-compiled pure funct
 * `free(slot)`                     -> the slot stops decoding (its cache rows are simply overwritten later).
 
 The decode state (KV cache + per-slot last token, length and sampling settings) is a plain pytree that is donated
-to each call. Decode attends over a bucket of the cache that covers the longest running sequence, so one compiled
-step exists per bucket and per-step cost follows the real context length. The host keeps a mirror of per-slot
-lengths and activity, so scheduling decisions never wait on the device.
+to each call. The cache's length axis is sized to a bucket just above the longest running sequence: it grows before
+a step or insert that needs room and shrinks when long requests leave (one copy each time, amortised over many
+steps), so a decode step reads only about as much cache as the real context, in place, and one compiled step exists
+per bucket. The host keeps a mirror of per-slot lengths and activity, so scheduling never waits on the device.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class EngineConfig:
     num_slots: int = 8
     max_seq_len: int = 1024
     min_prefill_bucket: int = 16
-    attend_bucket_step: int = 64  # decode attends over a multiple of this (rounded up), capped at max_seq_len
+    cache_bucket_step: int = 64  # the decode cache length is a bucket built from this step, capped at max_seq_len
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
@@ -48,8 +49,8 @@ class EngineConfig:
             raise ValueError(f"engine.max_seq_len={self.max_seq_len} must be a power of two >= 2")
         if self.min_prefill_bucket < 1 or self.min_prefill_bucket > self.max_seq_len:
             raise ValueError(f"engine.min_prefill_bucket={self.min_prefill_bucket} must be in [1, max_seq_len]")
-        if self.attend_bucket_step < 1:
-            raise ValueError(f"engine.attend_bucket_step={self.attend_bucket_step} must be >= 1")
+        if self.cache_bucket_step < 1:
+            raise ValueError(f"engine.cache_bucket_step={self.cache_bucket_step} must be >= 1")
 
     def prefill_buckets(self) -> list[int]:
         out, b = [], self.min_prefill_bucket
@@ -64,9 +65,9 @@ class EngineConfig:
                 return b
         raise ValueError(f"a sequence of {n} tokens exceeds engine.max_seq_len={self.max_seq_len}")
 
-    def attend_bucket(self, n: int) -> int:
-        """Smallest bucket >= n: steps of `attend_bucket_step` up to 8 steps, then powers of two ratios of 1.5x."""
-        step = self.attend_bucket_step
+    def cache_bucket(self, n: int) -> int:
+        """Smallest cache length >= n: multiples of `cache_bucket_step` up to 8 steps, then growing by ~1.5x."""
+        step = self.cache_bucket_step
         b = step
         while b < n:
             b = b + step if b < 8 * step else int(b * 1.5) // step * step
@@ -84,9 +85,9 @@ class SlotSampling:
 
 
 class Prefix(NamedTuple):
-    """The result of a prefill, still on the device: K/V [bucket, 1, kv_heads, head_dim] per layer."""
+    """The result of a prefill, still on the device."""
 
-    kv: list
+    kv: list  # per layer (k, v) [1, kv_heads, bucket, head_dim]
     length: jax.Array  # int32 scalar: tokens in the prefix
     token: jax.Array  # int32 scalar: the token sampled after the prefix
     temperature: jax.Array
@@ -96,7 +97,7 @@ class Prefix(NamedTuple):
 
 
 class DecodeState(NamedTuple):
-    cache: list  # per layer (k, v) [max_seq_len, slots, kv_heads, head_dim]
+    cache: list  # per layer (k, v) [slots, kv_heads, cache_len, head_dim]
     tokens: jax.Array  # int32 [slots]: last token of each slot (input of the next step)
     lengths: jax.Array  # int32 [slots]: tokens in each slot's cache = position of the next input token
     temperature: jax.Array  # float32 [slots]
@@ -123,9 +124,14 @@ def _prefill_fn(graphdef, state, tokens, length, temperature, top_k, top_p, seed
 
 
 def _insert_fn(prefix: Prefix, decode_state: DecodeState, slot):
+    cache_len = decode_state.cache[0][0].shape[2]
+
+    def fit(x):  # the prefix bucket may be longer than the cache; its real length is not (the engine grows first)
+        return x[:, :, :cache_len]
+
     cache = [
-        (jax.lax.dynamic_update_slice(kc, pk.astype(kc.dtype), (0, slot, 0, 0)),
-         jax.lax.dynamic_update_slice(vc, pv.astype(vc.dtype), (0, slot, 0, 0)))
+        (jax.lax.dynamic_update_slice(kc, fit(pk).astype(kc.dtype), (slot, 0, 0, 0)),
+         jax.lax.dynamic_update_slice(vc, fit(pv).astype(vc.dtype), (slot, 0, 0, 0)))
         for (kc, vc), (pk, pv) in zip(decode_state.cache, prefix.kv)
     ]
     return DecodeState(
@@ -139,10 +145,19 @@ def _insert_fn(prefix: Prefix, decode_state: DecodeState, slot):
     )
 
 
-def _generate_fn(graphdef, state, decode_state: DecodeState, active, attend_len: int):
+def _resize_fn(decode_state: DecodeState, cache_len: int):
+    def resize(x):
+        if x.shape[2] >= cache_len:
+            return x[:, :, :cache_len]
+        return jnp.pad(x, ((0, 0), (0, 0), (0, cache_len - x.shape[2]), (0, 0)))
+
+    return decode_state._replace(cache=[(resize(k), resize(v)) for k, v in decode_state.cache])
+
+
+def _generate_fn(graphdef, state, decode_state: DecodeState, active):
     model = nnx.merge(graphdef, state)
     positions = decode_state.lengths
-    logits, cache = model.decode(decode_state.tokens, positions, decode_state.cache, attend_len)
+    logits, cache = model.decode(decode_state.tokens, positions, decode_state.cache)
     new = sample_tokens(logits, decode_state.temperature, decode_state.top_k, decode_state.top_p,
                         decode_state.seed, positions + 1)
     tokens = jnp.where(active, new, decode_state.tokens)
@@ -170,8 +185,9 @@ class Engine:
         self.stats = EngineStats()
         self._prefill = jax.jit(functools.partial(_prefill_fn, self.graphdef))
         self._insert = jax.jit(_insert_fn, donate_argnums=(1,))
-        self._generate = jax.jit(functools.partial(_generate_fn, self.graphdef), static_argnames=("attend_len",),
-                                 donate_argnums=(1,))
+        self._generate = jax.jit(functools.partial(_generate_fn, self.graphdef), donate_argnums=(1,))
+        self._resize = jax.jit(_resize_fn, static_argnames=("cache_len",), donate_argnums=(0,))
+        self.cache_len = config.cache_bucket(1)
         self.decode_state = self._init_decode_state()
         self.host_lengths = np.zeros(config.num_slots, np.int64)
         self.host_active = np.zeros(config.num_slots, bool)
@@ -179,7 +195,7 @@ class Engine:
     # ------------------------------------------------------------------------------------------------ setup
     def _init_decode_state(self) -> DecodeState:
         c, e = self.model_config, self.config
-        shape = (e.max_seq_len, e.num_slots, c.n_kv_heads, c.head_dim)
+        shape = (e.num_slots, c.n_kv_heads, self.cache_len, c.head_dim)
         dt = jnp.dtype(c.dtype)
         if self.mesh is not None:
             from ltr_jax.engine.sharding import cache_sharding
@@ -211,7 +227,7 @@ class Engine:
             self.stats.compiled_shapes.add(key)
         return out
 
-    def warmup(self, prefill_buckets: list[int] | None = None, attend_buckets: list[int] | None = None) -> float:
+    def warmup(self, prefill_buckets: list[int] | None = None, cache_lens: list[int] | None = None) -> float:
         """Compile the given shapes ahead of traffic; returns seconds spent. Leaves the state as it was."""
         t0 = time.perf_counter()
         for b in prefill_buckets or []:
@@ -220,9 +236,12 @@ class Engine:
             self.free(0)
         saved = self.host_active.copy()
         self.host_active[:] = False
-        for a in attend_buckets or []:
-            self.generate(attend_len=a)
+        for n in cache_lens or []:
+            self.resize_cache(n)
+            self.decode_state, _ = self._timed(("generate", n), self._generate, self.params, self.decode_state,
+                                               self.host_active.copy())
         self.host_active[:] = saved
+        self.fit_cache()
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------------ API
@@ -250,9 +269,12 @@ class Engine:
         """Place a prefix into decode slot `slot` and mark it active."""
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
-        self.decode_state = self._timed(("insert", prefix.kv[0][0].shape[0]), self._insert, prefix,
-                                        self.decode_state, np.int32(slot))
-        self.host_lengths[slot] = int(prefix.length)
+        length = int(prefix.length)
+        self.host_lengths[slot] = length
+        self.host_active[slot] = True
+        self.fit_cache()
+        self.decode_state = self._timed(("insert", prefix.kv[0][0].shape[2], self.cache_len), self._insert,
+                                        prefix, self.decode_state, np.int32(slot))
         self.host_active[slot] = True
 
     def free(self, slot: int) -> None:
@@ -263,13 +285,26 @@ class Engine:
         """Tokens currently in each slot's cache (host mirror; no device sync)."""
         return self.host_lengths.copy()
 
-    def generate(self, attend_len: int | None = None) -> jax.Array:
+    def resize_cache(self, cache_len: int) -> None:
+        """Set the cache length axis to `cache_len` (copying the live prefix); normally done by `fit_cache`."""
+        if cache_len != self.cache_len:
+            self.decode_state = self._timed(("resize", self.cache_len, cache_len), self._resize, self.decode_state,
+                                            cache_len=cache_len)
+            self.cache_len = cache_len
+
+    def fit_cache(self) -> None:
+        """Grow the cache to hold every active sequence plus its next token; shrink it (with hysteresis) when the
+        longest sequence fits a bucket under half the current length."""
+        longest = int(self.host_lengths[self.host_active].max()) if self.host_active.any() else 0
+        need = self.config.cache_bucket(longest + 1)
+        if need > self.cache_len or need * 2 <= self.cache_len:
+            self.resize_cache(need)
+
+    def generate(self) -> jax.Array:
         """One decode step for all active slots. Returns the device array of new tokens [slots] (int32)."""
-        if attend_len is None:
-            longest = int(self.host_lengths[self.host_active].max()) if self.host_active.any() else 1
-            attend_len = self.config.attend_bucket(longest + 1)
+        self.fit_cache()
         self.stats.generate_calls += 1
-        self.decode_state, tokens = self._timed(("generate", attend_len), self._generate, self.params,
-                                                self.decode_state, self.host_active.copy(), attend_len=attend_len)
+        self.decode_state, tokens = self._timed(("generate", self.cache_len), self._generate, self.params,
+                                                self.decode_state, self.host_active.copy())
         self.host_lengths += self.host_active
         return tokens

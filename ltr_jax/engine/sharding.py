@@ -56,8 +56,8 @@ def shard_params(params, mesh: Mesh):
 
 
 def cache_sharding(mesh: Mesh) -> NamedSharding:
-    """KV cache [max_len, slots, kv_heads, head_dim]: split over kv heads."""
-    return NamedSharding(mesh, P(None, None, AXIS, None))
+    """KV cache [slots, kv_heads, cache_len, head_dim]: split over kv heads."""
+    return NamedSharding(mesh, P(None, AXIS, None, None))
 
 
 def init_distributed() -> None:

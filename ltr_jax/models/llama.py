@@ -9,10 +9,11 @@ optional tied embeddings, and the three forward passes the rest of the stack nee
                      the cache);
 * `reference_forward` / `hidden_states` - plain full-sequence passes for tests and the ranker backbone.
 
-KV cache layout: a list with one `(k, v)` pair per layer, each `[max_len, slots, kv_heads, head_dim]`
-(sequence-major). Decode attends over a static prefix `[:attend_len]` of the cache (the engine picks a bucket that
-covers the longest running sequence), so step cost follows the real context, not `max_len`; with the sequence axis
-first that prefix is one contiguous block, which on CPU measured 2.3x faster than a slot-major layout.
+KV cache layout: a list with one `(k, v)` pair per layer, each `[slots, kv_heads, cache_len, head_dim]`. Decode
+attends over the whole cache with a per-slot length mask, reading it in place (the layout the batched matmul wants,
+so XLA inserts no transposing copy). The engine keeps `cache_len` at a bucket just above the longest running
+sequence, growing or shrinking the buffers between steps, so a step's cost follows the real context length rather
+than the model's maximum.
 
 Weights enter as a plain params dict of arrays (see `ltr_jax.models.loading`) with (in, out) matrices and Q/K in
 Hugging Face rotate-half order.
@@ -30,7 +31,7 @@ from flax import nnx
 
 from ltr_jax.models.config import LlamaConfig
 
-KVCache = list  # list[tuple[jax.Array, jax.Array]]: per layer (k, v), each [max_len, slots, kv_heads, head_dim]
+KVCache = list  # list[tuple[jax.Array, jax.Array]]: per layer (k, v), each [slots, kv_heads, cache_len, head_dim]
 
 _LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 
@@ -103,14 +104,14 @@ class Block(nnx.Module):
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def attend_one(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        """Decode attention, one query per slot. q [B, H, hd]; k, v [S, B, KV, hd]; mask [B, S]. -> [B, H*hd]."""
+        """Decode attention, one query per slot. q [B, H, hd]; k, v [B, KV, S, hd]; mask [B, S]. -> [B, H*hd]."""
         c = self.config
         b = q.shape[0]
         qg = q.reshape(b, c.n_kv_heads, c.q_per_kv, c.head_dim)
-        scores = jnp.einsum("bkgd,sbkd->bkgs", qg, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("bkgd,bksd->bkgs", qg, k, preferred_element_type=jnp.float32)
         scores = jnp.where(mask[:, None, None, :], scores * (1.0 / math.sqrt(c.head_dim)), -1e30)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgs,sbkd->bkgd", probs, v, preferred_element_type=jnp.float32)
+        out = jnp.einsum("bkgs,bksd->bkgd", probs, v, preferred_element_type=jnp.float32)
         return out.reshape(b, c.n_heads * c.head_dim).astype(q.dtype)
 
     def mlp(self, x: jax.Array) -> jax.Array:
@@ -118,15 +119,15 @@ class Block(nnx.Module):
         return (jax.nn.silu(h @ self.w_gate[...]) * (h @ self.w_up[...])) @ self.w_down[...]
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        """q [B, T, H, hd]; k, v [S, B, KV, hd]; mask [B, T, S] (True = may attend). Returns [B, T, H*hd]."""
+        """q [B, T, H, hd]; k, v [B, KV, S, hd]; mask [B, T, S] (True = may attend). Returns [B, T, H*hd]."""
         c = self.config
         b, t = q.shape[:2]
         qg = q.reshape(b, t, c.n_kv_heads, c.q_per_kv, c.head_dim)
-        scores = jnp.einsum("btkgd,sbkd->bkgts", qg, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
         scores = scores * (1.0 / math.sqrt(c.head_dim))
         scores = jnp.where(mask[:, None, None, :, :], scores, -1e30)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,sbkd->btkgd", probs, v, preferred_element_type=jnp.float32)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
         return out.reshape(b, t, c.n_heads * c.head_dim).astype(q.dtype)
 
 
@@ -183,7 +184,7 @@ class Llama(nnx.Module):
 
     # ---------------------------------------------------------------------------------------------- passes
     def hidden(self, tokens: jax.Array, lengths: jax.Array, n_layers: int | None = None):
-        """Causal pass over [B, T] right-padded tokens; returns (hidden [B, T, D], per-layer (k, v) [T, B, KV, hd])."""
+        """Causal pass over [B, T] right-padded tokens; returns (hidden [B, T, D], per-layer (k, v) [B, KV, T, hd])."""
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         causal = jnp.tril(jnp.ones((t, t), bool))
@@ -194,7 +195,7 @@ class Llama(nnx.Module):
         layers = self.layers if n_layers is None else list(self.layers)[:n_layers]
         for blk in layers:
             q, k, v = blk.qkv(x, positions, self.inv_freq[...])
-            k, v = k.transpose(1, 0, 2, 3), v.transpose(1, 0, 2, 3)
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
             x = x + blk.attend(q, k, v, mask) @ blk.wo[...]
             x = x + blk.mlp(x)
             kvs.append((k, v))
@@ -206,8 +207,8 @@ class Llama(nnx.Module):
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
         return self.logits(last), kvs
 
-    def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, attend_len: int):
-        """One token per slot. tokens, positions: [B]. Writes K/V at `positions`, attends over [:attend_len].
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache):
+        """One token per slot. tokens, positions: [B]. Writes K/V at `positions`, attends over positions <= own.
 
         Returns (logits [B, V], cache). The cache is updated with a row scatter per layer; when the caller donates
         it (the engine does) XLA updates the buffers in place.
@@ -215,13 +216,13 @@ class Llama(nnx.Module):
         b = tokens.shape[0]
         rows = jnp.arange(b)
         x = self._embed(tokens)[:, None, :]
-        mask = jnp.arange(attend_len)[None, :] <= positions[:, None]  # [B, S]
+        mask = jnp.arange(cache[0][0].shape[2])[None, :] <= positions[:, None]  # [B, S]
         new_cache = []
         for blk, (kc, vc) in zip(self.layers, cache):
             q, k, v = blk.qkv(x, positions[:, None], self.inv_freq[...])
-            kc = kc.at[positions, rows].set(k[:, 0].astype(kc.dtype), mode="drop")
-            vc = vc.at[positions, rows].set(v[:, 0].astype(vc.dtype), mode="drop")
-            attn = blk.attend_one(q[:, 0], kc[:attend_len], vc[:attend_len], mask)
+            kc = kc.at[rows, :, positions].set(k[:, 0].astype(kc.dtype), mode="drop")
+            vc = vc.at[rows, :, positions].set(v[:, 0].astype(vc.dtype), mode="drop")
+            attn = blk.attend_one(q[:, 0], kc, vc, mask)
             x = x + (attn @ blk.wo[...])[:, None, :]
             x = x + blk.mlp(x)
             new_cache.append((kc, vc))

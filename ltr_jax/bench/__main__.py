@@ -1,0 +1,30 @@
+"""`python -m ltr_jax.bench <command>`: the benchmark command line.
+
+Commands: `engine` (decode step time vs matmul roofline), `run` (every policy on one trace against the real
+engine), `simulate` (the same report from the discrete-event simulator at paper scale).
+"""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "engine": "ltr_jax.bench.engine_bench",
+    "run": "ltr_jax.bench.policy_bench",
+    "simulate": "ltr_jax.bench.simulate",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        print("\nusage: python -m ltr_jax.bench {" + ",".join(COMMANDS) + "} [--help]")
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    import importlib
+
+    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()
