@@ -186,7 +186,7 @@ class Engine:
         self._prefill = jax.jit(functools.partial(_prefill_fn, self.graphdef))
         self._insert = jax.jit(_insert_fn, donate_argnums=(1,))
         self._generate = jax.jit(functools.partial(_generate_fn, self.graphdef), donate_argnums=(1,))
-        self._resize = jax.jit(_resize_fn, static_argnames=("cache_len",), donate_argnums=(0,))
+        self._resize = jax.jit(_resize_fn, static_argnames=("cache_len",))  # shapes change: nothing to donate
         self.cache_len = config.cache_bucket(1)
         self.decode_state = self._init_decode_state()
         self.host_lengths = np.zeros(config.num_slots, np.int64)

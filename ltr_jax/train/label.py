@@ -1,0 +1,162 @@
+"""`python -m ltr_jax.train.label`: output-length labels from the serving model itself.
+
+Owns the labeling job. It runs prompts through our own engine (continuous batching, FCFS, temperature 1.0 and a
+fixed seed by default, as the paper labels with Llama-3) and appends one JSONL row per finished prompt:
+`{"id", "prompt_tokens", "output_tokens", "finish_reason"}`. Rows are written as soon as each prompt finishes,
+so an interrupted run resumes where it stopped: prompts already in the output file are skipped. Prompts are
+processed in a fixed pseudo-random order (by a hash of their id), so a partial run is an unbiased sample.
+Prompt text never goes into the file; the command and model that made it go into a `.meta.json` beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ltr_jax.engine.engine import Engine, EngineConfig
+from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent
+from ltr_jax.models.llama import Llama
+from ltr_jax.models.loading import load_model
+from ltr_jax.scheduler.scheduler import Scheduler
+from ltr_jax.train.data import load_examples
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "labels" / "smollm2_labels.jsonl"
+
+
+def label_order(example_id: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}:{example_id}".encode()).hexdigest()
+
+
+def already_labeled(path: Path) -> set[str]:
+    """Ids present in an existing output file; a torn last line (killed mid-write) is ignored and rewritten."""
+    done: set[str] = set()
+    if not path.exists():
+        return done
+    good_lines = []
+    with open(path) as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+                done.add(str(row["id"]))
+                good_lines.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    with open(path, "w") as fh:
+        fh.writelines(good_lines)
+    return done
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m ltr_jax.train.label", description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", default="shared", help="'shared' (../shared/data/prompts.jsonl), a JSON/JSONL "
+                   "file (shared format or ShareGPT), or tfds:NAME[/SPLIT]")
+    p.add_argument("--model", default=None, help="model source (default: the embedded SmolLM2)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output JSONL (appended to; resumable)")
+    p.add_argument("--max-tokens", type=int, default=384, help="cap on generated tokens per prompt")
+    p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are skipped (as the paper)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="base seed; each prompt draws with seed + its index")
+    p.add_argument("--slots", type=int, default=64, help="decode slots (batch size)")
+    p.add_argument("--limit", type=int, default=None, help="label at most this many prompts (in label order)")
+    p.add_argument("--time-budget", type=float, default=None, help="stop admitting new prompts after this many s")
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = already_labeled(out)
+    loaded = load_model(args.model)
+    tok = loaded.tokenizer
+    examples = sorted(load_examples(args.prompts), key=lambda e: label_order(e.id, args.seed))
+    if args.limit is not None:
+        examples = examples[: args.limit]
+    todo = [e for e in examples if e.id not in done]
+    max_seq_len = 1 << (args.max_prompt_tokens + args.max_tokens + 1).bit_length()
+    meta = {
+        "command": "python -m ltr_jax.train.label " + " ".join(sys.argv[1:] if argv is None else argv),
+        "model": loaded.source and Path(loaded.source).name, "model_config": loaded.config.name,
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
+        "max_prompt_tokens": args.max_prompt_tokens, "prompts": args.prompts,
+    }
+    Path(str(out) + ".meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"labeling {len(todo)} prompts ({len(done)} already in {out}) with {loaded.config.name}, "
+          f"{args.slots} slots, max_tokens {args.max_tokens}", file=sys.stderr)
+    if not todo:
+        return
+
+    engine = Engine(Llama.from_params(loaded.config, loaded.params),
+                    EngineConfig(num_slots=args.slots, max_seq_len=max_seq_len))
+    orch = Orchestrator(engine, tok, Scheduler("fcfs", args.slots), max_queue=len(todo) + 1)
+    lock = threading.Lock()
+    finished = threading.Event()
+    state = {"in_flight": 0, "skipped": 0, "tokens": 0}
+    bar = tqdm(total=len(todo), desc="labeling", unit="prompt", dynamic_ncols=True)
+    fh = open(out, "a")
+
+    def on_event(prompt_len: int, example_id: str, ev: StreamEvent) -> None:
+        if not ev.finished:
+            return
+        with lock:
+            if ev.finish_reason in ("stop", "length"):
+                row = {"id": example_id, "prompt_tokens": prompt_len, "output_tokens": ev.num_generated,
+                       "finish_reason": ev.finish_reason}
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+                state["tokens"] += ev.num_generated
+            else:
+                print(f"warning: {example_id} ended with {ev.finish_reason}: {ev.error}", file=sys.stderr)
+            state["in_flight"] -= 1
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{state['tokens'] / max(1e-9, time.monotonic() - t0):.0f}")
+            if state["in_flight"] == 0:
+                finished.set()
+
+    t0 = time.monotonic()
+    orch.start()
+    try:
+        for i, ex in enumerate(todo):
+            if args.time_budget is not None and time.monotonic() - t0 > args.time_budget:
+                print(f"time budget reached: {i} of {len(todo)} prompts submitted", file=sys.stderr)
+                bar.total = i
+                break
+            text = tok.apply_chat_template([{"role": "user", "content": ex.prompt}], add_generation_prompt=True)
+            ids = tok.encode(text)
+            if len(ids) > args.max_prompt_tokens:
+                state["skipped"] += 1
+                bar.update(1)
+                continue
+            while True:  # keep about two batches queued: bounded memory, slots always full
+                with lock:
+                    if state["in_flight"] < 2 * args.slots:
+                        state["in_flight"] += 1
+                        finished.clear()
+                        break
+                time.sleep(0.02)
+            sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                      seed=(args.seed + int(label_order(ex.id, 0)[:8], 16)) % 2**32)
+            orch.submit(ids, sampling, lambda ev, n=len(ids), eid=ex.id: on_event(n, eid, ev), request_id=ex.id)
+        with lock:
+            if state["in_flight"] == 0:
+                finished.set()
+        finished.wait()
+    finally:
+        orch.stop(drain=False, timeout_s=30)
+        bar.close()
+        fh.close()
+    elapsed = time.monotonic() - t0
+    print(json.dumps({"labeled": len(already_labeled(out)), "skipped_long_prompts": state["skipped"],
+                      "seconds": round(elapsed, 1), "generated_tokens": state["tokens"],
+                      "tokens_per_s": round(state["tokens"] / max(elapsed, 1e-9), 1),
+                      "engine": {"prefill_calls": engine.stats.prefill_calls,
+                                 "compile_seconds": round(engine.stats.compile_seconds, 1)}}))
+
+
+if __name__ == "__main__":
+    main()
