@@ -1,0 +1,476 @@
+"""The FastAPI application: OpenAI-compatible completions and chat completions over the orchestrator.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream: true`` as server-sent
+events, ``data: {chunk}`` ... ``data: [DONE]``), ``GET /v1/models``, ``GET /health``, ``GET /metrics``.
+
+Each generation request is submitted to the orchestrator with a callback that hops from the loop thread to the
+event loop (``call_soon_threadsafe``) into a per-request queue. Admission is all-or-nothing: a full queue answers
+429 with ``Retry-After`` before anything is created. A client that goes away (stream closed, or a non-streamed
+request's connection dropped) has its request cancelled, so its slot frees at the next batch boundary. While the
+server drains for shutdown, new generation requests get 503 and ``/health`` reports ``draining``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ltr_jax.engine.orchestrator import QueueFullError, SamplingParams, ShuttingDownError, StreamEvent
+from ltr_jax.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ltr_jax.server.runtime import Runtime
+from ltr_jax.server.schemas import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    SamplingRequest,
+    bad_request,
+    chat_messages,
+    format_validation_error,
+    stop_strings,
+    unsupported_options,
+)
+
+log = logging.getLogger(__name__)
+
+_MAX_TEMPERATURE = 2.0
+_MAX_SEED = 2**32
+_DISCONNECT_POLL_S = 0.5
+_KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+@dataclass
+class ServerState:
+    """Mutable serving state shared by the routes and the graceful-shutdown logic."""
+
+    runtime: Runtime
+    api_key: str | None
+    started_at: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False
+    inflight: int = 0  # generation requests admitted and not yet answered in full
+    idle: asyncio.Event | None = None
+
+    def request_started(self) -> None:
+        self.inflight += 1
+
+    def request_done(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0 and self.idle is not None:
+            self.idle.set()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+class _EventBridge:
+    """Orchestrator events (loop thread) -> an asyncio queue on the server's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+
+    def __call__(self, event: StreamEvent) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    def drain_ready(self, first: StreamEvent) -> list[StreamEvent]:
+        """``first`` plus every event already queued behind it (one write for a burst of tokens)."""
+        events = [first]
+        while not events[-1].finished:
+            try:
+                events.append(self.queue.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        return events
+
+
+class _GenerationStream(StreamingResponse):
+    """A streaming response that always runs ``on_close`` once it ends, however it ends (even when the client
+    disconnects before the first chunk, when the body generator never starts)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def _usage(event: StreamEvent) -> dict[str, int]:
+    return {"prompt_tokens": event.num_prompt_tokens, "completion_tokens": event.num_generated,
+            "total_tokens": event.num_prompt_tokens + event.num_generated}
+
+
+def _failure(event: StreamEvent, timeout_s: float | None) -> APIError | None:
+    """The error a finished event stands for (None when it finished normally)."""
+    reason = event.finish_reason
+    if reason in ("stop", "length"):
+        return None
+    if reason == "timeout":
+        return APIError(504, f"the request exceeded its time limit of {timeout_s} s after generating "
+                             f"{event.num_generated} tokens", code="timeout", type="timeout_error")
+    if reason == "cancelled":
+        return APIError(503, "the request was cancelled because the server is shutting down",
+                        code="server_shutting_down", type="server_error")
+    return APIError(500, f"generation failed: {event.error or 'internal error'}", code="internal_error",
+                    type="server_error")
+
+
+class _ResponseCounter:
+    """Pure ASGI middleware counting responses by route and status (it leaves streaming and disconnects alone)."""
+
+    def __init__(self, app, count: Callable[[str, int], None]):
+        self.app = app
+        self.count = count
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_and_note(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            path = scope.get("path", "")
+            self.count(path if path in _KNOWN_ROUTES else "other", status)
+
+
+@dataclass
+class _Job:
+    """One admitted generation request, as the route sees it."""
+
+    request_id: str
+    kind: str  # "completion" | "chat"
+    created: int
+    model: str
+    bridge: _EventBridge
+    include_usage: bool
+    timeout_s: float | None
+    finished: bool = False
+
+
+# ------------------------------------------------------------------------------------------------ the app
+def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
+    """The ASGI app serving ``runtime``; its lifespan starts and stops the orchestrator loop."""
+    state = ServerState(runtime=runtime, api_key=api_key or None)
+    orch = runtime.orchestrator
+    settings = runtime.config.server
+    metrics = runtime.metrics
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.idle = asyncio.Event()
+        state.idle.set()
+        if not orch.is_running:
+            orch.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(orch.stop, False, 10.0)
+
+    app = FastAPI(title="ltr-jax", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.serving = state
+
+    # -------------------------------------------------------------------------------- errors
+    def error_response(err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError):
+        return error_response(format_validation_error(list(err.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        message = (f"no route {request.method} {request.url.path}; see /v1/completions, /v1/chat/completions, "
+                   "/v1/models, /health, /metrics" if err.status_code in (404, 405) else str(err.detail))
+        return error_response(APIError(err.status_code, message, code=code))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, err: Exception):
+        log.exception("internal error while serving %s", request.url.path)
+        return error_response(APIError(500, f"internal server error: {type(err).__name__}: {err}",
+                                       code="internal_error", type="server_error"))
+
+    app.add_middleware(_ResponseCounter, count=metrics.count_response)
+
+    # -------------------------------------------------------------------------------- checks
+    def authorize(request: Request) -> None:
+        if state.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+            raise APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def accepting() -> None:
+        if state.draining:
+            raise APIError(503, "the server is shutting down and accepts no new requests", code="server_shutting_down",
+                           type="server_error", headers={"Connection": "close"})
+
+    async def parse(request: Request, schema: type[SamplingRequest]) -> SamplingRequest:
+        body = await request.body()
+        if not body.strip():
+            raise bad_request("the request body is empty; send a JSON object", None, "missing_body")
+        try:
+            req = schema.model_validate_json(body)
+        except ValidationError as err:
+            raise format_validation_error(err.errors(include_url=False)) from None
+        if req.model != runtime.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
+                                f"{runtime.model_name!r} (see GET /v1/models)", param="model",
+                           code="model_not_found")
+        unsupported_options(req)
+        return req
+
+    def sampling_for(req: SamplingRequest, prompt_len: int, max_tokens: int | None) -> SamplingParams:
+        limit = runtime.max_seq_len - 1
+        room = limit - prompt_len
+        if prompt_len > runtime.max_prompt_len:
+            raise bad_request(f"the prompt has {prompt_len} tokens, more than this server's limit of "
+                              f"{runtime.max_prompt_len} (the context is {runtime.max_seq_len} tokens); shorten it",
+                              "messages" if isinstance(req, ChatRequest) else "prompt", "context_length_exceeded")
+        param = "max_completion_tokens" if isinstance(req, ChatRequest) and req.max_completion_tokens else "max_tokens"
+        if max_tokens is None:
+            max_tokens = min(settings.default_max_tokens, room)
+        elif not 1 <= max_tokens <= limit:
+            raise bad_request(f"{param} = {max_tokens} is out of range: it must be between 1 and {limit}", param)
+        elif max_tokens > room:
+            raise bad_request(f"the prompt ({prompt_len} tokens) plus {param} ({max_tokens}) exceeds the model's "
+                              f"context of {limit} tokens; lower {param} to at most {room} or shorten the prompt",
+                              param, "context_length_exceeded")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        if not 0.0 <= temperature <= _MAX_TEMPERATURE:
+            raise bad_request(f"temperature = {temperature} is out of range: it must be between 0 and "
+                              f"{_MAX_TEMPERATURE}", "temperature")
+        top_p = 1.0 if req.top_p is None else req.top_p
+        if not 0.0 < top_p <= 1.0:
+            raise bad_request(f"top_p = {top_p} is out of range: it must be > 0 and <= 1", "top_p")
+        top_k = 0 if req.top_k is None else req.top_k
+        if top_k < 0:
+            raise bad_request(f"top_k = {top_k} must be >= 0 (0 = no top-k filtering)", "top_k")
+        if req.seed is not None and not 0 <= req.seed < _MAX_SEED:
+            raise bad_request(f"seed = {req.seed} is out of range: it must be between 0 and {_MAX_SEED - 1}", "seed")
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              seed=req.seed, stop=stop_strings(req.stop), ignore_eos=bool(req.ignore_eos))
+
+    def submit(kind: str, req: SamplingRequest, prompt_tokens: list[int], sampling: SamplingParams) -> _Job:
+        accepting()
+        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        job = _Job(prefix + uuid.uuid4().hex, kind, int(time.time()), runtime.model_name,
+                   _EventBridge(asyncio.get_running_loop()), include_usage, settings.request_timeout_s)
+        try:
+            orch.submit(prompt_tokens, sampling, job.bridge, request_id=job.request_id,
+                        timeout_s=settings.request_timeout_s)
+        except QueueFullError as err:
+            raise APIError(429, f"the server is busy: {err}; retry after {settings.retry_after_s} s",
+                           code="queue_full", type="server_overloaded",
+                           headers={"Retry-After": str(settings.retry_after_s)}) from None
+        except ShuttingDownError as err:
+            raise APIError(503, str(err), code="server_shutting_down", type="server_error") from None
+        except ValueError as err:
+            raise bad_request(str(err), "prompt") from None
+        state.request_started()
+        if state.idle is not None:
+            state.idle.clear()
+        return job
+
+    def close(job: _Job) -> None:
+        """Once per job: cancel it in the orchestrator if it did not finish, and count it out."""
+        if getattr(job, "_closed", False):
+            return
+        job._closed = True  # type: ignore[attr-defined]
+        if not job.finished:
+            orch.cancel(job.request_id)
+        state.request_done()
+
+    # -------------------------------------------------------------------------------- responses
+    def chunk(job: _Job, text: str | None, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
+        if job.kind == "chat":
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            obj = "text_completion"
+        return {"id": job.request_id, "object": obj, "created": job.created, "model": job.model, "choices": [choice]}
+
+    async def stream_body(job: _Job) -> AsyncIterator[bytes]:
+        if job.kind == "chat":
+            yield _sse(chunk(job, "", None, first=True))
+        while True:
+            events = job.bridge.drain_ready(await job.bridge.queue.get())
+            last = events[-1]
+            text = "".join(e.text for e in events)
+            if not last.finished:
+                if text:
+                    yield _sse(chunk(job, text, None))
+                continue
+            job.finished = True
+            failure = _failure(last, job.timeout_s)
+            if failure is not None:
+                if text:
+                    yield _sse(chunk(job, text, None))
+                yield _sse(failure.body())
+            else:
+                if job.kind == "chat" and text:
+                    yield _sse(chunk(job, text, None))
+                    text = None
+                yield _sse(chunk(job, text if job.kind == "completion" else None, last.finish_reason))
+                if job.include_usage:
+                    yield _sse({"id": job.request_id, "object": chunk(job, None, None)["object"],
+                                "created": job.created, "model": job.model, "choices": [], "usage": _usage(last)})
+            yield _sse("[DONE]")
+            return
+
+    async def collect(request: Request, job: _Job) -> dict[str, Any]:
+        parts: list[str] = []
+        getter = asyncio.ensure_future(job.bridge.queue.get())
+        try:
+            while True:
+                done, _ = await asyncio.wait({getter}, timeout=_DISCONNECT_POLL_S)
+                if not done:
+                    if await request.is_disconnected():
+                        log.info("client of %s disconnected; cancelling it", job.request_id)
+                        raise APIError(499, "client disconnected", code="client_closed_request")
+                    continue
+                event = getter.result()
+                parts.append(event.text)
+                if event.finished:
+                    job.finished = True
+                    failure = _failure(event, job.timeout_s)
+                    if failure is not None:
+                        raise failure
+                    break
+                getter = asyncio.ensure_future(job.bridge.queue.get())
+        finally:
+            getter.cancel()
+        text = "".join(parts)
+        if job.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": event.finish_reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": event.finish_reason}
+            obj = "text_completion"
+        return {"id": job.request_id, "object": obj, "created": job.created, "model": job.model,
+                "choices": [choice], "usage": _usage(event)}
+
+    async def respond(request: Request, kind: str, req: SamplingRequest, prompt_tokens: list[int],
+                      max_tokens: int | None) -> Response:
+        sampling = sampling_for(req, len(prompt_tokens), max_tokens)
+        job = submit(kind, req, prompt_tokens, sampling)
+        if req.stream:
+            return _GenerationStream(stream_body(job), on_close=lambda: close(job))
+        try:
+            return JSONResponse(await collect(request, job))
+        finally:
+            close(job)
+
+    # -------------------------------------------------------------------------------- routes
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        authorize(request)
+        req: CompletionRequest = await parse(request, CompletionRequest)  # type: ignore[assignment]
+        if isinstance(req.prompt, str):
+            if not req.prompt:
+                raise bad_request("prompt is empty; send at least one character or token id", "prompt")
+            tokens = runtime.tokenizer.encode(req.prompt)
+        else:
+            tokens = list(req.prompt)
+            vocab = runtime.engine.model_config.vocab_size
+            if not tokens:
+                raise bad_request("prompt is an empty list; send at least one token id", "prompt")
+            bad = next((t for t in tokens if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise bad_request(f"prompt contains token id {bad}, outside this model's vocabulary [0, {vocab})",
+                                  "prompt")
+        return await respond(request, "completion", req, tokens, req.max_tokens)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        req: ChatRequest = await parse(request, ChatRequest)  # type: ignore[assignment]
+        messages = chat_messages(req)
+        try:
+            text = runtime.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as err:
+            raise bad_request(f"cannot format the messages with the model's chat template: {err}", "messages") \
+                from None
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        return await respond(request, "chat", req, runtime.tokenizer.encode(text), max_tokens)
+
+    def model_card() -> dict[str, Any]:
+        return {"id": runtime.model_name, "object": "model", "created": state.started_at, "owned_by": "ltr-jax",
+                "max_model_len": runtime.max_seq_len}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+        authorize(request)
+        if model_id != runtime.model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {runtime.model_name!r}",
+                           param="model", code="model_not_found")
+        return model_card()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        stats = orch.stats()
+        body = {"status": "ok", "model": runtime.model_name, "policy": runtime.config.scheduler.policy,
+                "queue_len": stats["queue_len"], "running": stats["running"], "free_slots": stats["free_slots"],
+                "num_slots": stats["num_slots"], "inflight_http": state.inflight}
+        if not orch.is_running:
+            body["status"] = "error"
+            body["detail"] = "the scheduling loop is not running"
+            return JSONResponse(body, status_code=503)
+        if state.draining:
+            body["status"] = "draining"
+            return JSONResponse(body, status_code=503)
+        return JSONResponse(body)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    return app

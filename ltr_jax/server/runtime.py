@@ -1,0 +1,219 @@
+"""From a `ServeConfig` to a running-ready serving stack: model, engine, scheduler, ranker, orchestrator, metrics.
+
+`build_runtime(config)` loads the model (``model.source``: ``"tiny"`` = `tiny_model()`, else
+`ltr_jax.models.loading.load_model`), enables JAX's persistent compilation cache, builds the `Engine`, the
+`Scheduler` with its policy and starvation control, restores the ranker (training it first when
+``ranker.train_if_missing``), wires `ServerMetrics` in as the orchestrator's observer, and compiles the common
+shapes (``engine.warmup_max_len``) so the first request is not slow. The orchestrator is returned not yet
+started: the HTTP app starts and stops it with its lifespan.
+
+Every failure that a config value causes raises `StartupError` naming that key; the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ltr_jax.config import ModelSection, RankerSection, ServeConfig
+from ltr_jax.models.default_model import cache_dir
+
+log = logging.getLogger(__name__)
+
+TINY_SOURCE = "tiny"
+
+
+class StartupError(RuntimeError):
+    """The server cannot start with this configuration; the message names the key and the fix."""
+
+
+@dataclass
+class Runtime:
+    """Everything the HTTP layer serves with."""
+
+    config: ServeConfig
+    model_name: str
+    tokenizer: Any
+    engine: Any
+    orchestrator: Any
+    metrics: Any
+    ranker: Any | None
+    ranker_note: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.max_seq_len
+
+    @property
+    def max_prompt_len(self) -> int:
+        return self.orchestrator.max_prompt_len
+
+
+def enable_compilation_cache(setting: str | None) -> Path | None:
+    """Point JAX's persistent compilation cache at ``setting`` ('default' = <user cache>/jax_cache)."""
+    if setting is None:
+        return None
+    import jax
+
+    path = cache_dir() / "jax_cache" if setting == "default" else Path(setting).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StartupError(f"engine.compilation_cache_dir = {setting!r}: cannot create {path} ({err}); "
+                           f"give a writable directory or null to disable the cache") from None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+def load_serving_model(section: ModelSection):
+    """A `LoadedModel` for ``model.source``."""
+    if section.source == TINY_SOURCE:
+        from ltr_jax.models.tiny import tiny_model
+
+        return tiny_model(seed=section.seed, dtype=section.dtype)
+    from ltr_jax.models.default_model import DefaultModelError
+    from ltr_jax.models.loading import CheckpointError, GGUFError, load_model
+
+    try:
+        return load_model(section.source, dtype=section.dtype)
+    except (FileNotFoundError, GGUFError, CheckpointError, DefaultModelError, ValueError) as err:
+        shown = "null (embedded default)" if section.source is None else repr(section.source)
+        raise StartupError(f"model.source = {shown}: cannot load the model: {err}") from None
+
+
+class BucketingRanker:
+    """Adapts a classifier `RankerScorer` to the orchestrator, which calls ``score(prompts)`` then
+    ``buckets(scores)`` on the same batch: the buckets are the argmax of the head outputs of that batch."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+        self._last_buckets: np.ndarray | None = None
+
+    def score(self, prompts) -> np.ndarray:
+        scores, outputs = self.scorer.raw(prompts)
+        self._last_buckets = np.argmax(outputs, axis=-1).astype(np.int32)
+        return scores
+
+    def buckets(self, scores) -> np.ndarray:
+        return self._last_buckets
+
+
+def load_ranker(section: RankerSection, policy: str, model) -> tuple[Any | None, str]:
+    """(ranker or None, a one-line description of what the scheduler ranks with)."""
+    if not section.enabled:
+        note = "no ranker (ranker.enabled = false): every request gets score 0"
+        if policy in ("ltr", "ltr-rescore"):
+            note += f", so policy {policy!r} serves in arrival order"
+        return None, note
+    from ltr_jax.train.checkpoint import RankerCheckpointError, default_ranker_path, load_scorer
+
+    path = Path(section.checkpoint).expanduser() if section.checkpoint else default_ranker_path()
+    if not (path / "ranker.json").is_file():
+        if section.train_if_missing:
+            _train_ranker(section, path, model)
+        elif section.required or policy == "classify":
+            raise StartupError(
+                f"ranker.checkpoint = {str(path)!r}: no exported ranker there (ranker.json missing). Train one "
+                f"with `python -m ltr_jax.train --config {section.train_config}` or set "
+                f"ranker.train_if_missing=true" + (" (needed by policy 'classify')" if policy == "classify" else
+                                                   ", or ranker.required=false to serve without it"))
+        else:
+            note = (f"no ranker: {path} holds no exported ranker, so every request gets score 0 and policy "
+                    f"{policy!r} serves in arrival order (train one with `python -m ltr_jax.train --config "
+                    f"{section.train_config}` or set ranker.train_if_missing=true)")
+            log.warning(note)
+            return None, note
+    try:
+        scorer = load_scorer(path, model=model, max_batch=section.max_batch)
+    except RankerCheckpointError as err:
+        raise StartupError(f"ranker.checkpoint = {str(path)!r}: {err}") from None
+    method = scorer.spec.method
+    if policy == "classify":
+        if method != "classify":
+            raise StartupError(f"scheduler.policy = 'classify' needs a classifier ranker, but {path} holds a "
+                               f"{method!r} ranker; choose policy 'ltr' or a classify ranker checkpoint")
+        return BucketingRanker(scorer), f"classifier ranker {path} ({scorer.spec.num_outputs} length buckets)"
+    return scorer, f"{method} ranker {path} (first {scorer.spec.n_layers} layers, {scorer.spec.pooling} pooling)"
+
+
+def _train_ranker(section: RankerSection, path: Path, model) -> None:
+    from ltr_jax.train.trainer import ConfigError as TrainConfigError
+    from ltr_jax.train.trainer import TrainConfig, run_training
+
+    try:
+        cfg = TrainConfig.from_yaml(section.train_config)
+    except TrainConfigError as err:
+        raise StartupError(f"ranker.train_config = {section.train_config!r}: {err}") from None
+    cfg = dataclasses.replace(cfg, export_path=str(path), export_method=cfg.export_method or cfg.methods[0])
+    log.warning("no ranker at %s: training one with %s first (ranker.train_if_missing = true); this takes a while",
+                path, section.train_config)
+    t0 = time.perf_counter()
+    report = run_training(cfg, model=model, progress=True)
+    log.info("ranker trained in %.1f s: %s", time.perf_counter() - t0,
+             {m: r.get("kendall_tau_b") for m, r in report["methods"].items()})
+
+
+def warmup_shapes(engine_config, max_len: int) -> tuple[list[int], list[int]]:
+    """(prefill buckets, decode cache lengths) that sequences of up to ``max_len`` tokens use."""
+    if max_len <= 0:
+        return [], []
+    limit = min(max_len, engine_config.max_seq_len)
+    prefill = [b for b in engine_config.prefill_buckets() if b <= limit] or [engine_config.prefill_buckets()[0]]
+    cache_lens = sorted({engine_config.cache_bucket(n) for n in range(1, limit + 1)})
+    return prefill, cache_lens
+
+
+def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
+    """Load, wire and (optionally) warm up everything; the orchestrator is not started."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    enable_compilation_cache(config.engine.compilation_cache_dir)
+    from ltr_jax.engine.engine import Engine  # lazy: JAX only once the config is known good
+    from ltr_jax.engine.orchestrator import Orchestrator
+    from ltr_jax.models.llama import Llama
+    from ltr_jax.scheduler.scheduler import Scheduler
+    from ltr_jax.server.metrics import ServerMetrics
+
+    loaded = load_serving_model(config.model)
+    model_name = config.model.name or loaded.config.name
+    timings["load_s"] = time.perf_counter() - t0
+    log.info("model %s loaded from %s in %.1f s", model_name, loaded.source, timings["load_s"])
+
+    engine_config = config.engine.to_engine_config()
+    try:
+        engine = Engine(Llama.from_params(loaded.config, loaded.params), engine_config)
+    except ValueError as err:
+        raise StartupError(str(err)) from None
+    sched_cfg = config.scheduler
+    scheduler = Scheduler(sched_cfg.make_policy(), engine_config.num_slots, starvation=sched_cfg.starvation_config(),
+                          max_prefill_tokens=sched_cfg.max_prefill_tokens)
+    ranker, ranker_note = load_ranker(config.ranker, sched_cfg.policy, loaded)
+    log.info("scheduling: policy %s, %s", sched_cfg.policy, ranker_note)
+    metrics = ServerMetrics(model=model_name, policy=sched_cfg.policy)
+    orchestrator = Orchestrator(engine, loaded.tokenizer, scheduler, ranker=ranker,
+                                max_queue=config.server.max_queue, observer=metrics)
+    metrics.attach_stats(orchestrator.stats)
+
+    if warmup and config.engine.warmup_max_len > 0:
+        t1 = time.perf_counter()
+        prefill, cache_lens = warmup_shapes(engine_config, config.engine.warmup_max_len)
+        engine.warmup(prefill_buckets=prefill, cache_lens=cache_lens)
+        if ranker is not None:
+            scorer = getattr(ranker, "scorer", ranker)
+            for n in prefill:
+                scorer.score([[1] * min(n, scorer.spec.max_prompt_len)])
+        timings["warmup_s"] = time.perf_counter() - t1
+        log.info("warmed up %d prefill and %d decode shapes in %.1f s", len(prefill), len(cache_lens),
+                 timings["warmup_s"])
+    return Runtime(config=config, model_name=model_name, tokenizer=loaded.tokenizer, engine=engine,
+                   orchestrator=orchestrator, metrics=metrics, ranker=ranker, ranker_note=ranker_note,
+                   timings=timings)
