@@ -108,6 +108,13 @@ def test_listmle_padding_is_ignored_and_gradients_are_finite():
     assert np.all(np.asarray(grad)[~mask] == 0)
 
 
+def test_reverse_cumulative_logsumexp_is_exact_for_spread_out_scores():
+    x = np.array([[300.0, -200.0, 5.0, 0.0], [1.0, 2.0, 3.0, 4.0]], np.float32)
+    got = np.asarray(losses.reverse_cumulative_logsumexp(jnp.asarray(x)))
+    want = np.array([[np.logaddexp.reduce(row[i:].astype(np.float64)) for i in range(4)] for row in x])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_regression_loss_is_masked_mse():
     pred = np.array([[1.0, 2.0, 3.0]])
     target = np.array([[1.5, 2.0, 100.0]])

@@ -22,6 +22,17 @@ NUM_BUCKETS = 10
 _MASKED_SCORE = -1e30
 
 
+def reverse_cumulative_logsumexp(x: jax.Array) -> jax.Array:
+    """out[..., i] = logsumexp(x[..., i:]) along the last axis, exactly (no underflow for spread-out scores).
+
+    Computed as a masked logsumexp over an upper-triangular [n, n] mask: O(n^2) per list, which for list sizes
+    of tens is cheap and compiles far faster on CPU than `jax.lax.cumlogsumexp`'s associative scan.
+    """
+    n = x.shape[-1]
+    upper = jnp.triu(jnp.ones((n, n), bool))  # upper[i, j] = j >= i
+    return jax.nn.logsumexp(jnp.where(upper, x[..., None, :], _MASKED_SCORE), axis=-1)
+
+
 def listmle_loss(scores: jax.Array, lengths: jax.Array, mask: jax.Array, key: jax.Array) -> jax.Array:
     """ListMLE (Plackett-Luce negative log-likelihood of the shortest-first order), mean over lists.
 
@@ -41,7 +52,7 @@ def listmle_loss(scores: jax.Array, lengths: jax.Array, mask: jax.Array, key: ja
     order = jnp.argsort(sort_key, axis=-1, stable=True)
     scores, mask = (jnp.take_along_axis(a, order, axis=-1) for a in (scores, mask))
     masked = jnp.where(mask, scores, _MASKED_SCORE)
-    tail_logsumexp = jax.lax.cumlogsumexp(masked, axis=masked.ndim - 1, reverse=True)
+    tail_logsumexp = reverse_cumulative_logsumexp(masked)
     per_entry = jnp.where(mask, tail_logsumexp - masked, 0.0)
     return jnp.mean(jnp.sum(per_entry, axis=-1))
 

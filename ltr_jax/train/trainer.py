@@ -69,6 +69,14 @@ class TrainConfig:
     export_path: str | None = None  # where to export it; relative paths are relative to the config's folder
 
     def __post_init__(self) -> None:
+        if isinstance(self.optimizer, dict):
+            opt_known = {f.name for f in dataclasses.fields(OptimizerConfig)}
+            opt_unknown = sorted(set(self.optimizer) - opt_known)
+            if opt_unknown:
+                raise ConfigError(f"unknown optimizer key(s) {opt_unknown}; known keys: {sorted(opt_known)}")
+            self.optimizer = OptimizerConfig(**self.optimizer)
+        elif not isinstance(self.optimizer, OptimizerConfig):
+            raise ConfigError("optimizer: must be a mapping like {name: adamw, lr: 0.001, weight_decay: 0.01}")
         problems = []
         for m in self.methods:
             if m not in METHODS:
@@ -104,22 +112,15 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
         raw = dict(raw)
-        opt = raw.get("optimizer", {}) or {}
-        if not isinstance(opt, dict):
-            raise ConfigError("optimizer: must be a mapping like {name: adamw, lr: 0.001, weight_decay: 0.01}")
-        opt_known = {f.name for f in dataclasses.fields(OptimizerConfig)}
-        opt_unknown = sorted(set(opt) - opt_known)
-        if opt_unknown:
-            raise ConfigError(f"unknown optimizer key(s) {opt_unknown}; known keys: {sorted(opt_known)}")
-        try:
-            raw["optimizer"] = OptimizerConfig(**opt)
-        except TypeError as err:
-            raise ConfigError(f"optimizer: {err}") from err
+        raw["optimizer"] = raw.get("optimizer") or {}
         if base_dir is not None:
             for key in ("export_path", "labels"):
                 if raw.get(key) and not Path(raw[key]).is_absolute():
                     raw[key] = str((base_dir / raw[key]).resolve())
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except TypeError as err:  # e.g. a list where a mapping belongs
+            raise ConfigError(f"invalid ranker training config: {err}") from err
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
@@ -245,6 +246,10 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[train_data.RankingData, s
     """Examples joined with labels and rendered; returns (data, a description of the label source)."""
     examples = train_data.load_examples(cfg.prompts)
     if cfg.labels:
+        if not Path(cfg.labels).is_file():
+            raise train_data.DataError(
+                f"label file {cfg.labels} does not exist; make it with the labeling job (ltr_jax.train.label), "
+                "point `labels:` at another label JSONL, or set `labels: null` to train on trace lengths")
         rows = train_data.load_label_file(cfg.labels)
         labels = {rid: row.output_tokens for rid, row in rows.items()}
         label_source = f"label file {cfg.labels}"
