@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -389,3 +390,16 @@ def test_decisions_at_scale_match_a_full_sort(name):
             sched.on_token(r, now)
         for r in sched.running[:3]:
             sched.finish(r, now)
+
+
+def test_decision_benchmark_runs_and_keeps_the_backlog(capsys):
+    from ltr_jax.scheduler.decision_bench import main as bench_main
+
+    assert bench_main(["--waiting", "300", "--slots", "8", "--decisions", "40", "--policy", "ltr,oracle-srtf"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for name in ("ltr", "oracle-srtf"):
+        for mode in ("starvation_off", "starvation_on"):
+            result = report["policies"][name][mode]
+            assert result["decisions"] == 40 and result["waiting_at_end"] == 300
+            assert 0 < result["decision_cpu_us"]["p50"] <= result["decision_cpu_us"]["max"]
+        assert report["policies"][name]["starvation_on"]["promotions"] > 0

@@ -210,7 +210,7 @@ class LtrRescorePolicy(Policy):
 
     window: int = 2048
     min_samples: int = 64
-    refresh_every: int = 512
+    refresh_every: int = 1024
     overrun_factor: float = 0.5
     context_cost: float = 4.0
     _scores: SortedList = field(default_factory=SortedList, init=False, repr=False)

@@ -1,20 +1,25 @@
 """The `Scheduler`: which requests hold the batch's slots at each batch boundary.
 
 At every ``schedule(now)`` the candidates are waiting + running requests ordered by ``(promoted first, policy
-priority, policy tiebreak, arrival, admission sequence)``; the best ``num_slots`` are kept. Running requests that fall out are preempted (only if the policy is preemptive, the victim is under its
-``max_preemptions`` limit, and it is not promoted while the newcomer is not); waiting ones that get in are
-admitted, optionally under a ``max_prefill_tokens`` budget (the context each admission must prefill; the first
-admission of a decision is always allowed so nothing starves behind a long prompt).
+priority, policy tiebreak, arrival, admission sequence)``; the best ``num_slots`` are kept. Running requests
+that fall out are preempted, but only if the policy is preemptive (promotions preempt under any policy), the
+victim is under the policy's ``max_preemptions`` cap (the cap counts every preemption, promotion-driven ones
+too), and the victim is not promoted while the newcomer is not. Waiting ones that get in are admitted,
+optionally under a ``max_prefill_tokens`` budget (the context each admission must prefill; the first admission
+of a decision is always allowed so nothing starves behind a long prompt).
 
 Starvation control (wall-clock seconds): a waiting request whose wait since its last token (since arrival
 before its first token) exceeds ``threshold_s`` is promoted ahead of every non-promoted request. Its quantum is
 ``quantum_s`` counted from the moment it became starved (wait start + threshold); once that has passed and it
 has produced a token since promotion it is demoted (its wait clock restarts with its next wait). Promoted
 requests are ordered among themselves by when they became starved and are never preempted by non-promoted ones.
+Guarantee (tested in the simulator): with at most 2 x num_slots requests in the system, no prefill budget and
+no preemption cap, max_waiting_time <= threshold + quantum + one iteration + one boundary's prefill phase. In
+overload no scheduler can bound it (every request needs a token per threshold + quantum).
 
 Data structures, so a decision costs O((admissions + preemptions + promotions) log n + num_slots), not O(n):
 waiting requests sit in a sorted list by rank and, for starvation, in a second sorted list by wait-clock start;
-running requests (at most ``num_slots``) are scanned.
+running requests (at most ``num_slots``) are scanned. Not thread-safe: call it from one thread (the engine loop).
 """
 
 from __future__ import annotations
@@ -157,12 +162,14 @@ class Scheduler:
             req._wait_entry = None
 
     def _rerank_all(self) -> None:
-        waiting = [entry[1] for entry in self._waiting]
+        """Recompute every rank (the policy re-calibrated); one bulk sort instead of n insertions."""
+        entries = []
+        for _, req in self._waiting:
+            req._rank = self._rank(req)
+            req._entry = (req._rank, req)
+            entries.append(req._entry)
         self._waiting.clear()
-        self._by_wait_start.clear()
-        for req in waiting:
-            req._wait_entry = None
-            self._push_waiting(req)
+        self._waiting.update(entries)
         for req in self._running:
             req._rank = self._rank(req)
 
@@ -211,7 +218,8 @@ class Scheduler:
         best = waiting[0][1]
         if not (best.promoted or self.policy.preemptive):
             return decision
-        victims = [r for r in self._running if r not in admitted and self.policy.may_be_preempted(r)]
+        limit = self.policy.max_preemptions
+        victims = [r for r in self._running if (limit is None or r.preemptions < limit) and r not in admitted]
         if not victims:
             return decision
         if not self._may_displace(best, max(victims, key=_rank_of)):
@@ -314,7 +322,8 @@ class Scheduler:
         threshold = self.starvation.threshold_s
         by_wait = self._by_wait_start
         while by_wait and now - by_wait[0][0] > threshold:
-            req = by_wait[0][2]
+            req = by_wait.pop(0)[2]
+            req._wait_entry = None
             self._pop_waiting(req)
             req.promoted = True
             req.promotions += 1
