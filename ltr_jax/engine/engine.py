@@ -165,6 +165,14 @@ def _generate_fn(graphdef, state, decode_state: DecodeState, active):
     return decode_state._replace(cache=cache, tokens=tokens, lengths=lengths), tokens
 
 
+# Module-level compiled functions (the graph definition is a static argument), so every engine over the same model
+# architecture shares one compilation cache.
+_PREFILL = jax.jit(_prefill_fn, static_argnums=(0,))
+_INSERT = jax.jit(_insert_fn, donate_argnums=(1,))
+_GENERATE = jax.jit(_generate_fn, static_argnums=(0,), donate_argnums=(2,))
+_RESIZE = jax.jit(_resize_fn, static_argnames=("cache_len",))  # shapes change: nothing to donate
+
+
 class Engine:
     """Prefill / insert / generate over a fixed number of decode slots for one Llama-family model."""
 
@@ -183,10 +191,10 @@ class Engine:
 
             self.params = shard_params(self.params, mesh)
         self.stats = EngineStats()
-        self._prefill = jax.jit(functools.partial(_prefill_fn, self.graphdef))
-        self._insert = jax.jit(_insert_fn, donate_argnums=(1,))
-        self._generate = jax.jit(functools.partial(_generate_fn, self.graphdef), donate_argnums=(1,))
-        self._resize = jax.jit(_resize_fn, static_argnames=("cache_len",))  # shapes change: nothing to donate
+        self._prefill = functools.partial(_PREFILL, self.graphdef)
+        self._insert = _INSERT
+        self._generate = functools.partial(_GENERATE, self.graphdef)
+        self._resize = _RESIZE
         self.cache_len = config.cache_bucket(1)
         self.decode_state = self._init_decode_state()
         self.host_lengths = np.zeros(config.num_slots, np.int64)
