@@ -88,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     server = GracefulServer(uv_config, app.state.serving, drain_timeout_s=server_cfg.drain_timeout_s,
                             ready_message=ready_line(runtime.model_name, config.scheduler.policy,
                                                      runtime.timings.get("warmup_s"), api_key is not None))
-    log.info("ranking: %s", runtime.ranker_note)
     return run_server(server)
 
 

@@ -9,6 +9,7 @@ the listening socket and exit. A second signal exits at once. The process exits 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shlex
 import sys
@@ -102,7 +103,7 @@ class GracefulServer(uvicorn.Server):
 
 def ready_line(model: str, policy: str, warmup_s: float | None, api_key: bool) -> str:
     """The line printed once the server listens (the placeholder {url} is filled in then)."""
-    body = ('{"model": "%s", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 32}' % model)
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 32})
     auth = ' -H "Authorization: Bearer $LTR_JAX_API_KEY"' if api_key else ""
     warm = f", warmup {warmup_s:.1f} s" if warmup_s is not None else ""
     curl = f"curl -s {{url}}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}"

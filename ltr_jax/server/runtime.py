@@ -113,6 +113,7 @@ def load_ranker(section: RankerSection, policy: str, model) -> tuple[Any | None,
         note = "no ranker (ranker.enabled = false): every request gets score 0"
         if policy in ("ltr", "ltr-rescore"):
             note += f", so policy {policy!r} serves in arrival order"
+        log.info(note)
         return None, note
     from ltr_jax.train.checkpoint import RankerCheckpointError, default_ranker_path, load_scorer
 
@@ -197,7 +198,8 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
     scheduler = Scheduler(sched_cfg.make_policy(), engine_config.num_slots, starvation=sched_cfg.starvation_config(),
                           max_prefill_tokens=sched_cfg.max_prefill_tokens)
     ranker, ranker_note = load_ranker(config.ranker, sched_cfg.policy, loaded)
-    log.info("scheduling: policy %s, %s", sched_cfg.policy, ranker_note)
+    if ranker is not None:
+        log.info("scheduling: policy %s, %s", sched_cfg.policy, ranker_note)
     metrics = ServerMetrics(model=model_name, policy=sched_cfg.policy)
     orchestrator = Orchestrator(engine, loaded.tokenizer, scheduler, ranker=ranker,
                                 max_queue=config.server.max_queue, observer=metrics)
