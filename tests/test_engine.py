@@ -30,9 +30,9 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [rng.integers(0, 256, size=int(rng.integers(3, 40))).tolist() for _ in range(n)]
 
 
-def _run_alone(model, prompt, n_tokens, sampling=SlotSampling(), slots=4, slot=2):
+def _run_alone(model, prompt, n_tokens, sampling=None, slots=4, slot=2):
     engine = Engine(model, EngineConfig(num_slots=slots, max_seq_len=256))
-    prefix = engine.prefill(prompt, sampling)
+    prefix = engine.prefill(prompt, sampling or SlotSampling())
     engine.insert(prefix, slot)
     out = [int(prefix.token)]
     while len(out) < n_tokens:
@@ -83,11 +83,9 @@ def test_orchestrator_preemption_keeps_tokens_exact(tiny):
         ids = []
         for i in prompt_ids:
             sp = SamplingParams(max_tokens=lengths[i], temperature=0.8, seed=100 + i, ignore_eos=True)
-            rid = orch.submit(prompts[i], sp, lambda ev: got.setdefault(ev.request_id, []).extend(ev.token_ids),
-                              request_id=f"r{i}")
             # oracle-srtf ranks by true remaining length, so short late arrivals preempt long runners
-            sched_req = orch._inbox[-1].request
-            sched_req.true_output_len = lengths[i]
+            rid = orch.submit(prompts[i], sp, lambda ev: got.setdefault(ev.request_id, []).extend(ev.token_ids),
+                              request_id=f"r{i}", true_output_len=lengths[i])
             ids.append(rid)
             for _ in range(stagger):
                 orch._boundary()
@@ -214,7 +212,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 def test_tensor_parallel_on_four_cpu_devices_matches_single_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, env=env,
-                         timeout=300)
+                         timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     import json
 

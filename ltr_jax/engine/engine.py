@@ -235,20 +235,43 @@ class Engine:
             self.stats.compiled_shapes.add(key)
         return out
 
-    def warmup(self, prefill_buckets: list[int] | None = None, cache_lens: list[int] | None = None) -> float:
-        """Compile the given shapes ahead of traffic; returns seconds spent. Leaves the state as it was."""
+    def cache_buckets(self, up_to: int | None = None) -> list[int]:
+        """Every cache length the engine may use for sequences of up to `up_to` tokens (default: max_seq_len)."""
+        top = self.config.cache_bucket(min(up_to or self.config.max_seq_len, self.config.max_seq_len))
+        out, n = [], self.config.cache_bucket(1)
+        while True:
+            out.append(n)
+            if n >= top:
+                return out
+            n = self.config.cache_bucket(n + 1)
+
+    def warmup(self, prefill_buckets: list[int] | None = None, cache_lens: list[int] | None = None,
+               transitions: bool = False) -> float:
+        """Compile shapes ahead of traffic; returns seconds spent. Leaves no slot active.
+
+        `prefill_buckets`: prompt buckets to compile; `cache_lens`: decode cache lengths; `transitions`: also every
+        insert (prefill bucket x cache length) and cache resize between the given lengths, so a benchmark run
+        meets no compilation at all."""
         t0 = time.perf_counter()
-        for b in prefill_buckets or []:
-            prefix = self.prefill([0] * min(b, 2), SlotSampling(), bucket=b)
-            self.insert(prefix, 0)
-            self.free(0)
-        saved = self.host_active.copy()
         self.host_active[:] = False
-        for n in cache_lens or []:
+        self.host_lengths[:] = 0
+        prefill_buckets = prefill_buckets or []
+        cache_lens = cache_lens or []
+        prefixes = {b: self.prefill([0] * min(b, 2), SlotSampling(), bucket=b) for b in prefill_buckets}
+        for n in cache_lens:
             self.resize_cache(n)
             self.decode_state, _ = self._timed(("generate", n), self._generate, self.params, self.decode_state,
                                                self.host_active.copy())
-        self.host_active[:] = saved
+            if transitions:
+                for b, prefix in prefixes.items():
+                    self.decode_state = self._timed(("insert", b, n), self._insert, prefix, self.decode_state,
+                                                    np.int32(0))
+                for m in cache_lens:
+                    if m != n:
+                        self._timed(("resize", n, m), self._resize, self.decode_state, cache_len=m)
+        for b, prefix in prefixes.items():  # the insert into the final cache length, at least
+            self.decode_state = self._timed(("insert", b, self.cache_len), self._insert, prefix,
+                                            self.decode_state, np.int32(0))
         self.fit_cache()
         return time.perf_counter() - t0
 

@@ -125,13 +125,18 @@ class Orchestrator:
         self._stopping = False
         self._drain = True
         self._unfinished = 0
-        self.counters = dict(tokens_generated=0, requests_finished=0, requests_errored=0, steps=0,
-                             ranker_seconds=0.0, ranker_calls=0, ranker_requests=0, busy_seconds=0.0)
+        self.counters: dict[str, float] = {
+            "tokens_generated": 0, "requests_finished": 0, "requests_errored": 0, "steps": 0,
+            "ranker_seconds": 0.0, "ranker_calls": 0, "ranker_requests": 0, "busy_seconds": 0.0,
+        }
 
     # ------------------------------------------------------------------------------------- thread-safe API
     def submit(self, prompt_tokens: list[int], sampling: SamplingParams, on_event: Callable[[StreamEvent], None],
-               request_id: str | None = None, timeout_s: float | None = None) -> str:
-        """Queue a request; returns its id. Raises ValueError for bad input, QueueFullError when full."""
+               request_id: str | None = None, timeout_s: float | None = None,
+               true_output_len: int | None = None) -> str:
+        """Queue a request; returns its id. Raises ValueError for bad input, QueueFullError when full.
+
+        `true_output_len` is for benchmarks only: it lets the oracle policies see the replayed length."""
         prompt_tokens = [int(t) for t in prompt_tokens]
         if not prompt_tokens:
             raise ValueError("prompt is empty: it must contain at least one token")
@@ -158,7 +163,7 @@ class Orchestrator:
                 raise QueueFullError(f"admission queue is full ({self.max_queue} waiting requests)")
             now = self.clock()
             req = Request(request_id=request_id, arrival_time=now, prompt_len=len(prompt_tokens),
-                          max_tokens=sampling.max_tokens)
+                          max_tokens=sampling.max_tokens, true_output_len=true_output_len)
             deadline = now + timeout_s if timeout_s else None
             job = _Job(req, prompt_tokens, sampling, seed, on_event, deadline, stop_ids,
                        self.tokenizer.incremental_decoder())
@@ -269,9 +274,13 @@ class Orchestrator:
         if self.ranker is None:
             return
         t0 = time.perf_counter()
+        prompts = [j.prompt_tokens for j in jobs]
         try:
-            scores = self.ranker.score([j.prompt_tokens for j in jobs])
-            buckets = self.ranker.buckets(scores) if hasattr(self.ranker, "buckets") else None
+            if getattr(getattr(self.ranker, "spec", None), "method", None) == "classify":
+                scores, class_logits = self.ranker.raw(prompts)  # S3-style: the most likely length class
+                buckets = np.argmax(class_logits, axis=-1)
+            else:
+                scores, buckets = self.ranker.score(prompts), None
         except Exception:  # noqa: BLE001 - a ranker failure must not lose requests: they run unranked
             log.error("ranker failed; requests scheduled with score 0:\n%s", traceback.format_exc())
             return
@@ -349,10 +358,7 @@ class Orchestrator:
                 reason, delta = "stop", job.decoder.finish()
             else:
                 delta = job.decoder.push(token)
-                if len(job.output) >= job.sampling.max_tokens:
-                    reason = "length"
-                    delta += job.decoder.finish()
-                elif len(job.prompt_tokens) + len(job.output) >= self.engine.max_seq_len - 1:
+                if len(job.output) >= job.sampling.max_tokens or len(job.prompt_tokens) + len(job.output) >= self.engine.max_seq_len - 1:
                     reason = "length"
                     delta += job.decoder.finish()
             if job.sampling.stop and delta:

@@ -33,7 +33,7 @@ def byte_level_tokenizer() -> ChatTokenizer:
 
 def tiny_model(seed: int = 0, **config_overrides) -> LoadedModel:
     """A random 2-layer GQA model (vocab 260) with the byte-level tokenizer."""
-    overrides = dict(vocab_size=260, max_position_embeddings=4096)
+    overrides = {"vocab_size": 260, "max_position_embeddings": 4096}
     overrides.update(config_overrides)
     config = tiny_config(**overrides)
     return LoadedModel(config=config, params=init_random_params(config, seed), tokenizer=byte_level_tokenizer(),

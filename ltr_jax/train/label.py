@@ -11,6 +11,7 @@ Prompt text never goes into the file; the command and model that made it go into
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import sys
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     finished = threading.Event()
     state = {"in_flight": 0, "skipped": 0, "tokens": 0}
     bar = tqdm(total=len(todo), desc="labeling", unit="prompt", dynamic_ncols=True)
-    fh = open(out, "a")
+    fh = open(out, "a")  # noqa: SIM115 - written from the callback thread, closed in the finally below
 
     def on_event(prompt_len: int, example_id: str, ev: StreamEvent) -> None:
         if not ev.finished:
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                 time.sleep(0.02)
             sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                       seed=(args.seed + int(label_order(ex.id, 0)[:8], 16)) % 2**32)
-            orch.submit(ids, sampling, lambda ev, n=len(ids), eid=ex.id: on_event(n, eid, ev), request_id=ex.id)
+            orch.submit(ids, sampling, functools.partial(on_event, len(ids), ex.id), request_id=ex.id)
         with lock:
             if state["in_flight"] == 0:
                 finished.set()

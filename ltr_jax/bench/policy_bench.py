@@ -1,0 +1,379 @@
+"""`python -m ltr_jax.bench run`: every scheduling policy on the same trace against the real engine, in-process.
+
+Owns the serving benchmark. One invocation builds one workload (prompts from the shared set or a ShareGPT file,
+output lengths from the serving model's own label file or from reference-answer token counts, arrivals Poisson /
+gamma / burst, or the synthetic-data-generation mode with a time budget) and replays it, with the same seed, under
+each policy: real prompts, the real ranker scoring each request at arrival, real decode steps, each request
+generating exactly its recorded length (ignore_eos). Per policy it reports mean / P50 / P90 / P99 latency,
+normalized latency, TTFT, TPOT, max_waiting_time = max(TTFT, max inter-token gap), throughput, preemptions,
+starvation promotions and ranker overhead, as JSON, a Markdown table and PNG plots.
+
+Policy names: fcfs, ltr, ltr+starvation, ltr-rescore, classify, oracle-sjf, oracle-srtf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from ltr_jax.engine.engine import Engine, EngineConfig
+from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent
+from ltr_jax.models.llama import Llama
+from ltr_jax.scheduler.metrics import distribution
+from ltr_jax.scheduler.scheduler import Scheduler, StarvationConfig
+from ltr_jax.scheduler.trace import make_arrivals
+
+POLICIES = ("fcfs", "ltr", "ltr+starvation", "ltr-rescore", "classify", "oracle-sjf", "oracle-srtf")
+
+
+@dataclass
+class Item:
+    """One request of the workload: prompt tokens and the output length to replay."""
+
+    id: str
+    prompt_tokens: list[int]
+    output_len: int
+
+
+@dataclass
+class Observed:
+    """Client-side timestamps of one request."""
+
+    submit: float
+    output_len: int
+    token_times: list[float] = field(default_factory=list)
+    finish: float | None = None
+    reason: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------ workload
+def build_items(loaded, prompts_spec: str, labels: str | None, n: int, max_prompt: int, max_output: int,
+                split: str, seed: int) -> tuple[list[Item], str]:
+    """Pick `n` prompts (validation split by default: disjoint from the ranker's training prompts)."""
+    from ltr_jax.train.data import is_validation, load_examples, load_label_file
+
+    examples = load_examples(prompts_spec)
+    tok = loaded.tokenizer
+    if labels:
+        label_rows = load_label_file(labels)
+        lengths = {k: v.output_tokens for k, v in label_rows.items()}
+        source = f"serving model's own output lengths from {labels}"
+    else:
+        lengths = {e.id: len(tok.encode(e.reference)) for e in examples if e.reference}
+        source = "trace lengths: reference answers' token counts (replayed with ignore_eos)"
+    pool = [e for e in examples if e.id in lengths and lengths[e.id] >= 1]
+    if split != "all":
+        want_val = split == "validation"
+        pool = [e for e in pool if is_validation(e.id, 0.1) == want_val] or pool
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(pool))
+    items: list[Item] = []
+    for i in order:
+        e = pool[int(i)]
+        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": e.prompt}]))
+        if len(ids) > max_prompt:
+            continue
+        items.append(Item(e.id, ids, min(lengths[e.id], max_output)))
+        if len(items) == n:
+            break
+    if len(items) < n:  # small pools: sample again with replacement
+        base = list(items)
+        while len(items) < n and base:
+            items.append(base[int(rng.integers(len(base)))])
+    return items, source
+
+
+def make_scheduler(policy: str, slots: int, args) -> Scheduler:
+    starvation = None
+    name = policy
+    params: dict[str, Any] = {}
+    if policy == "ltr+starvation":
+        name = "ltr"
+        starvation = StarvationConfig(threshold_s=args.starvation_threshold, quantum_s=args.starvation_quantum)
+    if name in ("ltr", "ltr-rescore", "classify"):
+        params["max_preemptions"] = args.max_preemptions
+    from ltr_jax.scheduler.policies import make_policy
+
+    return Scheduler(make_policy(name, **params), slots, starvation=starvation)
+
+
+# ------------------------------------------------------------------------------------------------ one run
+def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item], arrivals: np.ndarray, args,
+               desc: str) -> dict[str, Any]:
+    sched = make_scheduler(policy, engine.num_slots, args)
+    uses_ranker = policy in ("ltr", "ltr+starvation", "ltr-rescore", "classify")
+    orch = Orchestrator(engine, tokenizer, sched, ranker=ranker if uses_ranker else None, max_queue=len(items) + 1)
+    observed: dict[str, Observed] = {}
+    lock = threading.Lock()
+    done = threading.Event()
+    remaining = [len(items)]
+    bar = tqdm(total=len(items), desc=desc, unit="req", leave=False, disable=not args.progress)
+
+    def on_event(ev: StreamEvent) -> None:
+        now = time.monotonic()
+        with lock:
+            ob = observed[ev.request_id]
+            ob.token_times.extend([now] * len(ev.token_ids))
+            if ev.finished:
+                ob.finish, ob.reason = now, ev.finish_reason
+                remaining[0] -= 1
+                bar.update(1)
+                if remaining[0] == 0:
+                    done.set()
+
+    orch.start()
+    t0 = time.monotonic()
+    budget_end = t0 + args.sdg_budget if args.sdg_budget else None
+    for i, (item, at) in enumerate(zip(items, arrivals)):
+        delay = t0 + float(at) - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        rid = f"{i}-{item.id}"
+        with lock:
+            observed[rid] = Observed(time.monotonic(), item.output_len)
+        sp = SamplingParams(max_tokens=item.output_len, temperature=args.temperature, seed=args.seed + i,
+                            ignore_eos=True)
+        orch.submit(item.prompt_tokens, sp, on_event, request_id=rid, true_output_len=item.output_len)
+    if budget_end is not None:
+        done.wait(max(0.0, budget_end - time.monotonic()))
+        orch.stop(drain=False, timeout_s=60)
+    else:
+        done.wait()
+        orch.stop(drain=True, timeout_s=60)
+    bar.close()
+    wall = time.monotonic() - t0
+    stats = orch.stats()
+    return summarize_observed(list(observed.values()), wall, stats, budget_end is not None)
+
+
+def summarize_observed(obs: list[Observed], wall: float, stats: dict, budgeted: bool) -> dict[str, Any]:
+    complete = [o for o in obs if o.reason == "length" and len(o.token_times) == o.output_len]
+    lat = [o.finish - o.submit for o in complete]
+    ttft = [o.token_times[0] - o.submit for o in complete]
+    tpot = [(o.token_times[-1] - o.token_times[0]) / (len(o.token_times) - 1) for o in complete
+            if len(o.token_times) > 1]
+    mwt = [max([o.token_times[0] - o.submit, *np.diff(o.token_times).tolist()]) for o in complete]
+    tokens = sum(len(o.token_times) for o in obs)
+    busy = max(stats.get("busy_seconds", 0.0), 1e-9)
+    out = {
+        "requests": len(obs), "completed": len(complete), "wall_s": wall,
+        "incomplete_or_wrong_length": len(obs) - len(complete) if not budgeted else None,
+        "latency_s": distribution(lat), "normalized_latency_s_per_token":
+            distribution([x / o.output_len for x, o in zip(lat, complete)]),
+        "ttft_s": distribution(ttft), "tpot_s": distribution(tpot), "max_waiting_time_s": distribution(mwt),
+        "throughput_req_s": len(complete) / wall, "throughput_tok_s": tokens / wall,
+        "preemptions": stats["preemptions"], "promotions": stats["promotions"],
+        "ranker_seconds": stats["ranker_seconds"], "ranker_share_of_busy_time": stats["ranker_seconds"] / busy,
+        "ranker_ms_per_request": 1e3 * stats["ranker_seconds"] / max(1, stats["ranker_requests"]),
+        "latencies_s": [round(x, 4) for x in lat],
+    }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+def markdown_table(report: dict[str, Any]) -> str:
+    lines = []
+    for rate_key, per_policy in report["runs"].items():
+        lines.append(f"\n### {rate_key}\n")
+        lines.append("| policy | mean lat (s) | p50 | p90 | p99 | norm lat (s/tok) | TTFT mean | TPOT mean | "
+                     "max wait p99 | max wait max | req/s | tok/s | preempt | promote | done |")
+        lines.append("|---|" + "---|" * 14)
+        for pol, r in per_policy.items():
+            L, W = r["latency_s"], r["max_waiting_time_s"]
+            lines.append(
+                f"| {pol} | {L['mean']:.2f} | {L['p50']:.2f} | {L['p90']:.2f} | {L['p99']:.2f} | "
+                f"{r['normalized_latency_s_per_token']['mean']:.3f} | {r['ttft_s']['mean']:.2f} | "
+                f"{r['tpot_s']['mean']:.3f} | {W['p99']:.2f} | {W['max']:.2f} | {r['throughput_req_s']:.3f} | "
+                f"{r['throughput_tok_s']:.1f} | {r['preemptions']} | {r['promotions']} | {r['completed']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict[str, Any], out_dir: Path, cdf_samples: dict[str, list[float]]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    rates = [k for k in report["runs"]]
+    policies = list(next(iter(report["runs"].values())).keys())
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for pol in policies:
+        xs = [report["rates"][k] for k in rates]
+        ys = [report["runs"][k][pol]["latency_s"]["mean"] for k in rates]
+        ax.plot(xs, ys, marker="o", label=pol)
+    ax.set_xlabel("request rate (req/s)" if report["arrival"] != "burst" else "burst size")
+    ax.set_ylabel("mean end-to-end latency (s)")
+    ax.set_title(f"{report['model']}: latency vs load")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "latency_vs_rate.png", dpi=120)
+    files.append("latency_vs_rate.png")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for pol, lat in cdf_samples.items():
+        xs = np.sort(lat)
+        ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=pol)
+    ax.set_xlabel("end-to-end latency (s)")
+    ax.set_ylabel("CDF")
+    ax.set_title(f"latency CDF at {rates[-1]}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "latency_cdf.png", dpi=120)
+    files.append("latency_cdf.png")
+    plt.close("all")
+    return files
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ltr_jax.bench run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="model source: None = embedded SmolLM2, a .gguf, a HF dir, "
+                   "'tiny' (random test model) or preset:<name> (random weights of a published shape)")
+    p.add_argument("--prompts", default="shared", help="'shared', a JSON/JSONL file (shared or ShareGPT format)")
+    p.add_argument("--labels", default=None, help="label JSONL (serving model's own lengths); default: trace "
+                   "lengths from reference answers")
+    p.add_argument("--split", default="validation", choices=["validation", "train", "all"],
+                   help="which prompts to draw from (validation = disjoint from the ranker's training split)")
+    p.add_argument("--ranker", default=None, help="ranker checkpoint dir for ltr policies (default: packaged)")
+    p.add_argument("--classifier", default=None, help="10-bucket classifier checkpoint for the classify policy")
+    p.add_argument("--policies", default="fcfs,ltr,ltr+starvation,classify,oracle-sjf",
+                   help=f"comma-separated, from {', '.join(POLICIES)}")
+    p.add_argument("--n", type=int, default=100, help="requests per run")
+    p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma", "burst"])
+    p.add_argument("--rates", default="1.0", help="comma-separated request rates (req/s); ignored for burst")
+    p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation for gamma arrivals")
+    p.add_argument("--sdg-budget", type=float, default=None, help="synthetic-data-generation mode: burst of --n "
+                   "requests, stop after this many seconds and count completions")
+    p.add_argument("--slots", type=int, default=8, help="decode slots")
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.add_argument("--max-output-tokens", type=int, default=384, help="cap on replayed output lengths")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the replay")
+    p.add_argument("--max-preemptions", type=int, default=4, help="per request, for ltr/classify")
+    p.add_argument("--starvation-threshold", type=float, default=30.0, help="seconds (ltr+starvation)")
+    p.add_argument("--starvation-quantum", type=float, default=5.0, help="seconds (ltr+starvation)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="directory for report.json, report.md and PNG plots")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args(argv)
+    bad = [x for x in args.policies.split(",") if x not in POLICIES]
+    if bad:
+        p.error(f"unknown policies {bad}; choose from {', '.join(POLICIES)}")
+    return args
+
+
+def load_serving_model(source: str | None):
+    if source == "tiny":
+        from ltr_jax.models.tiny import tiny_model
+
+        return tiny_model()
+    if source and source.startswith("preset:"):
+        raise SystemExit("preset models have no tokenizer; use the `simulate` command or a real checkpoint")
+    from ltr_jax.models.loading import load_model
+
+    return load_model(source)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    policies = args.policies.split(",")
+    loaded = load_serving_model(args.model)
+    model = Llama.from_params(loaded.config, loaded.params)
+    engine = Engine(model, EngineConfig(num_slots=args.slots, max_seq_len=args.max_seq_len))
+    items, length_source = build_items(loaded, args.prompts, args.labels, args.n, args.max_prompt_tokens,
+                                       args.max_output_tokens, args.split, args.seed)
+    ranker = classifier = None
+    if any(p in policies for p in ("ltr", "ltr+starvation", "ltr-rescore")):
+        from ltr_jax.train.checkpoint import load_scorer
+
+        ranker = load_scorer(args.ranker, model=loaded)
+    if "classify" in policies:
+        from ltr_jax.train.checkpoint import load_scorer
+
+        if not args.classifier:
+            raise SystemExit("the classify policy needs --classifier <checkpoint of a 'classify' ranker>")
+        classifier = load_scorer(args.classifier, model=loaded)
+    print(f"warming up the engine ({len(items)} prompts, {args.slots} slots) ...", file=sys.stderr)
+    t_warm = time.monotonic()
+    longest = max(len(i.prompt_tokens) + i.output_len for i in items)
+    engine.warmup(prefill_buckets=sorted({engine.config.prefill_bucket(len(i.prompt_tokens) + i.output_len)
+                                          for i in items} | {engine.config.prefill_bucket(len(i.prompt_tokens))
+                                                             for i in items}),
+                  cache_lens=engine.cache_buckets(longest + 1), transitions=True)
+    for r in (ranker, classifier):
+        if r is not None:
+            r.score([i.prompt_tokens for i in items[:8]])
+    warm_s = time.monotonic() - t_warm
+    rates = [None] if args.arrival == "burst" or args.sdg_budget else [float(r) for r in args.rates.split(",")]
+    report: dict[str, Any] = {
+        "benchmark": "policies on the real engine", "model": loaded.config.name, "source": loaded.source,
+        "length_source": length_source, "arrival": "burst" if rates == [None] else args.arrival,
+        "n": len(items), "slots": args.slots, "seed": args.seed, "temperature": args.temperature,
+        "mean_output_len": float(np.mean([i.output_len for i in items])),
+        "mean_prompt_len": float(np.mean([len(i.prompt_tokens) for i in items])),
+        "command": "python -m ltr_jax.bench run " + " ".join(sys.argv[2:] if argv is None else argv),
+        "machine": {"host": platform.node(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "backend": jax.default_backend()},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "warmup_s": round(warm_s, 1), "rates": {}, "runs": {},
+        "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum},
+    }
+    for rate in rates:
+        key = "burst" if rate is None else f"rate={rate:g}"
+        arrivals = (np.zeros(len(items)) if rate is None
+                    else make_arrivals(args.arrival, len(items), rate, args.cv, seed=args.seed))
+        report["rates"][key] = 0.0 if rate is None else rate
+        report["runs"][key] = {}
+        for pol in policies:
+            r = classifier if pol == "classify" else ranker
+            res = run_policy(engine, loaded.tokenizer, r, pol, items, arrivals, args, desc=f"{key} {pol}")
+            report["runs"][key][pol] = res
+            print(json.dumps({"run": key, "policy": pol, "mean_latency_s": round(res["latency_s"]["mean"], 3),
+                              "completed": res["completed"]}), file=sys.stderr)
+    last = list(report["runs"])[-1]
+    report["ratios"] = {k: ratios(v) for k, v in report["runs"].items()}
+    text = json.dumps(report, indent=2, default=_json_default)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(text + "\n")
+        (out / "report.md").write_text(f"# {report['benchmark']}\n\n`{report['command']}`\n\n{report['date']}, "
+                                       f"{report['machine']}\n\n{report['length_source']}\n" + markdown_table(report))
+        report["plots"] = plots(report, out, {p: report["runs"][last][p]["latencies_s"] for p in policies})
+    return report
+
+
+def ratios(per_policy: dict[str, Any]) -> dict[str, float]:
+    mean = {p: r["latency_s"]["mean"] for p, r in per_policy.items()}
+    out = {}
+    if "fcfs" in mean:
+        for p, value in mean.items():
+            if p != "fcfs" and value > 0:
+                out[f"fcfs/{p}"] = mean["fcfs"] / value
+    if mean.get("ltr", 0) > 0 and mean.get("oracle-sjf", 0) > 0:
+        out["ltr/oracle-sjf"] = mean["ltr"] / mean["oracle-sjf"]
+    return out
+
+
+def _json_default(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(type(x))
