@@ -94,6 +94,7 @@ class _Job:
     decoder: Any
     output: list[int] = field(default_factory=list)
     text: str = ""
+    held: str = ""  # decoded text withheld because it could be the start of a stop string
     slot: int | None = None
     done: bool = False
 
@@ -361,8 +362,8 @@ class Orchestrator:
                 if len(job.output) >= job.sampling.max_tokens or len(job.prompt_tokens) + len(job.output) >= self.engine.max_seq_len - 1:
                     reason = "length"
                     delta += job.decoder.finish()
-            if job.sampling.stop and delta:
-                delta, hit = self._apply_stop_strings(job, delta)
+            if job.sampling.stop and (delta or job.held):
+                delta, hit = self._apply_stop_strings(job, delta, final=reason is not None)
                 if hit:
                     reason = "stop"
             job.text += delta
@@ -375,14 +376,21 @@ class Orchestrator:
         except Exception as exc:  # noqa: BLE001
             self._finish(job, "error", now, error=f"detokenization failed: {exc}")
 
-    def _apply_stop_strings(self, job: _Job, delta: str) -> tuple[str, bool]:
-        text = job.text + delta
-        window_start = max(0, len(job.text) - max(len(s) for s in job.sampling.stop))
-        hits = [i for i in (text.find(s, window_start) for s in job.sampling.stop) if i >= 0]
-        if not hits:
-            return delta, False
-        cut = min(hits)
-        return text[len(job.text):cut] if cut >= len(job.text) else "", True
+    def _apply_stop_strings(self, job: _Job, delta: str, final: bool) -> tuple[str, bool]:
+        """(text to emit now, whether a stop string was hit). Matching runs over the text not emitted yet; a tail
+        that could still grow into a stop string is held back until it cannot (or the request ends), so no part
+        of a stop string that spans several tokens is ever streamed."""
+        text = job.held + delta
+        hits = [i for i in (text.find(s) for s in job.sampling.stop) if i >= 0]
+        if hits:
+            job.held = ""
+            return text[: min(hits)], True
+        keep = 0
+        if not final:
+            for s in job.sampling.stop:
+                keep = max([keep] + [k for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])])
+        job.held = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep], False
 
     def _emit(self, job: _Job, event: StreamEvent) -> None:
         try:
