@@ -62,14 +62,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output JSONL (appended to; resumable)")
     p.add_argument("--max-tokens", type=int, default=384, help="cap on generated tokens per prompt")
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are skipped (as the paper)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="1.0 as the paper; SmolLM2's model card "
+                   "recommends 0.2 with top-p 0.9")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="base seed; each prompt draws with seed + its index")
     p.add_argument("--slots", type=int, default=64, help="decode slots (batch size)")
     p.add_argument("--limit", type=int, default=None, help="label at most this many prompts (in label order)")
+    p.add_argument("--order", choices=["length", "random"], default="length",
+                   help="process the chosen prompts by prompt length (fast: short caches) or in label order "
+                   "(a partial run is then an unbiased sample)")
     p.add_argument("--time-budget", type=float, default=None, help="stop admitting new prompts after this many s")
     args = p.parse_args(argv)
 
+    from ltr_jax.server.runtime import enable_compilation_cache
+
+    enable_compilation_cache("default")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = already_labeled(out)
@@ -79,12 +86,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.limit is not None:
         examples = examples[: args.limit]
     todo = [e for e in examples if e.id not in done]
+    rendered = {e.id: tok.encode(tok.apply_chat_template([{"role": "user", "content": e.prompt}],
+                                                         add_generation_prompt=True)) for e in todo}
+    if args.order == "length":  # similar lengths decode together: the cache (and each step) stays short
+        todo.sort(key=lambda e: len(rendered[e.id]))
     max_seq_len = 1 << (args.max_prompt_tokens + args.max_tokens + 1).bit_length()
     meta = {
         "command": "python -m ltr_jax.train.label " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": loaded.source and Path(loaded.source).name, "model_config": loaded.config.name,
         "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-        "max_prompt_tokens": args.max_prompt_tokens, "prompts": args.prompts,
+        "max_prompt_tokens": args.max_prompt_tokens, "prompts": args.prompts, "limit": args.limit,
     }
     Path(str(out) + ".meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"labeling {len(todo)} prompts ({len(done)} already in {out}) with {loaded.config.name}, "
@@ -127,8 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"time budget reached: {i} of {len(todo)} prompts submitted", file=sys.stderr)
                 bar.total = i
                 break
-            text = tok.apply_chat_template([{"role": "user", "content": ex.prompt}], add_generation_prompt=True)
-            ids = tok.encode(text)
+            ids = rendered[ex.id]
             if len(ids) > args.max_prompt_tokens:
                 state["skipped"] += 1
                 bar.update(1)
