@@ -354,6 +354,8 @@ class EngineSection:
     cache_bucket_step: int = setting(64, ge=1, doc="decode KV-cache length granularity")
     warmup_max_len: int = setting(512, ge=0, doc="compile prefill/decode shapes up to this length before serving "
                                                  "(0 = no warmup)")
+    warmup_transitions: bool = setting(True, doc="also compile every insert and cache resize between the warmed "
+                                                 "shapes (concurrent traffic then meets no compilation)")
     compilation_cache_dir: str | None = setting("default", doc="JAX persistent compilation cache directory; "
                                                                "'default' = <user cache>/jax_cache; null = off")
 

@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 _MAX_TEMPERATURE = 2.0
 _MAX_SEED = 2**32
-_DISCONNECT_POLL_S = 0.5
 _KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -159,6 +158,12 @@ class _ResponseCounter:
         finally:
             path = scope.get("path", "")
             self.count(path if path in _KNOWN_ROUTES else "other", status)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns once the client has gone away (the request body has been read, so only that can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @dataclass
@@ -363,14 +368,13 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
     async def collect(request: Request, job: _Job) -> dict[str, Any]:
         parts: list[str] = []
         getter = asyncio.ensure_future(job.bridge.queue.get())
+        hangup = asyncio.ensure_future(_wait_for_disconnect(request))
         try:
             while True:
-                done, _ = await asyncio.wait({getter}, timeout=_DISCONNECT_POLL_S)
-                if not done:
-                    if await request.is_disconnected():
-                        log.info("client of %s disconnected; cancelling it", job.request_id)
-                        raise APIError(499, "client disconnected", code="client_closed_request")
-                    continue
+                await asyncio.wait({getter, hangup}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    log.info("client of %s disconnected; cancelling it", job.request_id)
+                    raise APIError(499, "client disconnected", code="client_closed_request")
                 event = getter.result()
                 parts.append(event.text)
                 if event.finished:
@@ -382,6 +386,7 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
                 getter = asyncio.ensure_future(job.bridge.queue.get())
         finally:
             getter.cancel()
+            hangup.cancel()
         text = "".join(parts)
         if job.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,

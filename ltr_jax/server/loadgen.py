@@ -88,16 +88,20 @@ async def _one_client(client: httpx.AsyncClient, url: str, index: int, model: st
     return result
 
 
-async def scrape_metrics(client: httpx.AsyncClient, url: str) -> dict[str, float]:
-    """{sample name (with labels, e.g. 'ltr_jax_requests_finished_total{reason="stop"}'): value}."""
-    resp = await client.get(f"{url}/metrics")
-    resp.raise_for_status()
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {sample name with labels, e.g. 'ltr_jax_requests_finished_total{reason="stop"}': value}."""
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(resp.text):
+    for family in text_string_to_metric_families(text):
         for s in family.samples:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
             out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return out
+
+
+async def scrape_metrics(client: httpx.AsyncClient, url: str) -> dict[str, float]:
+    resp = await client.get(f"{url}/metrics")
+    resp.raise_for_status()
+    return parse_metrics(resp.text)
 
 
 async def wait_until_idle(client: httpx.AsyncClient, url: str, timeout_s: float = 30.0) -> dict[str, float]:

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ltr_jax.config import ModelSection, RankerSection, ServeConfig
 from ltr_jax.models.default_model import cache_dir
 
@@ -90,23 +88,6 @@ def load_serving_model(section: ModelSection):
         raise StartupError(f"model.source = {shown}: cannot load the model: {err}") from None
 
 
-class BucketingRanker:
-    """Adapts a classifier `RankerScorer` to the orchestrator, which calls ``score(prompts)`` then
-    ``buckets(scores)`` on the same batch: the buckets are the argmax of the head outputs of that batch."""
-
-    def __init__(self, scorer):
-        self.scorer = scorer
-        self._last_buckets: np.ndarray | None = None
-
-    def score(self, prompts) -> np.ndarray:
-        scores, outputs = self.scorer.raw(prompts)
-        self._last_buckets = np.argmax(outputs, axis=-1).astype(np.int32)
-        return scores
-
-    def buckets(self, scores) -> np.ndarray:
-        return self._last_buckets
-
-
 def load_ranker(section: RankerSection, policy: str, model) -> tuple[Any | None, str]:
     """(ranker or None, a one-line description of what the scheduler ranks with)."""
     if not section.enabled:
@@ -142,7 +123,7 @@ def load_ranker(section: RankerSection, policy: str, model) -> tuple[Any | None,
         if method != "classify":
             raise StartupError(f"scheduler.policy = 'classify' needs a classifier ranker, but {path} holds a "
                                f"{method!r} ranker; choose policy 'ltr' or a classify ranker checkpoint")
-        return BucketingRanker(scorer), f"classifier ranker {path} ({scorer.spec.num_outputs} length buckets)"
+        return scorer, f"classifier ranker {path} ({scorer.spec.num_outputs} length buckets)"
     return scorer, f"{method} ranker {path} (first {scorer.spec.n_layers} layers, {scorer.spec.pooling} pooling)"
 
 
@@ -208,11 +189,10 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
     if warmup and config.engine.warmup_max_len > 0:
         t1 = time.perf_counter()
         prefill, cache_lens = warmup_shapes(engine_config, config.engine.warmup_max_len)
-        engine.warmup(prefill_buckets=prefill, cache_lens=cache_lens)
+        engine.warmup(prefill_buckets=prefill, cache_lens=cache_lens, transitions=config.engine.warmup_transitions)
         if ranker is not None:
-            scorer = getattr(ranker, "scorer", ranker)
             for n in prefill:
-                scorer.score([[1] * min(n, scorer.spec.max_prompt_len)])
+                ranker.score([[1] * min(n, ranker.spec.max_prompt_len)])
         timings["warmup_s"] = time.perf_counter() - t1
         log.info("warmed up %d prefill and %d decode shapes in %.1f s", len(prefill), len(cache_lens),
                  timings["warmup_s"])

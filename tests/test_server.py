@@ -1,0 +1,505 @@
+"""The HTTP server end to end on the tiny model: real sockets on loopback, the unmodified `openai` client, raw
+httpx for bad input, concurrency (429), disconnects, timeouts, API keys, the ranker, and SIGTERM draining."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from ltr_jax.config import load_config
+from ltr_jax.server.inprocess import serve_in_thread
+from ltr_jax.server.loadgen import parse_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "serve_tiny.yaml"
+MODEL = "tiny-random"
+API_KEY = "test-key-123"
+CANCELLED = 'ltr_jax_requests_finished_total{reason="cancelled"}'
+LENGTH = 'ltr_jax_requests_finished_total{reason="length"}'
+
+
+def tiny_config(*overrides: str):
+    return load_config(TINY_CONFIG, ["logging.level=WARNING", *overrides])
+
+
+def metrics(url: str) -> dict[str, float]:
+    resp = httpx.get(f"{url}/metrics", timeout=10)
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain")
+    return parse_metrics(resp.text)
+
+
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def idle(url: str) -> bool:
+    m = metrics(url)
+    return m["ltr_jax_running_slots"] == 0 and m["ltr_jax_queue_length"] == 0
+
+
+@pytest.fixture(scope="module")
+def server():
+    """4 slots, context 1024 (long requests take a while), queue of 16."""
+    with serve_in_thread(tiny_config("engine.max_seq_len=1024", "server.max_queue=16")) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+# ------------------------------------------------------------------------------------------------ happy paths
+def test_openai_completion(server, client):
+    r = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=12, temperature=0.0,
+                                  extra_body={"ignore_eos": True})
+    assert r.object == "text_completion" and r.model == MODEL and r.id.startswith("cmpl-")
+    (choice,) = r.choices
+    assert choice.finish_reason == "length" and isinstance(choice.text, str) and choice.text
+    assert r.usage.completion_tokens == 12
+    assert r.usage.prompt_tokens == len(server.runtime.tokenizer.encode("Hello there"))
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 12
+    again = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=12, temperature=0.0,
+                                      extra_body={"ignore_eos": True})
+    assert again.choices[0].text == choice.text  # greedy is deterministic
+
+
+def test_openai_chat(server, client):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi!"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0.5, seed=3,
+                                       extra_body={"ignore_eos": True})
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and isinstance(msg.content, str)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 10
+    tok = server.runtime.tokenizer
+    assert r.usage.prompt_tokens == len(tok.encode(tok.apply_chat_template(messages)))
+
+
+def test_chat_max_completion_tokens_and_text_parts(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+        max_completion_tokens=5, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 5
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_streamed_text_equals_non_streamed_for_same_seed(client, kind):
+    args = {"model": MODEL, "max_tokens": 24, "temperature": 0.9, "seed": 1234, "extra_body": {"ignore_eos": True}}
+    if kind == "chat":
+        args["messages"] = [{"role": "user", "content": "Tell me something."}]
+        create = client.chat.completions.create
+    else:
+        args["prompt"] = "Once upon a time"
+        create = client.completions.create
+    whole = create(**args)
+    pieces, finishes, usage = [], [], None
+    for chunk in create(stream=True, stream_options={"include_usage": True}, **args):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text = choice.delta.content if kind == "chat" else choice.text
+            pieces.append(text or "")
+            if choice.finish_reason:
+                finishes.append(choice.finish_reason)
+    whole_text = whole.choices[0].message.content if kind == "chat" else whole.choices[0].text
+    assert "".join(pieces) == whole_text
+    assert finishes == ["length"]
+    assert usage is not None and usage.completion_tokens == 24
+    other = create(**{**args, "seed": 4321})
+    other_text = other.choices[0].message.content if kind == "chat" else other.choices[0].text
+    assert other_text != whole_text  # the seed matters, so the equality above is not trivial
+
+
+def test_raw_stream_is_sse_with_done(server):
+    body = {"model": MODEL, "prompt": "abc", "max_tokens": 6, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        raw = resp.read().decode()
+    events = [block for block in raw.split("\n\n") if block]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" and c["model"] == MODEL for c in chunks)
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+    assert sum(c["choices"][0]["finish_reason"] is not None for c in chunks) == 1
+
+
+def test_prompt_as_token_ids_matches_string_prompt(server, client):
+    ids = server.runtime.tokenizer.encode("Hello")
+    by_text = client.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=0.0,
+                                        extra_body={"ignore_eos": True})
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0.0,
+                                       extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_stop_string_cuts_the_text(client):
+    args = {"model": MODEL, "prompt": "Stop test", "max_tokens": 40, "temperature": 0.7, "seed": 99,
+            "extra_body": {"ignore_eos": True}}
+    full = client.completions.create(**args).choices[0].text
+    for stop in (full[6:7], full[6:9]):  # one token; a string spanning several tokens (one byte each)
+        expected = full[: full.find(stop)]
+        cut = client.completions.create(stop=[stop, "never-appears"], **args).choices[0]
+        assert cut.finish_reason == "stop"
+        assert cut.text == expected
+        streamed = "".join(c.choices[0].text for c in client.completions.create(stop=stop, stream=True, **args))
+        assert streamed == expected
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{server.url}/v1/models/{MODEL}").json()["id"] == MODEL
+    assert httpx.get(f"{server.url}/v1/models/gpt-4").status_code == 404
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and health["num_slots"] == 4
+    assert {"queue_len", "running", "free_slots"} <= set(health)
+
+
+def test_metrics_exposition(server, client):
+    before = metrics(server.url)
+    client.completions.create(model=MODEL, prompt="count me", max_tokens=7, extra_body={"ignore_eos": True})
+    after = metrics(server.url)
+    assert after["ltr_jax_generated_tokens_total"] - before["ltr_jax_generated_tokens_total"] == 7
+    assert after[LENGTH] - before[LENGTH] == 1
+    assert after["ltr_jax_time_to_first_token_seconds_count"] > before["ltr_jax_time_to_first_token_seconds_count"]
+    assert after["ltr_jax_inter_token_seconds_count"] - before["ltr_jax_inter_token_seconds_count"] == 6
+    assert after["ltr_jax_request_latency_seconds_count"] - before["ltr_jax_request_latency_seconds_count"] == 1
+    for name in ("ltr_jax_queue_length", "ltr_jax_running_slots", "ltr_jax_free_slots", "ltr_jax_preemptions_total",
+                 "ltr_jax_starvation_promotions_total", "ltr_jax_ranker_latency_seconds_count",
+                 'ltr_jax_http_responses_total{route="/v1/completions",status="200"}'):
+        assert name in after, name
+    assert after["ltr_jax_free_slots"] == 4
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+BIG = "x" * 1100  # the byte-level tiny tokenizer: one token per byte; the context is 1024
+BAD_REQUESTS = [
+    # (id, path, body (bytes = raw), status, param, fragment of the message)
+    ("malformed-json", "/v1/completions", b'{"model": "tiny-random", "prompt": ', 400, None, "not valid JSON"),
+    ("empty-body", "/v1/completions", b"", 400, None, "body is empty"),
+    ("not-an-object", "/v1/completions", [1, 2], 400, None, "must be a JSON object"),
+    ("missing-prompt", "/v1/completions", {"model": MODEL}, 400, "prompt", "missing required field 'prompt'"),
+    ("missing-model", "/v1/completions", {"prompt": "hi"}, 400, "model", "missing required field 'model'"),
+    ("unknown-model", "/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model", "'gpt-4' does not exist"),
+    ("max-tokens-type", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens",
+     "invalid value for 'max_tokens'"),
+    ("max-tokens-zero", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens",
+     "max_tokens = 0 is out of range"),
+    ("max-tokens-huge", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100000}, 400,
+     "max_tokens", "between 1 and 1023"),
+    ("prompt-too-long", "/v1/completions", {"model": MODEL, "prompt": BIG}, 400, "prompt", "more than this server's"),
+    ("prompt-plus-max-tokens", "/v1/completions", {"model": MODEL, "prompt": "y" * 900, "max_tokens": 500}, 400,
+     "max_tokens", "exceeds the model's context"),
+    ("temperature-range", "/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, 400,
+     "temperature", "temperature = -1"),
+    ("temperature-type", "/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400,
+     "temperature", "'temperature'"),
+    ("top-p-range", "/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p", "top_p = 0"),
+    ("top-k-negative", "/v1/completions", {"model": MODEL, "prompt": "hi", "top_k": -2}, 400, "top_k", "top_k = -2"),
+    ("seed-negative", "/v1/completions", {"model": MODEL, "prompt": "hi", "seed": -5}, 400, "seed", "seed = -5"),
+    ("n-two", "/v1/completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "n", "n = 2 is not supported"),
+    ("too-many-stops", "/v1/completions", {"model": MODEL, "prompt": "hi", "stop": list("abcde")}, 400, "stop",
+     "at most 4"),
+    ("stop-type", "/v1/completions", {"model": MODEL, "prompt": "hi", "stop": 7}, 400, "stop",
+     "expected a string or a list"),
+    ("empty-prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt", "prompt is empty"),
+    ("empty-prompt-ids", "/v1/completions", {"model": MODEL, "prompt": []}, 400, "prompt", "empty list"),
+    ("prompt-bad-id", "/v1/completions", {"model": MODEL, "prompt": [1, 99999]}, 400, "prompt", "token id 99999"),
+    ("prompt-type", "/v1/completions", {"model": MODEL, "prompt": 123}, 400, "prompt",
+     "expected a string or a non-empty list of token ids"),
+    ("batch-prompt", "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt",
+     "expected a string or a non-empty list of token ids"),
+    ("unknown-field", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_token": 3}, 400, "max_token",
+     "unrecognized request argument supplied: max_token"),
+    ("stream-type", "/v1/completions", {"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "stream",
+     "'stream'"),
+    ("logprobs", "/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 5}, 400, "logprobs",
+     "not supported"),
+    ("empty-messages", "/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages",
+     "'messages'"),
+    ("missing-messages", "/v1/chat/completions", {"model": MODEL}, 400, "messages",
+     "missing required field 'messages'"),
+    ("bad-role", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400,
+     "messages[0].role", "'messages[0].role'"),
+    ("content-type", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400,
+     "messages[0].content", "expected a string or a list of text parts"),
+    ("missing-content", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, 400,
+     "messages[0].content", "content is missing"),
+    ("image-part", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages[0].content[0].type",
+     "only text parts"),
+    ("chat-too-long", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": BIG}]}, 400,
+     "messages", "more than this server's"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_input_is_a_4xx_naming_the_problem(server, case):
+    _, path, body, status, param, fragment = case
+    if isinstance(body, bytes):
+        resp = httpx.post(f"{server.url}{path}", content=body, headers={"Content-Type": "application/json"})
+    else:
+        resp = httpx.post(f"{server.url}{path}", json=body)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param, error
+    assert fragment in error["message"], error["message"]
+
+
+def test_wrong_method_and_path(server):
+    resp = httpx.get(f"{server.url}/v1/completions")
+    assert resp.status_code == 405 and "no route GET /v1/completions" in resp.json()["error"]["message"]
+    resp = httpx.post(f"{server.url}/v1/engines", json={})
+    assert resp.status_code == 404 and "/v1/chat/completions" in resp.json()["error"]["message"]
+
+
+def test_openai_client_sees_bad_request(client):
+    with pytest.raises(openai.BadRequestError, match="n = 3 is not supported"):
+        client.completions.create(model=MODEL, prompt="hi", n=3)
+
+
+def test_good_request_after_bad_ones(server, client):
+    """Run after the table: nothing above left the server in a bad state."""
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "still there?"}],
+                                       max_tokens=4, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4
+    assert idle(server.url)
+
+
+# ------------------------------------------------------------------------------------------------ failures
+def test_internal_error_fails_only_its_request(server, client, monkeypatch):
+    """A fault injected into one request's prefill: that request gets an error, a concurrent one completes."""
+    engine = server.runtime.engine
+    real_prefill = engine.prefill
+    marker = server.runtime.tokenizer.encode("\a\a\a")
+
+    def faulty_prefill(tokens, sampling, bucket=None):
+        if list(tokens[: len(marker)]) == marker:
+            raise RuntimeError("injected fault")
+        return real_prefill(tokens, sampling, bucket)
+
+    monkeypatch.setattr(engine, "prefill", faulty_prefill)
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            good = http.post("/v1/completions", json={"model": MODEL, "prompt": "fine", "max_tokens": 60,
+                                                      "ignore_eos": True})
+            bad = http.post("/v1/completions", json={"model": MODEL, "prompt": "\a\a\a boom", "max_tokens": 5})
+            return await asyncio.gather(good, bad)
+
+    good, bad = asyncio.run(scenario())
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 60
+    assert bad.status_code == 500 and "injected fault" in bad.json()["error"]["message"]
+    with pytest.raises(openai.APIError, match="injected fault"):
+        for _ in client.completions.create(model=MODEL, prompt="\a\a\a", max_tokens=5, stream=True):
+            pass
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    monkeypatch.undo()
+    assert client.completions.create(model=MODEL, prompt="\a\a\a", max_tokens=3).usage.completion_tokens >= 1
+
+
+def test_stream_disconnect_cancels_and_frees_the_slot(server):
+    before = metrics(server.url)
+    body = {"model": MODEL, "prompt": "a long one", "max_tokens": 1000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                break  # hang up after the first chunk
+    assert wait_for(lambda: idle(server.url))
+    after = metrics(server.url)
+    assert after[CANCELLED] - before[CANCELLED] == 1
+    assert after[LENGTH] - before[LENGTH] == 0  # it was cut short, not run to completion
+    assert after["ltr_jax_generated_tokens_total"] - before["ltr_jax_generated_tokens_total"] < 1000
+
+
+def test_non_streamed_disconnect_cancels_too(server):
+    before = metrics(server.url)
+    body = {"model": MODEL, "prompt": "another long one", "max_tokens": 1000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.15))
+    assert wait_for(lambda: metrics(server.url)[CANCELLED] - before[CANCELLED] == 1)
+    assert wait_for(lambda: idle(server.url))
+    assert metrics(server.url)[LENGTH] - before[LENGTH] == 0
+
+
+# ------------------------------------------------------------------------------------------------ other servers
+@pytest.fixture(scope="module")
+def ranker_checkpoint(tmp_path_factory):
+    """A (randomly initialised) ranker head exported for the tiny model's backbone."""
+    from ltr_jax.models.ranker import RankerHead, RankerSpec
+    from ltr_jax.models.tiny import tiny_model
+    from ltr_jax.train.checkpoint import save_ranker
+
+    config = tiny_model().config
+    spec = RankerSpec(method="listmle", model_name=config.name, model_dim=config.dim, n_layers=1, pooling="mean",
+                      hidden_dims=(16,), max_prompt_len=64)
+    return save_ranker(tmp_path_factory.mktemp("ranker") / "tiny_ranker", RankerHead.for_spec(spec), spec)
+
+
+@pytest.fixture(scope="module")
+def tight_server(ranker_checkpoint):
+    """One slot, a queue of one, an API key, and the ranker scoring every arrival."""
+    cfg = tiny_config("engine.num_slots=1", "server.max_queue=1", "engine.max_seq_len=512", "ranker.enabled=true",
+                      f"ranker.checkpoint={ranker_checkpoint}", "ranker.required=true")
+    with serve_in_thread(cfg, api_key=API_KEY) as handle:
+        yield handle
+
+
+def test_queue_full_is_429_and_nothing_half_admitted(tight_server):
+    url = tight_server.url
+    before = metrics(url)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+
+    async def one(http, i):
+        body = {"model": MODEL, "prompt": f"request {i}", "max_tokens": 300, "ignore_eos": True, "stream": True}
+        async with http.stream("POST", "/v1/completions", json=body, headers=auth) as resp:
+            if resp.status_code != 200:
+                return resp.status_code, resp.headers.get("retry-after"), json.loads(await resp.aread()), None
+            usage_tokens = None
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    if chunk["choices"] and chunk["choices"][0]["finish_reason"]:
+                        usage_tokens = chunk["choices"][0]["finish_reason"]
+            return 200, None, None, usage_tokens
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            return await asyncio.gather(*(one(http, i) for i in range(8)))
+
+    results = asyncio.run(scenario())
+    accepted = [r for r in results if r[0] == 200]
+    rejected = [r for r in results if r[0] == 429]
+    assert len(accepted) + len(rejected) == 8
+    assert 2 <= len(accepted) < 8 and rejected
+    assert all(r[3] == "length" for r in accepted)
+    for _, retry_after, body, _ in rejected:
+        assert retry_after == "1"
+        assert body["error"]["code"] == "queue_full" and "busy" in body["error"]["message"]
+    assert wait_for(lambda: idle(url))
+    after = metrics(url)
+    assert after[LENGTH] - before[LENGTH] == len(accepted)  # only admitted requests ever reached the loop
+    assert after["ltr_jax_generated_tokens_total"] - before["ltr_jax_generated_tokens_total"] == 300 * len(accepted)
+    assert after["ltr_jax_ranked_requests_total"] - before["ltr_jax_ranked_requests_total"] == len(accepted)
+    assert after['ltr_jax_http_responses_total{route="/v1/completions",status="429"}'] >= len(rejected)
+
+
+def test_ranker_scores_arrivals(tight_server):
+    client = openai.OpenAI(base_url=f"{tight_server.url}/v1", api_key=API_KEY, max_retries=0)
+    before = metrics(tight_server.url)
+    r = client.completions.create(model=MODEL, prompt="rank me", max_tokens=3, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3
+    after = metrics(tight_server.url)
+    assert after["ltr_jax_ranked_requests_total"] - before["ltr_jax_ranked_requests_total"] == 1
+    assert after["ltr_jax_ranker_latency_seconds_count"] - before["ltr_jax_ranker_latency_seconds_count"] == 1
+    assert tight_server.runtime.ranker is not None
+
+
+def test_api_key(tight_server):
+    url = tight_server.url
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    missing = httpx.post(f"{url}/v1/completions", json=body)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    assert missing.headers["www-authenticate"] == "Bearer"
+    wrong = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    right = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert right.status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
+    assert openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0).models.list().data[0].id == MODEL
+    assert httpx.get(f"{url}/health").status_code == 200  # probes need no key
+    assert httpx.get(f"{url}/metrics").status_code == 200
+
+
+def test_request_timeout():
+    with serve_in_thread(tiny_config("server.request_timeout_s=0.2", "engine.max_seq_len=1024")) as srv:
+        body = {"model": MODEL, "prompt": "slow", "max_tokens": 1000, "ignore_eos": True}
+        resp = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=30)
+        assert resp.status_code == 504
+        assert resp.json()["error"]["code"] == "timeout" and "time limit of 0.2 s" in resp.json()["error"]["message"]
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIError, match="time limit"):
+            for _ in client.completions.create(model=MODEL, prompt="slow", max_tokens=1000, stream=True,
+                                               extra_body={"ignore_eos": True}):
+                pass
+        quick = client.completions.create(model=MODEL, prompt="quick", max_tokens=2, extra_body={"ignore_eos": True})
+        assert quick.usage.completion_tokens == 2
+        assert wait_for(lambda: idle(srv.url))
+        assert metrics(srv.url)['ltr_jax_requests_finished_total{reason="timeout"}'] == 2
+
+
+def test_drain_in_thread_rejects_new_work_and_finishes_old():
+    with serve_in_thread(tiny_config("engine.max_seq_len=2048", "server.drain_timeout_s=30")) as srv:
+        body = {"model": MODEL, "prompt": "draining", "max_tokens": 2000, "stream": True, "ignore_eos": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as resp:
+            lines = resp.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            srv.drain()
+            assert wait_for(lambda: srv.state.draining, timeout=5)
+            late = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": "late", "max_tokens": 2})
+            assert late.status_code == 503 and late.json()["error"]["code"] == "server_shutting_down"
+            health = httpx.get(f"{srv.url}/health")
+            assert health.status_code == 503 and health.json()["status"] == "draining"
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 2000
+        srv.thread.join(20)
+        assert not srv.thread.is_alive() and srv.server.drained_cleanly
+
+
+# ------------------------------------------------------------------------------------------------ the real CLI
+def test_cli_serves_prints_ready_line_and_drains_on_sigterm(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ltr_jax.serve", "--config", str(TINY_CONFIG), "--set", "server.port=0",
+         "--set", "engine.max_seq_len=2048", "--set", "logging.level=WARNING"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        ready = proc.stdout.readline()
+        match = re.search(r"ready on (http://127\.0\.0\.1:\d+) \(model tiny-random, policy ltr, warmup [\d.]+ s\) "
+                          r"-- try: curl ", ready)
+        assert match, ready + proc.stderr.read() if proc.poll() is not None else ready
+        url = match.group(1)
+        curl_body = json.loads(ready.split(" -d ", 1)[1].strip().strip("'"))
+        assert httpx.post(f"{url}/v1/chat/completions", json=curl_body, timeout=30).status_code == 200
+        body = {"model": MODEL, "prompt": "sigterm", "max_tokens": 2000, "stream": True, "ignore_eos": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as resp:
+            lines = resp.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            late = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "late"}, timeout=10)
+            assert late.status_code == 503
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 2000
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
