@@ -136,6 +136,14 @@ def test_bucket_edges_split_training_lengths_into_equal_groups():
         losses.bucket_edges(np.array([]))
 
 
+def test_uniform_bucket_edges_have_equal_widths():
+    edges = losses.bucket_edges(np.array([3, 10, 1000]), scheme="uniform")
+    np.testing.assert_allclose(edges, np.arange(1, 10) * 100.0)
+    assert np.asarray(losses.bucketize([3, 10, 1000], edges)).tolist() == [0, 0, 9]
+    with pytest.raises(ValueError, match="unknown bucket scheme 'log'"):
+        losses.bucket_edges(np.array([1, 2]), scheme="log")
+
+
 def test_classify_loss_and_score_direction():
     buckets = np.array([[0, 9]])
     mask = np.ones((1, 2), bool)

@@ -142,3 +142,11 @@ def test_scorer_refuses_a_backbone_of_another_width(model):
 def test_length_buckets_are_powers_of_two_capped():
     assert [length_bucket(n, 512) for n in (1, 16, 17, 100, 300, 600)] == [16, 16, 32, 128, 512, 512]
     assert length_bucket(90, 100) == 100
+
+
+def test_warmup_covers_every_bucket(model):
+    spec = make_spec(model, max_prompt_len=48)
+    scorer = RankerScorer(spec, RankerHead.for_spec(spec), model.config, model.params)
+    assert scorer.bucket_lengths() == [16, 32, 48]
+    assert scorer.warmup(batch_sizes=(1,)) == 3
+    assert scorer.score([[1, 2, 3]]).shape == (1,)

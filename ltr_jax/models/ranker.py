@@ -247,6 +247,22 @@ class RankerScorer:
             outputs[idx] = np.asarray(o)[: len(idx)]
         return scores, outputs
 
+    def bucket_lengths(self) -> list[int]:
+        """Every padded prompt length the scorer uses."""
+        out, n = [], self.min_bucket
+        while n < self.spec.max_prompt_len:
+            out.append(n)
+            n *= 2
+        return [*out, self.spec.max_prompt_len]
+
+    def warmup(self, batch_sizes: Sequence[int] = (1, 2, 4), lengths: Sequence[int] | None = None) -> int:
+        """Compile the scoring function for these (batch, length) shapes ahead of traffic; returns how many."""
+        shapes = [(b, t) for b in batch_sizes for t in (lengths or self.bucket_lengths())]
+        for b, t in shapes:
+            _score_batch(self.backbone_config, self.spec.pooling, self.spec.method, self.graphdef, self.backbone,
+                         self.head_state, np.zeros((b, t), np.int32), np.ones((b,), np.int32))
+        return len(shapes)
+
     def score(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """Scores [N] float32: higher = shorter expected output."""
         return self.raw(prompts)[0]

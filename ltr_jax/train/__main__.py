@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ltr_jax.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML training config (see configs/ranker_*.yaml)")
     parser.add_argument("--labels", help="override the config's label file (JSONL from the labeling job)")
-    parser.add_argument("--export-path", help="override where the chosen head is exported")
+    parser.add_argument("--export-path", help="export the chosen head here (the config's export_method, or "
+                        "listmle when the config exports nothing)")
     parser.add_argument("--no-export", action="store_true", help="train and evaluate only")
     parser.add_argument("--no-progress", action="store_true", help="hide the feature progress bar")
     args = parser.parse_args(argv)
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["labels"] = args.labels
         if args.export_path:
             overrides["export_path"] = args.export_path
+            if cfg.export_method is None:
+                overrides["export_method"] = "listmle" if "listmle" in cfg.methods else cfg.methods[0]
         if args.no_export:
             overrides["export_method"] = None
         if overrides:

@@ -69,19 +69,24 @@ def regression_loss(predictions: jax.Array, targets: jax.Array, mask: jax.Array)
     return jnp.sum(squared * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def bucket_edges(train_lengths: np.ndarray, num_buckets: int = NUM_BUCKETS) -> np.ndarray:
-    """Inner bucket boundaries (num_buckets - 1 of them) at the quantiles of the training lengths (S3-style).
+def bucket_edges(train_lengths: np.ndarray, num_buckets: int = NUM_BUCKETS, scheme: str = "quantile"
+                 ) -> np.ndarray:
+    """Inner bucket boundaries (num_buckets - 1 of them) for the length classifier.
 
-    Repeated quantiles (many equal lengths) are kept, so some buckets may be empty; bucket assignment stays
-    monotone in length either way.
+    ``quantile`` (default): at the quantiles of the training lengths, so buckets hold equal shares of the data;
+    repeated quantiles (many equal lengths) are kept, so some buckets may be empty. ``uniform``: equal widths over
+    [0, longest training length], the fixed-range buckets of S3-style classifiers.
     """
     lengths = np.asarray(train_lengths, dtype=np.float64)
     if lengths.size == 0:
         raise ValueError("bucket_edges needs at least one training length")
     if num_buckets < 2:
         raise ValueError(f"num_buckets={num_buckets} must be at least 2")
-    quantiles = np.arange(1, num_buckets) / num_buckets
-    return np.quantile(lengths, quantiles).astype(np.float32)
+    if scheme == "quantile":
+        return np.quantile(lengths, np.arange(1, num_buckets) / num_buckets).astype(np.float32)
+    if scheme == "uniform":
+        return np.linspace(0.0, lengths.max(), num_buckets + 1)[1:-1].astype(np.float32)
+    raise ValueError(f"unknown bucket scheme {scheme!r}; choose 'quantile' or 'uniform'")
 
 
 def bucketize(lengths: np.ndarray | jax.Array, edges: np.ndarray | jax.Array) -> jax.Array:

@@ -60,6 +60,7 @@ class TrainConfig:
     epochs: int = 30
     seed: int = 0
     num_buckets: int = losses.NUM_BUCKETS
+    bucket_scheme: str = "quantile"  # classifier bucket edges: "quantile" of training lengths, or "uniform" width
     val_fraction: float = 0.1
     split_salt: str = train_data.DEFAULT_SPLIT_SALT
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -90,6 +91,8 @@ class TrainConfig:
                 problems.append(f"{key}: must be a positive integer, got {getattr(self, key)!r}")
         if not isinstance(self.num_buckets, int) or self.num_buckets < 2:
             problems.append(f"num_buckets: must be an integer >= 2, got {self.num_buckets!r}")
+        if self.bucket_scheme not in ("quantile", "uniform"):
+            problems.append(f"bucket_scheme: {self.bucket_scheme!r} is not one of quantile, uniform")
         if not 0 < self.val_fraction < 1:
             problems.append(f"val_fraction: must be in (0, 1), got {self.val_fraction!r}")
         if self.export_method is not None and self.export_method not in self.methods:
@@ -175,7 +178,7 @@ def train_head(method: str, features: np.ndarray, lengths: np.ndarray, spec_base
     """Train one head on cached features [N, F] and output lengths [N]; returns the head and its spec."""
     start = time.perf_counter()
     lengths = np.asarray(lengths)
-    edges = losses.bucket_edges(lengths, cfg.num_buckets) if method == "classify" else None
+    edges = losses.bucket_edges(lengths, cfg.num_buckets, cfg.bucket_scheme) if method == "classify" else None
     spec = dataclasses.replace(
         spec_base, method=method, num_outputs=cfg.num_buckets if method == "classify" else 1,
         bucket_edges=tuple(edges.tolist()) if edges is not None else ())
@@ -293,6 +296,9 @@ def run_training(cfg: TrainConfig, model=None, progress: bool = True) -> dict[st
         res = train_head(method, x[train_rows], data.lengths[train_rows], spec_base, cfg)
         scores = head_scores(res.head, method, x[val_rows])
         metrics = ranking_metrics(scores, data.lengths[val_rows])
+        if method == "classify":  # also the coarse variant: rank by the single most likely bucket (many ties)
+            argmax = -np.argmax(np.asarray(res.head(jnp.asarray(x[val_rows]))), axis=-1)
+            metrics["kendall_tau_b_argmax_bucket"] = ranking_metrics(argmax, data.lengths[val_rows])["kendall_tau_b"]
         results[method] = {
             **metrics,
             "per_source_tau": per_group_tau(scores, data.lengths[val_rows], sources),
