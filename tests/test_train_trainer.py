@@ -11,7 +11,14 @@ from ltr_jax.train import __main__ as cli
 from ltr_jax.train.checkpoint import load_scorer
 from ltr_jax.train.evaluate import pair_accuracy, per_group_tau, ranking_metrics
 from ltr_jax.train.features import cached_features, compute_features
-from ltr_jax.train.trainer import ConfigError, TrainConfig, head_scores, run_training, train_head
+from ltr_jax.train.trainer import (
+    PROJECT_ROOT,
+    ConfigError,
+    TrainConfig,
+    head_scores,
+    run_training,
+    train_head,
+)
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -27,14 +34,14 @@ def test_unknown_keys_are_named(tmp_path):
         TrainConfig.from_yaml(path)
 
 
-def test_yaml_config_resolves_paths_against_the_repo_root(tmp_path):
-    path = tmp_path / "configs" / "ok.yaml"
-    path.parent.mkdir()
-    path.write_text("labels: data/labels.jsonl\nexport_path: out/ranker\nlist_size: 16\n"
-                    "optimizer: {lr: 0.01, weight_decay: 0.0}\n")
+def test_yaml_config_resolves_paths_against_the_project_root(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(f"labels: data/labels.jsonl\nexport_path: {tmp_path}/ranker\nlist_size: 16\n"
+                    "prompts: shared\noptimizer: {lr: 0.01, weight_decay: 0.0}\n")
     cfg = TrainConfig.from_yaml(path)
-    assert cfg.labels == str(tmp_path / "data" / "labels.jsonl")
-    assert cfg.export_path == str(tmp_path / "out" / "ranker")
+    assert cfg.labels == str(PROJECT_ROOT / "data" / "labels.jsonl")
+    assert cfg.export_path == str(tmp_path / "ranker")
+    assert cfg.prompts == "shared"
     assert cfg.list_size == 16 and cfg.optimizer.lr == 0.01 and cfg.optimizer.name == "adamw"
     with pytest.raises(ConfigError, match="export_path: required"):
         TrainConfig(export_path=None)

@@ -28,6 +28,10 @@ from ltr_jax.train import losses
 from ltr_jax.train.evaluate import per_group_tau, ranking_metrics
 from ltr_jax.train.features import FeatureSet, cached_features
 
+# Relative paths in a YAML config resolve against the project root: the folder that holds the ltr_jax package
+# (the repository root in a checkout), wherever the command is run from.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
 
 class ConfigError(ValueError):
     """A training config is malformed; the message names the key and the fix."""
@@ -117,9 +121,12 @@ class TrainConfig:
         raw = dict(raw)
         raw["optimizer"] = raw.get("optimizer") or {}
         if base_dir is not None:
-            for key in ("export_path", "labels"):
-                if raw.get(key) and not Path(raw[key]).is_absolute():
-                    raw[key] = str((base_dir / raw[key]).resolve())
+            for key in ("export_path", "labels", "prompts", "feature_cache_dir"):
+                value = raw.get(key)
+                if not value or value in ("shared", "default") or str(value).startswith("tfds:"):
+                    continue
+                path = Path(value).expanduser()
+                raw[key] = str(path if path.is_absolute() else (base_dir / path).resolve())
         try:
             return cls(**raw)
         except TypeError as err:  # e.g. a list where a mapping belongs
@@ -135,8 +142,7 @@ class TrainConfig:
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from err
         try:
-            # Relative paths in a config under configs/ are relative to the repository root (its parent).
-            return cls.from_dict(raw, base_dir=path.resolve().parent.parent)
+            return cls.from_dict(raw, base_dir=PROJECT_ROOT)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from err
 
