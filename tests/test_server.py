@@ -452,8 +452,8 @@ def test_request_timeout():
 
 
 def test_drain_in_thread_rejects_new_work_and_finishes_old():
-    with serve_in_thread(tiny_config("engine.max_seq_len=2048", "server.drain_timeout_s=30")) as srv:
-        body = {"model": MODEL, "prompt": "draining", "max_tokens": 2000, "stream": True, "ignore_eos": True,
+    with serve_in_thread(tiny_config("engine.max_seq_len=1024", "server.drain_timeout_s=30")) as srv:
+        body = {"model": MODEL, "prompt": "draining", "max_tokens": 1000, "stream": True, "ignore_eos": True,
                 "stream_options": {"include_usage": True}}
         with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as resp:
             lines = resp.iter_lines()
@@ -466,17 +466,34 @@ def test_drain_in_thread_rejects_new_work_and_finishes_old():
             assert health.status_code == 503 and health.json()["status"] == "draining"
             rest = [line for line in lines if line.startswith("data: ")]
         assert rest[-1] == "data: [DONE]"
-        assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 2000
+        assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 1000
         srv.thread.join(20)
         assert not srv.thread.is_alive() and srv.server.drained_cleanly
 
 
+def test_drain_timeout_cancels_what_is_left():
+    with serve_in_thread(tiny_config("engine.max_seq_len=1024", "server.drain_timeout_s=0.2")) as srv:
+        body = {"model": MODEL, "prompt": "too slow to drain", "max_tokens": 1000, "stream": True,
+                "ignore_eos": True}
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as resp:
+            lines = resp.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            srv.drain()
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2][6:])["error"]
+        assert error["code"] == "server_shutting_down"
+        srv.thread.join(20)
+        assert not srv.thread.is_alive() and srv.server.drained_cleanly is False
+
+
 # ------------------------------------------------------------------------------------------------ the real CLI
 def test_cli_serves_prints_ready_line_and_drains_on_sigterm(tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LTR_JAX_API_KEY": API_KEY}
+    auth = {"Authorization": f"Bearer {API_KEY}"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "ltr_jax.serve", "--config", str(TINY_CONFIG), "--set", "server.port=0",
-         "--set", "engine.max_seq_len=2048", "--set", "logging.level=WARNING"],
+         "--set", "engine.max_seq_len=1024", "--set", "logging.level=WARNING"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     try:
         ready = proc.stdout.readline()
@@ -484,20 +501,23 @@ def test_cli_serves_prints_ready_line_and_drains_on_sigterm(tmp_path):
                           r"-- try: curl ", ready)
         assert match, ready + proc.stderr.read() if proc.poll() is not None else ready
         url = match.group(1)
+        assert 'Authorization: Bearer $LTR_JAX_API_KEY' in ready and API_KEY not in ready
         curl_body = json.loads(ready.split(" -d ", 1)[1].strip().strip("'"))
-        assert httpx.post(f"{url}/v1/chat/completions", json=curl_body, timeout=30).status_code == 200
-        body = {"model": MODEL, "prompt": "sigterm", "max_tokens": 2000, "stream": True, "ignore_eos": True,
+        assert httpx.post(f"{url}/v1/chat/completions", json=curl_body, timeout=30).status_code == 401
+        assert httpx.post(f"{url}/v1/chat/completions", json=curl_body, headers=auth, timeout=30).status_code == 200
+        body = {"model": MODEL, "prompt": "sigterm", "max_tokens": 1000, "stream": True, "ignore_eos": True,
                 "stream_options": {"include_usage": True}}
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as resp:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=auth, timeout=60) as resp:
             lines = resp.iter_lines()
             assert next(line for line in lines if line.startswith("data: {"))
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.2)
-            late = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "late"}, timeout=10)
+            late = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "late"}, headers=auth,
+                              timeout=10)
             assert late.status_code == 503
             rest = [line for line in lines if line.startswith("data: ")]
         assert rest[-1] == "data: [DONE]"
-        assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 2000
+        assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 1000
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
