@@ -6,7 +6,7 @@ Owns the one thread that touches the engine. At every batch boundary it:
 2. expires requests past their deadline;
 3. asks the scheduler (`schedule(now)`) which running requests to evict and which waiting ones to admit;
 4. evicts (tokens stay on the host), prefills + inserts admitted requests (a resumed request re-prefills its
-   prompt plus everything it generated: recompute, nothing lost), emitting each new request's first token;
+   prompt plus everything it generated: recompute, nothing lost), emitting the token each prefill yields;
 5. runs one `generate` step over all slots and streams each running request's token and detokenized text.
 
 The scheduler module stays free of JAX: it only ever sees `Request` records. Any policy object works here.
@@ -306,21 +306,19 @@ class Orchestrator:
     def _admit(self, job: _Job) -> None:
         slot = self._free_slots.pop()
         job.slot = slot
-        resuming = bool(job.output)
         try:
             s = job.sampling
             sampling = SlotSampling(float(s.temperature), int(s.top_k), float(s.top_p), job.seed)
-            context = job.prompt_tokens + job.output[:-1]
-            prefix = self.engine.prefill(context, sampling)
-            if resuming:  # the pending input token is already known: keep it exactly
-                prefix = prefix._replace(token=np.int32(job.output[-1]))
+            # a resumed request recomputes its whole context (prompt + every token it produced) and, like a new
+            # one, gets its next token from the prefill; its key depends only on seed and position, so the
+            # token is the one it would have drawn had it never been evicted
+            prefix = self.engine.prefill(job.prompt_tokens + job.output, sampling)
             self.engine.insert(prefix, slot)
         except Exception as exc:  # noqa: BLE001
             log.error("prefill failed for %s:\n%s", job.request.request_id, traceback.format_exc())
             self._finish(job, "error", self.clock(), error=f"prefill failed: {exc}")
             return
-        if not resuming:
-            self._on_token(job, int(prefix.token), self.clock())
+        self._on_token(job, int(prefix.token), self.clock())
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -359,7 +357,8 @@ class Orchestrator:
                 reason, delta = "stop", job.decoder.finish()
             else:
                 delta = job.decoder.push(token)
-                if len(job.output) >= job.sampling.max_tokens or len(job.prompt_tokens) + len(job.output) >= self.engine.max_seq_len - 1:
+                context_full = len(job.prompt_tokens) + len(job.output) >= self.engine.max_seq_len - 1
+                if len(job.output) >= job.sampling.max_tokens or context_full:
                     reason = "length"
                     delta += job.decoder.finish()
             if job.sampling.stop and (delta or job.held):
