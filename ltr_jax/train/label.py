@@ -54,6 +54,20 @@ def already_labeled(path: Path) -> set[str]:
     return done
 
 
+def write_trace_lengths(out: Path, todo, rendered: dict[str, list[int]], tok, args) -> None:
+    """Rows with the reference answer's token count as the output length (finish_reason "reference")."""
+    n = 0
+    with open(out, "a") as fh:
+        for ex in todo:
+            if not ex.reference or len(rendered[ex.id]) > args.max_prompt_tokens:
+                continue
+            row = {"id": ex.id, "prompt_tokens": len(rendered[ex.id]),
+                   "output_tokens": max(1, len(tok.encode(ex.reference))), "finish_reason": "reference"}
+            fh.write(json.dumps(row) + "\n")
+            n += 1
+    print(json.dumps({"trace_length_rows": n, "out": str(out)}))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ltr_jax.train.label", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", default="shared", help="'shared' (../shared/data/prompts.jsonl), a JSON/JSONL "
@@ -68,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="base seed; each prompt draws with seed + its index")
     p.add_argument("--slots", type=int, default=64, help="decode slots (batch size)")
     p.add_argument("--limit", type=int, default=None, help="label at most this many prompts (in label order)")
+    p.add_argument("--trace-lengths", action="store_true", help="write trace lengths instead: the token count of "
+                   "each prompt's reference answer under the model's tokenizer (vLLM's replay method; no engine run)")
     p.add_argument("--order", choices=["length", "random"], default="length",
                    help="process the chosen prompts by prompt length (fast: short caches) or in label order "
                    "(a partial run is then an unbiased sample)")
@@ -97,7 +113,12 @@ def main(argv: list[str] | None = None) -> None:
         "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
         "max_prompt_tokens": args.max_prompt_tokens, "prompts": args.prompts, "limit": args.limit,
     }
+    if args.trace_lengths:
+        meta.update(temperature=None, top_p=None, seed=None, kind="trace lengths (reference answers' token counts)")
     Path(str(out) + ".meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if args.trace_lengths:
+        write_trace_lengths(out, todo, rendered, tok, args)
+        return
     print(f"labeling {len(todo)} prompts ({len(done)} already in {out}) with {loaded.config.name}, "
           f"{args.slots} slots, max_tokens {args.max_tokens}", file=sys.stderr)
     if not todo:
