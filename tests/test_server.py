@@ -360,7 +360,7 @@ def ranker_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tight_server(ranker_checkpoint):
     """One slot, a queue of one, an API key, and the ranker scoring every arrival."""
-    cfg = tiny_config("engine.num_slots=1", "server.max_queue=1", "engine.max_seq_len=512", "ranker.enabled=true",
+    cfg = tiny_config("engine.num_slots=1", "server.max_queue=1", "engine.max_seq_len=256", "ranker.enabled=true",
                       f"ranker.checkpoint={ranker_checkpoint}", "ranker.required=true")
     with serve_in_thread(cfg, api_key=API_KEY) as handle:
         yield handle
@@ -372,7 +372,7 @@ def test_queue_full_is_429_and_nothing_half_admitted(tight_server):
     auth = {"Authorization": f"Bearer {API_KEY}"}
 
     async def one(http, i):
-        body = {"model": MODEL, "prompt": f"request {i}", "max_tokens": 300, "ignore_eos": True, "stream": True}
+        body = {"model": MODEL, "prompt": f"request {i}", "max_tokens": 200, "ignore_eos": True, "stream": True}
         async with http.stream("POST", "/v1/completions", json=body, headers=auth) as resp:
             if resp.status_code != 200:
                 return resp.status_code, resp.headers.get("retry-after"), json.loads(await resp.aread()), None
@@ -400,7 +400,7 @@ def test_queue_full_is_429_and_nothing_half_admitted(tight_server):
     assert wait_for(lambda: idle(url))
     after = metrics(url)
     assert after[LENGTH] - before[LENGTH] == len(accepted)  # only admitted requests ever reached the loop
-    assert after["ltr_jax_generated_tokens_total"] - before["ltr_jax_generated_tokens_total"] == 300 * len(accepted)
+    assert after["ltr_jax_generated_tokens_total"] - before["ltr_jax_generated_tokens_total"] == 200 * len(accepted)
     assert after["ltr_jax_ranked_requests_total"] - before["ltr_jax_ranked_requests_total"] == len(accepted)
     assert after['ltr_jax_http_responses_total{route="/v1/completions",status="429"}'] >= len(rejected)
 
