@@ -84,9 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=None, help="label at most this many prompts (in label order)")
     p.add_argument("--trace-lengths", action="store_true", help="write trace lengths instead: the token count of "
                    "each prompt's reference answer under the model's tokenizer (vLLM's replay method; no engine run)")
-    p.add_argument("--order", choices=["length", "random"], default="length",
-                   help="process the chosen prompts by prompt length (fast: short caches) or in label order "
-                   "(a partial run is then an unbiased sample)")
+    p.add_argument("--order", choices=["chunked", "random"], default="chunked",
+                   help="'chunked': label order cut into chunks, each processed by prompt length (short caches, "
+                   "and a partial run is still an unbiased sample); 'random': plain label order")
+    p.add_argument("--chunk", type=int, default=384, help="chunk size for --order chunked")
     p.add_argument("--time-budget", type=float, default=None, help="stop admitting new prompts after this many s")
     args = p.parse_args(argv)
 
@@ -104,8 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     todo = [e for e in examples if e.id not in done]
     rendered = {e.id: tok.encode(tok.apply_chat_template([{"role": "user", "content": e.prompt}],
                                                          add_generation_prompt=True)) for e in todo}
-    if args.order == "length":  # similar lengths decode together: the cache (and each step) stays short
-        todo.sort(key=lambda e: len(rendered[e.id]))
+    if args.order == "chunked":  # random chunks, each sorted by prompt length: a partial run is an unbiased
+        # sample at chunk granularity, while similar lengths decode together and the cache (and each step) stays short
+        todo = [e for i in range(0, len(todo), args.chunk)
+                for e in sorted(todo[i:i + args.chunk], key=lambda e: len(rendered[e.id]))]
     max_seq_len = 1 << (args.max_prompt_tokens + args.max_tokens + 1).bit_length()
     meta = {
         "command": "python -m ltr_jax.train.label " + " ".join(sys.argv[1:] if argv is None else argv),
