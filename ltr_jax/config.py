@@ -328,6 +328,8 @@ def describe_schema(schema: type, prefix: str = "") -> list[str]:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "<required>")
         doc = f.metadata.get("doc", "")
+        if f.metadata.get("choices"):
+            doc = (doc + "; " if doc else "") + "one of " + ", ".join(map(str, f.metadata["choices"]))
         lines.append(f"{key} ({_type_name(tp)}, default {default!r}){': ' + doc if doc else ''}")
     return lines
 
@@ -382,7 +384,7 @@ class StarvationSection:
 class SchedulerSection:
     policy: str = setting("ltr", choices=POLICY_NAMES, doc="scheduling policy")
     policy_params: dict[str, Any] = dataclasses.field(
-        default_factory=dict, metadata={"doc": "policy parameters, e.g. {max_preemptions: 4, margin: 0.0}"})
+        default_factory=dict, metadata={"doc": "policy parameters, e.g. {max_preemptions: 1, margin: 0.0}"})
     starvation: StarvationSection = dataclasses.field(default_factory=StarvationSection)
     max_prefill_tokens: int | None = setting(None, ge=1, doc="prefill token budget per batch boundary "
                                                              "(null = unlimited)")

@@ -228,3 +228,12 @@ def test_cli_unloadable_model_exits_2_naming_model_source(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "model.source" in proc.stderr and "not a GGUF file" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_missing_required_ranker_exits_2_naming_ranker_checkpoint(tmp_path):
+    proc = run_serve("--config", "configs/serve_tiny.yaml", "--set", "ranker.enabled=true",
+                     "--set", f"ranker.checkpoint={tmp_path / 'no_ranker_here'}", "--set", "ranker.required=true",
+                     timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "ranker.checkpoint" in proc.stderr and "no exported ranker there" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -88,6 +88,18 @@ def load_serving_model(section: ModelSection):
         raise StartupError(f"model.source = {shown}: cannot load the model: {err}") from None
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_path(value: str) -> Path:
+    """A config path: as given when absolute or present relative to the working directory, else relative to the
+    repository root (where the shipped configs' relative paths point)."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists() or not (REPO_ROOT / path).exists():
+        return path
+    return REPO_ROOT / path
+
+
 def load_ranker(section: RankerSection, policy: str, model) -> tuple[Any | None, str]:
     """(ranker or None, a one-line description of what the scheduler ranks with)."""
     if not section.enabled:
@@ -98,7 +110,7 @@ def load_ranker(section: RankerSection, policy: str, model) -> tuple[Any | None,
         return None, note
     from ltr_jax.train.checkpoint import RankerCheckpointError, default_ranker_path, load_scorer
 
-    path = Path(section.checkpoint).expanduser() if section.checkpoint else default_ranker_path()
+    path = resolve_path(section.checkpoint) if section.checkpoint else default_ranker_path()
     if not (path / "ranker.json").is_file():
         if section.train_if_missing:
             _train_ranker(section, path, model)
@@ -132,7 +144,7 @@ def _train_ranker(section: RankerSection, path: Path, model) -> None:
     from ltr_jax.train.trainer import TrainConfig, run_training
 
     try:
-        cfg = TrainConfig.from_yaml(section.train_config)
+        cfg = TrainConfig.from_yaml(resolve_path(section.train_config))
     except TrainConfigError as err:
         raise StartupError(f"ranker.train_config = {section.train_config!r}: {err}") from None
     cfg = dataclasses.replace(cfg, export_path=str(path), export_method=cfg.export_method or cfg.methods[0])
