@@ -6,9 +6,11 @@ request's tokens depend only on its own seed and context, never on which slot it
 streamed and non-streamed runs, a run alone and a run inside a full batch, and a run before and after an
 evict + resume all draw the same tokens.
 
-Cost control: the sort that top-k / top-p need is skipped with `lax.cond` when no slot asks for it, and an
-all-greedy batch skips the random draw; sampling itself is inverse-CDF (one uniform per slot) rather than
-Gumbel noise over the whole vocabulary.
+Cost control: top-k / top-p choose among the `MAX_CANDIDATES` most likely tokens found with `lax.top_k` (a full
+vocabulary sort measured 1.6 s per step for 64 x 49k logits on CPU; top_k(256) 24 ms), and that path is skipped
+with `lax.cond` when no slot asks for it; an all-greedy batch skips the random draw; sampling itself is inverse-CDF
+(one uniform per slot) rather than Gumbel noise over the whole vocabulary. Consequence: a nucleus wider than 256
+tokens is truncated to the 256 most likely ones.
 """
 
 from __future__ import annotations
@@ -22,18 +24,32 @@ def slot_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
     return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seeds, positions)
 
 
-def _filter_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Set logits outside each row's top-k and nucleus (top-p) to -inf. logits [B, V] float32 (temperature-scaled)."""
-    vocab = logits.shape[-1]
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    ranks = jnp.arange(vocab)[None, :]
-    k = jnp.where(top_k > 0, top_k, vocab)[:, None]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
+MAX_CANDIDATES = 256  # top-k / top-p choose among at most this many most likely tokens per row
+
+
+def _candidate_mask(sorted_logits: jax.Array, top_k: jax.Array, top_p: jax.Array, log_norm: jax.Array) -> jax.Array:
+    """Which of the K best tokens (sorted, descending) each row keeps under its top-k and top-p."""
+    ranks = jnp.arange(sorted_logits.shape[-1])[None, :]
+    probs = jnp.exp(sorted_logits - log_norm[:, None])  # true probabilities (normalised over the whole vocab)
     mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above this entry
-    keep_sorted = (ranks < k) & ((mass_before < top_p[:, None]) | (ranks == 0))
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-    return jnp.where(keep, logits, -jnp.inf)
+    k = jnp.where(top_k > 0, top_k, sorted_logits.shape[-1])[:, None]
+    return (ranks < k) & ((mass_before < top_p[:, None]) | (ranks == 0))
+
+
+def _filter_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Logits with everything outside each row's top-k and nucleus set to -inf (reference / tests)."""
+    k = min(MAX_CANDIDATES, logits.shape[-1])
+    vals, idx = jax.lax.top_k(logits, k)
+    keep = _candidate_mask(vals, top_k, top_p, jax.nn.logsumexp(logits, axis=-1))
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return jnp.full_like(logits, -jnp.inf).at[rows, idx].set(jnp.where(keep, vals, -jnp.inf))
+
+
+def _inverse_cdf(probs: jax.Array, u: jax.Array) -> jax.Array:
+    """Index drawn from each row of (unnormalised) probs with uniforms u in [0, 1)."""
+    cdf = jnp.cumsum(probs, axis=-1)
+    idx = jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right"))(cdf, u * cdf[:, -1])
+    return jnp.minimum(idx, probs.shape[-1] - 1)
 
 
 def sample_tokens(
@@ -50,14 +66,21 @@ def sample_tokens(
 
     def draw() -> jax.Array:
         scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-        needs_filter = jnp.any((top_k > 0) | (top_p < 1.0))
-        scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda x, *_: x, scaled, top_k, top_p)
-        probs = jax.nn.softmax(scaled, axis=-1)
-        cdf = jnp.cumsum(probs, axis=-1)
         u = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(slot_keys(seeds, positions))
-        u = u * cdf[:, -1]
-        idx = jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right"))(cdf, u)
-        return jnp.minimum(idx, logits.shape[-1] - 1).astype(jnp.int32)
+        filtered = (top_k > 0) | (top_p < 1.0)
+
+        def full_vocab() -> jax.Array:
+            return _inverse_cdf(jax.nn.softmax(scaled, axis=-1), u)
+
+        def with_filter() -> jax.Array:  # rows without a filter still draw from the whole vocabulary
+            k = min(MAX_CANDIDATES, scaled.shape[-1])
+            vals, idx = jax.lax.top_k(scaled, k)
+            keep = _candidate_mask(vals, top_k, top_p, jax.nn.logsumexp(scaled, axis=-1))
+            probs = jnp.where(keep, jnp.exp(vals - vals[:, :1]), 0.0)
+            pick = jnp.take_along_axis(idx, _inverse_cdf(probs, u)[:, None], axis=-1)[:, 0]
+            return jnp.where(filtered, pick, full_vocab())
+
+        return jax.lax.cond(jnp.any(filtered), with_filter, full_vocab).astype(jnp.int32)
 
     sampled = jax.lax.cond(jnp.any(temperature > 0), draw, lambda: greedy)
     return jnp.where(temperature > 0, sampled, greedy)
