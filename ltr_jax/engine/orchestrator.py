@@ -240,9 +240,13 @@ class Orchestrator:
         if sched.num_waiting == 0 and sched.num_running == 0:
             return False
         t0 = time.perf_counter()
+        promotions_before = sched.num_promotions
         decision = sched.schedule(now)
-        if decision.preempt and self.observer:
-            self.observer.on_preempt(len(decision.preempt))
+        if self.observer:
+            if decision.preempt:
+                self.observer.on_preempt(len(decision.preempt))
+            if sched.num_promotions > promotions_before:
+                self.observer.on_promote(sched.num_promotions - promotions_before)
         for req in decision.preempt:
             job: _Job = req.payload
             self.engine.free(job.slot)
