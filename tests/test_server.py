@@ -392,7 +392,8 @@ def test_queue_full_is_429_and_nothing_half_admitted(tight_server):
     accepted = [r for r in results if r[0] == 200]
     rejected = [r for r in results if r[0] == 429]
     assert len(accepted) + len(rejected) == 8
-    assert 2 <= len(accepted) < 8 and rejected
+    # one slot + a queue of one: one or two get in (one, when the burst lands before the loop starts the first)
+    assert 1 <= len(accepted) <= 2 and rejected
     assert all(r[3] == "length" for r in accepted)
     for _, retry_after, body, _ in rejected:
         assert retry_after == "1"
