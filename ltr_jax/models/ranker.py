@@ -274,8 +274,11 @@ class RankerScorer:
         return np.argmax(self.raw(prompts)[1], axis=-1).astype(np.int32)
 
     @classmethod
-    def from_checkpoint(cls, path: str, model: Any = None, **kwargs: Any) -> RankerScorer:
-        """Restore an exported ranker (see `ltr_jax.train.checkpoint`); ``model`` is a loaded model or None."""
+    def from_checkpoint(cls, path: str | None = None, model: Any = None, **kwargs: Any) -> RankerScorer:
+        """Restore an exported ranker (default: the packaged one, see `ltr_jax.train.checkpoint`).
+
+        ``model`` is the already-loaded serving model (config + params), or None to load the spec's model source.
+        """
         from ltr_jax.train.checkpoint import load_scorer
 
         return load_scorer(path, model=model, **kwargs)
