@@ -279,10 +279,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_serving_model(source: str | None):
-    if source == "tiny":
-        from ltr_jax.models.tiny import tiny_model
-
-        return tiny_model()
     if source and source.startswith("preset:"):
         raise SystemExit("preset models have no tokenizer; use the `simulate` command or a real checkpoint")
     from ltr_jax.models.loading import load_model

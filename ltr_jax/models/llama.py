@@ -161,7 +161,7 @@ class Llama(nnx.Module):
             tree["lm_head"] = params["lm_head"]
         tree = jax.tree.map(lambda a: jnp.asarray(a, dtype=dt), tree)
         tree["inv_freq"] = jnp.asarray(rope_frequencies(config))
-        state.replace_by_pure_dict(tree)
+        nnx.replace_by_pure_dict(state, tree)
         return nnx.merge(graphdef, state)
 
     def to_params(self) -> dict[str, Any]:

@@ -42,7 +42,7 @@ def default_ranker_path() -> Path:
 
 def _expected_shapes(spec: RankerSpec) -> dict[str, tuple[int, ...]]:
     abstract = nnx.eval_shape(lambda: RankerHead.for_spec(spec))
-    return _flatten_shapes(nnx.state(abstract).to_pure_dict())
+    return _flatten_shapes(nnx.to_pure_dict(nnx.state(abstract)))
 
 
 def _flatten_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
@@ -60,7 +60,7 @@ def _flatten_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
 def save_ranker(path: str | Path, head: RankerHead, spec: RankerSpec, extra: dict[str, Any] | None = None) -> Path:
     """Write ``head`` (Orbax) and ``spec`` (JSON) to directory ``path``, replacing an earlier export there."""
     path = Path(path).resolve()
-    shapes = _flatten_shapes(nnx.state(head).to_pure_dict())
+    shapes = _flatten_shapes(nnx.to_pure_dict(nnx.state(head)))
     expected = _expected_shapes(spec)
     if shapes != expected:
         raise ValueError(f"head arrays {shapes} do not match the spec's shapes {expected}")
