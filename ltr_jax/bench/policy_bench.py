@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
+from ltr_jax.bench.report import ratios, write_report
 from ltr_jax.engine.engine import Engine, EngineConfig
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent
 from ltr_jax.models.llama import Llama
@@ -183,62 +182,6 @@ def summarize_observed(obs: list[Observed], wall: float, stats: dict, budgeted: 
     return out
 
 
-# ------------------------------------------------------------------------------------------------ report
-def markdown_table(report: dict[str, Any]) -> str:
-    lines = []
-    for rate_key, per_policy in report["runs"].items():
-        lines.append(f"\n### {rate_key}\n")
-        lines.append("| policy | mean lat (s) | p50 | p90 | p99 | norm lat (s/tok) | TTFT mean | TPOT mean | "
-                     "max wait p99 | max wait max | req/s | tok/s | preempt | promote | done |")
-        lines.append("|---|" + "---|" * 14)
-        for pol, r in per_policy.items():
-            L, W = r["latency_s"], r["max_waiting_time_s"]
-            lines.append(
-                f"| {pol} | {L['mean']:.2f} | {L['p50']:.2f} | {L['p90']:.2f} | {L['p99']:.2f} | "
-                f"{r['normalized_latency_s_per_token']['mean']:.3f} | {r['ttft_s']['mean']:.2f} | "
-                f"{r['tpot_s']['mean']:.3f} | {W['p99']:.2f} | {W['max']:.2f} | {r['throughput_req_s']:.3f} | "
-                f"{r['throughput_tok_s']:.1f} | {r['preemptions']} | {r['promotions']} | {r['completed']} |")
-    return "\n".join(lines) + "\n"
-
-
-def plots(report: dict[str, Any], out_dir: Path, cdf_samples: dict[str, list[float]]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    rates = [k for k in report["runs"]]
-    policies = list(next(iter(report["runs"].values())).keys())
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for pol in policies:
-        xs = [report["rates"][k] for k in rates]
-        ys = [report["runs"][k][pol]["latency_s"]["mean"] for k in rates]
-        ax.plot(xs, ys, marker="o", label=pol)
-    ax.set_xlabel("request rate (req/s)" if report["arrival"] != "burst" else "burst size")
-    ax.set_ylabel("mean end-to-end latency (s)")
-    ax.set_title(f"{report['model']}: latency vs load")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "latency_vs_rate.png", dpi=120)
-    files.append("latency_vs_rate.png")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for pol, lat in cdf_samples.items():
-        xs = np.sort(lat)
-        ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=pol)
-    ax.set_xlabel("end-to-end latency (s)")
-    ax.set_ylabel("CDF")
-    ax.set_title(f"latency CDF at {rates[-1]}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "latency_cdf.png", dpi=120)
-    files.append("latency_cdf.png")
-    plt.close("all")
-    return files
-
-
 # ------------------------------------------------------------------------------------------------ CLI
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ltr_jax.bench run", description=__doc__.split("\n\n")[0],
@@ -341,35 +284,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["runs"][key][pol] = res
             print(json.dumps({"run": key, "policy": pol, "mean_latency_s": round(res["latency_s"]["mean"], 3),
                               "completed": res["completed"]}), file=sys.stderr)
-    last = list(report["runs"])[-1]
     report["ratios"] = {k: ratios(v) for k, v in report["runs"].items()}
-    text = json.dumps(report, indent=2, default=_json_default)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(text + "\n")
-        (out / "report.md").write_text(f"# {report['benchmark']}\n\n`{report['command']}`\n\n{report['date']}, "
-                                       f"{report['machine']}\n\n{report['length_source']}\n" + markdown_table(report))
-        report["plots"] = plots(report, out, {p: report["runs"][last][p]["latencies_s"] for p in policies})
+    print(write_report(report, args.out, f"{report['date']}, {report['machine']}\n\n{report['length_source']}"))
     return report
-
-
-def ratios(per_policy: dict[str, Any]) -> dict[str, float]:
-    mean = {p: r["latency_s"]["mean"] for p, r in per_policy.items()}
-    out = {}
-    if "fcfs" in mean:
-        for p, value in mean.items():
-            if p != "fcfs" and value > 0:
-                out[f"fcfs/{p}"] = mean["fcfs"] / value
-    if mean.get("ltr", 0) > 0 and mean.get("oracle-sjf", 0) > 0:
-        out["ltr/oracle-sjf"] = mean["ltr"] / mean["oracle-sjf"]
-    return out
-
-
-def _json_default(x):
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    raise TypeError(type(x))

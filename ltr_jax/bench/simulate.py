@@ -13,10 +13,9 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from ltr_jax.bench.policy_bench import markdown_table, plots, ratios
+from ltr_jax.bench.report import ratios, write_report
 from ltr_jax.scheduler.metrics import summarize
 from ltr_jax.scheduler.policies import make_policy
 from ltr_jax.scheduler.scheduler import Scheduler, StarvationConfig
@@ -124,19 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = run(args)
     report["command"] = "python -m ltr_jax.bench simulate " + " ".join(sys.argv[2:] if argv is None else argv)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
-    slim = {k: v for k, v in report.items() if k != "runs"}
-    slim["runs"] = {k: {p: {m: x for m, x in r.items() if m != "latencies_s"} for p, r in v.items()}
-                    for k, v in report["runs"].items()}
-    text = json.dumps(slim, indent=2, default=float)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(text + "\n")
-        (out / "report.md").write_text(f"# {report['benchmark']}\n\n`{report['command']}`\n\n{report['date']}; "
-                                       f"{report['step_model']}; {report['length_source']}; ranker tau {report['ranker_tau']:.2f} "
-                                       f"({report['ranker_tau_source']}); {args.slots} slots\n"
-                                       + markdown_table(report))
-        last = list(report["runs"])[-1]
-        plots(report, out, {p: report["runs"][last][p]["latencies_s"] for p in report["runs"][last]})
+    header = (f"{report['date']}; {report['step_model']}; {report['length_source']}; ranker tau "
+              f"{report['ranker_tau']:.2f} ({report['ranker_tau_source']}); {args.slots} slots")
+    print(write_report(report, args.out, header))
     return report

@@ -1,0 +1,101 @@
+"""Benchmark reports: the Markdown table, the plots, the latency ratios and the files, for `run` and `simulate`.
+
+Owns how a report (a dict with `runs[rate_key][policy] -> metrics`, `rates`, `model`, `arrival`, `command`,
+`date`) is written: `report.json` (without the raw latency samples), `report.md` (one table per rate) and two
+PNG plots (mean latency vs request rate per policy; latency CDF at the highest rate).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    lines = []
+    for rate_key, per_policy in report["runs"].items():
+        lines.append(f"\n### {rate_key}\n")
+        lines.append("| policy | mean lat (s) | p50 | p90 | p99 | norm lat (s/tok) | TTFT mean | TPOT mean | "
+                     "max wait p99 | max wait max | req/s | tok/s | preempt | promote | done |")
+        lines.append("|---|" + "---|" * 14)
+        for pol, r in per_policy.items():
+            L, W = r["latency_s"], r["max_waiting_time_s"]
+            lines.append(
+                f"| {pol} | {L['mean']:.2f} | {L['p50']:.2f} | {L['p90']:.2f} | {L['p99']:.2f} | "
+                f"{r['normalized_latency_s_per_token']['mean']:.3f} | {r['ttft_s']['mean']:.2f} | "
+                f"{r['tpot_s']['mean']:.3f} | {W['p99']:.2f} | {W['max']:.2f} | {r['throughput_req_s']:.3f} | "
+                f"{r['throughput_tok_s']:.1f} | {r['preemptions']} | {r['promotions']} | {r['completed']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict[str, Any], out_dir: Path, cdf_samples: dict[str, list[float]]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = list(report["runs"])
+    policies = list(report["runs"][rates[0]])
+
+    def figure(name: str, xlabel: str, ylabel: str, title: str, curves) -> str:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, xs, ys, marker in curves:
+            ax.plot(xs, ys, marker=marker, label=label)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        return name
+
+    by_rate = [(pol, [report["rates"][k] for k in rates], [report["runs"][k][pol]["latency_s"]["mean"] for k in rates],
+                "o") for pol in policies]
+    cdfs = [(pol, np.sort(lat), np.arange(1, len(lat) + 1) / max(1, len(lat)), None)
+            for pol, lat in cdf_samples.items()]
+    return [
+        figure("latency_vs_rate.png", "request rate (req/s)" if report["arrival"] != "burst" else "burst",
+               "mean end-to-end latency (s)", f"{report['model']}: latency vs load", by_rate),
+        figure("latency_cdf.png", "end-to-end latency (s)", "CDF", f"latency CDF at {rates[-1]}", cdfs),
+    ]
+
+
+def ratios(per_policy: dict[str, Any]) -> dict[str, float]:
+    mean = {p: r["latency_s"]["mean"] for p, r in per_policy.items()}
+    out = {}
+    if "fcfs" in mean:
+        for p, value in mean.items():
+            if p != "fcfs" and value > 0:
+                out[f"fcfs/{p}"] = mean["fcfs"] / value
+    if mean.get("ltr", 0) > 0 and mean.get("oracle-sjf", 0) > 0:
+        out["ltr/oracle-sjf"] = mean["ltr"] / mean["oracle-sjf"]
+    return out
+
+
+def _json_default(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(type(x))
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path | None, header: str) -> str:
+    """Print-ready JSON of the report (raw latency samples left out); with `out_dir`, also the files."""
+    slim = {k: v for k, v in report.items() if k != "runs"}
+    slim["runs"] = {k: {p: {m: x for m, x in r.items() if m != "latencies_s"} for p, r in v.items()}
+                    for k, v in report["runs"].items()}
+    text = json.dumps(slim, indent=2, default=_json_default)
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(text + "\n")
+        (out / "report.md").write_text(f"# {report['benchmark']}\n\n`{report['command']}`\n\n{header}\n"
+                                       + markdown_table(report))
+        last = list(report["runs"])[-1]
+        plots(report, out, {p: r["latencies_s"] for p, r in report["runs"][last].items()})
+    return text
