@@ -60,7 +60,7 @@ class Observed:
 
 # ------------------------------------------------------------------------------------------------ workload
 def build_items(loaded, prompts_spec: str, labels: str | None, n: int, max_prompt: int, max_output: int,
-                split: str, seed: int) -> tuple[list[Item], str]:
+                split: str, seed: int, length_scale: float = 1.0) -> tuple[list[Item], str]:
     """Pick `n` prompts (validation split by default: disjoint from the ranker's training prompts)."""
     from ltr_jax.train.data import is_validation, load_examples, load_label_file
 
@@ -85,7 +85,7 @@ def build_items(loaded, prompts_spec: str, labels: str | None, n: int, max_promp
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": e.prompt}]))
         if len(ids) > max_prompt:
             continue
-        items.append(Item(e.id, ids, min(lengths[e.id], max_output)))
+        items.append(Item(e.id, ids, max(1, min(round(lengths[e.id] * length_scale), max_output))))
         if len(items) == n:
             break
     if len(items) < n:  # small pools: sample again with replacement
@@ -111,7 +111,9 @@ def make_scheduler(policy: str, slots: int, args) -> Scheduler:
 
 # ------------------------------------------------------------------------------------------------ one run
 def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item], arrivals: np.ndarray, args,
-               desc: str) -> dict[str, Any]:
+               desc: str, sequential: bool = False) -> dict[str, Any]:
+    """Replay `items` at `arrivals` (seconds from start) under `policy`; `sequential` submits each request only
+    after the previous one finished (an unloaded system)."""
     sched = make_scheduler(policy, engine.num_slots, args)
     uses_ranker = policy in ("ltr", "ltr+starvation", "ltr-rescore", "classify")
     orch = Orchestrator(engine, tokenizer, sched, ranker=ranker if uses_ranker else None, max_queue=len(items) + 1)
@@ -146,6 +148,8 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
         sp = SamplingParams(max_tokens=item.output_len, temperature=args.temperature, seed=args.seed + i,
                             ignore_eos=True)
         orch.submit(item.prompt_tokens, sp, on_event, request_id=rid, true_output_len=item.output_len)
+        while sequential and observed[rid].finish is None:
+            time.sleep(0.005)
     if budget_end is not None:
         done.wait(max(0.0, budget_end - time.monotonic()))
         orch.stop(drain=False, timeout_s=60)
@@ -207,6 +211,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--max-prompt-tokens", type=int, default=512)
     p.add_argument("--max-output-tokens", type=int, default=384, help="cap on replayed output lengths")
+    p.add_argument("--length-scale", type=float, default=1.0, help="multiply every replayed length by this "
+                   "(keeps their order and distribution shape; makes CPU runs affordable)")
+    p.add_argument("--unloaded-probe", type=int, default=8, help="run this many requests one at a time first, "
+                   "to state the unloaded latency the loaded runs are compared with (0 = skip)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the replay")
     p.add_argument("--max-preemptions", type=int, default=4, help="per request, for ltr/classify")
     p.add_argument("--starvation-threshold", type=float, default=30.0, help="seconds (ltr+starvation)")
@@ -236,7 +244,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = Llama.from_params(loaded.config, loaded.params)
     engine = Engine(model, EngineConfig(num_slots=args.slots, max_seq_len=args.max_seq_len))
     items, length_source = build_items(loaded, args.prompts, args.labels, args.n, args.max_prompt_tokens,
-                                       args.max_output_tokens, args.split, args.seed)
+                                       args.max_output_tokens, args.split, args.seed, args.length_scale)
+    if args.length_scale != 1.0:
+        length_source += f", each scaled by {args.length_scale:g} (same order and shape, shorter run)"
     ranker = classifier = None
     if any(p in policies for p in ("ltr", "ltr+starvation", "ltr-rescore")):
         from ltr_jax.train.checkpoint import load_scorer
@@ -259,6 +269,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if r is not None:
             r.score([i.prompt_tokens for i in items[:8]])
     warm_s = time.monotonic() - t_warm
+    unloaded = None
+    if args.unloaded_probe:
+        probe = items[: args.unloaded_probe]
+        alone = run_policy(engine, loaded.tokenizer, None, "fcfs", probe, np.zeros(len(probe)), args, "unloaded",
+                           sequential=True)
+        mean_len = float(np.mean([i.output_len for i in items]))
+        unloaded = {
+            "probe_requests": len(probe), "ttft_s": alone["ttft_s"]["mean"], "tpot_s": alone["tpot_s"]["mean"],
+            "workload_mean_latency_s": alone["ttft_s"]["mean"] + alone["tpot_s"]["mean"] * (mean_len - 1),
+            "how": "each probe request run alone; workload estimate = TTFT + TPOT x (mean output length - 1)",
+        }
     rates = [None] if args.arrival == "burst" or args.sdg_budget else [float(r) for r in args.rates.split(",")]
     report: dict[str, Any] = {
         "benchmark": "policies on the real engine", "model": loaded.config.name, "source": loaded.source,
@@ -271,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "cpu_count": os.cpu_count(), "backend": jax.default_backend()},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "warmup_s": round(warm_s, 1), "rates": {}, "runs": {},
         "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum},
+        "unloaded": unloaded,
     }
     for rate in rates:
         key = "burst" if rate is None else f"rate={rate:g}"
@@ -285,5 +307,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(json.dumps({"run": key, "policy": pol, "mean_latency_s": round(res["latency_s"]["mean"], 3),
                               "completed": res["completed"]}), file=sys.stderr)
     report["ratios"] = {k: ratios(v) for k, v in report["runs"].items()}
+    if unloaded and "fcfs" in policies:
+        report["load"] = {k: v["fcfs"]["latency_s"]["mean"] / unloaded["workload_mean_latency_s"]
+                          for k, v in report["runs"].items()}
+        report["load_note"] = "fcfs mean latency / unloaded mean latency (>= 3 means the load queues)"
     print(write_report(report, args.out, f"{report['date']}, {report['machine']}\n\n{report['length_source']}"))
     return report
