@@ -219,3 +219,27 @@ def test_tensor_parallel_on_four_cpu_devices_matches_single_device():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["sharded"] == result["single"]
     assert "tp" in result["spec"]
+
+
+def test_decode_step_updates_the_donated_cache_in_place(tiny):
+    """The compiled decode step writes one row per slot into the cache it was given: the cache buffers are
+    aliased input->output and no instruction other than the row scatter produces a cache-sized array (no copy,
+    transpose, pad or concatenate of the cache per step)."""
+    import re
+
+    from ltr_jax.engine.engine import _GENERATE
+
+    _, model = tiny
+    engine = Engine(model, EngineConfig(num_slots=4, max_seq_len=256))
+    engine.resize_cache(128)
+    hlo = _GENERATE.lower(engine.graphdef, engine.params, engine.decode_state,
+                          engine.host_active.copy()).compile().as_text()
+    c = model.config
+    cache_shape = f"f32[4,{c.n_kv_heads},128,{c.head_dim}]"
+    producers = [line.split("=", 1)[1].strip() for line in hlo.splitlines()
+                 if "=" in line and line.split("=", 1)[1].strip().startswith(cache_shape)]
+    kinds = {re.match(r"\S+\s+(\S+?)\(", p).group(1) for p in producers}
+    assert kinds <= {"parameter", "scatter", "fusion"}, kinds
+    assert all("scatter" in p for p in producers if " fusion(" in p)
+    aliases = re.search(r"input_output_alias=\{(.*?)\}, entry", hlo).group(1)
+    assert aliases.count("may-alias") >= 2 * c.n_layers  # every K and V buffer is donated and reused
