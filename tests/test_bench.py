@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from ltr_jax.bench import policy_bench, simulate
@@ -27,12 +28,24 @@ def test_policy_benchmark_runs_every_policy_on_one_trace(tmp_path):
     assert "| oracle-sjf |" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_simulate_command_reports_ratios_against_fcfs(tmp_path):
-    report = simulate.main(["--n", "400", "--rates", "64", "--slots", "16", "--tau", "0.6",
-                            "--policies", "fcfs,ltr,oracle-sjf", "--out", str(tmp_path)])
-    ratios = report["ratios"]["rate=64"]
+def test_simulate_command_reports_ratios_against_fcfs(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    rng = np.random.default_rng(0)
+    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": "w " * int(rng.integers(5, 80)),
+                                           "reference": "w " * int(rng.lognormal(4, 1))}) + "\n"
+                               for i in range(50)))
+    report = simulate.main(["--prompts", str(prompts), "--n", "400", "--rates", "64", "--slots", "8",
+                            "--tau", "0.6", "--policies", "fcfs,ltr,oracle-sjf", "--out", str(tmp_path / "o")])
+    run, ratios = report["runs"]["rate=64"], report["ratios"]["rate=64"]
+    assert ratios["fcfs/oracle-sjf"] == pytest.approx(run["fcfs"]["latency_s"]["mean"]
+                                                      / run["oracle-sjf"]["latency_s"]["mean"])
     assert ratios["fcfs/oracle-sjf"] > 1.0 and ratios["fcfs/ltr"] > 1.0
-    assert json.loads((tmp_path / "report.json").read_text())["ranker_tau"] == 0.6
+    assert all(r["num_finished"] == 400 for r in run.values())
+    assert "whitespace words x 1.3" in report["length_source"]
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["ranker_tau"] == 0.6
+    with pytest.raises(SystemExit):
+        simulate.main(["--policies", "fcfs,lifo"])
+    assert "lifo" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("module", [policy_bench, simulate])

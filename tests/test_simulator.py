@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from ltr_jax.scheduler import POLICY_NAMES, RequestState, Scheduler, StarvationConfig, make_policy
 from ltr_jax.scheduler.metrics import summarize
-from ltr_jax.scheduler.sim import main as sim_main
 from ltr_jax.scheduler.sim import simulate
 from ltr_jax.scheduler.step_time import AnalyticStepTime, MeasuredStepTime
 from ltr_jax.scheduler.trace import (
@@ -308,24 +307,3 @@ def test_summarize_hand_example():
     assert s["ttft_s"]["max"] == pytest.approx(0.02)
     assert s["tpot_s"]["mean"] == pytest.approx(0.010)
     assert s["throughput_req_s"] == pytest.approx(2 / 0.03)
-
-
-def test_cli_prints_summaries_and_ratios(tmp_path, capsys):
-    prompts = tmp_path / "prompts.jsonl"
-    rng = np.random.default_rng(0)
-    with prompts.open("w") as f:
-        for i in range(50):
-            f.write(json.dumps({"id": str(i), "prompt": "w " * int(rng.integers(5, 80)),
-                                "reference": "w " * int(rng.lognormal(4, 1))}) + "\n")
-    code = sim_main(["--prompts", str(prompts), "--n", "400", "--rate", "60", "--slots", "8",
-                     "--policy", "fcfs,ltr,oracle-sjf", "--starvation-threshold", "20"])
-    assert code == 0
-    report = json.loads(capsys.readouterr().out)
-    assert set(report["policies"]) == {"fcfs", "ltr", "oracle-sjf"}
-    assert "whitespace words x 1.3" in report["lengths"] and "synthetic" in report["trace"]["scores"]
-    assert report["ratios"]["mean latency_s fcfs/oracle-sjf"] == pytest.approx(
-        report["policies"]["fcfs"]["latency_s"]["mean"] / report["policies"]["oracle-sjf"]["latency_s"]["mean"]
-    )
-    assert all(p["num_finished"] == 400 for p in report["policies"].values())
-    assert sim_main(["--prompts", str(prompts), "--policy", "fcfs,lifo"]) == 2
-    assert "lifo" in capsys.readouterr().err

@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--labels", default=None, help="label JSONL (output_tokens per id); default: shared prompts' "
                    "reference answers (word count x 1.3)")
+    p.add_argument("--prompts", default=None, help="prompts JSONL for reference lengths (default: the shared set)")
     p.add_argument("--n", type=int, default=10000, help="requests per run")
     p.add_argument("--rates", default="2,8,16,32,48,64", help="comma-separated Poisson rates (req/s)")
     p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"])
@@ -74,7 +75,7 @@ def default_tau() -> tuple[float, str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     policies = args.policies.split(",")
-    pairs, length_source = load_lengths(args.labels)
+    pairs, length_source = load_lengths(args.labels, args.prompts)
     tau, tau_source = (args.tau, "--tau") if args.tau is not None else default_tau()
     if args.step_model == "llama3-8b-h100":
         step_model, step_desc = AnalyticStepTime.for_llama3_8b_h100(), "analytic: Llama-3-8B bf16, one H100 SXM"

@@ -7,26 +7,19 @@ running requests (``decode_time(batch, tokens_in_cache)``, one token each); requ
 length finish at that token's time. Arrivals are added at the first boundary at or after their arrival time
 (their TTFT clock still starts at the arrival); when nothing is queued or running, time jumps to the next arrival.
 
-CLI: ``python -m ltr_jax.scheduler.sim --rate 64 --n 10000 --policy fcfs,ltr,oracle-sjf`` prints a JSON summary
-per policy and the mean-latency ratios against FCFS.
+The command line over it is ``python -m ltr_jax.bench simulate`` (rates, policies, step-time models, reports).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .metrics import summarize
-from .policies import POLICY_NAMES, make_policy, policy_parameters
 from .request import Request
-from .scheduler import Scheduler, StarvationConfig
-from .step_time import AnalyticStepTime, MeasuredStepTime, StepTimeModel
-from .trace import ARRIVAL_PROCESSES, TraceEntry, load_lengths, make_trace
+from .scheduler import Scheduler
+from .step_time import StepTimeModel
+from .trace import TraceEntry
 
 
 @dataclass
@@ -128,105 +121,3 @@ def simulate(
         num_preemptions=scheduler.num_preemptions,
         num_promotions=scheduler.num_promotions,
     )
-
-
-# ---------------------------------------------------------------------- CLI
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m ltr_jax.scheduler.sim",
-        description="Simulate scheduling policies on a trace with a modelled accelerator; prints JSON.",
-    )
-    p.add_argument("--policy", default="fcfs,ltr,oracle-sjf",
-                   help=f"comma-separated policies among {', '.join(POLICY_NAMES)}")
-    p.add_argument("--rate", type=float, default=64.0, help="arrival rate, requests/s")
-    p.add_argument("--n", type=int, default=10000, help="number of requests")
-    p.add_argument("--arrival", choices=ARRIVAL_PROCESSES, default="poisson")
-    p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation of gamma inter-arrival gaps")
-    p.add_argument("--labels", default=None,
-                   help="JSONL with output_tokens/output_len per line (default: shared prompts' reference lengths)")
-    p.add_argument("--prompts", default=None, help="prompts JSONL (default: ../shared/data/prompts.jsonl)")
-    p.add_argument("--tau", type=float, default=0.55, help="target Kendall tau of the synthetic ranker scores")
-    p.add_argument("--buckets", type=int, default=8, help="classes for the classify policy")
-    p.add_argument("--slots", type=int, default=256, help="batch slots (max running requests)")
-    p.add_argument("--max-prefill-tokens", type=int, default=None)
-    p.add_argument("--starvation-threshold", type=float, default=0.0, help="seconds; 0 disables starvation control")
-    p.add_argument("--quantum", type=float, default=1.0, help="promotion quantum, seconds")
-    p.add_argument("--max-preemptions", default=None,
-                   help="per-request preemption cap for preemptive policies ('none' = unlimited)")
-    p.add_argument("--step-model", default="llama3-8b-h100",
-                   help="'llama3-8b-h100' (analytic roofline) or a JSON file of measured step times")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="also write the JSON here")
-    return p.parse_args(argv)
-
-
-def _step_model(spec: str) -> tuple[StepTimeModel, str]:
-    if spec == "llama3-8b-h100":
-        return AnalyticStepTime.for_llama3_8b_h100(), "analytic roofline, Llama-3-8B bf16 on one H100 SXM"
-    return MeasuredStepTime.from_json(spec), f"least-squares fit of measured step times in {spec}"
-
-
-def run_policies(args: argparse.Namespace) -> dict:
-    policies = [name.strip() for name in args.policy.split(",") if name.strip()]
-    for name in policies:
-        make_policy(name)  # validates the name before any work
-    pairs, length_source = load_lengths(args.labels, args.prompts)
-    trace, trace_info = make_trace(pairs, args.n, args.rate, args.arrival, args.cv, args.tau, args.buckets,
-                                   args.seed)
-    step_model, step_desc = _step_model(args.step_model)
-    starvation = (StarvationConfig(args.starvation_threshold, args.quantum)
-                  if args.starvation_threshold > 0 else None)
-    results: dict[str, dict] = {}
-    for name in policies:
-        params = {}
-        if args.max_preemptions is not None and "max_preemptions" in policy_parameters(name):
-            params["max_preemptions"] = None if args.max_preemptions.lower() == "none" else int(args.max_preemptions)
-        policy = make_policy(name, **params)
-        scheduler = Scheduler(policy, args.slots, starvation=starvation, max_prefill_tokens=args.max_prefill_tokens)
-        result = simulate(trace, scheduler, step_model)
-        summary = summarize(result.records)
-        summary["policy"] = policy.describe()
-        summary["sim_wall_s"] = round(result.wall_s, 3)
-        summary["iterations"] = result.iterations
-        results[name] = summary
-    ratios = {}
-    for metric in ("latency_s", "normalized_latency_s_per_token"):
-        base = results.get("fcfs")
-        if base is None:
-            break
-        for other in results:
-            if other != "fcfs":
-                denominator = results[other][metric]["mean"]
-                ratios[f"mean {metric} fcfs/{other}"] = (
-                    base[metric]["mean"] / denominator if denominator > 0 else math.nan
-                )
-    return {
-        "lengths": length_source,
-        "trace": trace_info,
-        "step_model": step_desc,
-        "slots": args.slots,
-        "max_prefill_tokens": args.max_prefill_tokens,
-        "starvation": None if starvation is None else {"threshold_s": starvation.threshold_s,
-                                                        "quantum_s": starvation.quantum_s},
-        "ratios": ratios,
-        "policies": results,
-    }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse_args(argv)
-    try:
-        report = run_policies(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
