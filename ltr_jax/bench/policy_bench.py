@@ -102,9 +102,10 @@ def make_scheduler(policy: str, slots: int, args) -> Scheduler:
     if policy == "ltr+starvation":
         name = "ltr"
         starvation = StarvationConfig(threshold_s=args.starvation_threshold, quantum_s=args.starvation_quantum)
-    if name in ("ltr", "ltr-rescore", "classify"):
+    from ltr_jax.scheduler.policies import make_policy, policy_parameters
+
+    if "max_preemptions" in policy_parameters(name):  # the same cap for every preemptive policy
         params["max_preemptions"] = args.max_preemptions
-    from ltr_jax.scheduler.policies import make_policy
 
     return Scheduler(make_policy(name, **params), slots, starvation=starvation)
 
@@ -216,7 +217,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--unloaded-probe", type=int, default=8, help="run this many requests one at a time first, "
                    "to state the unloaded latency the loaded runs are compared with (0 = skip)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the replay")
-    p.add_argument("--max-preemptions", type=int, default=4, help="per request, for ltr/classify")
+    p.add_argument("--max-preemptions", type=int, default=1, help="per request, for every preemptive policy")
     p.add_argument("--starvation-threshold", type=float, default=30.0, help="seconds (ltr+starvation)")
     p.add_argument("--starvation-quantum", type=float, default=5.0, help="seconds (ltr+starvation)")
     p.add_argument("--seed", type=int, default=0)

@@ -17,7 +17,7 @@ from typing import Any
 
 from ltr_jax.bench.report import ratios, write_report
 from ltr_jax.scheduler.metrics import summarize
-from ltr_jax.scheduler.policies import make_policy
+from ltr_jax.scheduler.policies import make_policy, policy_parameters
 from ltr_jax.scheduler.scheduler import Scheduler, StarvationConfig
 from ltr_jax.scheduler.sim import simulate
 from ltr_jax.scheduler.step_time import AnalyticStepTime, MeasuredStepTime
@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--classify-tau", type=float, default=0.2, help="tau of the classifier's scores (paper ~0.2)")
     p.add_argument("--slots", type=int, default=64, help="decode slots of the modelled engine (64 x 8k-token "
                    "contiguous KV slots = 64 GiB beside 16 GB of bf16 weights on an 80 GB H100)")
-    p.add_argument("--max-preemptions", type=int, default=0, help="per request for ltr/classify (0 = none)")
+    p.add_argument("--max-preemptions", type=int, default=0, help="per request, for every preemptive policy "
+                   "(0 = none: in this engine a preemption costs a recompute of the whole context)")
     p.add_argument("--starvation-threshold", type=float, default=10.0, help="seconds (ltr+starvation)")
     p.add_argument("--starvation-quantum", type=float, default=2.0, help="seconds (ltr+starvation)")
     p.add_argument("--step-model", default="llama3-8b-h100",
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for pol in policies:
             name = "ltr" if pol == "ltr+starvation" else pol
             params = ({"max_preemptions": args.max_preemptions}
-                      if name in ("ltr", "classify", "oracle-sjf", "ltr-rescore") else {})
+                      if "max_preemptions" in policy_parameters(name) else {})
             starvation = (StarvationConfig(args.starvation_threshold, args.starvation_quantum)
                           if pol == "ltr+starvation" else None)
             sched = Scheduler(make_policy(name, **params), args.slots, starvation=starvation)
