@@ -158,3 +158,15 @@ def test_end_to_end_run_exports_a_servable_ranker(tmp_path):
               for p in ("short short please 1", "essay essay please 2")]
     short, long = scorer.score(tokens)
     assert short > long
+
+
+def test_training_can_start_from_a_given_head():
+    x, lengths = synthetic(200, 3)
+    spec = RankerSpec(model_dim=12, n_layers=1, hidden_dims=(8,))
+    cfg = TrainConfig(epochs=3, hidden_dims=[8], export_method=None, optimizer={"lr": 1e-2})
+    first = train_head("listmle", x, lengths, spec, cfg).head
+    frozen = TrainConfig(epochs=1, hidden_dims=[8], export_method=None, optimizer={"lr": 0.0, "weight_decay": 0.0})
+    again = train_head("listmle", x, lengths, spec, frozen, init_head=first).head
+    np.testing.assert_array_equal(head_scores(again, "listmle", x), head_scores(first, "listmle", x))
+    fresh = train_head("listmle", x, lengths, spec, frozen).head
+    assert not np.array_equal(head_scores(fresh, "listmle", x), head_scores(first, "listmle", x))

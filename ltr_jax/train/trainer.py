@@ -60,7 +60,7 @@ class TrainConfig:
     hidden_dims: list[int] = field(default_factory=lambda: [128])
     max_prompt_len: int = 512
     list_size: int = 32
-    lists_per_step: int = 8
+    lists_per_step: int = 1  # lists per optimizer step; 1 = one list of list_size prompts per step (the paper)
     epochs: int = 30
     seed: int = 0
     num_buckets: int = losses.NUM_BUCKETS
@@ -180,8 +180,12 @@ def _make_optimizer(opt: OptimizerConfig, total_steps: int) -> optax.GradientTra
 
 
 def train_head(method: str, features: np.ndarray, lengths: np.ndarray, spec_base: RankerSpec,
-               cfg: TrainConfig) -> HeadResult:
-    """Train one head on cached features [N, F] and output lengths [N]; returns the head and its spec."""
+               cfg: TrainConfig, init_head: RankerHead | None = None) -> HeadResult:
+    """Train one head on cached features [N, F] and output lengths [N]; returns the head and its spec.
+
+    ``init_head`` (same shape) starts training from a copy of that head, feature statistics included, instead of
+    a fresh initialisation (e.g. a head pre-trained on trace lengths).
+    """
     start = time.perf_counter()
     lengths = np.asarray(lengths)
     edges = losses.bucket_edges(lengths, cfg.num_buckets, cfg.bucket_scheme) if method == "classify" else None
@@ -191,8 +195,11 @@ def train_head(method: str, features: np.ndarray, lengths: np.ndarray, spec_base
     log_len = np.log1p(lengths)
     targets = _targets(method, lengths, edges, float(log_len.mean()), float(log_len.std() + 1e-6))
 
-    head = RankerHead.for_spec(spec, seed=cfg.seed)
-    head.set_feature_stats(features)
+    if init_head is not None:
+        head = nnx.clone(init_head)
+    else:
+        head = RankerHead.for_spec(spec, seed=cfg.seed)
+        head.set_feature_stats(features)
     graphdef, params, stats = nnx.split(head, nnx.Param, ...)
 
     n, size, per_step = len(lengths), cfg.list_size, cfg.lists_per_step
