@@ -132,6 +132,11 @@ class TrainConfig:
         except TypeError as err:  # e.g. a list where a mapping belongs
             raise ConfigError(f"invalid ranker training config: {err}") from err
 
+    def to_portable_dict(self) -> dict[str, Any]:
+        """The config as plain data, with project paths relative to the project root (for export metadata)."""
+        d = dataclasses.asdict(self)
+        return {k: _portable(v) if isinstance(v, str) else v for k, v in d.items()}
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
         path = Path(path)
@@ -155,6 +160,11 @@ class HeadResult:
     spec: RankerSpec
     train_seconds: float
     final_loss: float
+
+
+def _portable(text: str) -> str:
+    """Paths inside the project written relative to its root (no machine-specific prefixes in exports)."""
+    return text.replace(str(PROJECT_ROOT) + "/", "")
 
 
 def _targets(method: str, lengths: np.ndarray, edges: np.ndarray | None, log_mean: float, log_std: float
@@ -320,12 +330,13 @@ def run_training(cfg: TrainConfig, model=None, progress: bool = True) -> dict[st
         }
         if method == cfg.export_method and cfg.export_path:
             save_ranker(cfg.export_path, res.head, res.spec, extra={
-                "trained_on": label_source, "train_prompts": len(train_ids), "config_name": cfg.name,
-                "val_kendall_tau_b": metrics["kendall_tau_b"]})
+                "trained_on": _portable(label_source), "train_prompts": len(train_ids),
+                "val_prompts": len(val_ids), "val_kendall_tau_b": metrics["kendall_tau_b"],
+                "train_config": cfg.to_portable_dict()})
             exported = cfg.export_path
     report = {
         "name": cfg.name,
-        "labels": label_source,
+        "labels": _portable(label_source),
         "n_train": len(train_ids),
         "n_val": len(val_ids),
         "n_layers": cfg.n_layers,
