@@ -1,7 +1,8 @@
 """Training losses for the length ranker: ListMLE, log-length regression and bucket classification.
 
 Sign convention everywhere in ltr_jax: a HIGHER score means a SHORTER expected output (that request runs first).
-Each loss therefore comes with the rule that turns the head's raw output into such a score:
+Each loss pairs with a rule that turns the head's raw output into such a score
+(`ltr_jax.models.ranker.scores_from_outputs`, shared with serving):
 
 - ``listmle``: the head output IS the score; the true order is shortest output first.
 - ``regression``: the head predicts the standardised log output length; score = -prediction.
