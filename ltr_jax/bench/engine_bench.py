@@ -66,7 +66,10 @@ def roofline_matmuls(model: Llama, batch: int, context: int):
     head = model.embed[...] if c.tie_embeddings else model.lm_head[...].T
     dt = jnp.dtype(c.dtype)
     x0 = jnp.ones((batch, c.dim), dt) * 0.01
-    keys = jnp.ones((batch * c.n_kv_heads, context, c.head_dim), dt) * 0.01
+    # one K and one V array per layer, like the real cache: the products must stream the same bytes from memory
+    # (a single shared array would stay in the CPU cache across layers and flatter the roofline)
+    kv = [(jnp.full((batch * c.n_kv_heads, context, c.head_dim), 0.01 * (i + 1), dt),
+           jnp.full((batch * c.n_kv_heads, context, c.head_dim), 0.02 * (i + 1), dt)) for i in range(c.n_layers)]
     q0 = jnp.ones((batch * c.n_kv_heads, c.q_per_kv, c.head_dim), dt) * 0.01
 
     @jax.jit
@@ -78,14 +81,14 @@ def roofline_matmuls(model: Llama, batch: int, context: int):
         return x @ head.T
 
     @jax.jit
-    def attention(q, keys):
+    def attention(q, kv):
         out = q
-        for _ in range(c.n_layers):
+        for keys, values in kv:
             s = jnp.einsum("bgd,bsd->bgs", out, keys)  # scores
-            out = out + jnp.einsum("bgs,bsd->bgd", s, keys) * 1e-3  # probs @ values
+            out = out + jnp.einsum("bgs,bsd->bgd", s, values) * 1e-3  # probs @ values
         return out
 
-    return (lambda: projections(x0, layers, head)), (lambda: attention(q0, keys))
+    return (lambda: projections(x0, layers, head)), (lambda: attention(q0, kv))
 
 
 def bench_batch(model: Llama, batch: int, context: int, steps: int) -> dict[str, Any]:
