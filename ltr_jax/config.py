@@ -376,8 +376,8 @@ class EngineSection:
 @dataclasses.dataclass
 class StarvationSection:
     enabled: bool = setting(True, doc="promote requests that waited too long")
-    threshold_s: float = setting(10.0, gt=0, doc="max waiting time (TTFT or inter-token gap) before promotion")
-    quantum_s: float = setting(2.0, gt=0, doc="how long a promoted request keeps its priority")
+    threshold_s: float = setting(60.0, gt=0, doc="max waiting time (TTFT or inter-token gap) before promotion")
+    quantum_s: float = setting(5.0, gt=0, doc="how long a promoted request keeps its priority")
 
 
 @dataclasses.dataclass
