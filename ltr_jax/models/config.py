@@ -84,29 +84,25 @@ class LlamaConfig:
         return cls(**d)
 
 
-def _preset(**kw: Any) -> LlamaConfig:
-    return LlamaConfig(**kw)
-
-
 PRESETS: dict[str, LlamaConfig] = {
-    "smollm2-135m": _preset(
+    "smollm2-135m": LlamaConfig(
         name="smollm2-135m", vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
         norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True, max_position_embeddings=8192,
     ),
-    "llama-3.2-1b": _preset(
+    "llama-3.2-1b": LlamaConfig(
         name="llama-3.2-1b", vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
         rope_theta=500000.0, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), tie_embeddings=True,
         max_position_embeddings=131072,
     ),
-    "llama-3-8b": _preset(
+    "llama-3-8b": LlamaConfig(
         name="llama-3-8b", vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
         rope_theta=500000.0, max_position_embeddings=8192,
     ),
-    "llama-3.1-8b": _preset(
+    "llama-3.1-8b": LlamaConfig(
         name="llama-3.1-8b", vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
         rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), max_position_embeddings=131072,
     ),
-    "llama-3-70b": _preset(
+    "llama-3-70b": LlamaConfig(
         name="llama-3-70b", vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
         rope_theta=500000.0, max_position_embeddings=8192,
     ),
@@ -115,10 +111,9 @@ PRESETS: dict[str, LlamaConfig] = {
 
 def tiny_config(**overrides: Any) -> LlamaConfig:
     """A few-layer GQA model for unit tests (random weights)."""
-    base = dict(
-        name="tiny", vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-        rope_theta=10000.0, tie_embeddings=False, max_position_embeddings=2048,
-    )
-    base.update(overrides)
-    return LlamaConfig(**base)
+    base: dict[str, Any] = {
+        "name": "tiny", "vocab_size": 256, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 128,
+        "rope_theta": 10000.0, "tie_embeddings": False, "max_position_embeddings": 2048,
+    }
+    return LlamaConfig(**{**base, **overrides})
 
