@@ -29,6 +29,11 @@ def markdown_table(report: dict[str, Any]) -> str:
                 f"{r['normalized_latency_s_per_token']['mean']:.3f} | {r['ttft_s']['mean']:.2f} | "
                 f"{r['tpot_s']['mean']:.3f} | {W['p99']:.2f} | {W['max']:.2f} | {r['throughput_req_s']:.3f} | "
                 f"{r['throughput_tok_s']:.1f} | {r['preemptions']} | {r['promotions']} | {r['completed']} |")
+        mean_ratios = ratios(per_policy)
+        if mean_ratios:
+            lines.append("\nmean-latency ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in mean_ratios.items()))
+    if report.get("paper"):
+        lines.append("\npaper: " + "; ".join(f"{k} {v}x" for k, v in report["paper"].items()))
     return "\n".join(lines) + "\n"
 
 
