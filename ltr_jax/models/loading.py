@@ -46,16 +46,17 @@ def resolve_source(source: str | os.PathLike[str] | None) -> Path:
 TINY_SOURCE = "tiny"  # a random 2-layer test model with a byte-level tokenizer (ltr_jax.models.tiny)
 
 
-def load_model(source: str | os.PathLike[str] | None = None, dtype: str = "float32") -> LoadedModel:
+def load_model(source: str | os.PathLike[str] | None = None, dtype: str = "float32", seed: int = 0) -> LoadedModel:
     """Load config, float32 params and tokenizer from a GGUF file or a Hugging Face checkpoint directory
     (or the random test model for source "tiny").
 
     `dtype` sets `config.dtype` (the compute dtype the model will cast to); the params stay float32 numpy.
+    `seed` only matters for "tiny" (its random weights).
     """
     if source is not None and str(source) == TINY_SOURCE:
         from ltr_jax.models.tiny import tiny_model
 
-        return tiny_model(dtype=dtype)
+        return tiny_model(seed=seed, dtype=dtype)
     path = resolve_source(source)
     if path.is_dir():
         ckpt = load_hf_checkpoint(path, dtype=dtype)

@@ -24,7 +24,6 @@ from ltr_jax.models.default_model import cache_dir
 
 log = logging.getLogger(__name__)
 
-TINY_SOURCE = "tiny"
 
 
 class StartupError(RuntimeError):
@@ -74,15 +73,11 @@ def enable_compilation_cache(setting: str | None) -> Path | None:
 
 def load_serving_model(section: ModelSection):
     """A `LoadedModel` for ``model.source``."""
-    if section.source == TINY_SOURCE:
-        from ltr_jax.models.tiny import tiny_model
-
-        return tiny_model(seed=section.seed, dtype=section.dtype)
     from ltr_jax.models.default_model import DefaultModelError
     from ltr_jax.models.loading import CheckpointError, GGUFError, load_model
 
     try:
-        return load_model(section.source, dtype=section.dtype)
+        return load_model(section.source, dtype=section.dtype, seed=section.seed)
     except (FileNotFoundError, GGUFError, CheckpointError, DefaultModelError, ValueError) as err:
         shown = "null (embedded default)" if section.source is None else repr(section.source)
         raise StartupError(f"model.source = {shown}: cannot load the model: {err}") from None
