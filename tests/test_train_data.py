@@ -34,6 +34,17 @@ def test_adding_prompts_never_moves_old_ones():
     assert set(train_old) == set(train_all) & set(old)
 
 
+def test_cv_folds_partition_the_training_split_only():
+    ids = [f"p-{i}" for i in range(3000)]
+    train, val = data.split_ids(ids, 0.1)
+    folds = [data.cv_fold_of(rid, 5, 0.1) for rid in train]
+    counts = np.bincount(folds, minlength=5)
+    assert counts.sum() == len(train) and counts.min() > 0.8 * len(train) / 5  # five about equal folds
+    assert folds == [data.cv_fold_of(rid, 5, 0.1) for rid in train]  # fixed by the id
+    with pytest.raises(ValueError, match="validation split"):
+        data.cv_fold_of(val[0], 5, 0.1)
+
+
 def test_split_depends_on_salt_and_checks_fraction():
     ids = [str(i) for i in range(300)]
     assert data.split_ids(ids, 0.3, salt="a")[1] != data.split_ids(ids, 0.3, salt="b")[1]

@@ -47,6 +47,12 @@ def test_yaml_config_resolves_paths_against_the_project_root(tmp_path):
         TrainConfig(export_path=None)
 
 
+def test_cv_folds_must_be_off_or_at_least_two():
+    with pytest.raises(ConfigError, match="cv_folds: must be 0"):
+        TrainConfig(cv_folds=1, export_method=None)
+    assert TrainConfig(cv_folds=5, export_method=None).cv_folds == 5
+
+
 def test_cli_reports_config_errors(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text("epochz: 3\n")
@@ -144,13 +150,15 @@ def test_end_to_end_run_exports_a_servable_ranker(tmp_path):
     (tmp_path / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in labels))
     cfg = TrainConfig(prompts=str(tmp_path / "prompts.jsonl"), labels=str(tmp_path / "labels.jsonl"), n_layers=1,
                       pooling="mean+last", hidden_dims=[16], max_prompt_len=64, epochs=20, val_fraction=0.25,
-                      feature_cache_dir=None, export_path=str(tmp_path / "ranker"),
+                      feature_cache_dir=None, export_path=str(tmp_path / "ranker"), cv_folds=3,
                       optimizer={"lr": 3e-3})
     report = run_training(cfg, model=model, progress=False)
     assert set(report["methods"]) == {"listmle", "regression", "classify"}
     assert report["n_train"] + report["n_val"] == 240
     for method, m in report["methods"].items():
         assert m["kendall_tau_b"] > 0.5, (method, m)
+        cv = m["cross_validation"]  # every fold scored by a head that never saw it
+        assert cv["folds"] == 3 and len(cv["per_fold"]) == 3 and cv["kendall_tau_b_mean"] > 0.5, (method, cv)
     assert report["exported"] == str(tmp_path / "ranker")
     json.dumps(report)  # JSON-able
     scorer = load_scorer(tmp_path / "ranker", model=model)

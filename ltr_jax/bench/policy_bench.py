@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from ltr_jax.bench.options import add_shared_options, check_policies
 from ltr_jax.bench.report import ratios, write_report
 from ltr_jax.engine.engine import Engine, EngineConfig
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent
@@ -34,8 +35,6 @@ from ltr_jax.models.llama import Llama
 from ltr_jax.scheduler.metrics import distribution
 from ltr_jax.scheduler.scheduler import Scheduler, StarvationConfig
 from ltr_jax.scheduler.trace import make_arrivals
-
-POLICIES = ("fcfs", "ltr", "ltr+starvation", "ltr-rescore", "classify", "oracle-sjf", "oracle-srtf")
 
 
 @dataclass
@@ -200,12 +199,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="which prompts to draw from (validation = disjoint from the ranker's training split)")
     p.add_argument("--ranker", default=None, help="ranker checkpoint dir for ltr policies (default: packaged)")
     p.add_argument("--classifier", default=None, help="10-bucket classifier checkpoint for the classify policy")
-    p.add_argument("--policies", default="fcfs,ltr,ltr+starvation,classify,oracle-sjf",
-                   help=f"comma-separated, from {', '.join(POLICIES)}")
     p.add_argument("--n", type=int, default=100, help="requests per run")
     p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma", "burst"])
-    p.add_argument("--rates", default="1.0", help="comma-separated request rates (req/s); ignored for burst")
-    p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation for gamma arrivals")
     p.add_argument("--sdg-budget", type=float, default=None, help="synthetic-data-generation mode: burst of --n "
                    "requests, stop after this many seconds and count completions")
     p.add_argument("--slots", type=int, default=8, help="decode slots")
@@ -217,16 +212,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--unloaded-probe", type=int, default=8, help="run this many requests one at a time first, "
                    "to state the unloaded latency the loaded runs are compared with (0 = skip)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the replay")
-    p.add_argument("--max-preemptions", type=int, default=1, help="per request, for every preemptive policy")
-    p.add_argument("--starvation-threshold", type=float, default=30.0, help="seconds (ltr+starvation)")
-    p.add_argument("--starvation-quantum", type=float, default=5.0, help="seconds (ltr+starvation)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="directory for report.json, report.md and PNG plots")
+    add_shared_options(p, rates="1.0", starvation_threshold=30.0, starvation_quantum=5.0)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
-    bad = [x for x in args.policies.split(",") if x not in POLICIES]
-    if bad:
-        p.error(f"unknown policies {bad}; choose from {', '.join(POLICIES)}")
+    check_policies(p, args)
     return args
 
 
@@ -293,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "cpu_count": os.cpu_count(), "backend": jax.default_backend()},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "warmup_s": round(warm_s, 1), "rates": {}, "runs": {},
         "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum},
-        "unloaded": unloaded,
+        "max_preemptions": args.max_preemptions, "unloaded": unloaded,
     }
     for rate in rates:
         key = "burst" if rate is None else f"rate={rate:g}"

@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+from ltr_jax.bench.options import add_shared_options, check_policies
 from ltr_jax.bench.report import ratios, write_report
 from ltr_jax.scheduler.metrics import summarize
 from ltr_jax.scheduler.policies import make_policy, policy_parameters
@@ -23,7 +24,6 @@ from ltr_jax.scheduler.sim import simulate
 from ltr_jax.scheduler.step_time import AnalyticStepTime, MeasuredStepTime
 from ltr_jax.scheduler.trace import load_lengths, make_trace
 
-POLICIES = ("fcfs", "ltr", "ltr+starvation", "ltr-rescore", "classify", "oracle-sjf", "oracle-srtf")
 PAPER = {"fcfs/ltr mean latency, LMSYS (Llama-3-8B, 64 req/s)": 6.9,
          "fcfs/ltr mean latency, ShareGPT (Llama-3-8B, 64 req/s)": 2.5}
 
@@ -35,29 +35,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "reference answers (word count x 1.3)")
     p.add_argument("--prompts", default=None, help="prompts JSONL for reference lengths (default: the shared set)")
     p.add_argument("--n", type=int, default=10000, help="requests per run")
-    p.add_argument("--rates", default="2,8,16,32,48,64", help="comma-separated Poisson rates (req/s)")
     p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"])
-    p.add_argument("--cv", type=float, default=2.0)
-    p.add_argument("--policies", default="fcfs,ltr,ltr+starvation,classify,oracle-sjf",
-                   help=f"comma-separated, from {', '.join(POLICIES)}")
     p.add_argument("--tau", type=float, default=None, help="Kendall tau of the synthetic ranker scores "
                    "(default: the packaged ranker's measured held-out tau, else 0.55)")
     p.add_argument("--buckets", type=int, default=10, help="classes of the classify policy (S3: 10)")
     p.add_argument("--classify-tau", type=float, default=0.2, help="tau of the classifier's scores (paper ~0.2)")
     p.add_argument("--slots", type=int, default=64, help="decode slots of the modelled engine (64 x 8k-token "
                    "contiguous KV slots = 64 GiB beside 16 GB of bf16 weights on an 80 GB H100)")
-    p.add_argument("--max-preemptions", type=int, default=0, help="per request, for every preemptive policy "
-                   "(0 = none: in this engine a preemption costs a recompute of the whole context)")
-    p.add_argument("--starvation-threshold", type=float, default=10.0, help="seconds (ltr+starvation)")
-    p.add_argument("--starvation-quantum", type=float, default=2.0, help="seconds (ltr+starvation)")
     p.add_argument("--step-model", default="llama3-8b-h100",
                    help="'llama3-8b-h100' (analytic roofline) or a JSON of measured engine step times")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="directory for report.json, report.md and plots")
+    add_shared_options(p, rates="2,8,16,32,48,64", starvation_threshold=10.0, starvation_quantum=2.0)
     args = p.parse_args(argv)
-    bad = [x for x in args.policies.split(",") if x not in POLICIES]
-    if bad:
-        p.error(f"unknown policies {bad}; choose from {', '.join(POLICIES)}")
+    check_policies(p, args)
     return args
 
 

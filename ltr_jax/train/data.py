@@ -248,6 +248,15 @@ def is_validation(example_id: str, val_fraction: float, salt: str = DEFAULT_SPLI
     return validation_fraction_of(example_id, salt) < val_fraction
 
 
+def cv_fold_of(example_id: str, folds: int, val_fraction: float, salt: str = DEFAULT_SPLIT_SALT) -> int:
+    """Cross-validation fold (0 .. folds-1) of a training id: the training share of the id's split number cut
+    into ``folds`` equal parts, so folds are disjoint, about equal and never touch the validation split."""
+    u = validation_fraction_of(example_id, salt)
+    if u < val_fraction:
+        raise ValueError(f"{example_id!r} is in the validation split; folds are cut from the training split only")
+    return min(int((u - val_fraction) / (1.0 - val_fraction) * folds), folds - 1)
+
+
 def split_ids(ids: Iterable[str], val_fraction: float = 0.1, salt: str = DEFAULT_SPLIT_SALT
               ) -> tuple[list[str], list[str]]:
     """(train ids, validation ids), each in input order; membership depends only on each id."""

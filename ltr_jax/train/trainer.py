@@ -66,6 +66,7 @@ class TrainConfig:
     num_buckets: int = losses.NUM_BUCKETS
     bucket_scheme: str = "quantile"  # classifier bucket edges: "quantile" of training lengths, or "uniform" width
     val_fraction: float = 0.1
+    cv_folds: int = 0  # > 1: also report k-fold cross-validated tau-b over the training split (stabler than one split)
     split_salt: str = train_data.DEFAULT_SPLIT_SALT
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     feature_cache_dir: str | None = "default"  # "default" = <user cache>/ranker_features; null = no cache
@@ -97,6 +98,8 @@ class TrainConfig:
             problems.append(f"num_buckets: must be an integer >= 2, got {self.num_buckets!r}")
         if self.bucket_scheme not in ("quantile", "uniform"):
             problems.append(f"bucket_scheme: {self.bucket_scheme!r} is not one of quantile, uniform")
+        if not isinstance(self.cv_folds, int) or self.cv_folds < 0 or self.cv_folds == 1:
+            problems.append(f"cv_folds: must be 0 (off) or an integer >= 2, got {self.cv_folds!r}")
         if not 0 < self.val_fraction < 1:
             problems.append(f"val_fraction: must be in (0, 1), got {self.val_fraction!r}")
         if self.export_method is not None and self.export_method not in self.methods:
@@ -255,6 +258,23 @@ def head_scores(head: RankerHead, method: str, features: np.ndarray) -> np.ndarr
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+def cross_validate(method: str, features: np.ndarray, lengths: np.ndarray, ids: list[str], spec_base: RankerSpec,
+                   cfg: TrainConfig) -> dict[str, Any]:
+    """k-fold Kendall tau-b of one method over training rows only (folds from `data.cv_fold_of`): each fold is
+    scored by a head trained on the other folds. The held-out validation split is never touched."""
+    folds = np.array([train_data.cv_fold_of(rid, cfg.cv_folds, cfg.val_fraction, cfg.split_salt) for rid in ids])
+    taus = []
+    for k in range(cfg.cv_folds):
+        fit, score = folds != k, folds == k
+        if fit.sum() < cfg.list_size or score.sum() < 2:
+            raise ValueError(f"cv_folds={cfg.cv_folds} leaves fold {k} with {int(score.sum())} prompts and "
+                             f"{int(fit.sum())} to train on; use fewer folds or more labels")
+        res = train_head(method, features[fit], lengths[fit], spec_base, cfg)
+        taus.append(ranking_metrics(head_scores(res.head, method, features[score]), lengths[score])["kendall_tau_b"])
+    return {"folds": cfg.cv_folds, "kendall_tau_b_mean": float(np.mean(taus)),
+            "kendall_tau_b_std": float(np.std(taus)), "per_fold": [round(t, 4) for t in taus]}
+
+
 def default_feature_cache_dir() -> Path:
     from ltr_jax.models.default_model import cache_dir
 
@@ -328,6 +348,9 @@ def run_training(cfg: TrainConfig, model=None, progress: bool = True) -> dict[st
             "train_seconds": round(res.train_seconds, 2),
             "final_loss": res.final_loss,
         }
+        if cfg.cv_folds:
+            results[method]["cross_validation"] = cross_validate(
+                method, x[train_rows], data.lengths[train_rows], list(train_ids), spec_base, cfg)
         if method == cfg.export_method and cfg.export_path:
             save_ranker(cfg.export_path, res.head, res.spec, extra={
                 "trained_on": _portable(label_source), "train_prompts": len(train_ids),

@@ -1,0 +1,40 @@
+"""Command-line options shared by `bench run` (real engine) and `bench simulate` (discrete-event simulator).
+
+Owns the policy names and the options both commands take in the same sense, so the two reports stay comparable:
+policies, request rates, gamma CV, the preemption cap, starvation control, seed and output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+POLICIES = ("fcfs", "ltr", "ltr+starvation", "ltr-rescore", "classify", "oracle-sjf", "oracle-srtf")
+DEFAULT_POLICIES = "fcfs,ltr,ltr+starvation,classify,oracle-sjf"
+
+
+def add_shared_options(p: argparse.ArgumentParser, *, rates: str, starvation_threshold: float,
+                       starvation_quantum: float) -> None:
+    p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated, from {', '.join(POLICIES)}")
+    p.add_argument("--rates", default=rates, help="comma-separated Poisson/gamma request rates (req/s)")
+    p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation of gamma inter-arrival times")
+    p.add_argument("--max-preemptions", type=int, default=0, help="per request, for every preemptive policy "
+                   "(0 = none: in this engine a preemption costs a recompute of the whole context, which the "
+                   "simulator and the CPU runs in benchmarks/results/ measured as a net loss)")
+    p.add_argument("--starvation-threshold", type=float, default=starvation_threshold,
+                   help="seconds a request may wait (before its first token, or between tokens) before "
+                   "ltr+starvation promotes it")
+    p.add_argument("--starvation-quantum", type=float, default=starvation_quantum,
+                   help="seconds a promoted request keeps its priority (ltr+starvation)")
+    p.add_argument("--seed", type=int, default=0, help="seed of arrivals, prompt sampling and sampling")
+    p.add_argument("--out", default=None, help="directory for report.json, report.md and PNG plots")
+
+
+def check_policies(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    bad = [x for x in args.policies.split(",") if x not in POLICIES]
+    if bad:
+        p.error(f"unknown policies {bad}; choose from {', '.join(POLICIES)}")
+    if args.max_preemptions < 0:
+        p.error(f"--max-preemptions must be >= 0, got {args.max_preemptions}")
+    for name in ("starvation_threshold", "starvation_quantum"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(args, name)}")
