@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
+import time
+
+import jax
 
 from ltr_jax.train.trainer import ConfigError, TrainConfig, run_training
 
@@ -40,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     report = run_training(cfg, progress=not args.no_progress)
+    report["command"] = "python -m ltr_jax.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    report["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    report["machine"] = {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                         "backend": jax.default_backend()}
     print(json.dumps(report, indent=2))
     return 0
 

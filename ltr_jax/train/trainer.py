@@ -369,7 +369,7 @@ def run_training(cfg: TrainConfig, model=None, progress: bool = True) -> dict[st
         "feature_seconds": round(features.seconds, 2),
         "features_computed": features.computed,
         "methods": results,
-        "exported": exported,
+        "exported": _portable(exported) if exported else None,
         "total_seconds": round(time.perf_counter() - t0, 2),
     }
     return report
