@@ -55,3 +55,26 @@ def test_help_documents_every_option(module, capsys):
     text = capsys.readouterr().out
     for option in ("--policies", "--rates", "--out", "--seed"):
         assert option in text
+
+
+def test_starvation_cost_is_the_share_of_ltr_gain_kept():
+    from ltr_jax.bench.report import markdown_table, starvation_cost
+
+    def run(mean, max_wait):
+        return {"latency_s": {"mean": mean}, "max_waiting_time_s": {"max": max_wait}}
+
+    per_policy = {"fcfs": run(40.0, 30.0), "ltr": run(10.0, 200.0), "ltr+starvation": run(13.0, 101.0)}
+    cost = starvation_cost(per_policy, {"threshold_s": 100.0, "quantum_s": 2.0})
+    assert cost["share_of_ltr_gain_kept"] == pytest.approx(0.9)  # (40 - 13) / (40 - 10)
+    assert cost["max_waiting_time_max_s"] == 101.0 and cost["ltr_max_waiting_time_max_s"] == 200.0
+    assert starvation_cost({"fcfs": run(1, 1), "ltr": run(1, 1)}, {"threshold_s": 1, "quantum_s": 1}) is None
+    assert starvation_cost({**per_policy, "ltr": run(50.0, 1.0)}, {"threshold_s": 1, "quantum_s": 1}) is None
+    for r in per_policy.values():  # the table needs the other columns too
+        r.update({k: {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "max": r["max_waiting_time_s"]["max"]}
+                  for k in ("normalized_latency_s_per_token", "ttft_s", "tpot_s")})
+        r["latency_s"].update(p50=0.0, p90=0.0, p99=0.0)
+        r["max_waiting_time_s"].update(p99=0.0)
+        r.update(throughput_req_s=1.0, throughput_tok_s=1.0, preemptions=0, promotions=0, completed=1)
+    table = markdown_table({"runs": {"rate=1": per_policy}, "rates": {"rate=1": 1.0},
+                            "starvation": {"threshold_s": 100.0, "quantum_s": 2.0}})
+    assert "ltr+starvation keeps 90.0% of ltr's mean-latency gain over fcfs (loses 10.0%)" in table

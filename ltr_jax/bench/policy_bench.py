@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ltr_jax.bench.options import add_shared_options, check_policies
-from ltr_jax.bench.report import ratios, write_report
+from ltr_jax.bench.report import ratios, starvation_cost, write_report
 from ltr_jax.engine.engine import Engine, EngineConfig
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent
 from ltr_jax.models.llama import Llama
@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(json.dumps({"run": key, "policy": pol, "mean_latency_s": round(res["latency_s"]["mean"], 3),
                               "completed": res["completed"]}), file=sys.stderr)
     report["ratios"] = {k: ratios(v) for k, v in report["runs"].items()}
+    report["starvation_cost"] = {k: starvation_cost(v, report["starvation"]) for k, v in report["runs"].items()}
     if unloaded and "fcfs" in policies:
         report["load"] = {k: v["fcfs"]["latency_s"]["mean"] / unloaded["workload_mean_latency_s"]
                           for k, v in report["runs"].items()}

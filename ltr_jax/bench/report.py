@@ -32,6 +32,13 @@ def markdown_table(report: dict[str, Any]) -> str:
         mean_ratios = ratios(per_policy)
         if mean_ratios:
             lines.append("\nmean-latency ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in mean_ratios.items()))
+        kept = starvation_cost(per_policy, report.get("starvation"))
+        if kept:
+            share = kept["share_of_ltr_gain_kept"]
+            lines.append(f"\nltr+starvation keeps {share:.1%} of ltr's mean-latency gain over fcfs (loses "
+                         f"{1 - share:.1%}); max of max_waiting_time {kept['max_waiting_time_max_s']:.2f} s, ltr "
+                         f"alone {kept['ltr_max_waiting_time_max_s']:.2f} s; promotion threshold "
+                         f"{kept['threshold_s']:g} s + quantum {kept['quantum_s']:g} s")
     if report.get("paper"):
         lines.append("\npaper: " + "; ".join(f"{k} {v}x" for k, v in report["paper"].items()))
     return "\n".join(lines) + "\n"
@@ -79,6 +86,21 @@ def ratios(per_policy: dict[str, Any]) -> dict[str, float]:
     if mean.get("ltr", 0) > 0 and mean.get("oracle-sjf", 0) > 0:
         out["ltr/oracle-sjf"] = mean["ltr"] / mean["oracle-sjf"]
     return out
+
+
+def starvation_cost(per_policy: dict[str, Any], starvation: dict[str, float] | None) -> dict[str, float] | None:
+    """How much of ltr's gain starvation control gives back: the share of (fcfs - ltr) mean latency that
+    ltr+starvation keeps, and the worst max_waiting_time of each, beside the configured threshold and quantum."""
+    if not starvation or not all(p in per_policy for p in ("fcfs", "ltr", "ltr+starvation")):
+        return None
+    mean = {p: per_policy[p]["latency_s"]["mean"] for p in ("fcfs", "ltr", "ltr+starvation")}
+    gain = mean["fcfs"] - mean["ltr"]
+    if not gain > 0:
+        return None
+    return {"share_of_ltr_gain_kept": (mean["fcfs"] - mean["ltr+starvation"]) / gain,
+            "max_waiting_time_max_s": per_policy["ltr+starvation"]["max_waiting_time_s"]["max"],
+            "ltr_max_waiting_time_max_s": per_policy["ltr"]["max_waiting_time_s"]["max"],
+            "threshold_s": starvation["threshold_s"], "quantum_s": starvation["quantum_s"]}
 
 
 def _json_default(x):

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from ltr_jax.bench.options import add_shared_options, check_policies
-from ltr_jax.bench.report import ratios, write_report
+from ltr_jax.bench.report import ratios, starvation_cost, write_report
 from ltr_jax.scheduler.metrics import summarize
 from ltr_jax.scheduler.policies import make_policy, policy_parameters
 from ltr_jax.scheduler.scheduler import Scheduler, StarvationConfig
@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["runs"][key]["_trace"] = info
     report["trace_info"] = {k: v.pop("_trace") for k, v in report["runs"].items()}
     report["ratios"] = {k: ratios(v) for k, v in report["runs"].items()}
+    report["starvation_cost"] = {k: starvation_cost(v, report["starvation"]) for k, v in report["runs"].items()}
     return report
 
 
