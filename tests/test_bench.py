@@ -78,3 +78,23 @@ def test_starvation_cost_is_the_share_of_ltr_gain_kept():
     table = markdown_table({"runs": {"rate=1": per_policy}, "rates": {"rate=1": 1.0},
                             "starvation": {"threshold_s": 100.0, "quantum_s": 2.0}})
     assert "ltr+starvation keeps 90.0% of ltr's mean-latency gain over fcfs (loses 10.0%)" in table
+
+
+def test_starvation_threshold_can_be_fcfs_worst_wait(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    rng = np.random.default_rng(1)
+    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": "w " * int(rng.integers(5, 80)),
+                                           "reference": "w " * int(rng.lognormal(4, 1.2))}) + "\n"
+                               for i in range(60)))
+    report = simulate.main(["--prompts", str(prompts), "--n", "300", "--rates", "64", "--slots", "4", "--tau", "0.6",
+                            "--policies", "fcfs,ltr,ltr+starvation", "--starvation-threshold", "fcfs"])
+    run = report["runs"]["rate=64"]
+    fcfs_worst = run["fcfs"]["max_waiting_time_s"]["max"]
+    assert run["ltr+starvation"]["starvation_threshold_s"] == pytest.approx(fcfs_worst, abs=0.1)
+    assert run["ltr"]["max_waiting_time_s"]["max"] > fcfs_worst  # plain ltr starves its longest requests ...
+    cost = report["starvation_cost"]["rate=64"]  # ... and starvation control is judged against that threshold
+    assert cost["threshold_s"] == run["ltr+starvation"]["starvation_threshold_s"]
+    for bad in (["--policies", "ltr+starvation,fcfs", "--starvation-threshold", "fcfs"],
+                ["--starvation-threshold", "soon"], ["--starvation-threshold", "-3"]):
+        with pytest.raises(SystemExit):
+            simulate.main(bad)

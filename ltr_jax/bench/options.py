@@ -7,6 +7,8 @@ policies, request rates, gamma CV, the preemption cap, starvation control, seed 
 from __future__ import annotations
 
 import argparse
+import math
+from typing import Any
 
 POLICIES = ("fcfs", "ltr", "ltr+starvation", "ltr-rescore", "classify", "oracle-sjf", "oracle-srtf")
 DEFAULT_POLICIES = "fcfs,ltr,ltr+starvation,classify,oracle-sjf"
@@ -20,21 +22,45 @@ def add_shared_options(p: argparse.ArgumentParser, *, rates: str, starvation_thr
     p.add_argument("--max-preemptions", type=int, default=0, help="per request, for every preemptive policy "
                    "(0 = none: in this engine a preemption costs a recompute of the whole context, which the "
                    "simulator and the CPU runs in benchmarks/results/ measured as a net loss)")
-    p.add_argument("--starvation-threshold", type=float, default=starvation_threshold,
+    p.add_argument("--starvation-threshold", type=threshold_arg, default=starvation_threshold,
                    help="seconds a request may wait (before its first token, or between tokens) before "
-                   "ltr+starvation promotes it")
+                   "ltr+starvation promotes it; or 'fcfs': the worst max_waiting_time of this invocation's fcfs "
+                   "run at the same rate (nobody should wait longer than FCFS's worst case)")
     p.add_argument("--starvation-quantum", type=float, default=starvation_quantum,
                    help="seconds a promoted request keeps its priority (ltr+starvation)")
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals, prompt sampling and sampling")
     p.add_argument("--out", default=None, help="directory for report.json, report.md and PNG plots")
 
 
+def threshold_arg(text: str) -> float | str:
+    if text == "fcfs":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of seconds nor 'fcfs'") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
+def resolve_threshold(args: argparse.Namespace, results: dict[str, Any]) -> float:
+    """The starvation threshold for this rate: the number given, or the fcfs run's worst max_waiting_time."""
+    if args.starvation_threshold != "fcfs":
+        return float(args.starvation_threshold)
+    worst = results["fcfs"]["max_waiting_time_s"]["max"]
+    return max(math.ceil(worst * 10) / 10, 0.1)
+
+
 def check_policies(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    bad = [x for x in args.policies.split(",") if x not in POLICIES]
+    policies = args.policies.split(",")
+    bad = [x for x in policies if x not in POLICIES]
     if bad:
         p.error(f"unknown policies {bad}; choose from {', '.join(POLICIES)}")
     if args.max_preemptions < 0:
         p.error(f"--max-preemptions must be >= 0, got {args.max_preemptions}")
-    for name in ("starvation_threshold", "starvation_quantum"):
-        if not getattr(args, name) > 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(args, name)}")
+    if not args.starvation_quantum > 0:
+        p.error(f"--starvation-quantum must be > 0 seconds, got {args.starvation_quantum}")
+    if (args.starvation_threshold == "fcfs" and "ltr+starvation" in policies
+            and ("fcfs" not in policies or policies.index("fcfs") > policies.index("ltr+starvation"))):
+        p.error("--starvation-threshold fcfs needs fcfs listed before ltr+starvation in --policies")

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from ltr_jax.bench.options import add_shared_options, check_policies
+from ltr_jax.bench.options import add_shared_options, check_policies, resolve_threshold
 from ltr_jax.bench.report import ratios, starvation_cost, write_report
 from ltr_jax.engine.engine import Engine, EngineConfig
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent
@@ -94,13 +94,14 @@ def build_items(loaded, prompts_spec: str, labels: str | None, n: int, max_promp
     return items, source
 
 
-def make_scheduler(policy: str, slots: int, args) -> Scheduler:
+def make_scheduler(policy: str, slots: int, args, starvation_threshold: float | None = None) -> Scheduler:
     starvation = None
     name = policy
     params: dict[str, Any] = {}
     if policy == "ltr+starvation":
         name = "ltr"
-        starvation = StarvationConfig(threshold_s=args.starvation_threshold, quantum_s=args.starvation_quantum)
+        starvation = StarvationConfig(threshold_s=starvation_threshold or float(args.starvation_threshold),
+                                      quantum_s=args.starvation_quantum)
     from ltr_jax.scheduler.policies import make_policy, policy_parameters
 
     if "max_preemptions" in policy_parameters(name):  # the same cap for every preemptive policy
@@ -111,10 +112,10 @@ def make_scheduler(policy: str, slots: int, args) -> Scheduler:
 
 # ------------------------------------------------------------------------------------------------ one run
 def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item], arrivals: np.ndarray, args,
-               desc: str, sequential: bool = False) -> dict[str, Any]:
+               desc: str, sequential: bool = False, starvation_threshold: float | None = None) -> dict[str, Any]:
     """Replay `items` at `arrivals` (seconds from start) under `policy`; `sequential` submits each request only
     after the previous one finished (an unloaded system)."""
-    sched = make_scheduler(policy, engine.num_slots, args)
+    sched = make_scheduler(policy, engine.num_slots, args, starvation_threshold)
     uses_ranker = policy in ("ltr", "ltr+starvation", "ltr-rescore", "classify")
     orch = Orchestrator(engine, tokenizer, sched, ranker=ranker if uses_ranker else None, max_queue=len(items) + 1)
     observed: dict[str, Observed] = {}
@@ -292,7 +293,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["runs"][key] = {}
         for pol in policies:
             r = classifier if pol == "classify" else ranker
-            res = run_policy(engine, loaded.tokenizer, r, pol, items, arrivals, args, desc=f"{key} {pol}")
+            threshold = resolve_threshold(args, report["runs"][key]) if pol == "ltr+starvation" else None
+            res = run_policy(engine, loaded.tokenizer, r, pol, items, arrivals, args, desc=f"{key} {pol}",
+                             starvation_threshold=threshold)
+            if threshold is not None:
+                res["starvation_threshold_s"] = threshold
             report["runs"][key][pol] = res
             print(json.dumps({"run": key, "policy": pol, "mean_latency_s": round(res["latency_s"]["mean"], 3),
                               "completed": res["completed"]}), file=sys.stderr)

@@ -35,10 +35,11 @@ def markdown_table(report: dict[str, Any]) -> str:
         kept = starvation_cost(per_policy, report.get("starvation"))
         if kept:
             share = kept["share_of_ltr_gain_kept"]
+            fcfs_note = " (fcfs's worst wait)" if report["starvation"]["threshold_s"] == "fcfs" else ""
             lines.append(f"\nltr+starvation keeps {share:.1%} of ltr's mean-latency gain over fcfs (loses "
                          f"{1 - share:.1%}); max of max_waiting_time {kept['max_waiting_time_max_s']:.2f} s, ltr "
                          f"alone {kept['ltr_max_waiting_time_max_s']:.2f} s; promotion threshold "
-                         f"{kept['threshold_s']:g} s + quantum {kept['quantum_s']:g} s")
+                         f"{kept['threshold_s']:g} s{fcfs_note} + quantum {kept['quantum_s']:g} s")
     if report.get("paper"):
         lines.append("\npaper: " + "; ".join(f"{k} {v}x" for k, v in report["paper"].items()))
     return "\n".join(lines) + "\n"
@@ -100,7 +101,8 @@ def starvation_cost(per_policy: dict[str, Any], starvation: dict[str, float] | N
     return {"share_of_ltr_gain_kept": (mean["fcfs"] - mean["ltr+starvation"]) / gain,
             "max_waiting_time_max_s": per_policy["ltr+starvation"]["max_waiting_time_s"]["max"],
             "ltr_max_waiting_time_max_s": per_policy["ltr"]["max_waiting_time_s"]["max"],
-            "threshold_s": starvation["threshold_s"], "quantum_s": starvation["quantum_s"]}
+            "threshold_s": per_policy["ltr+starvation"].get("starvation_threshold_s", starvation["threshold_s"]),
+            "quantum_s": starvation["quantum_s"]}
 
 
 def _json_default(x):

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from ltr_jax.bench.options import add_shared_options, check_policies
+from ltr_jax.bench.options import add_shared_options, check_policies, resolve_threshold
 from ltr_jax.bench.report import ratios, starvation_cost, write_report
 from ltr_jax.scheduler.metrics import summarize
 from ltr_jax.scheduler.policies import make_policy, policy_parameters
@@ -91,13 +91,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             name = "ltr" if pol == "ltr+starvation" else pol
             params = ({"max_preemptions": args.max_preemptions}
                       if "max_preemptions" in policy_parameters(name) else {})
-            starvation = (StarvationConfig(args.starvation_threshold, args.starvation_quantum)
+            starvation = (StarvationConfig(resolve_threshold(args, report["runs"][key]), args.starvation_quantum)
                           if pol == "ltr+starvation" else None)
             sched = Scheduler(make_policy(name, **params), args.slots, starvation=starvation)
             result = simulate(ctrace if pol == "classify" else trace, sched, step_model)
             s = summarize(result.records)
             s["completed"] = s["num_finished"]
             s["sim_wall_s"] = round(result.wall_s, 2)
+            if starvation is not None:
+                s["starvation_threshold_s"] = starvation.threshold_s
             s["latencies_s"] = sorted(round(r.latency, 3) for r in result.records if r.latency is not None)
             report["runs"][key][pol] = s
             print(json.dumps({"run": key, "policy": pol, "mean_latency_s": round(s["latency_s"]["mean"], 3),
