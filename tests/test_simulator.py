@@ -118,8 +118,10 @@ def test_every_request_finishes_exactly_once_with_its_length(trace, config, slot
         assert r.generated == r.true_output_len == len(r.token_times)
         assert all(a < b for a, b in itertools.pairwise(r.token_times))
         assert r.arrival_time <= r.first_token_time <= r.finish_time == r.token_times[-1]
-        if policy.max_preemptions is not None:
-            assert r.preemptions <= policy.max_preemptions
+        if policy.max_preemptions is not None:  # only promoted requests may evict past the cap
+            assert r.preemptions - r.preemptions_past_cap <= policy.max_preemptions
+        if starv is None:
+            assert r.preemptions_past_cap == 0
     assert sched.num_running == 0 and sched.num_waiting == 0 and len(sched) == 0
     assert sched.num_preemptions == sum(r.preemptions for r in result.records)
     assert sched.num_promotions == sum(r.promotions for r in result.records)

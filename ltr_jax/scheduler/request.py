@@ -9,7 +9,7 @@ simulator only), ``bucket`` (``classify`` policy; lower = shorter), ``payload`` 
 attach, e.g. the engine's own per-request state).
 
 Fields kept by the `Scheduler` (read them, do not write them): ``state``, ``generated``, ``first_token_time``,
-``last_token_time``, ``token_times``, ``finish_time``, ``preemptions``, ``promotions``, ``promoted``.
+``last_token_time``, ``token_times``, ``finish_time``, ``preemptions``, ``preemptions_past_cap``, ``promotions``, ``promoted``.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class Request:
     token_times: list[float] = field(default_factory=list, repr=False)
     finish_time: float | None = None
     preemptions: int = 0
+    preemptions_past_cap: int = 0  # of those, evictions past the policy's cap to make room for a promoted request
     promotions: int = 0
     promoted: bool = False
     max_token_gap: float = 0.0  # largest gap between two consecutive tokens (0 before the second token)

@@ -3,8 +3,9 @@
 At every ``schedule(now)`` the candidates are waiting + running requests ordered by ``(promoted first, policy
 priority, policy tiebreak, arrival, admission sequence)``; the best ``num_slots`` are kept. Running requests
 that fall out are preempted, but only if the policy is preemptive (promotions preempt under any policy), the
-victim is under the policy's ``max_preemptions`` cap (the cap counts every preemption, promotion-driven ones
-too), and the victim is not promoted while the newcomer is not. Waiting ones that get in are admitted,
+victim is under the policy's ``max_preemptions`` cap (the cap counts every preemption; only a promoted newcomer
+may go past it, unless ``StarvationConfig.preempt_past_cap`` is off), and the victim is not promoted while the
+newcomer is not. Waiting ones that get in are admitted,
 optionally under a ``max_prefill_tokens`` budget (the context each admission must prefill; the first admission
 of a decision is always allowed so nothing starves behind a long prompt).
 
@@ -44,6 +45,9 @@ class StarvationConfig:
     threshold_s: float = 10.0
     quantum_s: float = 2.0
     enabled: bool = True
+    # a promoted request may evict a running non-promoted one even past the policy's max_preemptions cap: without
+    # this, under a cap of 0 a promoted request waits for a slot to free, and in overload the bound slips
+    preempt_past_cap: bool = True
 
     def __post_init__(self) -> None:
         for pname in ("threshold_s", "quantum_s"):
@@ -219,7 +223,12 @@ class Scheduler:
         if not (best.promoted or self.policy.preemptive):
             return decision
         limit = self.policy.max_preemptions
-        victims = [r for r in self._running if (limit is None or r.preemptions < limit) and r not in admitted]
+        past_cap = best.promoted and self.starvation is not None and self.starvation.preempt_past_cap
+
+        def under_cap(r: Request) -> bool:
+            return limit is None or r.preemptions < limit
+
+        victims = [r for r in self._running if (under_cap(r) or (past_cap and not r.promoted)) and r not in admitted]
         if not victims:
             return decision
         if not self._may_displace(best, max(victims, key=_rank_of)):
@@ -230,12 +239,16 @@ class Scheduler:
             if not waiting:
                 break
             challenger = waiting[0][1]
+            if not (challenger.promoted or under_cap(victim)):
+                continue  # only a promoted request may go past the cap
             if challenger in preempted or not self._may_displace(challenger, victim):
                 break
             if budget is not None:
                 if admitted and challenger.context_len > budget:
                     break
                 budget -= challenger.context_len
+            if not under_cap(victim):
+                victim.preemptions_past_cap += 1
             self._preempt(victim)
             preempted.add(victim)
             decision.preempt.append(victim)
