@@ -69,6 +69,7 @@ def test_starvation_cost_is_the_share_of_ltr_gain_kept():
     assert cost["max_waiting_time_max_s"] == 101.0 and cost["ltr_max_waiting_time_max_s"] == 200.0
     assert starvation_cost({"fcfs": run(1, 1), "ltr": run(1, 1)}, {"threshold_s": 1, "quantum_s": 1}) is None
     assert starvation_cost({**per_policy, "ltr": run(50.0, 1.0)}, {"threshold_s": 1, "quantum_s": 1}) is None
+    assert starvation_cost({**per_policy, "ltr": run(39.0, 1.0)}, {"threshold_s": 1, "quantum_s": 1}) is None
     for r in per_policy.values():  # the table needs the other columns too
         r.update({k: {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "max": r["max_waiting_time_s"]["max"]}
                   for k in ("normalized_latency_s_per_token", "ttft_s", "tpot_s")})

@@ -91,12 +91,13 @@ def ratios(per_policy: dict[str, Any]) -> dict[str, float]:
 
 def starvation_cost(per_policy: dict[str, Any], starvation: dict[str, float] | None) -> dict[str, float] | None:
     """How much of ltr's gain starvation control gives back: the share of (fcfs - ltr) mean latency that
-    ltr+starvation keeps, and the worst max_waiting_time of each, beside the configured threshold and quantum."""
+    ltr+starvation keeps, and the worst max_waiting_time of each, beside the configured threshold and quantum.
+    None where ltr gains under 5% over fcfs."""
     if not starvation or not all(p in per_policy for p in ("fcfs", "ltr", "ltr+starvation")):
         return None
     mean = {p: per_policy[p]["latency_s"]["mean"] for p in ("fcfs", "ltr", "ltr+starvation")}
     gain = mean["fcfs"] - mean["ltr"]
-    if not gain > 0:
+    if not gain > 0.05 * mean["fcfs"]:  # no material gain to keep (an unloaded rate): a share would be noise
         return None
     return {"share_of_ltr_gain_kept": (mean["fcfs"] - mean["ltr+starvation"]) / gain,
             "max_waiting_time_max_s": per_policy["ltr+starvation"]["max_waiting_time_s"]["max"],
