@@ -32,6 +32,7 @@ from ltr_jax.bench.report import ratios, starvation_cost, write_report
 from ltr_jax.engine.engine import Engine, EngineConfig
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent
 from ltr_jax.models.llama import Llama
+from ltr_jax.models.ranker import length_bucket
 from ltr_jax.scheduler.metrics import distribution
 from ltr_jax.scheduler.scheduler import Scheduler, StarvationConfig
 from ltr_jax.scheduler.trace import make_arrivals
@@ -256,9 +257,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                           for i in items} | {engine.config.prefill_bucket(len(i.prompt_tokens))
                                                              for i in items}),
                   cache_lens=engine.cache_buckets(longest + 1), transitions=True)
-    for r in (ranker, classifier):
+    for r in (ranker, classifier):  # compile every (batch, length) shape arrivals will use, not mid-run
         if r is not None:
-            r.score([i.prompt_tokens for i in items[:8]])
+            r.warmup(batch_sizes=(1, 2, 4), lengths=sorted({length_bucket(len(i.prompt_tokens), r.spec.max_prompt_len,
+                                                                           r.min_bucket) for i in items}))
     warm_s = time.monotonic() - t_warm
     unloaded = None
     if args.unloaded_probe:
