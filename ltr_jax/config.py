@@ -378,6 +378,8 @@ class StarvationSection:
     enabled: bool = setting(True, doc="promote requests that waited too long")
     threshold_s: float = setting(60.0, gt=0, doc="max waiting time (TTFT or inter-token gap) before promotion")
     quantum_s: float = setting(5.0, gt=0, doc="how long a promoted request keeps its priority")
+    preempt_past_cap: bool = setting(True, doc="a promoted request may evict a running one even past the policy's "
+                                               "max_preemptions (else it waits for a free slot)")
 
 
 @dataclasses.dataclass
@@ -407,7 +409,8 @@ class SchedulerSection:
         from ltr_jax.scheduler.scheduler import StarvationConfig
 
         s = self.starvation
-        return StarvationConfig(threshold_s=s.threshold_s, quantum_s=s.quantum_s, enabled=s.enabled)
+        return StarvationConfig(threshold_s=s.threshold_s, quantum_s=s.quantum_s, enabled=s.enabled,
+                                preempt_past_cap=s.preempt_past_cap)
 
 
 def _policy_param_names(policy: str) -> tuple[str, ...]:
