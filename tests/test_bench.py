@@ -99,3 +99,12 @@ def test_starvation_threshold_can_be_fcfs_worst_wait(tmp_path):
                 ["--starvation-threshold", "soon"], ["--starvation-threshold", "-3"]):
         with pytest.raises(SystemExit):
             simulate.main(bad)
+
+
+def test_simulate_defaults_to_the_packaged_rankers_measured_tau():
+    from ltr_jax.train.checkpoint import default_ranker_path, read_spec
+
+    _, meta = read_spec(default_ranker_path())
+    tau, source = simulate.default_tau()
+    assert "packaged ranker" in source and tau == pytest.approx(meta.get("cv_kendall_tau_b")
+                                                                or meta["val_kendall_tau_b"])

@@ -55,9 +55,10 @@ def default_tau() -> tuple[float, str]:
         from ltr_jax.train.checkpoint import default_ranker_path, read_spec
 
         _, meta = read_spec(default_ranker_path())
-        tau = meta.get("metrics", {}).get("kendall_tau_b") or meta.get("kendall_tau_b")
-        if tau:
-            return float(tau), "the packaged ranker's held-out Kendall tau"
+        if meta.get("cv_kendall_tau_b"):
+            return float(meta["cv_kendall_tau_b"]), "the packaged ranker's cross-validated Kendall tau"
+        if meta.get("val_kendall_tau_b"):
+            return float(meta["val_kendall_tau_b"]), "the packaged ranker's held-out Kendall tau"
     except Exception as err:  # noqa: BLE001 - no packaged ranker: fall back to a paper-like figure
         return 0.55, f"0.55 (no packaged ranker metadata: {err})"
     return 0.55, "0.55 (the packaged ranker's metadata has no tau)"

@@ -355,6 +355,8 @@ def run_training(cfg: TrainConfig, model=None, progress: bool = True) -> dict[st
             save_ranker(cfg.export_path, res.head, res.spec, extra={
                 "trained_on": _portable(label_source), "train_prompts": len(train_ids),
                 "val_prompts": len(val_ids), "val_kendall_tau_b": metrics["kendall_tau_b"],
+                **({"cv_kendall_tau_b": results[method]["cross_validation"]["kendall_tau_b_mean"]}
+                   if cfg.cv_folds else {}),
                 "train_config": cfg.to_portable_dict()})
             exported = cfg.export_path
     report = {
