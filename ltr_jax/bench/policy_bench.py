@@ -101,8 +101,9 @@ def make_scheduler(policy: str, slots: int, args, starvation_threshold: float | 
     params: dict[str, Any] = {}
     if policy == "ltr+starvation":
         name = "ltr"
-        starvation = StarvationConfig(threshold_s=starvation_threshold or float(args.starvation_threshold),
-                                      quantum_s=args.starvation_quantum)
+        if starvation_threshold is None:  # callers resolve 'fcfs' (resolve_threshold) before they get here
+            starvation_threshold = float(args.starvation_threshold)
+        starvation = StarvationConfig(threshold_s=starvation_threshold, quantum_s=args.starvation_quantum)
     from ltr_jax.scheduler.policies import make_policy, policy_parameters
 
     if "max_preemptions" in policy_parameters(name):  # the same cap for every preemptive policy
