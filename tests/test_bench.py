@@ -26,6 +26,7 @@ def test_policy_benchmark_runs_every_policy_on_one_trace(tmp_path):
     assert {"report.json", "report.md", "latency_vs_rate.png", "latency_cdf.png"} <= {
         p.name for p in (tmp_path / "out").iterdir()}
     assert "| oracle-sjf |" in (tmp_path / "out" / "report.md").read_text()
+    assert report["machine"]["backend"] == "cpu" and report["machine"]["cpu_count"] >= 1
 
 
 def test_simulate_command_reports_ratios_against_fcfs(tmp_path, capsys):

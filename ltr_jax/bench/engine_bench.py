@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from typing import Any
@@ -22,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ltr_jax.engine.engine import Engine, EngineConfig, SlotSampling
+from ltr_jax.machine import machine_info
 from ltr_jax.models.config import PRESETS
 from ltr_jax.models.llama import Llama, init_random_params
 
@@ -134,9 +133,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     param_bytes = c.num_params() * jnp.dtype(dtype).itemsize
     report = {
         "benchmark": "engine", "model": name, "dtype": dtype, "params": c.num_params(),
-        "param_bytes": param_bytes, "backend": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind), "host": platform.node(), "cpu_count": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "jax": jax.__version__, "results": results,
+        "param_bytes": param_bytes, "backend": jax.default_backend(), "machine": machine_info(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results,
         "note": "decode_efficiency = (projection+head matmuls + attention matmuls, same shapes, alone) / engine step",
     }
     text = json.dumps(report, indent=2)

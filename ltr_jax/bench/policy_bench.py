@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -31,6 +28,7 @@ from ltr_jax.bench.options import add_shared_options, check_policies, resolve_th
 from ltr_jax.bench.report import ratios, starvation_cost, write_report
 from ltr_jax.engine.engine import Engine, EngineConfig
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent
+from ltr_jax.machine import machine_info
 from ltr_jax.models.llama import Llama
 from ltr_jax.models.ranker import length_bucket
 from ltr_jax.scheduler.metrics import distribution
@@ -282,8 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mean_output_len": float(np.mean([i.output_len for i in items])),
         "mean_prompt_len": float(np.mean([len(i.prompt_tokens) for i in items])),
         "command": "python -m ltr_jax.bench run " + " ".join(sys.argv[2:] if argv is None else argv),
-        "machine": {"host": platform.node(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "backend": jax.default_backend()},
+        "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "warmup_s": round(warm_s, 1), "rates": {}, "runs": {},
         "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum},
         "max_preemptions": args.max_preemptions, "unloaded": unloaded,

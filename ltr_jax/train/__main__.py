@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 
-import jax
-
+from ltr_jax.machine import machine_info
 from ltr_jax.train.trainer import ConfigError, TrainConfig, run_training
 
 
@@ -47,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run_training(cfg, progress=not args.no_progress)
     report["command"] = "python -m ltr_jax.train " + " ".join(sys.argv[1:] if argv is None else argv)
     report["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    report["machine"] = {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                         "backend": jax.default_backend()}
+    report["machine"] = machine_info()
     print(json.dumps(report, indent=2))
     return 0
 
