@@ -12,6 +12,7 @@ from ltr_jax.models.ranker import (
     RankerSpec,
     backbone_params,
     length_bucket,
+    length_ladder,
     pool,
     pooled_features,
     truncate_prompt_tokens,
@@ -139,14 +140,18 @@ def test_scorer_refuses_a_backbone_of_another_width(model):
         RankerScorer(spec, RankerHead.for_spec(spec), model.config, model.params)
 
 
-def test_length_buckets_are_powers_of_two_capped():
-    assert [length_bucket(n, 512) for n in (1, 16, 17, 100, 300, 600)] == [16, 16, 32, 128, 512, 512]
-    assert length_bucket(90, 100) == 100
+def test_length_buckets_step_by_at_most_half_and_cap():
+    assert length_ladder(512) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+    assert [length_bucket(n, 512) for n in (1, 16, 17, 25, 84, 100, 300, 600)] == [16, 16, 24, 32, 96, 128, 384, 512]
+    assert length_bucket(90, 100) == 96 and length_bucket(97, 100) == 100 and length_ladder(100) == [16, 24, 32, 48, 64, 96, 100]
+    for n in range(1, 513):  # every prompt fits its bucket, and padding stays under a third of the bucket
+        b = length_bucket(n, 512)
+        assert n <= b and (b <= 16 or b - n < b / 3)
 
 
 def test_warmup_covers_every_bucket(model):
     spec = make_spec(model, max_prompt_len=48)
     scorer = RankerScorer(spec, RankerHead.for_spec(spec), model.config, model.params)
-    assert scorer.bucket_lengths() == [16, 32, 48]
-    assert scorer.warmup(batch_sizes=(1,)) == 3
+    assert scorer.bucket_lengths() == [16, 24, 32, 48]
+    assert scorer.warmup(batch_sizes=(1,)) == 4
     assert scorer.score([[1, 2, 3]]).shape == (1,)

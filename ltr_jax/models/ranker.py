@@ -8,7 +8,7 @@ Owns:
 - `RankerHead`: an NNX module (feature standardisation, then Linear/GELU layers) mapping pooled features to the
   head outputs (1 score, or one logit per length bucket for the classifier);
 - `RankerScorer`: serving-time scoring of many prompts at once, in jitted batches padded to power-of-two
-  length buckets.
+  length buckets (`length_ladder`).
 
 Score convention: HIGHER score = SHORTER expected output (runs first), for every method.
 """
@@ -184,9 +184,22 @@ def scores_from_outputs(method: str, outputs: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------------ scoring
+def length_ladder(max_len: int, min_bucket: int = 16) -> list[int]:
+    """Every padded prompt length the scorer compiles: powers of two and 1.5x powers of two from ``min_bucket``
+    (16, 24, 32, 48, 64, 96, ...), then ``max_len`` itself. Padding wastes at most a third of a row (a half with
+    powers of two alone), and the backbone's cost is linear in padded tokens."""
+    if max_len <= 0 or min_bucket <= 0:
+        raise ValueError(f"max_len={max_len} and min_bucket={min_bucket} must be positive")
+    out, n = [], 1 << max(0, math.ceil(math.log2(min_bucket)))
+    while n < max_len:
+        out += [m for m in (n, n * 3 // 2) if min_bucket <= m < max_len]
+        n *= 2
+    return [*out, max_len]
+
+
 def length_bucket(n: int, max_len: int, min_bucket: int = 16) -> int:
-    """The padded length for an n-token prompt: the next power of two >= n (at least min_bucket), capped."""
-    return min(max_len, max(min_bucket, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
+    """The padded length for an n-token prompt: the smallest step of `length_ladder` >= n, capped at max_len."""
+    return next(m for m in length_ladder(max_len, min_bucket) if m >= min(n, max_len))
 
 
 @partial(jax.jit, static_argnames=("config", "pooling", "method", "graphdef"))
@@ -199,7 +212,7 @@ def _score_batch(config, pooling, method, graphdef, backbone, head_state, tokens
 class RankerScorer:
     """Scores prompts (token id lists, chat template already applied) with a trained head over the backbone.
 
-    ``score(prompts)`` pads prompts into power-of-two length buckets and batches of at most ``max_batch``
+    ``score(prompts)`` pads prompts into the length buckets of `length_ladder` and batches of at most ``max_batch``
     (also padded to a power of two), so a handful of compiled shapes serve every request mix.
     """
 
@@ -249,11 +262,7 @@ class RankerScorer:
 
     def bucket_lengths(self) -> list[int]:
         """Every padded prompt length the scorer uses."""
-        out, n = [], self.min_bucket
-        while n < self.spec.max_prompt_len:
-            out.append(n)
-            n *= 2
-        return [*out, self.spec.max_prompt_len]
+        return length_ladder(self.spec.max_prompt_len, self.min_bucket)
 
     def warmup(self, batch_sizes: Sequence[int] = (1, 2, 4), lengths: Sequence[int] | None = None) -> int:
         """Compile the scoring function for these (batch, length) shapes ahead of traffic; returns how many."""
