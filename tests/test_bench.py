@@ -29,6 +29,22 @@ def test_policy_benchmark_runs_every_policy_on_one_trace(tmp_path):
     assert report["machine"]["backend"] == "cpu" and report["machine"]["cpu_count"] >= 1
 
 
+
+def test_load_factors_set_rates_from_the_measured_capacity(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": "x " * (i + 1), "reference": "y " * (3 + i)})
+                               + "\n" for i in range(8)))
+    report = policy_bench.main(["--model", "tiny", "--prompts", str(prompts), "--split", "all", "--n", "8",
+                                "--policies", "fcfs", "--load-factors", "0.5,2", "--capacity-probe", "6",
+                                "--slots", "2", "--max-output-tokens", "16", "--unloaded-probe", "0",
+                                "--no-progress"])
+    cap = report["capacity"]
+    assert cap["requests"] == 6 and cap["req_s"] > 0 and cap["load_factors"] == [0.5, 2.0]
+    assert list(report["rates"].values()) == [round(0.5 * cap["req_s"], 3), round(2 * cap["req_s"], 3)]
+    assert all(run["fcfs"]["completed"] == 8 for run in report["runs"].values())
+    with pytest.raises(SystemExit):
+        policy_bench.parse_args(["--load-factors", "1.5,-1"])
+
 def test_simulate_command_reports_ratios_against_fcfs(tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     rng = np.random.default_rng(0)

@@ -214,9 +214,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "to state the unloaded latency the loaded runs are compared with (0 = skip)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the replay")
     add_shared_options(p, rates="1.0", starvation_threshold=30.0, starvation_quantum=5.0)
+    p.add_argument("--load-factors", default=None, help="comma-separated request rates as multiples of this "
+                   "machine's measured capacity (replaces --rates): capacity = completions per second of a burst "
+                   "of --capacity-probe requests under fcfs, so a load means the same thing on a faster machine")
+    p.add_argument("--capacity-probe", type=int, default=64, help="requests in the capacity burst "
+                   "(the workload's first ones)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     check_policies(p, args)
+    if args.load_factors is not None:
+        try:
+            args.load_factors = [float(x) for x in args.load_factors.split(",")]
+        except ValueError:
+            p.error(f"--load-factors must be comma-separated numbers, got {args.load_factors!r}")
+        if not all(f > 0 for f in args.load_factors):
+            p.error(f"--load-factors must all be > 0, got {args.load_factors}")
+        if args.capacity_probe < 1:
+            p.error(f"--capacity-probe must be >= 1, got {args.capacity_probe}")
     return args
 
 
@@ -272,7 +286,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "workload_mean_latency_s": alone["ttft_s"]["mean"] + alone["tpot_s"]["mean"] * (mean_len - 1),
             "how": "each probe request run alone; workload estimate = TTFT + TPOT x (mean output length - 1)",
         }
-    rates = [None] if args.arrival == "burst" or args.sdg_budget else [float(r) for r in args.rates.split(",")]
+    capacity = None
+    if args.arrival == "burst" or args.sdg_budget:
+        rates = [None]
+    elif args.load_factors:
+        probe = items[: args.capacity_probe]
+        full = run_policy(engine, loaded.tokenizer, None, "fcfs", probe, np.zeros(len(probe)), args, "capacity")
+        capacity = {"requests": len(probe), "req_s": full["throughput_req_s"], "tok_s": full["throughput_tok_s"],
+                    "load_factors": args.load_factors,
+                    "how": "a burst of the workload's first requests under fcfs: completions / wall time"}
+        rates = [round(f * capacity["req_s"], 3) for f in args.load_factors]
+        print(f"capacity {capacity['req_s']:.3f} req/s: rates {rates}", file=sys.stderr)
+    else:
+        rates = [float(r) for r in args.rates.split(",")]
     report: dict[str, Any] = {
         "benchmark": "policies on the real engine", "model": loaded.config.name, "source": loaded.source,
         "length_source": length_source, "arrival": "burst" if rates == [None] else args.arrival,
@@ -283,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "warmup_s": round(warm_s, 1), "rates": {}, "runs": {},
         "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum},
-        "max_preemptions": args.max_preemptions, "unloaded": unloaded,
+        "max_preemptions": args.max_preemptions, "unloaded": unloaded, "capacity": capacity,
     }
     for rate in rates:
         key = "burst" if rate is None else f"rate={rate:g}"
@@ -307,5 +333,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["load"] = {k: v["fcfs"]["latency_s"]["mean"] / unloaded["workload_mean_latency_s"]
                           for k, v in report["runs"].items()}
         report["load_note"] = "fcfs mean latency / unloaded mean latency (>= 3 means the load queues)"
-    print(write_report(report, args.out, f"{report['date']}, {report['machine']}\n\n{report['length_source']}"))
+    header = f"{report['date']}, {report['machine']}\n\n{report['length_source']}"
+    if capacity:
+        header += (f"\n\ncapacity {capacity['req_s']:.3f} req/s ({capacity['requests']} requests at once under fcfs); "
+                   f"rates = {', '.join(f'{f:g}' for f in capacity['load_factors'])} x capacity")
+    print(write_report(report, args.out, header))
     return report

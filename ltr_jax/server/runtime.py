@@ -169,6 +169,7 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
     from ltr_jax.engine.engine import Engine  # lazy: JAX only once the config is known good
     from ltr_jax.engine.orchestrator import Orchestrator
     from ltr_jax.models.llama import Llama
+    from ltr_jax.models.ranker import length_bucket
     from ltr_jax.scheduler.scheduler import Scheduler
     from ltr_jax.server.metrics import ServerMetrics
 
@@ -197,9 +198,9 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
         t1 = time.perf_counter()
         prefill, cache_lens = warmup_shapes(engine_config, config.engine.warmup_max_len)
         engine.warmup(prefill_buckets=prefill, cache_lens=cache_lens, transitions=config.engine.warmup_transitions)
-        if ranker is not None:
-            for n in prefill:
-                ranker.score([[1] * min(n, ranker.spec.max_prompt_len)])
+        if ranker is not None:  # every padded prompt length up to the warmed one, for a lone arrival
+            top = length_bucket(max(prefill), ranker.spec.max_prompt_len, ranker.min_bucket)
+            ranker.warmup(batch_sizes=(1,), lengths=[t for t in ranker.bucket_lengths() if t <= top])
         timings["warmup_s"] = time.perf_counter() - t1
         log.info("warmed up %d prefill and %d decode shapes in %.1f s", len(prefill), len(cache_lens),
                  timings["warmup_s"])
