@@ -143,6 +143,7 @@ def test_scorer_refuses_a_backbone_of_another_width(model):
 def test_length_buckets_step_by_at_most_half_and_cap():
     assert length_ladder(512) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
     assert [length_bucket(n, 512) for n in (1, 16, 17, 25, 84, 100, 300, 600)] == [16, 16, 24, 32, 96, 128, 384, 512]
+    assert length_ladder(512, min_bucket=20)[:3] == [24, 32, 48] and length_ladder(8, min_bucket=1) == [1, 2, 3, 4, 6, 8]
     assert length_bucket(90, 100) == 96 and length_bucket(97, 100) == 100 and length_ladder(100) == [16, 24, 32, 48, 64, 96, 100]
     for n in range(1, 513):  # every prompt fits its bucket, and padding stays under a third of the bucket
         b = length_bucket(n, 512)

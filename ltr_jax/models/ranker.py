@@ -7,8 +7,8 @@ Owns:
   `ltr_jax.models.llama.hidden_states`) pooled over the prompt tokens ("mean", "last" or "mean+last");
 - `RankerHead`: an NNX module (feature standardisation, then Linear/GELU layers) mapping pooled features to the
   head outputs (1 score, or one logit per length bucket for the classifier);
-- `RankerScorer`: serving-time scoring of many prompts at once, in jitted batches padded to power-of-two
-  length buckets (`length_ladder`).
+- `RankerScorer`: serving-time scoring of many prompts at once, in jitted batches padded to the lengths of
+  `length_ladder`.
 
 Score convention: HIGHER score = SHORTER expected output (runs first), for every method.
 """
@@ -190,11 +190,11 @@ def length_ladder(max_len: int, min_bucket: int = 16) -> list[int]:
     powers of two alone), and the backbone's cost is linear in padded tokens."""
     if max_len <= 0 or min_bucket <= 0:
         raise ValueError(f"max_len={max_len} and min_bucket={min_bucket} must be positive")
-    out, n = [], 1 << max(0, math.ceil(math.log2(min_bucket)))
+    steps, n = {max_len}, 1 << int(math.log2(min_bucket))
     while n < max_len:
-        out += [m for m in (n, n * 3 // 2) if min_bucket <= m < max_len]
+        steps |= {m for m in (n, n * 3 // 2) if min_bucket <= m < max_len}
         n *= 2
-    return [*out, max_len]
+    return sorted(steps)
 
 
 def length_bucket(n: int, max_len: int, min_bucket: int = 16) -> int:
