@@ -29,7 +29,6 @@ def test_policy_benchmark_runs_every_policy_on_one_trace(tmp_path):
     assert report["machine"]["backend"] == "cpu" and report["machine"]["cpu_count"] >= 1
 
 
-
 def test_load_factors_set_rates_from_the_measured_capacity(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": "x " * (i + 1), "reference": "y " * (3 + i)})
@@ -44,6 +43,7 @@ def test_load_factors_set_rates_from_the_measured_capacity(tmp_path):
     assert all(run["fcfs"]["completed"] == 8 for run in report["runs"].values())
     with pytest.raises(SystemExit):
         policy_bench.parse_args(["--load-factors", "1.5,-1"])
+
 
 def test_simulate_command_reports_ratios_against_fcfs(tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
