@@ -428,6 +428,12 @@ class RankerSection:
     train_if_missing: bool = setting(False, doc="train and export the ranker first when the checkpoint is missing")
     train_config: str | None = setting("configs/ranker_smollm2.yaml", doc="training config for train_if_missing")
     max_batch: int = setting(32, ge=1, le=1024, doc="prompts per ranker forward pass")
+    reuse_pass: bool = setting(True, doc="when the ranker's backbone is the served model's own first blocks, keep "
+                                         "its pass over each prompt and start that prompt's prefill there "
+                                         "(ranking then adds no model compute)")
+    state_budget_mb: float = setting(1024.0, ge=0, doc="memory for kept ranker passes (hidden state + K/V of "
+                                                       "the backbone blocks); past it, the last-ranked requests "
+                                                       "drop theirs and prefill in full")
 
     def validate(self) -> None:
         if self.enabled and self.train_if_missing and not self.train_config:

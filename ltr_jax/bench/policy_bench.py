@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ltr_jax.bench.options import add_shared_options, check_policies, resolve_threshold
 from ltr_jax.bench.report import ratios, starvation_cost, write_report
 from ltr_jax.engine.engine import Engine, EngineConfig
-from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent
+from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent, warmup_ranker
 from ltr_jax.machine import machine_info
 from ltr_jax.models.llama import Llama
 from ltr_jax.models.ranker import length_bucket
@@ -117,7 +117,8 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
     after the previous one finished (an unloaded system)."""
     sched = make_scheduler(policy, engine.num_slots, args, starvation_threshold)
     uses_ranker = policy in ("ltr", "ltr+starvation", "ltr-rescore", "classify")
-    orch = Orchestrator(engine, tokenizer, sched, ranker=ranker if uses_ranker else None, max_queue=len(items) + 1)
+    orch = Orchestrator(engine, tokenizer, sched, ranker=ranker if uses_ranker else None, max_queue=len(items) + 1,
+                        reuse_ranker_pass=args.reuse_ranker_pass)
     observed: dict[str, Observed] = {}
     lock = threading.Lock()
     done = threading.Event()
@@ -182,6 +183,7 @@ def summarize_observed(obs: list[Observed], wall: float, stats: dict, budgeted: 
         "preemptions": stats["preemptions"], "promotions": stats["promotions"],
         "ranker_seconds": stats["ranker_seconds"], "ranker_share_of_busy_time": stats["ranker_seconds"] / busy,
         "ranker_ms_per_request": 1e3 * stats["ranker_seconds"] / max(1, stats["ranker_requests"]),
+        "reused_ranker_passes": stats["reused_ranker_passes"],
         "latencies_s": [round(x, 4) for x in lat],
     }
     return out
@@ -219,6 +221,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "of --capacity-probe requests under fcfs, so a load means the same thing on a faster machine")
     p.add_argument("--capacity-probe", type=int, default=64, help="requests in the capacity burst "
                    "(the workload's first ones)")
+    p.add_argument("--reuse-ranker-pass", action=argparse.BooleanOptionalAction, default=True,
+                   help="start each ranked prompt's prefill from the ranker's pass over its first blocks (when the "
+                   "ranker's backbone is the served model's own), so ranking adds no model compute")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     check_policies(p, args)
@@ -272,8 +277,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   cache_lens=engine.cache_buckets(longest + 1), transitions=True)
     for r in (ranker, classifier):  # compile every (batch, length) shape arrivals will use, not mid-run
         if r is not None:
-            r.warmup(batch_sizes=(1, 2, 4), lengths=sorted({length_bucket(len(i.prompt_tokens), r.spec.max_prompt_len,
-                                                                           r.min_bucket) for i in items}))
+            warmup_ranker(engine, r, sorted({length_bucket(len(i.prompt_tokens), r.spec.max_prompt_len, r.min_bucket)
+                                             for i in items}), batch_sizes=(1, 2, 4),
+                          reuse_ranker_pass=args.reuse_ranker_pass)
     warm_s = time.monotonic() - t_warm
     unloaded = None
     if args.unloaded_probe:
@@ -310,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "warmup_s": round(warm_s, 1), "rates": {}, "runs": {},
         "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum},
         "max_preemptions": args.max_preemptions, "unloaded": unloaded, "capacity": capacity,
+        "reuse_ranker_pass": args.reuse_ranker_pass,
     }
     for rate in rates:
         key = "burst" if rate is None else f"rate={rate:g}"

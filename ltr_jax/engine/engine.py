@@ -4,6 +4,8 @@ Owns the device side of serving. Every call is one `jax.jit`-compiled pure funct
 
 * `prefill(tokens, sampling)`      -> `Prefix`: the prompt (padded to a length bucket) run causally; its K/V and its
                                       first sampled token stay on the device.
+* `prefill_from_state(state, ...)`  -> the same `Prefix` for a prompt whose first blocks the ranker already ran
+                                      when it scored the prompt: only the remaining blocks run.
 * `insert(prefix, slot)`           -> writes the prefix's K/V into the slot (decode state donated, updated in place).
 * `generate()`                     -> one decode step for every slot; returns the new token of each slot
                                       (one small device->host copy per step).
@@ -110,6 +112,7 @@ class DecodeState(NamedTuple):
 class EngineStats:
     prefill_calls: int = 0
     prefill_tokens: int = 0
+    resumed_prefills: int = 0  # prefills that started from a ranker's backbone pass (counted in prefill_calls)
     generate_calls: int = 0
     compile_seconds: float = 0.0
     compiled_shapes: set = field(default_factory=set)
@@ -121,6 +124,26 @@ def _prefill_fn(graphdef, state, tokens, length, temperature, top_k, top_p, seed
     logits, kv = model.prefill(tokens[None, :], length[None])
     token = sample_tokens(logits, temperature[None], top_k[None], top_p[None], seed[None], length[None])[0]
     return Prefix(kv, length, token, temperature, top_k, top_p, seed)
+
+
+def _fit_length(x: jax.Array, axis: int, n: int) -> jax.Array:
+    """Pad with zeros or cut ``x`` along ``axis`` to length ``n`` (only padding positions are ever cut)."""
+    if x.shape[axis] >= n:
+        return jax.lax.slice_in_dim(x, 0, n, axis=axis)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, n - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _prefill_rest_fn(graphdef, bucket, state, hidden, lower_kv, length, temperature, top_k, top_p, seed):
+    """A prefill whose first blocks already ran (the ranker's pass): hidden [T, D], lower_kv [N, 2, KV, T, hd]."""
+    model = nnx.merge(graphdef, state)
+    x = _fit_length(hidden, 0, bucket)[None].astype(model.embed[...].dtype)
+    logits, upper = model.prefill_from(x, length[None], lower_kv.shape[0])
+    lower_kv = _fit_length(lower_kv, 3, bucket)
+    lower = [(lower_kv[i, 0][None], lower_kv[i, 1][None]) for i in range(lower_kv.shape[0])]
+    token = sample_tokens(logits, temperature[None], top_k[None], top_p[None], seed[None], length[None])[0]
+    return Prefix(lower + upper, length, token, temperature, top_k, top_p, seed)
 
 
 def _insert_fn(prefix: Prefix, decode_state: DecodeState, slot):
@@ -168,6 +191,7 @@ def _generate_fn(graphdef, state, decode_state: DecodeState, active):
 # Module-level compiled functions (the graph definition is a static argument), so every engine over the same model
 # architecture shares one compilation cache.
 _PREFILL = jax.jit(_prefill_fn, static_argnums=(0,))
+_PREFILL_REST = jax.jit(_prefill_rest_fn, static_argnums=(0, 1))
 _INSERT = jax.jit(_insert_fn, donate_argnums=(1,))
 _GENERATE = jax.jit(_generate_fn, static_argnums=(0,), donate_argnums=(2,))
 _RESIZE = jax.jit(_resize_fn, static_argnames=("cache_len",))  # shapes change: nothing to donate
@@ -192,6 +216,7 @@ class Engine:
             self.params = shard_params(self.params, mesh)
         self.stats = EngineStats()
         self._prefill = functools.partial(_PREFILL, self.graphdef)
+        self._prefill_rest = functools.partial(_PREFILL_REST, self.graphdef)
         self._insert = _INSERT
         self._generate = functools.partial(_GENERATE, self.graphdef)
         self._resize = _RESIZE
@@ -295,6 +320,51 @@ class Engine:
             ("prefill", bucket), self._prefill, self.params, padded, np.int32(n), np.float32(sampling.temperature),
             np.int32(sampling.top_k), np.float32(sampling.top_p), np.uint32(sampling.seed & 0xFFFFFFFF),
         )
+
+    def prefill_from_state(self, state, sampling: SlotSampling) -> Prefix:
+        """Finish the prefill of a prompt whose first blocks the ranker already ran (`BackboneState`: hidden state
+        and K/V of those blocks). Same result as `prefill` of the whole prompt, for the cost of the other blocks."""
+        c = self.model_config
+        n, layers = int(state.length), int(state.kv.shape[0])
+        if not 1 <= n < self.config.max_seq_len:
+            raise ValueError(f"a backbone state of {n} tokens does not fit engine.max_seq_len={self.config.max_seq_len}")
+        if (not 0 < layers <= c.n_layers or state.hidden.shape[-1] != c.dim
+                or tuple(state.kv.shape[1:3]) != (2, c.n_kv_heads) or state.kv.shape[-1] != c.head_dim):
+            raise ValueError(f"backbone state of shape hidden {tuple(state.hidden.shape)}, kv {tuple(state.kv.shape)} "
+                             f"does not belong to {c.name} ({c.n_layers} layers, dim {c.dim}, {c.n_kv_heads} kv heads)")
+        bucket = self.config.prefill_bucket(n)
+        self.stats.prefill_calls += 1
+        self.stats.resumed_prefills += 1
+        self.stats.prefill_tokens += n
+        return self._timed(
+            ("prefill_rest", layers, state.hidden.shape[0], bucket), self._prefill_rest, bucket, self.params,
+            state.hidden, state.kv, np.int32(n), np.float32(sampling.temperature), np.int32(sampling.top_k),
+            np.float32(sampling.top_p), np.uint32(sampling.seed & 0xFFFFFFFF),
+        )
+
+    def warmup_prefill_from_state(self, n_layers: int, lengths: list[int]) -> float:
+        """Compile `prefill_from_state` for backbone states of ``n_layers`` blocks padded to each of ``lengths``
+        (and the inserts of the prefill buckets they map to); returns seconds spent."""
+        from ltr_jax.models.ranker import BackboneState
+
+        c, t0 = self.model_config, time.perf_counter()
+        dt = jnp.dtype(c.dtype)
+        for t in lengths:
+            if t >= self.config.max_seq_len:
+                continue
+            state = BackboneState(jnp.zeros((t, c.dim), dt), jnp.zeros((n_layers, 2, c.n_kv_heads, t, c.head_dim), dt), t)
+            prefix = self.prefill_from_state(state, SlotSampling())
+            self.stats.prefill_calls -= 1  # warm-up calls are not traffic
+            self.stats.resumed_prefills -= 1
+            self.stats.prefill_tokens -= t
+            key = ("insert", prefix.kv[0][0].shape[2], self.cache_len)
+            if key not in self.stats.compiled_shapes:
+                self.decode_state = self._timed(key, self._insert, prefix, self.decode_state, np.int32(0))
+        return time.perf_counter() - t0
+
+    def layer_weights(self) -> list[dict[str, Any]]:
+        """Per-layer weight arrays of the served model (to check that a ranker's backbone is this model)."""
+        return [{k: v[...] for k, v in self.params["layers"][i].items()} for i in range(self.model_config.n_layers)]
 
     def insert(self, prefix: Prefix, slot: int) -> None:
         """Place a prefix into decode slot `slot` and mark it active."""

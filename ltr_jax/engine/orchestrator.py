@@ -3,6 +3,8 @@
 Owns the one thread that touches the engine. At every batch boundary it:
 
 1. takes new submissions (scoring them with the ranker in one batch) and cancellations from a thread-safe inbox;
+   when the ranker's backbone is the served model's own first blocks, each prompt's pass through them is kept
+   (within a memory budget) and its prefill later starts there, so ranking costs no extra model compute;
 2. expires requests past their deadline;
 3. asks the scheduler (`schedule(now)`) which running requests to evict and which waiting ones to admit;
 4. evicts (tokens stay on the host), prefills + inserts admitted requests (a resumed request re-prefills its
@@ -97,13 +99,35 @@ class _Job:
     held: str = ""  # decoded text withheld because it could be the start of a stop string
     slot: int | None = None
     done: bool = False
+    backbone_state: Any = None  # the ranker's pass over the prompt (`BackboneState`), until admission
+
+
+def shares_ranker_pass(engine: Engine, ranker: Any) -> bool:
+    """Whether ``ranker``'s backbone is the engine's own first blocks, so its pass over a prompt can start that
+    prompt's prefill (`Engine.prefill_from_state`)."""
+    check = getattr(ranker, "shares_backbone_with", None)
+    return bool(check and hasattr(ranker, "raw_with_state")
+                and check(engine.model_config, engine.layer_weights()))
+
+
+def warmup_ranker(engine: Engine, ranker: Any, lengths: list[int], batch_sizes=(1,),
+                  reuse_ranker_pass: bool = True) -> float:
+    """Compile the ranker for these padded prompt lengths and batch sizes and, when its pass is reused, the engine's
+    `prefill_from_state` for the same lengths, ahead of traffic. Returns seconds spent."""
+    t0 = time.perf_counter()
+    reuse = reuse_ranker_pass and shares_ranker_pass(engine, ranker)
+    ranker.warmup(batch_sizes=batch_sizes, lengths=lengths, keep_state=reuse)
+    if reuse:
+        engine.warmup_prefill_from_state(ranker.spec.n_layers, lengths)
+    return time.perf_counter() - t0
 
 
 class Orchestrator:
     """Continuous batching over an `Engine`, ordered by a `Scheduler`, streaming to per-request callbacks."""
 
     def __init__(self, engine: Engine, tokenizer, scheduler: Scheduler, ranker=None, max_queue: int = 1024,
-                 observer=None, clock: Callable[[], float] = time.monotonic):
+                 observer=None, clock: Callable[[], float] = time.monotonic, reuse_ranker_pass: bool = True,
+                 ranker_state_budget_mb: float = 1024.0):
         if scheduler.num_slots != engine.num_slots:
             raise ValueError(f"scheduler has {scheduler.num_slots} slots but the engine has {engine.num_slots}")
         self.engine = engine
@@ -126,9 +150,13 @@ class Orchestrator:
         self._stopping = False
         self._drain = True
         self._unfinished = 0
+        self.reuse_ranker_pass = bool(reuse_ranker_pass) and shares_ranker_pass(engine, ranker)
+        self.ranker_state_budget = int(ranker_state_budget_mb * 2**20)
+        self._holding: set[_Job] = set()  # jobs keeping a backbone state
         self.counters: dict[str, float] = {
             "tokens_generated": 0, "requests_finished": 0, "requests_errored": 0, "steps": 0,
             "ranker_seconds": 0.0, "ranker_calls": 0, "ranker_requests": 0, "busy_seconds": 0.0,
+            "reused_ranker_passes": 0, "ranker_states_dropped": 0, "ranker_state_bytes": 0,
         }
 
     # ------------------------------------------------------------------------------------- thread-safe API
@@ -280,25 +308,52 @@ class Orchestrator:
             return
         t0 = time.perf_counter()
         prompts = [j.prompt_tokens for j in jobs]
+        states: list[Any] = [None] * len(jobs)
         try:
-            if getattr(getattr(self.ranker, "spec", None), "method", None) == "classify":
-                scores, class_logits = self.ranker.raw(prompts)  # S3-style: the most likely length class
-                buckets = np.argmax(class_logits, axis=-1)
+            if self.reuse_ranker_pass:
+                scores, outputs, states = self.ranker.raw_with_state(prompts)
+            elif getattr(getattr(self.ranker, "spec", None), "method", None) == "classify":
+                scores, outputs = self.ranker.raw(prompts)
             else:
-                scores, buckets = self.ranker.score(prompts), None
+                scores, outputs = self.ranker.score(prompts), None
         except Exception:  # noqa: BLE001 - a ranker failure must not lose requests: they run unranked
             log.error("ranker failed; requests scheduled with score 0:\n%s", traceback.format_exc())
             return
+        classify = getattr(getattr(self.ranker, "spec", None), "method", None) == "classify"
+        buckets = np.argmax(outputs, axis=-1) if classify else None  # S3-style: the most likely length class
         for i, job in enumerate(jobs):
             job.request.score = float(scores[i])
             if buckets is not None:
                 job.request.bucket = int(buckets[i])
+            if states[i] is not None:
+                job.backbone_state = states[i]
+                self._holding.add(job)
+                self.counters["ranker_state_bytes"] += states[i].nbytes
+        self._trim_states()
         dt = time.perf_counter() - t0
         self.counters["ranker_seconds"] += dt
         self.counters["ranker_calls"] += 1
         self.counters["ranker_requests"] += len(jobs)
         if self.observer:
             self.observer.on_ranker(dt, len(jobs))
+
+    def _trim_states(self) -> None:
+        """Keep the backbone states within budget: drop those of the lowest-scored (last to run) requests first;
+        they simply prefill from the first block when admitted."""
+        if self.counters["ranker_state_bytes"] <= self.ranker_state_budget:
+            return
+        for job in sorted(self._holding, key=lambda j: j.request.score):
+            self._release_state(job)
+            self.counters["ranker_states_dropped"] += 1
+            if self.counters["ranker_state_bytes"] <= self.ranker_state_budget:
+                return
+
+    def _release_state(self, job: _Job) -> Any:
+        state, job.backbone_state = job.backbone_state, None
+        if state is not None:
+            self._holding.discard(job)
+            self.counters["ranker_state_bytes"] -= state.nbytes
+        return state
 
     def _expire(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -313,10 +368,15 @@ class Orchestrator:
         try:
             s = job.sampling
             sampling = SlotSampling(float(s.temperature), int(s.top_k), float(s.top_p), job.seed)
-            # a resumed request recomputes its whole context (prompt + every token it produced) and, like a new
-            # one, gets its next token from the prefill; its key depends only on seed and position, so the
-            # token is the one it would have drawn had it never been evicted
-            prefix = self.engine.prefill(job.prompt_tokens + job.output, sampling)
+            state = self._release_state(job)
+            if state is not None and not job.output:  # the ranker already ran this prompt's first blocks
+                prefix = self.engine.prefill_from_state(state, sampling)
+                self.counters["reused_ranker_passes"] += 1
+            else:
+                # a resumed request recomputes its whole context (prompt + every token it produced) and, like a
+                # new one, gets its next token from the prefill; its key depends only on seed and position, so
+                # the token is the one it would have drawn had it never been evicted
+                prefix = self.engine.prefill(job.prompt_tokens + job.output, sampling)
             self.engine.insert(prefix, slot)
         except Exception as exc:  # noqa: BLE001
             log.error("prefill failed for %s:\n%s", job.request.request_id, traceback.format_exc())
@@ -409,6 +469,7 @@ class Orchestrator:
             return
         job.done = True
         req = job.request
+        self._release_state(job)
         if job.slot is not None:
             self.engine.free(job.slot)
             self._free_slots.append(job.slot)

@@ -7,6 +7,8 @@ optional tied embeddings, and the three forward passes the rest of the stack nee
 * `Llama.decode`   - one new token for each of B decode slots, reading and writing a per-layer KV cache
                      in place (a scatter of B rows; the cache buffers are donated by the engine, so no step copies
                      the cache);
+* `Llama.prefill_from` - the rest of a prefill from the hidden state after its first blocks (the ranker runs
+                     those blocks when it scores a prompt, so admission need not run them again);
 * `reference_forward` / `hidden_states` - plain full-sequence passes for tests and the ranker backbone.
 
 KV cache layout: a list with one `(k, v)` pair per layer, each `[slots, kv_heads, cache_len, head_dim]`. Decode
@@ -185,15 +187,20 @@ class Llama(nnx.Module):
     # ---------------------------------------------------------------------------------------------- passes
     def hidden(self, tokens: jax.Array, lengths: jax.Array, n_layers: int | None = None):
         """Causal pass over [B, T] right-padded tokens; returns (hidden [B, T, D], per-layer (k, v) [B, KV, T, hd])."""
-        b, t = tokens.shape
+        return self.run_blocks(self._embed(tokens), lengths, 0, n_layers)
+
+    def run_blocks(self, x: jax.Array, lengths: jax.Array, start: int = 0, stop: int | None = None):
+        """Blocks ``start .. stop-1`` over the residual stream x [B, T, D] of right-padded sequences of ``lengths``.
+
+        Returns (x after the last of them, their (k, v) [B, KV, T, hd] per block). A prefill split in two
+        (`hidden` up to block n, then `prefill_from` at n) computes exactly what one full pass does."""
+        b, t, _ = x.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         causal = jnp.tril(jnp.ones((t, t), bool))
         valid = jnp.arange(t)[None, :] < lengths[:, None]  # keys past the true length are padding
         mask = causal[None] & valid[:, None, :]
-        x = self._embed(tokens)
         kvs = []
-        layers = self.layers if n_layers is None else list(self.layers)[:n_layers]
-        for blk in layers:
+        for blk in list(self.layers)[start:stop]:
             q, k, v = blk.qkv(x, positions, self.inv_freq[...])
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
             x = x + blk.attend(q, k, v, mask) @ blk.wo[...]
@@ -203,7 +210,13 @@ class Llama(nnx.Module):
 
     def prefill(self, tokens: jax.Array, lengths: jax.Array):
         """tokens [B, T] right-padded, lengths [B]. Returns (logits at position length-1 [B, V], kv list)."""
-        x, kvs = self.hidden(tokens, lengths)
+        return self.prefill_from(self._embed(tokens), lengths, 0)
+
+    def prefill_from(self, x: jax.Array, lengths: jax.Array, start: int):
+        """The rest of a prefill whose first ``start`` blocks already ran: x [B, T, D] is their output.
+
+        Returns (logits at position length-1 [B, V], (k, v) of blocks ``start`` onwards)."""
+        x, kvs = self.run_blocks(x, lengths, start)
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
         return self.logits(last), kvs
 
@@ -293,8 +306,11 @@ def reference_forward(config: LlamaConfig, params: dict[str, Any], tokens) -> ja
     return model.logits(x)
 
 
-def hidden_states(config: LlamaConfig, params: dict[str, Any], tokens, lengths, n_layers: int) -> jax.Array:
-    """Output of the first `n_layers` blocks, [B, T, D] (ranker backbone). Padded positions are garbage."""
+def hidden_states(config: LlamaConfig, params: dict[str, Any], tokens, lengths, n_layers: int,
+                  with_kv: bool = False):
+    """Output of the first `n_layers` blocks, [B, T, D] (ranker backbone). Padded positions are garbage.
+
+    With ``with_kv``: (hidden, those blocks' (k, v) [B, KV, T, hd] each), the first part of a prefill."""
     model = Llama.from_params(config, params)
-    x, _ = model.hidden(jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), n_layers)
-    return x
+    x, kvs = model.hidden(jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), n_layers)
+    return (x, kvs) if with_kv else x

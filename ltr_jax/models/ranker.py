@@ -8,7 +8,8 @@ Owns:
 - `RankerHead`: an NNX module (feature standardisation, then Linear/GELU layers) mapping pooled features to the
   head outputs (1 score, or one logit per length bucket for the classifier);
 - `RankerScorer`: serving-time scoring of many prompts at once, in jitted batches padded to the lengths of
-  `length_ladder`.
+  `length_ladder`; on request it also hands back each prompt's `BackboneState` (the backbone blocks' hidden state
+  and K/V), so the engine can start that prompt's prefill at block ``n_layers`` instead of block 0.
 
 Score convention: HIGHER score = SHORTER expected output (runs first), for every method.
 """
@@ -20,7 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -202,11 +203,33 @@ def length_bucket(n: int, max_len: int, min_bucket: int = 16) -> int:
     return next(m for m in length_ladder(max_len, min_bucket) if m >= min(n, max_len))
 
 
-@partial(jax.jit, static_argnames=("config", "pooling", "method", "graphdef"))
-def _score_batch(config, pooling, method, graphdef, backbone, head_state, tokens, lengths):
-    features = pooled_features(config, backbone, tokens, lengths, pooling)
+class BackboneState(NamedTuple):
+    """One prompt's pass through the backbone blocks, kept on the device: the first part of its prefill."""
+
+    hidden: jax.Array  # [T, D]: the residual stream after block n_layers (positions >= length are padding)
+    kv: jax.Array  # [n_layers, 2, kv_heads, T, head_dim]: each backbone block's keys and values
+    length: int  # real prompt tokens (T is the padded length)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.kv.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.hidden.nbytes + self.kv.nbytes)
+
+
+@partial(jax.jit, static_argnames=("config", "pooling", "method", "graphdef", "keep_state"))
+def _score_batch(config, pooling, method, graphdef, backbone, head_state, tokens, lengths, keep_state=False):
+    hidden, kvs = hidden_states(config, backbone, tokens, lengths, config.n_layers, with_kv=True)
+    features = pool(hidden, jnp.asarray(lengths, jnp.int32), pooling)
     outputs = nnx.merge(graphdef, head_state)(features)
-    return scores_from_outputs(method, outputs), outputs
+    scores = scores_from_outputs(method, outputs)
+    if not keep_state:
+        return scores, outputs, ()
+    kv = jnp.stack([jnp.stack([k, v]) for k, v in kvs])  # [n_layers, 2, B, KV, T, hd]
+    rows = tuple((hidden[r], kv[:, :, r]) for r in range(tokens.shape[0]))  # one buffer pair per prompt
+    return scores, outputs, rows
 
 
 class RankerScorer:
@@ -242,11 +265,23 @@ class RankerScorer:
 
     def raw(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """(scores [N], head outputs [N, num_outputs]) for N prompts."""
+        scores, outputs, _ = self._run(prompts, keep_state=False)
+        return scores, outputs
+
+    def raw_with_state(self, prompts: Sequence[Sequence[int]]
+                       ) -> tuple[np.ndarray, np.ndarray, list[BackboneState | None]]:
+        """`raw`, plus each prompt's `BackboneState` (None for a prompt the scorer truncated: its backbone pass is
+        not the start of that prompt's prefill)."""
+        return self._run(prompts, keep_state=True)
+
+    def _run(self, prompts: Sequence[Sequence[int]], keep_state: bool):
+        full = [len(p) for p in prompts]
         prompts = [truncate_prompt_tokens(p, self.spec.max_prompt_len) for p in prompts]
         if any(len(p) == 0 for p in prompts):
             raise ValueError("cannot score an empty prompt (0 tokens)")
         scores = np.zeros((len(prompts),), np.float32)
         outputs = np.zeros((len(prompts), self.spec.num_outputs), np.float32)
+        states: list[BackboneState | None] = [None] * len(prompts)
         for padded_len, idx in self._batches([len(p) for p in prompts]):
             batch = 1 << math.ceil(math.log2(len(idx)))
             tokens = np.zeros((batch, padded_len), np.int32)
@@ -254,22 +289,39 @@ class RankerScorer:
             for row, i in enumerate(idx):
                 tokens[row, : len(prompts[i])] = prompts[i]
                 lengths[row] = len(prompts[i])
-            s, o = _score_batch(self.backbone_config, self.spec.pooling, self.spec.method, self.graphdef,
-                                self.backbone, self.head_state, tokens, lengths)
+            s, o, rows = _score_batch(self.backbone_config, self.spec.pooling, self.spec.method, self.graphdef,
+                                      self.backbone, self.head_state, tokens, lengths, keep_state=keep_state)
             scores[idx] = np.asarray(s)[: len(idx)]
             outputs[idx] = np.asarray(o)[: len(idx)]
-        return scores, outputs
+            for row, i in enumerate(idx):
+                if keep_state and len(prompts[i]) == full[i]:
+                    states[i] = BackboneState(rows[row][0], rows[row][1], full[i])
+        return scores, outputs, states
+
+    def shares_backbone_with(self, config: LlamaConfig, layer_weights: Sequence[dict[str, Any]]) -> bool:
+        """Whether this scorer's backbone is exactly the first ``n_layers`` blocks of the model given by ``config``
+        and its per-layer weights (so a `BackboneState` is the start of that model's prefill)."""
+        n = self.spec.n_layers
+        if config.n_layers < n or len(layer_weights) < n or config.replace(n_layers=n) != self.backbone_config:
+            return False
+        for i in {0, self.spec.n_layers - 1}:
+            for key in ("wq", "w_down"):
+                if not np.array_equal(np.asarray(self.backbone["layers"][i][key]), np.asarray(layer_weights[i][key])):
+                    return False
+        return True
 
     def bucket_lengths(self) -> list[int]:
         """Every padded prompt length the scorer uses."""
         return length_ladder(self.spec.max_prompt_len, self.min_bucket)
 
-    def warmup(self, batch_sizes: Sequence[int] = (1, 2, 4), lengths: Sequence[int] | None = None) -> int:
-        """Compile the scoring function for these (batch, length) shapes ahead of traffic; returns how many."""
+    def warmup(self, batch_sizes: Sequence[int] = (1, 2, 4), lengths: Sequence[int] | None = None,
+               keep_state: bool = False) -> int:
+        """Compile the scoring function for these (batch, length) shapes ahead of traffic; returns how many.
+        ``keep_state`` compiles the variant `raw_with_state` uses."""
         shapes = [(b, t) for b in batch_sizes for t in (lengths or self.bucket_lengths())]
         for b, t in shapes:
             _score_batch(self.backbone_config, self.spec.pooling, self.spec.method, self.graphdef, self.backbone,
-                         self.head_state, np.zeros((b, t), np.int32), np.ones((b,), np.int32))
+                         self.head_state, np.zeros((b, t), np.int32), np.ones((b,), np.int32), keep_state=keep_state)
         return len(shapes)
 
     def score(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:

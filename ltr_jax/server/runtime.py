@@ -167,7 +167,7 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
     t0 = time.perf_counter()
     enable_compilation_cache(config.engine.compilation_cache_dir)
     from ltr_jax.engine.engine import Engine  # lazy: JAX only once the config is known good
-    from ltr_jax.engine.orchestrator import Orchestrator
+    from ltr_jax.engine.orchestrator import Orchestrator, warmup_ranker
     from ltr_jax.models.llama import Llama
     from ltr_jax.models.ranker import length_bucket
     from ltr_jax.scheduler.scheduler import Scheduler
@@ -191,7 +191,12 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
         log.info("scheduling: policy %s, %s", sched_cfg.policy, ranker_note)
     metrics = ServerMetrics(model=model_name, policy=sched_cfg.policy)
     orchestrator = Orchestrator(engine, loaded.tokenizer, scheduler, ranker=ranker,
-                                max_queue=config.server.max_queue, observer=metrics)
+                                max_queue=config.server.max_queue, observer=metrics,
+                                reuse_ranker_pass=config.ranker.reuse_pass,
+                                ranker_state_budget_mb=config.ranker.state_budget_mb)
+    if orchestrator.reuse_ranker_pass:
+        log.info("the ranker's pass over the first %d blocks is kept and starts each prompt's prefill",
+                 ranker.spec.n_layers)
     metrics.attach_stats(orchestrator.stats)
 
     if warmup and config.engine.warmup_max_len > 0:
@@ -200,7 +205,8 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
         engine.warmup(prefill_buckets=prefill, cache_lens=cache_lens, transitions=config.engine.warmup_transitions)
         if ranker is not None:  # every padded prompt length up to the warmed one, for a lone arrival
             top = length_bucket(max(prefill), ranker.spec.max_prompt_len, ranker.min_bucket)
-            ranker.warmup(batch_sizes=(1,), lengths=[t for t in ranker.bucket_lengths() if t <= top])
+            warmup_ranker(engine, ranker, [t for t in ranker.bucket_lengths() if t <= top],
+                          reuse_ranker_pass=orchestrator.reuse_ranker_pass)
         timings["warmup_s"] = time.perf_counter() - t1
         log.info("warmed up %d prefill and %d decode shapes in %.1f s", len(prefill), len(cache_lens),
                  timings["warmup_s"])
