@@ -415,6 +415,9 @@ def test_ranker_scores_arrivals(tight_server):
     assert after["ltr_jax_ranked_requests_total"] - before["ltr_jax_ranked_requests_total"] == 1
     assert after["ltr_jax_ranker_latency_seconds_count"] - before["ltr_jax_ranker_latency_seconds_count"] == 1
     assert tight_server.runtime.ranker is not None
+    # the ranker's block is the served model's first: the prefill started from its pass, which is then let go
+    assert after["ltr_jax_reused_ranker_passes_total"] - before["ltr_jax_reused_ranker_passes_total"] == 1
+    assert after["ltr_jax_ranker_state_bytes"] == 0
 
 
 def test_api_key(tight_server):

@@ -37,14 +37,17 @@ class _StatsCollector:
         gauges = (("queue_length", "queue_len", "Requests waiting for a decode slot"),
                   ("running_slots", "running", "Decode slots holding a running request"),
                   ("free_slots", "free_slots", "Decode slots free"),
-                  ("slots", "num_slots", "Decode slots in total"))
+                  ("slots", "num_slots", "Decode slots in total"),
+                  ("ranker_state_bytes", "ranker_state_bytes", "Memory held by waiting requests' ranker passes"))
         for name, key, doc in gauges:
             yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=s.get(key, 0))
         counters = (("generated_tokens", "tokens_generated", "Tokens generated (tokens/s = rate of this)"),
                     ("preemptions", "preemptions", "Running requests evicted for a better-ranked one"),
                     ("starvation_promotions", "promotions", "Waiting requests promoted by starvation control"),
                     ("decode_steps", "steps", "Batched decode steps run"),
-                    ("busy_seconds", "busy_seconds", "Seconds the loop spent on batch boundaries"))
+                    ("busy_seconds", "busy_seconds", "Seconds the loop spent on batch boundaries"),
+                    ("reused_ranker_passes", "reused_ranker_passes", "Prefills started from the ranker's pass"),
+                    ("ranker_states_dropped", "ranker_states_dropped", "Kept ranker passes dropped over budget"))
         for name, key, doc in counters:
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=s.get(key, 0))
 
