@@ -14,7 +14,6 @@ from ltr_jax.models.ranker import (
     length_bucket,
     length_ladder,
     pool,
-    pooled_features,
     truncate_prompt_tokens,
 )
 from ltr_jax.models.tiny import tiny_model
@@ -73,7 +72,7 @@ def test_pooling_matches_manual_mean_and_last(model):
     np.testing.assert_allclose(mean[0], hidden[0, :4].mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(mean[1], hidden[1].mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(last[0], hidden[0, 3])
-    both = np.asarray(pooled_features(cfg, params, tokens, lengths, "mean+last"))
+    both = np.asarray(pool(jnp.asarray(hidden), jnp.asarray(lengths), "mean+last"))
     np.testing.assert_allclose(both, np.concatenate([mean, last], 1), rtol=1e-5, atol=1e-6)
 
 

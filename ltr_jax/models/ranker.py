@@ -3,8 +3,8 @@
 Owns:
 - `RankerSpec`: everything needed to rebuild a ranker besides the head's weights (backbone source and depth,
   pooling, head shape, training method, prompt truncation, classifier bucket edges);
-- `pooled_features`: the backbone pass (the serving model's own first ``n_layers`` blocks via
-  `ltr_jax.models.llama.hidden_states`) pooled over the prompt tokens ("mean", "last" or "mean+last");
+- `backbone_params` / `pool`: the backbone (the serving model's own first ``n_layers`` blocks, run by
+  `ltr_jax.models.llama.hidden_states`) and its pooling over the prompt tokens ("mean", "last" or "mean+last");
 - `RankerHead`: an NNX module (feature standardisation, then Linear/GELU layers) mapping pooled features to the
   head outputs (1 score, or one logit per length bucket for the classifier);
 - `RankerScorer`: serving-time scoring of many prompts at once, in jitted batches padded to the lengths of
@@ -131,13 +131,6 @@ def pool(hidden: jax.Array, lengths: jax.Array, pooling: str) -> jax.Array:
     if pooling == "mean+last":
         return jnp.concatenate([mean, last], axis=-1)
     raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
-
-
-def pooled_features(config: LlamaConfig, params: dict[str, Any], tokens: jax.Array, lengths: jax.Array,
-                    pooling: str) -> jax.Array:
-    """Backbone features for right-padded prompts: all ``config.n_layers`` blocks, then pooling. Jittable."""
-    hidden = hidden_states(config, params, tokens, lengths, config.n_layers)
-    return pool(hidden, jnp.asarray(lengths, jnp.int32), pooling)
 
 
 # ------------------------------------------------------------------------------------------------ head
