@@ -127,7 +127,7 @@ def _prefill_fn(graphdef, state, tokens, length, temperature, top_k, top_p, seed
 
 
 def _fit_length(x: jax.Array, axis: int, n: int) -> jax.Array:
-    """Pad with zeros or cut ``x`` along ``axis`` to length ``n`` (only padding positions are ever cut)."""
+    """Pad with zeros or cut ``x`` along ``axis`` to length ``n`` (callers only ever cut padding or dead rows)."""
     if x.shape[axis] >= n:
         return jax.lax.slice_in_dim(x, 0, n, axis=axis)
     pad = [(0, 0)] * x.ndim
@@ -169,12 +169,8 @@ def _insert_fn(prefix: Prefix, decode_state: DecodeState, slot):
 
 
 def _resize_fn(decode_state: DecodeState, cache_len: int):
-    def resize(x):
-        if x.shape[2] >= cache_len:
-            return x[:, :, :cache_len]
-        return jnp.pad(x, ((0, 0), (0, 0), (0, cache_len - x.shape[2]), (0, 0)))
-
-    return decode_state._replace(cache=[(resize(k), resize(v)) for k, v in decode_state.cache])
+    cache = [(_fit_length(k, 2, cache_len), _fit_length(v, 2, cache_len)) for k, v in decode_state.cache]
+    return decode_state._replace(cache=cache)
 
 
 def _generate_fn(graphdef, state, decode_state: DecodeState, active):
