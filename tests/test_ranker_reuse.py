@@ -132,3 +132,35 @@ def test_warmup_compiles_the_resumed_prefill(served):
     warmup_ranker(engine, scorer, [16, 24], batch_sizes=(1,))
     assert {("prefill_rest", 2, 16, 16), ("prefill_rest", 2, 24, 32)} <= engine.stats.compiled_shapes
     assert engine.stats.prefill_calls == engine.stats.resumed_prefills == 0
+
+
+def test_after_warmup_serving_compiles_nothing_with_a_restored_ranker(served, tmp_path):
+    """A ranker restored from its checkpoint holds committed arrays, so its passes reach the engine committed; a
+    jit signature includes commitment, so unless the engine commits everything alike, the warmed-up shapes are
+    compiled again mid-traffic (seconds of stall per shape on a CPU)."""
+    from ltr_jax.engine import engine as engine_module
+    from ltr_jax.models.ranker import length_bucket
+    from ltr_jax.train.checkpoint import load_scorer, save_ranker
+
+    loaded, model = served
+    fresh = make_scorer(loaded)
+    scorer = load_scorer(save_ranker(tmp_path / "ranker", fresh.head, fresh.spec), model=loaded, max_batch=4)
+    engine = Engine(model, EngineConfig(num_slots=2, max_seq_len=256))
+    prompts, outputs = prompts_of([7, 30, 12, 50, 3, 21, 40, 9], seed=8), [9, 4, 30, 6, 3, 8, 12, 20]
+    longest = max(len(p) + o for p, o in zip(prompts, outputs))
+    buckets = {engine.config.prefill_bucket(len(p) + k) for p, o in zip(prompts, outputs) for k in (0, o)}
+    engine.warmup(prefill_buckets=sorted(buckets), cache_lens=engine.cache_buckets(longest + 1), transitions=True)
+    warmup_ranker(engine, scorer, sorted({length_bucket(len(p), 64, scorer.min_bucket) for p in prompts}),
+                  batch_sizes=(1, 2, 4))
+    jitted = [engine_module._PREFILL, engine_module._PREFILL_REST, engine_module._INSERT, engine_module._GENERATE,
+              engine_module._RESIZE]
+    before = [f._cache_size() for f in jitted]
+    orch = Orchestrator(engine, loaded.tokenizer, Scheduler(make_policy("ltr"), 2), ranker=scorer)
+    got: dict[str, list[int]] = {}
+    for i, (prompt, n) in enumerate(zip(prompts, outputs)):
+        orch.submit(prompt, SamplingParams(max_tokens=n, ignore_eos=True),
+                    lambda ev: got.setdefault(ev.request_id, []).extend(ev.token_ids), request_id=f"r{i}")
+    orch.run_until_idle()
+    assert orch.stats()["reused_ranker_passes"] == len(prompts)
+    assert [len(got[f"r{i}"]) for i in range(len(prompts))] == outputs
+    assert [f._cache_size() for f in jitted] == before

@@ -206,10 +206,16 @@ class Engine:
             )
         self.mesh = mesh
         self.graphdef, self.params = nnx.split(model)
+        # Without a mesh every array the engine holds is committed to one device. A jit signature includes whether
+        # each argument is committed, so warm-up (on the engine's own arrays) and serving (on arrays that may come
+        # committed from elsewhere, e.g. a ranker restored by Orbax) must agree, or serving compiles mid-run.
+        self.device = None if mesh is not None else jax.devices()[0]
         if mesh is not None:
             from ltr_jax.engine.sharding import shard_params
 
             self.params = shard_params(self.params, mesh)
+        else:
+            self.params = jax.device_put(self.params, self.device)
         self.stats = EngineStats()
         self._prefill = functools.partial(_PREFILL, self.graphdef)
         self._prefill_rest = functools.partial(_PREFILL_REST, self.graphdef)
@@ -235,8 +241,14 @@ class Engine:
         else:
             cache = [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(c.n_layers)]
         n = e.num_slots
-        return DecodeState(cache, jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.float32),
-                           jnp.zeros(n, jnp.int32), jnp.ones(n, jnp.float32), jnp.zeros(n, jnp.uint32))
+        state = DecodeState(cache, jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.float32),
+                            jnp.zeros(n, jnp.int32), jnp.ones(n, jnp.float32), jnp.zeros(n, jnp.uint32))
+        return state if self.mesh is not None else jax.device_put(state, self.device)
+
+    def _commit(self, x: jax.Array) -> jax.Array:
+        """``x`` committed to the engine's device (no copy when it already is), so its jit signature is the one
+        warm-up compiled."""
+        return x if self.device is None else jax.device_put(x, self.device)
 
     @property
     def num_slots(self) -> int:
@@ -334,7 +346,7 @@ class Engine:
         self.stats.prefill_tokens += n
         return self._timed(
             ("prefill_rest", layers, state.hidden.shape[0], bucket), self._prefill_rest, bucket, self.params,
-            state.hidden, state.kv, np.int32(n), np.float32(sampling.temperature), np.int32(sampling.top_k),
+            self._commit(state.hidden), self._commit(state.kv), np.int32(n), np.float32(sampling.temperature), np.int32(sampling.top_k),
             np.float32(sampling.top_p), np.uint32(sampling.seed & 0xFFFFFFFF),
         )
 
@@ -366,6 +378,7 @@ class Engine:
         """Place a prefix into decode slot `slot` and mark it active."""
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
+        prefix = jax.tree.map(self._commit, prefix)
         length = int(prefix.length)
         self.host_lengths[slot] = length
         self.host_active[slot] = True
