@@ -45,6 +45,14 @@ def test_load_factors_set_rates_from_the_measured_capacity(tmp_path):
         policy_bench.parse_args(["--load-factors", "1.5,-1"])
 
 
+def test_ltr_on_a_model_without_a_packaged_ranker_asks_for_one(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "q", "prompt": "x y", "reference": "y z"}) + "\n")
+    with pytest.raises(SystemExit, match="need --ranker"):
+        policy_bench.main(["--model", "tiny", "--prompts", str(prompts), "--split", "all", "--n", "1",
+                           "--policies", "fcfs,ltr", "--rates", "5", "--no-progress"])
+
+
 def test_simulate_command_reports_ratios_against_fcfs(tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     rng = np.random.default_rng(0)

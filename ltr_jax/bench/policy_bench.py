@@ -34,6 +34,11 @@ from ltr_jax.models.ranker import length_bucket
 from ltr_jax.scheduler.metrics import distribution
 from ltr_jax.scheduler.scheduler import Scheduler, StarvationConfig
 from ltr_jax.scheduler.trace import make_arrivals
+from ltr_jax.train.checkpoint import default_ranker_path, load_scorer
+
+# Ranker batch sizes compiled before timing; the scorers batch no wider, so a burst of arrivals splits into these
+# shapes instead of compiling a wider one mid-run.
+RANKER_BATCHES = (1, 2, 4)
 
 
 @dataclass
@@ -200,8 +205,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "lengths from reference answers")
     p.add_argument("--split", default="validation", choices=["validation", "train", "all"],
                    help="which prompts to draw from (validation = disjoint from the ranker's training split)")
-    p.add_argument("--ranker", default=None, help="ranker checkpoint dir for ltr policies (default: packaged)")
-    p.add_argument("--classifier", default=None, help="10-bucket classifier checkpoint for the classify policy")
+    p.add_argument("--ranker", default=None, help="ranker checkpoint dir for ltr policies (default, embedded model "
+                   "only: the packaged ranker trained on the same kind of lengths the run replays, trace or --labels)")
+    p.add_argument("--classifier", default=None, help="10-bucket classifier checkpoint for the classify policy "
+                   "(default, embedded model only: the packaged classifier matching the replayed lengths)")
     p.add_argument("--n", type=int, default=100, help="requests per run")
     p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma", "burst"])
     p.add_argument("--sdg-budget", type=float, default=None, help="synthetic-data-generation mode: burst of --n "
@@ -239,6 +246,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _shown_path(path: str) -> str:
+    """A checkpoint path as a report shows it: relative to the working directory when inside it."""
+    from pathlib import Path
+
+    p = Path(path).resolve()
+    return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
+
+
 def load_serving_model(source: str | None):
     if source and source.startswith("preset:"):
         raise SystemExit("preset models have no tokenizer; use the `simulate` command or a real checkpoint")
@@ -258,16 +273,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.length_scale != 1.0:
         length_source += f", each scaled by {args.length_scale:g} (same order and shape, shorter run)"
     ranker = classifier = None
+    ranker_path, classifier_path = args.ranker, args.classifier
+    if args.model is None:  # the embedded model ships a ranker and a classifier for each kind of length
+        packaged = default_ranker_path().parent
+        kind = "ranker_smollm2" if args.labels else "ranker_smollm2_trace"
+        ranker_path = ranker_path or str(packaged / kind)
+        classifier_path = classifier_path or str(packaged / f"{kind}_classify")
     if any(p in policies for p in ("ltr", "ltr+starvation", "ltr-rescore")):
-        from ltr_jax.train.checkpoint import load_scorer
-
-        ranker = load_scorer(args.ranker, model=loaded)
+        if ranker_path is None:
+            raise SystemExit(f"the ltr policies on model {args.model!r} need --ranker <checkpoint trained for it>")
+        ranker = load_scorer(ranker_path, model=loaded, max_batch=max(RANKER_BATCHES))
     if "classify" in policies:
-        from ltr_jax.train.checkpoint import load_scorer
-
-        if not args.classifier:
+        if not classifier_path:
             raise SystemExit("the classify policy needs --classifier <checkpoint of a 'classify' ranker>")
-        classifier = load_scorer(args.classifier, model=loaded)
+        classifier = load_scorer(classifier_path, model=loaded, max_batch=max(RANKER_BATCHES))
     print(f"warming up the engine ({len(items)} prompts, {args.slots} slots) ...", file=sys.stderr)
     t_warm = time.monotonic()
     longest = max(len(i.prompt_tokens) + i.output_len for i in items)
@@ -278,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in (ranker, classifier):  # compile every (batch, length) shape arrivals will use, not mid-run
         if r is not None:
             warmup_ranker(engine, r, sorted({length_bucket(len(i.prompt_tokens), r.spec.max_prompt_len, r.min_bucket)
-                                             for i in items}), batch_sizes=(1, 2, 4),
+                                             for i in items}), batch_sizes=RANKER_BATCHES,
                           reuse_ranker_pass=args.reuse_ranker_pass)
     warm_s = time.monotonic() - t_warm
     unloaded = None
@@ -317,6 +336,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum},
         "max_preemptions": args.max_preemptions, "unloaded": unloaded, "capacity": capacity,
         "reuse_ranker_pass": args.reuse_ranker_pass,
+        "ranker": _shown_path(ranker_path) if ranker is not None else None,
+        "classifier": _shown_path(classifier_path) if classifier is not None else None,
     }
     for rate in rates:
         key = "burst" if rate is None else f"rate={rate:g}"
