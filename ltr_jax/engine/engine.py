@@ -346,8 +346,8 @@ class Engine:
         self.stats.prefill_tokens += n
         return self._timed(
             ("prefill_rest", layers, state.hidden.shape[0], bucket), self._prefill_rest, bucket, self.params,
-            self._commit(state.hidden), self._commit(state.kv), np.int32(n), np.float32(sampling.temperature), np.int32(sampling.top_k),
-            np.float32(sampling.top_p), np.uint32(sampling.seed & 0xFFFFFFFF),
+            self._commit(state.hidden), self._commit(state.kv), np.int32(n), np.float32(sampling.temperature),
+            np.int32(sampling.top_k), np.float32(sampling.top_p), np.uint32(sampling.seed & 0xFFFFFFFF),
         )
 
     def warmup_prefill_from_state(self, n_layers: int, lengths: list[int]) -> float:
