@@ -380,6 +380,8 @@ class StarvationSection:
     quantum_s: float = setting(5.0, gt=0, doc="how long a promoted request keeps its priority")
     preempt_past_cap: bool = setting(True, doc="a promoted request may evict a running one even past the policy's "
                                                "max_preemptions (else it waits for a free slot)")
+    requeue_after_quantum: bool = setting(True, doc="when a promoted request's quantum ends it is back in rank "
+                                                     "order: a better-ranked waiting request may take its slot")
 
 
 @dataclasses.dataclass
@@ -410,7 +412,7 @@ class SchedulerSection:
 
         s = self.starvation
         return StarvationConfig(threshold_s=s.threshold_s, quantum_s=s.quantum_s, enabled=s.enabled,
-                                preempt_past_cap=s.preempt_past_cap)
+                                preempt_past_cap=s.preempt_past_cap, requeue_after_quantum=s.requeue_after_quantum)
 
 
 def _policy_param_names(policy: str) -> tuple[str, ...]:

@@ -251,6 +251,42 @@ def test_starved_request_is_promoted_preempts_and_is_demoted_after_quantum():
     assert d.preempt == [long_job] and d.admit == [better]
 
 
+@pytest.mark.parametrize("requeue", [False, True])
+def test_under_a_cap_of_zero_an_expired_promotion_is_requeued_only_when_asked(requeue):
+    starvation = StarvationConfig(threshold_s=1.0, quantum_s=0.5, requeue_after_quantum=requeue)
+    sched = Scheduler(make_policy("ltr", max_preemptions=0), 1, starvation=starvation)
+    ranked_last, first = req(0, score=-5.0, out=50), req(1, score=5.0, out=50)
+    sched.add(ranked_last, 0.0)
+    sched.add(first, 0.0)
+    assert sched.schedule(0.0).admit == [first]
+    sched.on_token(first, 1.1)
+    d = sched.schedule(1.1)  # waited 1.1 s > threshold: promoted, and evicts past the cap of 0
+    assert d.preempt == [first] and d.admit == [ranked_last] and first.preemptions_past_cap == 1
+    sched.on_token(ranked_last, 1.2)
+    assert sched.schedule(1.2).preempt == []  # within its quantum (starved at 1.0, until 1.5)
+    sched.on_token(ranked_last, 1.5)
+    d = sched.schedule(1.5)
+    assert not ranked_last.promoted  # demoted either way
+    if not requeue:  # it keeps the slot to its end: the cap of 0 protects it
+        assert d.preempt == [] and d.admit == []
+        return
+    assert d.preempt == [ranked_last] and d.admit == [first]  # back in rank order: the better one resumes
+    assert ranked_last.preemptions_past_cap == 1 and ranked_last.state is RequestState.WAITING
+    sched.on_token(first, 2.4)
+    assert sched.schedule(2.4).preempt == []  # its wait restarted at its last token (1.5): not starved yet
+    sched.on_token(first, 2.6)
+    d = sched.schedule(2.6)  # waited 1.1 s since its last token: promoted again, the bound holds
+    assert ranked_last.promotions == 2 and d.admit == [ranked_last] and d.preempt == [first]
+    # a request that entered in rank order is not requeued: the cap still protects `first` once it runs again
+    sched.on_token(ranked_last, 2.7)
+    sched.on_token(ranked_last, 3.1)
+    assert sched.schedule(3.1).admit == [first]
+    better = req(2, arrival=3.1, score=50.0)
+    sched.add(better, 3.1)
+    sched.on_token(first, 3.2)
+    assert sched.schedule(3.2).preempt == []
+
+
 def test_promoted_requests_ordered_by_when_they_starved():
     sched = Scheduler("ltr", 1, starvation=StarvationConfig(threshold_s=1.0, quantum_s=10.0))
     runner = req(0, score=9.0)

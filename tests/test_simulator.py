@@ -104,7 +104,7 @@ def build_policy(name, max_preemptions, margin):
     config=policy_configs,
     slots=st.integers(1, 5),
     budget=st.sampled_from([None, 1, 40, 200]),
-    starvation=st.sampled_from([None, (0.05, 0.02), (0.3, 0.1), (1.0, 1.0)]),
+    starvation=st.sampled_from([None, (0.05, 0.02), (0.3, 0.1), (1.0, 1.0), (0.3, 0.1, True, True, True)]),
 )
 def test_every_request_finishes_exactly_once_with_its_length(trace, config, slots, budget, starvation):
     policy = build_policy(*config)
@@ -118,7 +118,7 @@ def test_every_request_finishes_exactly_once_with_its_length(trace, config, slot
         assert r.generated == r.true_output_len == len(r.token_times)
         assert all(a < b for a, b in itertools.pairwise(r.token_times))
         assert r.arrival_time <= r.first_token_time <= r.finish_time == r.token_times[-1]
-        if policy.max_preemptions is not None:  # only promoted requests may evict past the cap
+        if policy.max_preemptions is not None:  # past the cap only for or after a promotion
             assert r.preemptions - r.preemptions_past_cap <= policy.max_preemptions
         if starv is None:
             assert r.preemptions_past_cap == 0
@@ -136,14 +136,16 @@ def test_every_request_finishes_exactly_once_with_its_length(trace, config, slot
     slots=st.integers(1, 4),
     threshold=st.sampled_from([0.02, 0.1, 0.3]),
     quantum=st.sampled_from([0.02, 0.1, 0.4]),
+    requeue=st.booleans(),
 )
-def test_starvation_bound_on_max_waiting_time(data, name, slots, threshold, quantum):
+def test_starvation_bound_on_max_waiting_time(data, name, slots, threshold, quantum, requeue):
     """Guarantee (stated conditions: at most 2 x num_slots requests in the trace, no prefill budget, no
     preemption cap): max_waiting_time <= threshold + quantum + one iteration (boundary detection delay) + the
     prefill phase of the boundary that admits the request."""
     trace = data.draw(traces(max_n=2 * slots, max_output=150))
     sched = Scheduler(
-        build_policy(name, None, 0.0), slots, starvation=StarvationConfig(threshold, quantum)
+        build_policy(name, None, 0.0), slots,
+        starvation=StarvationConfig(threshold, quantum, requeue_after_quantum=requeue),
     )
     result = checked_simulate(trace, sched, LinearStepTime())
     bound = threshold + quantum + result.max_iteration_s + result.max_prefill_phase_s + 1e-9

@@ -106,7 +106,8 @@ def make_scheduler(policy: str, slots: int, args, starvation_threshold: float | 
         name = "ltr"
         if starvation_threshold is None:  # callers resolve 'fcfs' (resolve_threshold) before they get here
             starvation_threshold = float(args.starvation_threshold)
-        starvation = StarvationConfig(threshold_s=starvation_threshold, quantum_s=args.starvation_quantum)
+        starvation = StarvationConfig(threshold_s=starvation_threshold, quantum_s=args.starvation_quantum,
+                                      requeue_after_quantum=args.starvation_requeue)
     from ltr_jax.scheduler.policies import make_policy, policy_parameters
 
     if "max_preemptions" in policy_parameters(name):  # the same cap for every preemptive policy
@@ -333,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python -m ltr_jax.bench run " + " ".join(sys.argv[2:] if argv is None else argv),
         "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "warmup_s": round(warm_s, 1), "rates": {}, "runs": {},
-        "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum},
+        "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum,
+                       "requeue_after_quantum": args.starvation_requeue},
         "max_preemptions": args.max_preemptions, "unloaded": unloaded, "capacity": capacity,
         "reuse_ranker_pass": args.reuse_ranker_pass,
         "ranker": _shown_path(ranker_path) if ranker is not None else None,

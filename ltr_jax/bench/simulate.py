@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "step_model": step_desc, "length_source": length_source, "arrival": args.arrival, "n": args.n,
         "slots": args.slots, "ranker_tau": tau, "ranker_tau_source": tau_source, "classify_tau": args.classify_tau,
         "max_preemptions": args.max_preemptions,
-        "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum},
+        "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum,
+                       "requeue_after_quantum": args.starvation_requeue},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "paper": PAPER, "rates": {}, "runs": {},
     }
     for rate in [float(r) for r in args.rates.split(",")]:
@@ -92,7 +93,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             name = "ltr" if pol == "ltr+starvation" else pol
             params = ({"max_preemptions": args.max_preemptions}
                       if "max_preemptions" in policy_parameters(name) else {})
-            starvation = (StarvationConfig(resolve_threshold(args, report["runs"][key]), args.starvation_quantum)
+            starvation = (StarvationConfig(resolve_threshold(args, report["runs"][key]), args.starvation_quantum,
+                                           requeue_after_quantum=args.starvation_requeue)
                           if pol == "ltr+starvation" else None)
             sched = Scheduler(make_policy(name, **params), args.slots, starvation=starvation)
             result = simulate(ctrace if pol == "classify" else trace, sched, step_model)

@@ -49,7 +49,8 @@ class Request:
     token_times: list[float] = field(default_factory=list, repr=False)
     finish_time: float | None = None
     preemptions: int = 0
-    preemptions_past_cap: int = 0  # of those, evictions past the policy's cap to make room for a promoted request
+    preemptions_past_cap: int = 0  # of those, evictions past the policy's cap (for a promoted request, or of one
+    # whose promotion expired)
     promotions: int = 0
     promoted: bool = False
     max_token_gap: float = 0.0  # largest gap between two consecutive tokens (0 before the second token)
@@ -61,6 +62,7 @@ class Request:
     _wait_entry: tuple | None = field(default=None, repr=False)
     _starved_at: float = field(default=0.0, repr=False)
     _generated_at_promotion: int = field(default=0, repr=False)
+    _admitted_promoted: bool = field(default=False, repr=False)  # holds its slot through a promotion
     _policy_state: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
