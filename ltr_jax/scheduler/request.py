@@ -49,8 +49,7 @@ class Request:
     token_times: list[float] = field(default_factory=list, repr=False)
     finish_time: float | None = None
     preemptions: int = 0
-    preemptions_past_cap: int = 0  # of those, evictions past the policy's cap (for a promoted request, or of one
-    # whose promotion expired)
+    preemptions_past_cap: int = 0  # of those, past the policy's cap: for a promoted one, or after a promotion
     promotions: int = 0
     promoted: bool = False
     max_token_gap: float = 0.0  # largest gap between two consecutive tokens (0 before the second token)

@@ -16,7 +16,7 @@ has produced a token since promotion it is demoted (its wait clock restarts with
 requests are ordered among themselves by when they became starved and are never preempted by non-promoted ones.
 With ``requeue_after_quantum`` a demoted request that holds its slot through the promotion is back in rank order:
 a better-ranked waiting request may take that slot even past the cap (the paper's "promoted for a quantum");
-without it (off by choice), a promotion runs the request to its end.
+when it is off, a promotion runs the request to its end.
 Guarantee (tested in the simulator): with at most 2 x num_slots requests in the system, no prefill budget and
 no preemption cap, max_waiting_time <= threshold + quantum + one iteration + one boundary's prefill phase. In
 overload no scheduler can bound it (every request needs a token per threshold + quantum).
