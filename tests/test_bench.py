@@ -133,3 +133,55 @@ def test_simulate_defaults_to_the_packaged_rankers_measured_tau():
     tau, source = simulate.default_tau()
     assert "packaged ranker" in source and tau == pytest.approx(meta.get("cv_kendall_tau_b")
                                                                 or meta["val_kendall_tau_b"])
+
+
+def _simulated_run(tmp_path, prompts, seed, *extra):
+    out = tmp_path / f"seed{seed}"
+    simulate.main(["--prompts", str(prompts), "--n", "300", "--rates", "32,64", "--slots", "4", "--tau", "0.6",
+                   "--policies", "fcfs,ltr,ltr+starvation,oracle-sjf", "--starvation-threshold", "fcfs",
+                   "--seed", str(seed), "--out", str(out), *extra])
+    return out
+
+
+def test_combine_pools_seeds_into_one_mean_per_policy(tmp_path, capsys):
+    from ltr_jax.bench import combine
+
+    prompts = tmp_path / "prompts.jsonl"
+    rng = np.random.default_rng(2)
+    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": "w " * int(rng.integers(5, 80)),
+                                           "reference": "w " * int(rng.lognormal(4, 1.1))}) + "\n"
+                               for i in range(60)))
+    runs = [_simulated_run(tmp_path, prompts, seed) for seed in (0, 1, 2)]
+    reports = [json.loads((r / "report.json").read_text()) for r in runs]
+    combined = combine.main([str(r) for r in runs] + ["--out", str(tmp_path / "pooled")])
+    assert combined["seeds"] == [0, 1, 2] and list(combined["rates"]) == ["rate=32", "rate=64"]
+    rate = combined["rates"]["rate=64"]
+    means = {p: [rep["runs"]["rate=64"][p]["latency_s"]["mean"] for rep in reports] for p in ("fcfs", "ltr")}
+    for p, per_seed in means.items():  # every seed has 300 finished requests: the pooled mean is their mean
+        assert rate["pooled_mean_latency_s"][p] == pytest.approx(sum(per_seed) / 3)
+    assert rate["pooled_ratios"]["fcfs/ltr"] == pytest.approx(sum(means["fcfs"]) / sum(means["ltr"]))
+    lo, hi = rate["ratio_range"]["fcfs/ltr"]
+    per_seed_ratios = [rep["ratios"]["rate=64"]["fcfs/ltr"] for rep in reports]
+    assert (lo, hi) == (pytest.approx(min(per_seed_ratios)), pytest.approx(max(per_seed_ratios)))
+    assert [s["ratios"]["ltr/oracle-sjf"] for s in rate["per_seed"]] == pytest.approx(
+        [rep["ratios"]["rate=64"]["ltr/oracle-sjf"] for rep in reports])
+    assert rate["starvation"]["runs_judged"] == 3
+    text = (tmp_path / "pooled" / "combined.md").read_text()
+    assert "| **pooled** |" in text and "## rate=64" in text
+    assert json.loads((tmp_path / "pooled" / "combined.json").read_text())["seeds"] == [0, 1, 2]
+
+    # not one experiment, or not a report: each names the problem
+    other = _simulated_run(tmp_path / "other", prompts, 3, "--slots", "8")
+    (tmp_path / "other" / "bad").mkdir()
+    (tmp_path / "other" / "bad" / "report.json").write_text("{not json")
+    for bad, message in (([runs[0], runs[0]], "both ran seed 0"), ([runs[0], other], "differ in 'slots'"),
+                         ([runs[0], tmp_path / "nowhere"], "no such report"),
+                         ([runs[0], tmp_path / "other" / "bad"], "not a JSON report")):
+        with pytest.raises(SystemExit, match=message):
+            combine.main([str(b) for b in bad])
+    with pytest.raises(SystemExit):
+        combine.main([str(runs[0])])
+    assert "at least two runs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        combine.parse_args(["--help"])
+    assert "--out" in capsys.readouterr().out

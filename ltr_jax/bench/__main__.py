@@ -1,7 +1,8 @@
 """`python -m ltr_jax.bench <command>`: the benchmark command line.
 
 Commands: `engine` (decode step time vs matmul roofline), `run` (every policy on one trace against the real
-engine), `simulate` (the same report from the discrete-event simulator at paper scale).
+engine), `simulate` (the same report from the discrete-event simulator at paper scale), `combine` (pool runs of one
+experiment on several seeds).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ COMMANDS = {
     "engine": "ltr_jax.bench.engine_bench",
     "run": "ltr_jax.bench.policy_bench",
     "simulate": "ltr_jax.bench.simulate",
+    "combine": "ltr_jax.bench.combine",
 }
 
 

@@ -1,0 +1,211 @@
+"""`python -m ltr_jax.bench combine`: pool several runs of one benchmark that differ only in their seed.
+
+One trace decides a mean latency through a handful of requests that wait until the queue drains, so a ratio of two
+means moves by 10% or more from one seed to the next. This command reads the `report.json` of each run (from
+`bench run` or `bench simulate`), checks that the runs are the same experiment (same benchmark, model, length
+source, arrival process, request count, slots, rates, policies, preemption cap, starvation settings and rankers)
+on different seeds, and reports for every rate they all ran:
+
+* each seed's mean latency per policy, its ratios, the share of ltr's gain ltr+starvation keeps, and whether that
+  run's worst max_waiting_time stayed within its promotion threshold + quantum;
+* the pooled mean latency per policy (every request of every seed counted once) and the ratios of those pooled
+  means, with the lowest and highest per-seed value of each ratio beside them.
+
+Writes `combined.json` and `combined.md` to ``--out`` and prints the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ltr_jax.bench.report import ratios, starvation_cost
+
+#: report fields that must be equal in every pooled run (else they are different experiments)
+SAME_EXPERIMENT = ("benchmark", "model", "length_source", "arrival", "n", "slots", "temperature",
+                   "max_preemptions", "starvation", "ranker", "classifier", "ranker_tau", "classify_tau",
+                   "step_model", "reuse_ranker_pass")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ltr_jax.bench combine", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("runs", nargs="+", help="output directories of `bench run` or `bench simulate` (each holding "
+                   "report.json), or the report.json files themselves; one per seed")
+    p.add_argument("--out", default=None, help="directory for combined.json and combined.md")
+    args = p.parse_args(argv)
+    if len(args.runs) < 2:
+        p.error("give at least two runs to pool (one per seed)")
+    return args
+
+
+def load_run(path: str) -> tuple[str, dict[str, Any]]:
+    file = Path(path)
+    if file.is_dir():
+        file = file / "report.json"
+    if not file.is_file():
+        raise SystemExit(f"{file}: no such report; give the --out directory of a `bench run` or `bench simulate` "
+                         "run, or its report.json")
+    try:
+        report = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SystemExit(f"{file}: not a JSON report ({err}); re-run the benchmark that wrote it") from None
+    missing = [k for k in ("benchmark", "runs", "rates", "seed") if k not in report]
+    if missing:
+        raise SystemExit(f"{file}: report lacks {', '.join(missing)}; re-run it with this version of "
+                         "`python -m ltr_jax.bench run` or `simulate`")
+    return str(file), report
+
+
+def check_same_experiment(runs: list[tuple[str, dict[str, Any]]]) -> None:
+    first_file, first = runs[0]
+    seen_seeds: dict[int, str] = {}
+    for file, report in runs:
+        for key in SAME_EXPERIMENT:
+            if report.get(key) != first.get(key):
+                raise SystemExit(f"{file} and {first_file} differ in {key!r} ({report.get(key)!r} vs "
+                                 f"{first.get(key)!r}): only runs of one experiment on different seeds can be pooled")
+        for rate_key in set(report["runs"]) & set(first["runs"]):
+            if report["rates"][rate_key] != first["rates"][rate_key]:
+                raise SystemExit(f"{file} and {first_file} disagree on {rate_key}")
+            if list(report["runs"][rate_key]) != list(first["runs"][rate_key]):
+                raise SystemExit(f"{file} and {first_file} ran different policies at {rate_key} "
+                                 f"({list(report['runs'][rate_key])} vs {list(first['runs'][rate_key])})")
+        if report["seed"] in seen_seeds:
+            raise SystemExit(f"{file} and {seen_seeds[report['seed']]} both ran seed {report['seed']}: pooling a "
+                             "trace twice counts it twice; give one run per seed")
+        seen_seeds[report["seed"]] = file
+
+
+def _within_bound(cost: dict[str, float] | None) -> dict[str, float] | None:
+    if cost is None:
+        return None
+    bound = cost["threshold_s"] + cost["quantum_s"]
+    return {"max_waiting_time_max_s": cost["max_waiting_time_max_s"], "bound_s": bound,
+            "within": cost["max_waiting_time_max_s"] <= bound}
+
+
+def pool_rate(rate_key: str, runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    per_seed = []
+    totals: dict[str, list[float]] = {}  # policy -> [sum of latencies, completed requests]
+    for file, report in runs:
+        per_policy = report["runs"][rate_key]
+        for pol, r in per_policy.items():
+            acc = totals.setdefault(pol, [0.0, 0])
+            acc[0] += r["latency_s"]["mean"] * r["completed"]
+            acc[1] += r["completed"]
+        cost = starvation_cost(per_policy, report.get("starvation"))
+        per_seed.append({
+            "seed": report["seed"], "report": file,
+            "mean_latency_s": {p: r["latency_s"]["mean"] for p, r in per_policy.items()},
+            "completed": {p: r["completed"] for p, r in per_policy.items()},
+            "requests": {p: r.get("requests", r["completed"]) for p, r in per_policy.items()},
+            "ratios": ratios(per_policy),
+            "share_of_ltr_gain_kept": cost["share_of_ltr_gain_kept"] if cost else None,
+            "starvation_bound": _within_bound(cost),
+            "load": (report.get("load") or {}).get(rate_key),
+        })
+    pooled_mean = {p: s / n for p, (s, n) in totals.items() if n}
+    pooled_policy = {p: {"latency_s": {"mean": m}} for p, m in pooled_mean.items()}
+    pooled_ratios = ratios(pooled_policy)
+    out: dict[str, Any] = {
+        "rate": runs[0][1]["rates"][rate_key], "seeds": [s["seed"] for s in per_seed],
+        "pooled_mean_latency_s": pooled_mean, "pooled_ratios": pooled_ratios,
+        "ratio_range": {k: [min(s["ratios"][k] for s in per_seed), max(s["ratios"][k] for s in per_seed)]
+                        for k in pooled_ratios if all(k in s["ratios"] for s in per_seed)},
+        "incomplete": {p: int(sum(s["requests"][p] - s["completed"][p] for s in per_seed)) for p in pooled_mean},
+        "per_seed": per_seed,
+    }
+    if all(p in pooled_mean for p in ("fcfs", "ltr", "ltr+starvation")):
+        gain = pooled_mean["fcfs"] - pooled_mean["ltr"]
+        bounds = [s["starvation_bound"] for s in per_seed]
+        out["starvation"] = {
+            "pooled_share_of_ltr_gain_kept": (pooled_mean["fcfs"] - pooled_mean["ltr+starvation"]) / gain
+            if gain > 0 else None,
+            "runs_within_bound": sum(1 for b in bounds if b and b["within"]),
+            "runs_judged": sum(1 for b in bounds if b),
+        }
+    loads = [s["load"] for s in per_seed if s["load"] is not None]
+    if loads:
+        out["load_range"] = [min(loads), max(loads)]
+    return out
+
+
+def combine(paths: list[str]) -> dict[str, Any]:
+    runs = [load_run(p) for p in paths]
+    check_same_experiment(runs)
+    first = runs[0][1]
+    common = [k for k in first["runs"] if all(k in r["runs"] for _, r in runs)]
+    if not common:
+        raise SystemExit("the runs share no rate (" + "; ".join(f"{f}: {', '.join(r['runs'])}" for f, r in runs)
+                         + "); pool runs made with the same --rates")
+    left_out = sorted({k for _, r in runs for k in r["runs"]} - set(common))
+    return {
+        "benchmark": f"{first['benchmark']}, pooled over seeds", "model": first["model"],
+        "length_source": first["length_source"], "arrival": first["arrival"], "n": first["n"],
+        "slots": first["slots"], "starvation": first.get("starvation"), "max_preemptions": first["max_preemptions"],
+        "seeds": [r["seed"] for _, r in runs], "reports": [f for f, _ in runs],
+        "commands": [r.get("command") for _, r in runs], "machines": sorted({json.dumps(r.get("machine"))
+                                                                                for _, r in runs}),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "rates": {k: pool_rate(k, runs) for k in common},
+        "rates_not_in_every_run": left_out,
+    }
+
+
+def markdown(combined: dict[str, Any]) -> str:
+    setup = (f"{combined['model']}; {combined['n']} requests per seed, {combined['slots']} slots, "
+             f"{combined['arrival']} arrivals; seeds {', '.join(map(str, combined['seeds']))}; "
+             f"{combined['length_source']}")
+    lines = [f"# {combined['benchmark']}", "", setup, "", "Runs pooled:", ""]
+    lines += [f"- `{c}`" for c in combined["commands"]]
+    if combined["rates_not_in_every_run"]:
+        lines += ["", f"Left out (not run on every seed): {', '.join(combined['rates_not_in_every_run'])}"]
+    for rate_key, rate in combined["rates"].items():
+        policies = list(rate["pooled_mean_latency_s"])
+        ratio_keys = list(rate["pooled_ratios"])
+        lines += ["", f"## {rate_key}", "",
+                  "| seed | " + " | ".join(f"{p} mean (s)" for p in policies) + " | "
+                  + " | ".join(ratio_keys) + " | ltr+starvation keeps | worst wait / bound (s) | load |",
+                  "|---|" + "---|" * (len(policies) + len(ratio_keys) + 3)]
+        for s in rate["per_seed"]:
+            b = s["starvation_bound"]
+            bound = (f"{b['max_waiting_time_max_s']:.1f} / {b['bound_s']:.1f}{'' if b['within'] else ' (over)'}"
+                     if b else "-")
+            kept = f"{s['share_of_ltr_gain_kept']:.1%}" if s["share_of_ltr_gain_kept"] is not None else "-"
+            load = f"{s['load']:.1f}x" if s["load"] is not None else "-"
+            lines.append(f"| {s['seed']} | " + " | ".join(f"{s['mean_latency_s'][p]:.2f}" for p in policies) + " | "
+                         + " | ".join(f"{s['ratios'].get(k, float('nan')):.2f}x" for k in ratio_keys)
+                         + f" | {kept} | {bound} | {load} |")
+        starv = rate.get("starvation") or {}
+        kept = starv.get("pooled_share_of_ltr_gain_kept")
+        within = (f"{starv['runs_within_bound']} of {starv['runs_judged']} within"
+                  if starv.get("runs_judged") else "-")
+        kept_text = f"**{kept:.1%}**" if kept is not None else "-"
+        lines.append("| **pooled** | " + " | ".join(f"**{rate['pooled_mean_latency_s'][p]:.2f}**" for p in policies)
+                     + " | " + " | ".join(f"**{rate['pooled_ratios'][k]:.2f}x**" for k in ratio_keys)
+                     + f" | {kept_text} | {within} | - |")
+        spread = ", ".join(f"{k} {lo:.2f}-{hi:.2f}x" for k, (lo, hi) in rate["ratio_range"].items())
+        lines += ["", f"pooled = every request of every seed counted once; per-seed range: {spread}"]
+        incomplete = {p: n for p, n in rate["incomplete"].items() if n}
+        if incomplete:
+            lines.append(f"\nincomplete requests (left out of the means): {incomplete}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    combined = combine(args.runs)
+    combined["command"] = "python -m ltr_jax.bench combine " + " ".join(sys.argv[2:] if argv is None else argv)
+    text = json.dumps(combined, indent=2)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "combined.json").write_text(text + "\n")
+        (out / "combined.md").write_text(markdown(combined))
+    print(text)
+    return combined
