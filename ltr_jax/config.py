@@ -358,6 +358,11 @@ class EngineSection:
                                                  "(0 = no warmup)")
     warmup_transitions: bool = setting(True, doc="also compile every insert and cache resize between the warmed "
                                                  "shapes (concurrent traffic then meets no compilation)")
+    preempt_mode: str = setting("swap", choices=("swap", "recompute"), doc="how a preempted request resumes: 'swap' "
+                                "keeps its K/V (within swap_budget_mb) and continues where it stopped; 'recompute' "
+                                "re-prefills its prompt and every token it produced")
+    swap_budget_mb: float = setting(1024.0, ge=0, doc="memory for the K/V of preempted requests (preempt_mode swap); "
+                                                      "past it a preempted request recomputes")
     compilation_cache_dir: str | None = setting("default", doc="JAX persistent compilation cache directory; "
                                                                "'default' = <user cache>/jax_cache; null = off")
 

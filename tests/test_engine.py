@@ -70,7 +70,48 @@ def test_continuous_batching_matches_solo_runs_including_evict_and_resume(tiny):
     assert [outs[i] for i in range(3)] == alone
 
 
-def test_orchestrator_preemption_keeps_tokens_exact(tiny):
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_engine_resumes_an_evicted_slot_exactly(tiny, mode):
+    _, model = tiny
+    prompts = _prompts(3, seed=4)
+    n = 40
+    sampling = SlotSampling(temperature=0.9, top_k=20, seed=11)
+    alone = [_run_alone(model, p, n, sampling) for p in prompts]
+    engine = Engine(model, EngineConfig(num_slots=3, max_seq_len=256, cache_bucket_step=16))
+    outs, slot_of, saved = {}, {}, None
+    for i, prompt in enumerate(prompts):
+        prefix = engine.prefill(prompt, sampling)
+        engine.insert(prefix, i)
+        outs[i], slot_of[i] = [int(prefix.token)], i
+    for step in range(80):
+        if step == 5:  # request 0 leaves its slot after a few tokens
+            saved = engine.swap_out(0) if mode == "swap" else engine.free(0)
+            assert not engine.host_active[0]
+            slot_of.pop(0)
+        if step == 30:  # ... and comes back in another slot, once the cache has grown for the others
+            assert engine.cache_len > 16
+            engine.free(2)  # request 2 is done by now
+            slot_of.pop(2)
+            if mode == "swap":
+                assert int(saved.length) == len(prompts[0]) + len(outs[0]) - 1 and saved.nbytes > 0
+                engine.insert(saved, 2)
+            else:
+                prefix = engine.prefill(prompts[0] + outs[0][:-1], sampling)
+                assert int(prefix.token) == outs[0][-1]
+                engine.insert(prefix, 2)
+            slot_of[0] = 2
+        tokens = np.asarray(engine.generate())
+        for i, slot in slot_of.items():
+            if len(outs[i]) < n:
+                outs[i].append(int(tokens[slot]))
+    assert outs[0] == alone[0] and outs[1] == alone[1]
+    engine.free(1)
+    with pytest.raises(ValueError, match="not an active slot"):
+        engine.swap_out(1)
+
+
+@pytest.mark.parametrize("mode, budget_mb", [("swap", 64.0), ("recompute", 64.0), ("swap", 0.0)])
+def test_orchestrator_preemption_keeps_tokens_exact(tiny, mode, budget_mb):
     loaded, model = tiny
     prompts = _prompts(5, seed=1)
     lengths = [30, 25, 6, 5, 4]
@@ -78,7 +119,7 @@ def test_orchestrator_preemption_keeps_tokens_exact(tiny):
     def run(policy, prompt_ids, num_slots, stagger):
         engine = Engine(model, EngineConfig(num_slots=num_slots, max_seq_len=256))
         sched = Scheduler(policy, num_slots)
-        orch = Orchestrator(engine, loaded.tokenizer, sched)
+        orch = Orchestrator(engine, loaded.tokenizer, sched, preempt_mode=mode, swap_budget_mb=budget_mb)
         got: dict[str, list[int]] = {}
         ids = []
         for i in prompt_ids:
@@ -90,13 +131,17 @@ def test_orchestrator_preemption_keeps_tokens_exact(tiny):
             for _ in range(stagger):
                 orch._boundary()
         orch.run_until_idle()
-        return got, sched.num_preemptions
+        return got, sched.num_preemptions, orch.stats()
 
     solo = {f"r{i}": run("fcfs", [i], 1, 0)[0][f"r{i}"] for i in range(5)}
-    together, preemptions = run("oracle-srtf", range(5), 2, 3)
+    together, preemptions, stats = run("oracle-srtf", range(5), 2, 3)
     assert preemptions > 0
     assert together == solo
     assert all(len(solo[f"r{i}"]) == lengths[i] for i in range(5))
+    swapped = mode == "swap" and budget_mb > 0  # a zero budget keeps no K/V: every resume recomputes
+    assert stats["swapped_in"] == (preemptions if swapped else 0)
+    assert stats["recomputed_resumes"] == (0 if swapped else preemptions)
+    assert stats["swapped_bytes"] == 0  # every kept K/V was handed back
 
 
 def test_sampling_is_seeded_per_request_and_respects_top_k_top_p():

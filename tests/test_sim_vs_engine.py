@@ -50,13 +50,14 @@ def _trace(n: int, seed: int, spread: float) -> list[TraceEntry]:
     return [TraceEntry(float(a), int(rng.integers(3, 20)), int(rng.integers(1, 30))) for a in arrivals]
 
 
-def _sim_finish_times(trace, policy: str, slots: int, model) -> dict[int, float]:
-    result = simulate(trace, Scheduler(policy, slots), model)
+def _sim_finish_times(trace, policy: str, slots: int, model, preempt_mode: str = "swap") -> dict[int, float]:
+    result = simulate(trace, Scheduler(policy, slots), model, preempt_mode=preempt_mode)
     return {int(r.request_id.split("-")[1]): r.finish_time for r in result.records}
 
 
-@pytest.mark.parametrize("policy", ["fcfs", "oracle-sjf"])
-def test_simulator_reproduces_engine_exactly_in_virtual_time(tiny, policy):
+@pytest.mark.parametrize("policy, preempt_mode", [("fcfs", "swap"), ("oracle-sjf", "swap"),
+                                                  ("oracle-srtf", "swap"), ("oracle-srtf", "recompute")])
+def test_simulator_reproduces_engine_exactly_in_virtual_time(tiny, policy, preempt_mode):
     loaded, model = tiny
     trace = _trace(14, seed=1, spread=40.0)
     slots = 3
@@ -73,7 +74,8 @@ def test_simulator_reproduces_engine_exactly_in_virtual_time(tiny, policy):
         return real_generate(*a, **k)
 
     engine.prefill, engine.generate = prefill, generate
-    orch = Orchestrator(engine, loaded.tokenizer, Scheduler(policy, slots), clock=lambda: clock[0])
+    sched = Scheduler(policy, slots)
+    orch = Orchestrator(engine, loaded.tokenizer, sched, clock=lambda: clock[0], preempt_mode=preempt_mode)
     finished: dict[int, float] = {}
     rng = np.random.default_rng(0)
     pending = list(enumerate(trace))
@@ -86,7 +88,9 @@ def test_simulator_reproduces_engine_exactly_in_virtual_time(tiny, policy):
                         request_id=f"req-{i}", true_output_len=e.output_len)
         if not orch._boundary() and pending:
             clock[0] = pending[0][1].arrival_time  # idle: jump to the next arrival, as the simulator does
-    simulated = _sim_finish_times(trace, policy, slots, FixedSteps())
+    simulated = _sim_finish_times(trace, policy, slots, FixedSteps(), preempt_mode)
+    if policy == "oracle-srtf":  # the case where the two resume modes differ
+        assert sched.num_preemptions > 0
     assert sorted(finished, key=lambda i: (finished[i], i)) == sorted(simulated, key=lambda i: (simulated[i], i))
     for i, when in finished.items():
         assert when == pytest.approx(simulated[i], abs=1e-9)

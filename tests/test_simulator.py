@@ -184,14 +184,18 @@ def test_ltr_with_perfect_scores_behaves_like_oracle_sjf(trace, slots, max_preem
 
 
 # ---------------------------------------------------------------------- exact timing
-def test_simulator_models_time_and_reprefill_exactly():
+def _one_preemption(preempt_mode):
     model = LinearStepTime(a=0.0, b=0.001, c=0.01, d=0.0)
     trace = [
         TraceEntry(0.0, prompt_len=10, output_len=3, score=0.0),
         TraceEntry(0.015, prompt_len=20, output_len=1, score=5.0),
     ]
-    result = simulate(trace, Scheduler(make_policy("ltr"), 1), model)
-    long_job, short = result.records
+    result = simulate(trace, Scheduler(make_policy("ltr"), 1), model, preempt_mode=preempt_mode)
+    return model, result, *result.records
+
+
+def test_simulator_models_time_and_reprefill_exactly():
+    model, result, long_job, short = _one_preemption("recompute")
     # t=0: prefill 10 tokens (0.010) -> token 1; decode (0.010) -> token 2 at 0.020
     # t=0.020: short arrived at 0.015, displaces long_job; prefill 20 (0.020) -> its only token at 0.040
     # t=0.040: long_job resumes, re-prefills 10 + 2 = 12 tokens -> token 3 at 0.052
@@ -201,6 +205,19 @@ def test_simulator_models_time_and_reprefill_exactly():
     assert long_job.preemptions == 1 and long_job.max_waiting_time == pytest.approx(0.032)
     assert short.ttft == pytest.approx(0.025)
     assert result.sim_time_s == pytest.approx(0.052)
+
+
+def test_simulator_resumes_a_swapped_request_without_a_prefill():
+    model, result, long_job, short = _one_preemption("swap")
+    # as above until t=0.040; then long_job's kept K/V goes back into the slot at no cost and the decode step
+    # (0.010) yields token 3 at 0.050
+    assert long_job.token_times == pytest.approx([0.010, 0.020, 0.050])
+    assert short.token_times == pytest.approx([0.040])
+    assert model.prefills == [10, 20]
+    assert long_job.preemptions == 1 and long_job.max_waiting_time == pytest.approx(0.030)
+    assert result.sim_time_s == pytest.approx(0.050)
+    with pytest.raises(ValueError, match="preempt_mode"):
+        _one_preemption("drop")
 
 
 def test_simulator_jumps_over_idle_time():

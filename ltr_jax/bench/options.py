@@ -1,7 +1,7 @@
 """Command-line options shared by `bench run` (real engine) and `bench simulate` (discrete-event simulator).
 
 Owns the policy names and the options both commands take in the same sense, so the two reports stay comparable:
-policies, request rates, gamma CV, the preemption cap, starvation control, seed and output directory.
+policies, request rates, gamma CV, the preemption cap and resume mode, starvation control, seed and output directory.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ def add_shared_options(p: argparse.ArgumentParser, *, rates: str, starvation_thr
     p.add_argument("--max-preemptions", type=int, default=0, help="per request, for every preemptive policy "
                    "(0 = none: in this engine a preemption costs a recompute of the whole context, which the "
                    "simulator and the CPU runs in benchmarks/results/ measured as a net loss)")
+    p.add_argument("--preempt-mode", default="swap", choices=["swap", "recompute"],
+                   help="how a preempted request resumes: 'swap' keeps its K/V and continues where it stopped; "
+                   "'recompute' re-prefills its prompt and every token it produced")
     p.add_argument("--starvation-threshold", type=threshold_arg, default=starvation_threshold,
                    help="seconds a request may wait (before its first token, or between tokens) before "
                    "ltr+starvation promotes it; or 'fcfs': the worst max_waiting_time of this invocation's fcfs "

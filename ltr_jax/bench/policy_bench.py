@@ -124,7 +124,7 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
     sched = make_scheduler(policy, engine.num_slots, args, starvation_threshold)
     uses_ranker = policy in ("ltr", "ltr+starvation", "ltr-rescore", "classify")
     orch = Orchestrator(engine, tokenizer, sched, ranker=ranker if uses_ranker else None, max_queue=len(items) + 1,
-                        reuse_ranker_pass=args.reuse_ranker_pass)
+                        reuse_ranker_pass=args.reuse_ranker_pass, preempt_mode=args.preempt_mode)
     observed: dict[str, Observed] = {}
     lock = threading.Lock()
     done = threading.Event()
@@ -190,6 +190,7 @@ def summarize_observed(obs: list[Observed], wall: float, stats: dict, budgeted: 
         "ranker_seconds": stats["ranker_seconds"], "ranker_share_of_busy_time": stats["ranker_seconds"] / busy,
         "ranker_ms_per_request": 1e3 * stats["ranker_seconds"] / max(1, stats["ranker_requests"]),
         "reused_ranker_passes": stats["reused_ranker_passes"],
+        "resumes_from_kept_kv": stats["swapped_in"], "resumes_recomputed": stats["recomputed_resumes"],
         "latencies_s": [round(x, 4) for x in lat],
     }
     return out
@@ -294,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     engine.warmup(prefill_buckets=sorted({engine.config.prefill_bucket(len(i.prompt_tokens) + i.output_len)
                                           for i in items} | {engine.config.prefill_bucket(len(i.prompt_tokens))
                                                              for i in items}),
-                  cache_lens=engine.cache_buckets(longest + 1), transitions=True)
+                  cache_lens=engine.cache_buckets(longest + 1), transitions=True,
+                  swap=args.preempt_mode == "swap")
     for r in (ranker, classifier):  # compile every (batch, length) shape arrivals will use, not mid-run
         if r is not None:
             warmup_ranker(engine, r, sorted({length_bucket(len(i.prompt_tokens), r.spec.max_prompt_len, r.min_bucket)
@@ -336,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "warmup_s": round(warm_s, 1), "rates": {}, "runs": {},
         "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum,
                        "requeue_after_quantum": args.starvation_requeue},
-        "max_preemptions": args.max_preemptions, "unloaded": unloaded, "capacity": capacity,
+        "max_preemptions": args.max_preemptions, "preempt_mode": args.preempt_mode, "unloaded": unloaded, "capacity": capacity,
         "reuse_ranker_pass": args.reuse_ranker_pass,
         "ranker": _shown_path(ranker_path) if ranker is not None else None,
         "classifier": _shown_path(classifier_path) if classifier is not None else None,

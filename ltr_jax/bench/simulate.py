@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "policies in the discrete-event simulator", "model": "Llama-3-8B step-time model",
         "step_model": step_desc, "length_source": length_source, "arrival": args.arrival, "n": args.n,
         "slots": args.slots, "seed": args.seed, "ranker_tau": tau, "ranker_tau_source": tau_source, "classify_tau": args.classify_tau,
-        "max_preemptions": args.max_preemptions,
+        "max_preemptions": args.max_preemptions, "preempt_mode": args.preempt_mode,
         "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum,
                        "requeue_after_quantum": args.starvation_requeue},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "paper": PAPER, "rates": {}, "runs": {},
@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                            requeue_after_quantum=args.starvation_requeue)
                           if pol == "ltr+starvation" else None)
             sched = Scheduler(make_policy(name, **params), args.slots, starvation=starvation)
-            result = simulate(ctrace if pol == "classify" else trace, sched, step_model)
+            result = simulate(ctrace if pol == "classify" else trace, sched, step_model,
+                              preempt_mode=args.preempt_mode)
             s = summarize(result.records)
             s["completed"] = s["num_finished"]
             s["sim_wall_s"] = round(result.wall_s, 2)

@@ -10,6 +10,9 @@ Owns the device side of serving. Every call is one `jax.jit`-compiled pure funct
 * `generate()`                     -> one decode step for every slot; returns the new token of each slot
                                       (one small device->host copy per step).
 * `free(slot)`                     -> the slot stops decoding (its cache rows are simply overwritten later).
+* `swap_out(slot)`                 -> a preempted slot's K/V, last token and sampling settings as a `Prefix` (a
+                                      device-side copy), then `free(slot)`; `insert` of that prefix resumes the
+                                      request exactly where it stopped, with no recompute.
 
 The decode state (KV cache + per-slot last token, length and sampling settings) is a plain pytree that is donated
 to each call. The cache's length axis is sized to a bucket just above the longest running sequence: it grows before
@@ -87,7 +90,7 @@ class SlotSampling:
 
 
 class Prefix(NamedTuple):
-    """The result of a prefill, still on the device."""
+    """The result of a prefill (or of `Engine.swap_out`), still on the device."""
 
     kv: list  # per layer (k, v) [1, kv_heads, bucket, head_dim]
     length: jax.Array  # int32 scalar: tokens in the prefix
@@ -96,6 +99,10 @@ class Prefix(NamedTuple):
     top_k: jax.Array
     top_p: jax.Array
     seed: jax.Array
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.kv)
 
 
 class DecodeState(NamedTuple):
@@ -168,6 +175,17 @@ def _insert_fn(prefix: Prefix, decode_state: DecodeState, slot):
     )
 
 
+def _extract_fn(decode_state: DecodeState, slot, bucket: int) -> Prefix:
+    """One slot as a `Prefix` of ``bucket`` cache rows: its K/V, length, pending token and sampling settings."""
+
+    def rows(x):
+        return _fit_length(jax.lax.dynamic_index_in_dim(x, slot, axis=0, keepdims=True), 2, bucket)
+
+    d = decode_state
+    return Prefix([(rows(k), rows(v)) for k, v in d.cache], d.lengths[slot], d.tokens[slot], d.temperature[slot],
+                  d.top_k[slot], d.top_p[slot], d.seed[slot])
+
+
 def _resize_fn(decode_state: DecodeState, cache_len: int):
     cache = [(_fit_length(k, 2, cache_len), _fit_length(v, 2, cache_len)) for k, v in decode_state.cache]
     return decode_state._replace(cache=cache)
@@ -191,6 +209,7 @@ _PREFILL_REST = jax.jit(_prefill_rest_fn, static_argnums=(0, 1))
 _INSERT = jax.jit(_insert_fn, donate_argnums=(1,))
 _GENERATE = jax.jit(_generate_fn, static_argnums=(0,), donate_argnums=(2,))
 _RESIZE = jax.jit(_resize_fn, static_argnames=("cache_len",))  # shapes change: nothing to donate
+_EXTRACT = jax.jit(_extract_fn, static_argnames=("bucket",))  # reads the state: the next step still donates it
 
 
 class Engine:
@@ -222,6 +241,7 @@ class Engine:
         self._insert = _INSERT
         self._generate = functools.partial(_GENERATE, self.graphdef)
         self._resize = _RESIZE
+        self._extract = _EXTRACT
         self.cache_len = config.cache_bucket(1)
         self.decode_state = self._init_decode_state()
         self.host_lengths = np.zeros(config.num_slots, np.int64)
@@ -279,18 +299,25 @@ class Engine:
             n = self.config.cache_bucket(n + 1)
 
     def warmup(self, prefill_buckets: list[int] | None = None, cache_lens: list[int] | None = None,
-               transitions: bool = False) -> float:
+               transitions: bool = False, swap: bool = False) -> float:
         """Compile shapes ahead of traffic; returns seconds spent. Leaves no slot active.
 
         `prefill_buckets`: prompt buckets to compile; `cache_lens`: decode cache lengths; `transitions`: also every
         insert (prefill bucket x cache length) and cache resize between the given lengths, so a benchmark run
-        meets no compilation at all."""
+        meets no compilation at all; `swap`: also every `swap_out` from those cache lengths and the insert of
+        each swapped-out prefix bucket (preemptions that keep their K/V)."""
         t0 = time.perf_counter()
         self.host_active[:] = False
         self.host_lengths[:] = 0
         prefill_buckets = prefill_buckets or []
         cache_lens = cache_lens or []
         prefixes = {b: self.prefill([0] * min(b, 2), SlotSampling(), bucket=b) for b in prefill_buckets}
+        if swap:  # a swapped-out slot of n cache rows holds < n tokens: its prefix is any bucket up to that
+            for n in cache_lens:
+                self.resize_cache(n)
+                for b in self.swap_buckets(n):
+                    prefix = self._timed(("extract", n, b), self._extract, self.decode_state, np.int32(0), bucket=b)
+                    prefixes.setdefault(b, prefix)
         for n in cache_lens:
             self.resize_cache(n)
             self.decode_state, _ = self._timed(("generate", n), self._generate, self.params, self.decode_state,
@@ -370,6 +397,11 @@ class Engine:
                 self.decode_state = self._timed(key, self._insert, prefix, self.decode_state, np.int32(0))
         return time.perf_counter() - t0
 
+    def swap_buckets(self, cache_len: int) -> list[int]:
+        """The prefix buckets `swap_out` may produce from a cache of ``cache_len`` rows."""
+        top = self.config.prefill_bucket(max(1, min(cache_len, self.config.max_seq_len) - 1))
+        return [b for b in self.config.prefill_buckets() if b <= top]
+
     def layer_weights(self) -> list[dict[str, Any]]:
         """Per-layer weight arrays of the served model (to check that a ranker's backbone is this model)."""
         return [{k: v[...] for k, v in self.params["layers"][i].items()} for i in range(self.model_config.n_layers)]
@@ -386,6 +418,18 @@ class Engine:
         self.decode_state = self._timed(("insert", prefix.kv[0][0].shape[2], self.cache_len), self._insert,
                                         prefix, self.decode_state, np.int32(slot))
         self.host_active[slot] = True
+
+    def swap_out(self, slot: int) -> Prefix:
+        """Copy an active slot's K/V, length, pending token and sampling settings into a `Prefix` and free the slot.
+        `insert` of that prefix (into any slot, at any later cache length) resumes the request where it stopped:
+        the same next token, nothing recomputed."""
+        if not (0 <= slot < self.num_slots and self.host_active[slot]):
+            raise ValueError(f"slot {slot} is not an active slot of this engine; only a running slot can be swapped out")
+        bucket = self.config.prefill_bucket(int(self.host_lengths[slot]))
+        prefix = self._timed(("extract", self.cache_len, bucket), self._extract, self.decode_state, np.int32(slot),
+                             bucket=bucket)
+        self.free(slot)
+        return prefix
 
     def free(self, slot: int) -> None:
         self.host_active[slot] = False

@@ -7,8 +7,10 @@ Owns the one thread that touches the engine. At every batch boundary it:
    (within a memory budget) and its prefill later starts there, so ranking costs no extra model compute;
 2. expires requests past their deadline;
 3. asks the scheduler (`schedule(now)`) which running requests to evict and which waiting ones to admit;
-4. evicts (tokens stay on the host), prefills + inserts admitted requests (a resumed request re-prefills its
-   prompt plus everything it generated: recompute, nothing lost), emitting the token each prefill yields;
+4. evicts, prefills + inserts admitted requests, emitting the token each prefill yields. An evicted request's
+   tokens stay on the host; with ``preempt_mode="swap"`` (default) its K/V is copied out of the slot too
+   (`Engine.swap_out`, within a memory budget) and its resume is a plain insert that continues where it stopped;
+   otherwise (``"recompute"``, or past the budget) its resume re-prefills its prompt plus everything it generated;
 5. runs one `generate` step over all slots and streams each running request's token and detokenized text.
 
 The scheduler module stays free of JAX: it only ever sees `Request` records. Any policy object works here.
@@ -74,6 +76,9 @@ class StreamEvent:
     num_generated: int = 0
 
 
+PREEMPT_MODES = ("swap", "recompute")
+
+
 class QueueFullError(Exception):
     """The admission queue is at its bound; retry later (HTTP 429)."""
 
@@ -100,6 +105,7 @@ class _Job:
     slot: int | None = None
     done: bool = False
     backbone_state: Any = None  # the ranker's pass over the prompt (`BackboneState`), until admission
+    swapped: Any = None  # the K/V of its slot when it was preempted (`Prefix`), until it resumes
 
 
 def shares_ranker_pass(engine: Engine, ranker: Any) -> bool:
@@ -129,9 +135,14 @@ class Orchestrator:
 
     def __init__(self, engine: Engine, tokenizer, scheduler: Scheduler, ranker=None, max_queue: int = 1024,
                  observer=None, clock: Callable[[], float] = time.monotonic, reuse_ranker_pass: bool = True,
-                 ranker_state_budget_mb: float = 1024.0):
+                 ranker_state_budget_mb: float = 1024.0, preempt_mode: str = "swap", swap_budget_mb: float = 1024.0):
         if scheduler.num_slots != engine.num_slots:
             raise ValueError(f"scheduler has {scheduler.num_slots} slots but the engine has {engine.num_slots}")
+        if preempt_mode not in PREEMPT_MODES:
+            raise ValueError(f"preempt_mode must be one of {', '.join(PREEMPT_MODES)}, got {preempt_mode!r}")
+        if not swap_budget_mb >= 0:
+            raise ValueError(f"swap_budget_mb must be >= 0 (MiB of K/V kept for preempted requests), got "
+                             f"{swap_budget_mb!r}")
         self.engine = engine
         self.tokenizer = tokenizer
         self.scheduler = scheduler
@@ -155,10 +166,13 @@ class Orchestrator:
         self.reuse_ranker_pass = bool(reuse_ranker_pass) and shares_ranker_pass(engine, ranker)
         self.ranker_state_budget = int(ranker_state_budget_mb * 2**20)
         self._holding: set[_Job] = set()  # jobs keeping a backbone state
+        self.preempt_mode = preempt_mode
+        self.swap_budget = int(swap_budget_mb * 2**20)
         self.counters: dict[str, float] = {
             "tokens_generated": 0, "requests_finished": 0, "requests_errored": 0, "steps": 0,
             "ranker_seconds": 0.0, "ranker_calls": 0, "ranker_requests": 0, "busy_seconds": 0.0,
             "reused_ranker_passes": 0, "ranker_states_dropped": 0, "ranker_state_bytes": 0,
+            "swapped_out": 0, "swapped_in": 0, "recomputed_resumes": 0, "swapped_bytes": 0,
         }
 
     # ------------------------------------------------------------------------------------- thread-safe API
@@ -278,10 +292,7 @@ class Orchestrator:
             if sched.num_promotions > promotions_before:
                 self.observer.on_promote(sched.num_promotions - promotions_before)
         for req in decision.preempt:
-            job: _Job = req.payload
-            self.engine.free(job.slot)
-            self._free_slots.append(job.slot)
-            job.slot = None
+            self._evict(req.payload)
         for req in decision.admit:
             self._admit(req.payload)
         if sched.num_running:
@@ -364,9 +375,46 @@ class Orchestrator:
             if job is not None and not job.done:
                 self._finish(job, "timeout", now)
 
+    def _evict(self, job: _Job) -> None:
+        slot, job.slot = job.slot, None
+        self._free_slots.append(slot)
+        if self.preempt_mode == "swap":
+            bucket = self.engine.config.prefill_bucket(int(self.engine.slot_lengths()[slot]))
+            need = bucket * self._kv_bytes_per_token()  # what swap_out will hold: the length padded to its bucket
+            if self.counters["swapped_bytes"] + need <= self.swap_budget:
+                try:
+                    job.swapped = self.engine.swap_out(slot)
+                except Exception:  # noqa: BLE001 - nothing is lost: the request recomputes its context instead
+                    log.error("swap-out of %s failed; it will recompute:\n%s", job.request.request_id,
+                              traceback.format_exc())
+                else:
+                    self.counters["swapped_out"] += 1
+                    self.counters["swapped_bytes"] += job.swapped.nbytes
+                    return
+        self.engine.free(slot)
+
+    def _kv_bytes_per_token(self) -> int:
+        c = self.engine.model_config
+        return 2 * c.n_layers * c.n_kv_heads * c.head_dim * self.engine.decode_state.cache[0][0].dtype.itemsize
+
+    def _release_swap(self, job: _Job):
+        prefix, job.swapped = job.swapped, None
+        if prefix is not None:
+            self.counters["swapped_bytes"] -= prefix.nbytes
+        return prefix
+
     def _admit(self, job: _Job) -> None:
         slot = self._free_slots.pop()
         job.slot = slot
+        swapped = self._release_swap(job)
+        if swapped is not None:  # resume where it stopped: its pending token is the next step's input
+            try:
+                self.engine.insert(swapped, slot)
+            except Exception:  # noqa: BLE001 - fall back to recomputing the context below
+                log.error("swap-in of %s failed; recomputing:\n%s", job.request.request_id, traceback.format_exc())
+            else:
+                self.counters["swapped_in"] += 1
+                return
         try:
             s = job.sampling
             sampling = SlotSampling(float(s.temperature), int(s.top_k), float(s.top_p), job.seed)
@@ -379,6 +427,8 @@ class Orchestrator:
                 # new one, gets its next token from the prefill; its key depends only on seed and position, so
                 # the token is the one it would have drawn had it never been evicted
                 prefix = self.engine.prefill(job.prompt_tokens + job.output, sampling)
+                if job.output:
+                    self.counters["recomputed_resumes"] += 1
             self.engine.insert(prefix, slot)
         except Exception as exc:  # noqa: BLE001
             log.error("prefill failed for %s:\n%s", job.request.request_id, traceback.format_exc())
@@ -472,6 +522,7 @@ class Orchestrator:
         job.done = True
         req = job.request
         self._release_state(job)
+        self._release_swap(job)
         if job.slot is not None:
             self.engine.free(job.slot)
             self._free_slots.append(job.slot)

@@ -1,8 +1,10 @@
 """Discrete-event simulator: replays a trace through a real `Scheduler` against a step-time model.
 
 It follows the engine's loop exactly, with modelled time: at each batch boundary ``schedule(now)``; preempted
-requests lose their slot (a later resume re-prefills their whole context, and pays for it); each admitted
-request is prefilled in order (``prefill_time(context_len)``, yields one token); then one decode step over all
+requests lose their slot; each admitted request is prefilled in order (``prefill_time(context_len)``, yields one
+token), except a resumed one under ``preempt_mode="swap"`` (the orchestrator's default), whose K/V was kept: it
+is inserted at no modelled cost and gets its next token from the decode step (under ``"recompute"`` a resume
+re-prefills its whole context, and pays for it; the simulator's swap space is unbounded); then one decode step over all
 running requests (``decode_time(batch, tokens_in_cache)``, one token each); requests that reach their output
 length finish at that token's time. Arrivals are added at the first boundary at or after their arrival time
 (their TTFT clock still starts at the arrival); when nothing is queued or running, time jumps to the next arrival.
@@ -60,9 +62,14 @@ def simulate(
     scheduler: Scheduler,
     step_model: StepTimeModel,
     on_boundary: Callable[[Scheduler, float], None] | None = None,
+    preempt_mode: str = "swap",
 ) -> SimResult:
     """Run ``trace`` to completion through ``scheduler``. ``on_boundary(scheduler, now)`` (optional) is called
-    right after every ``schedule`` call, e.g. to check invariants."""
+    right after every ``schedule`` call, e.g. to check invariants. ``preempt_mode``: how a preempted request
+    resumes, "swap" (its K/V was kept) or "recompute" (re-prefill of prompt + generated tokens)."""
+    if preempt_mode not in ("swap", "recompute"):
+        raise ValueError(f"preempt_mode must be 'swap' or 'recompute', got {preempt_mode!r}")
+    swap = preempt_mode == "swap"
     wall_start = time.perf_counter()
     reqs = requests_from_trace(trace)
     n = len(reqs)
@@ -89,6 +96,8 @@ def simulate(
         if on_boundary is not None:
             on_boundary(scheduler, now)
         for req in decision.admit:
+            if swap and req.generated:
+                continue  # its cache was kept: the decode step below yields its next token
             now += prefill_time(req.context_len)
             on_token(req, now)
             if req.generated >= req.true_output_len:

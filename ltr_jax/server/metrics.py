@@ -38,7 +38,8 @@ class _StatsCollector:
                   ("running_slots", "running", "Decode slots holding a running request"),
                   ("free_slots", "free_slots", "Decode slots free"),
                   ("slots", "num_slots", "Decode slots in total"),
-                  ("ranker_state_bytes", "ranker_state_bytes", "Memory held by waiting requests' ranker passes"))
+                  ("ranker_state_bytes", "ranker_state_bytes", "Memory held by waiting requests' ranker passes"),
+                  ("swapped_kv_bytes", "swapped_bytes", "Memory held by preempted requests' kept K/V"))
         for name, key, doc in gauges:
             yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=s.get(key, 0))
         counters = (("generated_tokens", "tokens_generated", "Tokens generated (tokens/s = rate of this)"),
@@ -47,7 +48,9 @@ class _StatsCollector:
                     ("decode_steps", "steps", "Batched decode steps run"),
                     ("busy_seconds", "busy_seconds", "Seconds the loop spent on batch boundaries"),
                     ("reused_ranker_passes", "reused_ranker_passes", "Prefills started from the ranker's pass"),
-                    ("ranker_states_dropped", "ranker_states_dropped", "Kept ranker passes dropped over budget"))
+                    ("ranker_states_dropped", "ranker_states_dropped", "Kept ranker passes dropped over budget"),
+                    ("resumes_from_kept_kv", "swapped_in", "Preempted requests resumed from their kept K/V"),
+                    ("resumes_recomputed", "recomputed_resumes", "Preempted requests resumed by re-prefilling"))
         for name, key, doc in counters:
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=s.get(key, 0))
 

@@ -193,7 +193,8 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
     orchestrator = Orchestrator(engine, loaded.tokenizer, scheduler, ranker=ranker,
                                 max_queue=config.server.max_queue, observer=metrics,
                                 reuse_ranker_pass=config.ranker.reuse_pass,
-                                ranker_state_budget_mb=config.ranker.state_budget_mb)
+                                ranker_state_budget_mb=config.ranker.state_budget_mb,
+                                preempt_mode=config.engine.preempt_mode, swap_budget_mb=config.engine.swap_budget_mb)
     if orchestrator.reuse_ranker_pass:
         log.info("the ranker's pass over the first %d blocks is kept and starts each prompt's prefill",
                  ranker.spec.n_layers)
@@ -202,7 +203,8 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
     if warmup and config.engine.warmup_max_len > 0:
         t1 = time.perf_counter()
         prefill, cache_lens = warmup_shapes(engine_config, config.engine.warmup_max_len)
-        engine.warmup(prefill_buckets=prefill, cache_lens=cache_lens, transitions=config.engine.warmup_transitions)
+        engine.warmup(prefill_buckets=prefill, cache_lens=cache_lens, transitions=config.engine.warmup_transitions,
+                      swap=config.engine.preempt_mode == "swap")
         if ranker is not None:  # every padded prompt length up to the warmed one, for a lone arrival
             top = length_bucket(max(prefill), ranker.spec.max_prompt_len, ranker.min_bucket)
             warmup_ranker(engine, ranker, [t for t in ranker.bucket_lengths() if t <= top],
