@@ -73,6 +73,10 @@ def test_the_pass_is_shared_only_with_the_model_it_came_from(served):
     same_shape_other_weights = tiny_model(seed=6, n_layers=3)
     assert not shares_ranker_pass(engine, make_scorer(same_shape_other_weights))
     assert not shares_ranker_pass(engine, object())  # a ranker without backbone states
+    from ltr_jax.engine.sharding import make_mesh
+
+    on_mesh = Engine(model, EngineConfig(num_slots=2, max_seq_len=256), mesh=make_mesh(1))
+    assert not shares_ranker_pass(on_mesh, make_scorer(loaded))  # the engine is sharded, the ranker is not
 
 
 def run_requests(loaded, model, scorer, lengths, reuse=True, budget_mb=1024.0, slots=2):

@@ -110,8 +110,9 @@ class _Job:
 
 def shares_ranker_pass(engine: Engine, ranker: Any) -> bool:
     """Whether ``ranker``'s backbone is the engine's own first blocks, so its pass over a prompt can start that
-    prompt's prefill (`Engine.prefill_from_state`). Not over a multi-device mesh: the ranker runs unsharded."""
-    if engine.mesh is not None and engine.mesh.size > 1:
+    prompt's prefill (`Engine.prefill_from_state`). Not over a mesh: the ranker runs unsharded on one device, and its
+    passes would reach the engine's sharded functions with a placement warm-up never compiled for."""
+    if engine.mesh is not None:
         return False
     check = getattr(ranker, "shares_backbone_with", None)
     return bool(check and hasattr(ranker, "raw_with_state")
