@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -74,12 +75,23 @@ def test_simulate_command_reports_ratios_against_fcfs(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("module", [policy_bench, simulate])
-def test_help_documents_every_option(module, capsys):
+def test_help_documents_every_option(module, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         module.parse_args(["--help"])
     text = capsys.readouterr().out
-    for option in ("--policies", "--rates", "--out", "--seed"):
+    for option in ("--policies", "--rates", "--out", "--seed", "--preempt-mode"):
         assert option in text
+    parsers = []
+
+    def capture(self, *args, **kwargs):
+        parsers.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        module.parse_args([])
+    undocumented = [a.option_strings for a in parsers[0]._actions if not a.help]
+    assert undocumented == []
 
 
 def test_starvation_cost_is_the_share_of_ltr_gain_kept():

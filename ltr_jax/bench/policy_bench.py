@@ -212,12 +212,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--classifier", default=None, help="10-bucket classifier checkpoint for the classify policy "
                    "(default, embedded model only: the packaged classifier matching the replayed lengths)")
     p.add_argument("--n", type=int, default=100, help="requests per run")
-    p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma", "burst"])
+    p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma", "burst"],
+                   help="Poisson arrivals at each rate, gamma arrivals with --cv, or every request at t=0")
     p.add_argument("--sdg-budget", type=float, default=None, help="synthetic-data-generation mode: burst of --n "
                    "requests, stop after this many seconds and count completions")
     p.add_argument("--slots", type=int, default=8, help="decode slots")
-    p.add_argument("--max-seq-len", type=int, default=1024)
-    p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.add_argument("--max-seq-len", type=int, default=1024, help="engine context per slot (prompt + output "
+                   "tokens; a power of two)")
+    p.add_argument("--max-prompt-tokens", type=int, default=512, help="prompts longer than this are left out "
+                   "of the workload")
     p.add_argument("--max-output-tokens", type=int, default=384, help="cap on replayed output lengths")
     p.add_argument("--length-scale", type=float, default=1.0, help="multiply every replayed length by this "
                    "(keeps their order and distribution shape; makes CPU runs affordable)")
@@ -233,7 +236,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reuse-ranker-pass", action=argparse.BooleanOptionalAction, default=True,
                    help="start each ranked prompt's prefill from the ranker's pass over its first blocks (when the "
                    "ranker's backbone is the served model's own), so ranking adds no model compute")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar (logs, CI)")
     args = p.parse_args(argv)
     check_policies(p, args)
     if args.load_factors is not None:

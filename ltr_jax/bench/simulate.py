@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "reference answers (word count x 1.3)")
     p.add_argument("--prompts", default=None, help="prompts JSONL for reference lengths (default: the shared set)")
     p.add_argument("--n", type=int, default=10000, help="requests per run")
-    p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"])
+    p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"],
+                   help="Poisson arrivals at each rate, or gamma arrivals with --cv")
     p.add_argument("--tau", type=float, default=None, help="Kendall tau of the synthetic ranker scores "
                    "(default: the packaged ranker's measured held-out tau, else 0.55)")
     p.add_argument("--buckets", type=int, default=10, help="classes of the classify policy (S3: 10)")
