@@ -29,6 +29,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from ltr_jax.scheduler.policies import POLICY_NAMES, make_policy
+from ltr_jax.scheduler.sim import PREEMPT_MODES
 
 T = TypeVar("T")
 
@@ -358,7 +359,7 @@ class EngineSection:
                                                  "(0 = no warmup)")
     warmup_transitions: bool = setting(True, doc="also compile every insert and cache resize between the warmed "
                                                  "shapes (concurrent traffic then meets no compilation)")
-    preempt_mode: str = setting("swap", choices=("swap", "recompute"), doc="how a preempted request resumes: 'swap' "
+    preempt_mode: str = setting("swap", choices=PREEMPT_MODES, doc="how a preempted request resumes: 'swap' "
                                 "keeps its K/V (within swap_budget_mb) and continues where it stopped; 'recompute' "
                                 "re-prefills its prompt and every token it produced")
     swap_budget_mb: float = setting(1024.0, ge=0, doc="memory for the K/V of preempted requests (preempt_mode swap); "

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from ltr_jax.scheduler.scheduler import StarvationConfig
+from ltr_jax.scheduler.sim import PREEMPT_MODES
 
 POLICIES = ("fcfs", "ltr", "ltr+starvation", "ltr-rescore", "classify", "oracle-sjf", "oracle-srtf")
 DEFAULT_POLICIES = "fcfs,ltr,ltr+starvation,classify,oracle-sjf"
@@ -24,7 +25,7 @@ def add_shared_options(p: argparse.ArgumentParser, *, rates: str, starvation_thr
     p.add_argument("--max-preemptions", type=int, default=0, help="per request, for every preemptive policy "
                    "(0 = none: in this engine a preemption costs a recompute of the whole context, which the "
                    "simulator and the CPU runs in benchmarks/results/ measured as a net loss)")
-    p.add_argument("--preempt-mode", default="swap", choices=["swap", "recompute"],
+    p.add_argument("--preempt-mode", default="swap", choices=PREEMPT_MODES,
                    help="how a preempted request resumes: 'swap' keeps its K/V and continues where it stopped; "
                    "'recompute' re-prefills its prompt and every token it produced")
     p.add_argument("--starvation-threshold", type=threshold_arg, default=starvation_threshold,

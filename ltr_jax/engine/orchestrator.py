@@ -35,6 +35,7 @@ import numpy as np
 from ltr_jax.engine.engine import Engine, SlotSampling
 from ltr_jax.scheduler.request import Request
 from ltr_jax.scheduler.scheduler import Scheduler
+from ltr_jax.scheduler.sim import PREEMPT_MODES
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,6 @@ class StreamEvent:
     error: str | None = None
     num_prompt_tokens: int = 0
     num_generated: int = 0
-
-
-PREEMPT_MODES = ("swap", "recompute")
 
 
 class QueueFullError(Exception):

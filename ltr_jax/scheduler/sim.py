@@ -23,6 +23,10 @@ from .scheduler import Scheduler
 from .step_time import StepTimeModel
 from .trace import TraceEntry
 
+#: how a preempted request resumes, in the simulator and in the engine loop (`Orchestrator`): "swap" (its K/V was kept)
+#: or "recompute" (a re-prefill of its prompt and every token it produced)
+PREEMPT_MODES = ("swap", "recompute")
+
 
 @dataclass
 class SimResult:
@@ -67,8 +71,8 @@ def simulate(
     """Run ``trace`` to completion through ``scheduler``. ``on_boundary(scheduler, now)`` (optional) is called
     right after every ``schedule`` call, e.g. to check invariants. ``preempt_mode``: how a preempted request
     resumes, "swap" (its K/V was kept) or "recompute" (re-prefill of prompt + generated tokens)."""
-    if preempt_mode not in ("swap", "recompute"):
-        raise ValueError(f"preempt_mode must be 'swap' or 'recompute', got {preempt_mode!r}")
+    if preempt_mode not in PREEMPT_MODES:
+        raise ValueError(f"preempt_mode must be one of {', '.join(PREEMPT_MODES)}, got {preempt_mode!r}")
     swap = preempt_mode == "swap"
     wall_start = time.perf_counter()
     reqs = requests_from_trace(trace)
