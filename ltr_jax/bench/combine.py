@@ -149,8 +149,8 @@ def combine(paths: list[str]) -> dict[str, Any]:
         "length_source": first["length_source"], "arrival": first["arrival"], "n": first["n"],
         "slots": first["slots"], "starvation": first.get("starvation"), "max_preemptions": first["max_preemptions"],
         "seeds": [r["seed"] for _, r in runs], "reports": [f for f, _ in runs],
-        "commands": [r.get("command") for _, r in runs], "machines": sorted({json.dumps(r.get("machine"))
-                                                                                for _, r in runs}),
+        "commands": [r.get("command") for _, r in runs],
+        "machines": [json.loads(m) for m in sorted({json.dumps(r.get("machine"), sort_keys=True) for _, r in runs})],
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "rates": {k: pool_rate(k, runs) for k in common},
         "rates_not_in_every_run": left_out,
@@ -161,7 +161,9 @@ def markdown(combined: dict[str, Any]) -> str:
     setup = (f"{combined['model']}; {combined['n']} requests per seed, {combined['slots']} slots, "
              f"{combined['arrival']} arrivals; seeds {', '.join(map(str, combined['seeds']))}; "
              f"{combined['length_source']}")
-    lines = [f"# {combined['benchmark']}", "", setup, "", "Runs pooled:", ""]
+    machines = "; ".join(str(m) for m in combined["machines"] if m)
+    lines = [f"# {combined['benchmark']}", "", setup + (f"; machine {machines}" if machines else ""), "",
+             "Runs pooled:", ""]
     lines += [f"- `{c}`" for c in combined["commands"]]
     if combined["rates_not_in_every_run"]:
         lines += ["", f"Left out (not run on every seed): {', '.join(combined['rates_not_in_every_run'])}"]
