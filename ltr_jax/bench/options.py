@@ -23,8 +23,8 @@ def add_shared_options(p: argparse.ArgumentParser, *, rates: str, starvation_thr
     p.add_argument("--rates", default=rates, help="comma-separated Poisson/gamma request rates (req/s)")
     p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation of gamma inter-arrival times")
     p.add_argument("--max-preemptions", type=int, default=0, help="per request, for every preemptive policy "
-                   "(0 = none: in this engine a preemption costs a recompute of the whole context, which the "
-                   "simulator and the CPU runs in benchmarks/results/ measured as a net loss)")
+                   "(0 = the policy never displaces a running request; starvation promotions still may): in the "
+                   "simulator allowing displacements did not lower mean latency, with or without kept K/V")
     p.add_argument("--preempt-mode", default="swap", choices=PREEMPT_MODES,
                    help="how a preempted request resumes: 'swap' keeps its K/V and continues where it stopped; "
                    "'recompute' re-prefills its prompt and every token it produced")

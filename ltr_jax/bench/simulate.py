@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "benchmark": "policies in the discrete-event simulator", "model": "Llama-3-8B step-time model",
         "step_model": step_desc, "length_source": length_source, "arrival": args.arrival, "n": args.n,
-        "slots": args.slots, "seed": args.seed, "ranker_tau": tau, "ranker_tau_source": tau_source, "classify_tau": args.classify_tau,
+        "slots": args.slots, "seed": args.seed, "ranker_tau": tau, "ranker_tau_source": tau_source,
+        "classify_tau": args.classify_tau,
         "max_preemptions": args.max_preemptions, "preempt_mode": args.preempt_mode,
         "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum,
                        "requeue_after_quantum": args.starvation_requeue},
