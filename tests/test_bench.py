@@ -11,6 +11,16 @@ import pytest
 from ltr_jax.bench import policy_bench, simulate
 
 
+def _prompts_with_lognormal_answers(tmp_path, n: int, seed: int, sigma: float):
+    """A prompts JSONL of ``n`` prompts of 5-79 words whose reference answers have lognormal word counts."""
+    prompts = tmp_path / "prompts.jsonl"
+    rng = np.random.default_rng(seed)
+    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": "w " * int(rng.integers(5, 80)),
+                                           "reference": "w " * int(rng.lognormal(4, sigma))}) + "\n"
+                               for i in range(n)))
+    return prompts
+
+
 def test_policy_benchmark_runs_every_policy_on_one_trace(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": "x " * (i + 1), "reference": "y " * (3 + 2 * i)})
@@ -55,11 +65,7 @@ def test_ltr_on_a_model_without_a_packaged_ranker_asks_for_one(tmp_path):
 
 
 def test_simulate_command_reports_ratios_against_fcfs(tmp_path, capsys):
-    prompts = tmp_path / "prompts.jsonl"
-    rng = np.random.default_rng(0)
-    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": "w " * int(rng.integers(5, 80)),
-                                           "reference": "w " * int(rng.lognormal(4, 1))}) + "\n"
-                               for i in range(50)))
+    prompts = _prompts_with_lognormal_answers(tmp_path, 50, seed=0, sigma=1)
     report = simulate.main(["--prompts", str(prompts), "--n", "400", "--rates", "64", "--slots", "8",
                             "--tau", "0.6", "--policies", "fcfs,ltr,oracle-sjf", "--out", str(tmp_path / "o")])
     run, ratios = report["runs"]["rate=64"], report["ratios"]["rate=64"]
@@ -119,11 +125,7 @@ def test_starvation_cost_is_the_share_of_ltr_gain_kept():
 
 
 def test_starvation_threshold_can_be_fcfs_worst_wait(tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    rng = np.random.default_rng(1)
-    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": "w " * int(rng.integers(5, 80)),
-                                           "reference": "w " * int(rng.lognormal(4, 1.2))}) + "\n"
-                               for i in range(60)))
+    prompts = _prompts_with_lognormal_answers(tmp_path, 60, seed=1, sigma=1.2)
     report = simulate.main(["--prompts", str(prompts), "--n", "300", "--rates", "64", "--slots", "4", "--tau", "0.6",
                             "--policies", "fcfs,ltr,ltr+starvation", "--starvation-threshold", "fcfs"])
     run = report["runs"]["rate=64"]
@@ -158,11 +160,7 @@ def _simulated_run(tmp_path, prompts, seed, *extra):
 def test_combine_pools_seeds_into_one_mean_per_policy(tmp_path, capsys):
     from ltr_jax.bench import combine
 
-    prompts = tmp_path / "prompts.jsonl"
-    rng = np.random.default_rng(2)
-    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": "w " * int(rng.integers(5, 80)),
-                                           "reference": "w " * int(rng.lognormal(4, 1.1))}) + "\n"
-                               for i in range(60)))
+    prompts = _prompts_with_lognormal_answers(tmp_path, 60, seed=2, sigma=1.1)
     runs = [_simulated_run(tmp_path, prompts, seed) for seed in (0, 1, 2)]
     reports = [json.loads((r / "report.json").read_text()) for r in runs]
     combined = combine.main([str(r) for r in runs] + ["--out", str(tmp_path / "pooled")])
