@@ -423,13 +423,22 @@ class Engine:
         """Copy an active slot's K/V, length, pending token and sampling settings into a `Prefix` and free the slot.
         `insert` of that prefix (into any slot, at any later cache length) resumes the request where it stopped:
         the same next token, nothing recomputed."""
-        if not (0 <= slot < self.num_slots and self.host_active[slot]):
-            raise ValueError(f"slot {slot} is not an active slot of this engine; only a running slot can be swapped out")
-        bucket = self.config.prefill_bucket(int(self.host_lengths[slot]))
+        bucket = self._swap_bucket(slot)
         prefix = self._timed(("extract", self.cache_len, bucket), self._extract, self.decode_state, np.int32(slot),
                              bucket=bucket)
         self.free(slot)
         return prefix
+
+    def swap_out_nbytes(self, slot: int) -> int:
+        """Bytes of K/V `swap_out(slot)` would hold (the slot's length padded to its prefix bucket)."""
+        c = self.model_config
+        per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * self.decode_state.cache[0][0].dtype.itemsize
+        return self._swap_bucket(slot) * per_token
+
+    def _swap_bucket(self, slot: int) -> int:
+        if not (0 <= slot < self.num_slots and self.host_active[slot]):
+            raise ValueError(f"slot {slot} is not an active slot of this engine; only a running slot can be swapped out")
+        return self.config.prefill_bucket(int(self.host_lengths[slot]))
 
     def free(self, slot: int) -> None:
         self.host_active[slot] = False

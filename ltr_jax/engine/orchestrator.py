@@ -377,24 +377,18 @@ class Orchestrator:
     def _evict(self, job: _Job) -> None:
         slot, job.slot = job.slot, None
         self._free_slots.append(slot)
-        if self.preempt_mode == "swap":
-            bucket = self.engine.config.prefill_bucket(int(self.engine.slot_lengths()[slot]))
-            need = bucket * self._kv_bytes_per_token()  # what swap_out will hold: the length padded to its bucket
-            if self.counters["swapped_bytes"] + need <= self.swap_budget:
-                try:
-                    job.swapped = self.engine.swap_out(slot)
-                except Exception:  # noqa: BLE001 - nothing is lost: the request recomputes its context instead
-                    log.error("swap-out of %s failed; it will recompute:\n%s", job.request.request_id,
-                              traceback.format_exc())
-                else:
-                    self.counters["swapped_out"] += 1
-                    self.counters["swapped_bytes"] += job.swapped.nbytes
-                    return
+        if (self.preempt_mode == "swap"
+                and self.counters["swapped_bytes"] + self.engine.swap_out_nbytes(slot) <= self.swap_budget):
+            try:
+                job.swapped = self.engine.swap_out(slot)
+            except Exception:  # noqa: BLE001 - nothing is lost: the request recomputes its context instead
+                log.error("swap-out of %s failed; it will recompute:\n%s", job.request.request_id,
+                          traceback.format_exc())
+            else:
+                self.counters["swapped_out"] += 1
+                self.counters["swapped_bytes"] += job.swapped.nbytes
+                return
         self.engine.free(slot)
-
-    def _kv_bytes_per_token(self) -> int:
-        c = self.engine.model_config
-        return 2 * c.n_layers * c.n_kv_heads * c.head_dim * self.engine.decode_state.cache[0][0].dtype.itemsize
 
     def _release_swap(self, job: _Job):
         prefix, job.swapped = job.swapped, None
