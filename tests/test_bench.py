@@ -195,3 +195,58 @@ def test_combine_pools_seeds_into_one_mean_per_policy(tmp_path, capsys):
     with pytest.raises(SystemExit):
         combine.parse_args(["--help"])
     assert "--out" in capsys.readouterr().out
+
+
+def _prompts_with_lengths(tmp_path, lengths: list[int]):
+    """A prompts JSONL whose i-th prompt has a reference answer of about ``lengths[i]`` tokens."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": "x " * (i + 2), "reference": "y " * n}) + "\n"
+                               for i, n in enumerate(lengths)))
+    return prompts
+
+
+def test_policies_run_through_the_http_server(tmp_path):
+    prompts = _prompts_with_lengths(tmp_path, [3 + 2 * i for i in range(8)])
+    report = policy_bench.main(["--model", "tiny", "--prompts", str(prompts), "--split", "all", "--n", "8",
+                                "--policies", "fcfs,oracle-sjf", "--rates", "40", "--slots", "2", "--via", "http",
+                                "--max-output-tokens", "20", "--unloaded-probe", "2", "--no-progress",
+                                "--out", str(tmp_path / "out")])
+    assert report["via"].startswith("HTTP server") and report["unloaded"]["ttft_s"] > 0
+    for metrics in report["runs"]["rate=40"].values():  # the oracle knew each length though HTTP carries none
+        assert metrics["completed"] == 8 and metrics["incomplete_or_wrong_length"] == 0
+        assert metrics["latency_s"]["max"] >= metrics["ttft_s"]["max"] > 0
+        assert metrics["max_waiting_time_s"]["max"] >= metrics["ttft_s"]["max"] - 1e-9
+        assert metrics["tpot_s"]["mean"] > 0 and metrics["throughput_tok_s"] > 0
+    assert "via the HTTP server" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("via", ["engine", "http"])
+def test_sdg_target_reports_the_time_to_that_many_completions(tmp_path, via):
+    # a burst of 10 with short and long answers in mixed order: the oracle finishes the 4 short ones first
+    prompts = _prompts_with_lengths(tmp_path, [60, 4, 58, 56, 5, 54, 6, 52, 7, 50])
+    report = policy_bench.main(["--model", "tiny", "--prompts", str(prompts), "--split", "all", "--n", "10",
+                                "--policies", "fcfs,oracle-sjf", "--sdg-target", "4", "--slots", "2", "--via", via,
+                                "--max-output-tokens", "64", "--unloaded-probe", "0", "--no-progress",
+                                "--out", str(tmp_path / "out")])
+    run = report["runs"]["burst"]
+    for metrics in run.values():
+        sdg = metrics["sdg"]
+        assert sdg["target"] == 4 and 0 < sdg["seconds_to_target"] <= metrics["wall_s"]
+        assert 4 <= metrics["completed"] < 10  # the rest were cancelled once the target was reached
+    assert run["oracle-sjf"]["sdg"]["seconds_to_target"] < run["fcfs"]["sdg"]["seconds_to_target"]
+    assert "seconds until 4 completions" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_sdg_options_are_checked():
+    for bad in (["--sdg-budget", "10", "--sdg-target", "5"], ["--sdg-target", "0"], ["--n", "5", "--sdg-target", "6"],
+                ["--sdg-budget", "-1"], ["--via", "grpc"]):
+        with pytest.raises(SystemExit):
+            policy_bench.parse_args(bad)
+
+
+def test_combine_treats_reports_from_before_via_as_in_process():
+    from ltr_jax.bench import combine
+
+    old = {"benchmark": "policies on the real engine"}
+    assert combine._setting(old, "via") == combine._setting({**old, "via": "engine in-process"}, "via")
+    assert combine._setting(old, "via") != combine._setting({**old, "via": "HTTP server"}, "via")

@@ -1,8 +1,8 @@
 """`python -m ltr_jax.bench <command>`: the benchmark command line.
 
 Commands: `engine` (decode step time vs matmul roofline), `run` (every policy on one trace against the real
-engine), `simulate` (the same report from the discrete-event simulator at paper scale), `combine` (pool runs of one
-experiment on several seeds).
+engine, in-process or through the HTTP server), `simulate` (the same report from the discrete-event simulator at
+paper scale), `combine` (pool runs of one experiment on several seeds).
 """
 
 from __future__ import annotations

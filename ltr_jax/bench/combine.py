@@ -28,7 +28,14 @@ from ltr_jax.bench.report import ratios, starvation_cost
 #: report fields that must be equal in every pooled run (else they are different experiments)
 SAME_EXPERIMENT = ("benchmark", "model", "length_source", "arrival", "n", "slots", "temperature",
                    "max_preemptions", "preempt_mode", "starvation", "ranker", "classifier", "ranker_tau", "classify_tau",
-                   "step_model", "reuse_ranker_pass")
+                   "step_model", "reuse_ranker_pass", "via")
+
+
+def _setting(report: dict[str, Any], key: str) -> Any:
+    """One experiment setting of a report; reports written before `bench run --via` existed ran in-process."""
+    if key == "via" and report.get("benchmark") == "policies on the real engine":
+        return report.get("via", "engine in-process")
+    return report.get(key)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,9 +73,10 @@ def check_same_experiment(runs: list[tuple[str, dict[str, Any]]]) -> None:
     seen_seeds: dict[int, str] = {}
     for file, report in runs:
         for key in SAME_EXPERIMENT:
-            if report.get(key) != first.get(key):
-                raise SystemExit(f"{file} and {first_file} differ in {key!r} ({report.get(key)!r} vs "
-                                 f"{first.get(key)!r}): only runs of one experiment on different seeds can be pooled")
+            mine, theirs = _setting(report, key), _setting(first, key)
+            if mine != theirs:
+                raise SystemExit(f"{file} and {first_file} differ in {key!r} ({mine!r} vs {theirs!r}): only runs "
+                                 f"of one experiment on different seeds can be pooled")
         for rate_key in set(report["runs"]) & set(first["runs"]):
             if report["rates"][rate_key] != first["rates"][rate_key]:
                 raise SystemExit(f"{file} and {first_file} disagree on {rate_key}")

@@ -2,9 +2,11 @@
 
 Owns the serving benchmark. One invocation builds one workload (prompts from the shared set or a ShareGPT file,
 output lengths from the serving model's own label file or from reference-answer token counts, arrivals Poisson /
-gamma / burst, or the synthetic-data-generation mode with a time budget) and replays it, with the same seed, under
+gamma / burst, or the synthetic-data-generation mode: a burst with a time budget, or with a target count of
+completions) and replays it, with the same seed, under
 each policy: real prompts, the real ranker scoring each request at arrival, real decode steps, each request
-generating exactly its recorded length (ignore_eos). Per policy it reports mean / P50 / P90 / P99 latency,
+generating exactly its recorded length (ignore_eos); with ``--via http`` each policy is served by the HTTP app on
+a loopback port and the workload is replayed by streaming clients (`ltr_jax.bench.http_replay`). Per policy it reports mean / P50 / P90 / P99 latency,
 normalized latency, TTFT, TPOT, max_waiting_time = max(TTFT, max inter-token gap), throughput, preemptions,
 starvation promotions and ranker overhead, as JSON, a Markdown table and PNG plots.
 
@@ -52,13 +54,21 @@ class Item:
 
 @dataclass
 class Observed:
-    """Client-side timestamps of one request."""
+    """Client-side timestamps of one request.
+
+    In-process, ``token_times`` holds one time per token. Over HTTP it holds one time per streamed chunk (the
+    tokens the server had ready at once) and ``tokens`` is the count the server reported in the usage record."""
 
     submit: float
     output_len: int
     token_times: list[float] = field(default_factory=list)
     finish: float | None = None
     reason: str | None = None
+    tokens: int | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return self.tokens if self.tokens is not None else len(self.token_times)
 
 
 # ------------------------------------------------------------------------------------------------ workload
@@ -123,12 +133,24 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
     after the previous one finished (an unloaded system)."""
     sched = make_scheduler(policy, engine.num_slots, args, starvation_threshold)
     uses_ranker = policy in ("ltr", "ltr+starvation", "ltr-rescore", "classify")
-    orch = Orchestrator(engine, tokenizer, sched, ranker=ranker if uses_ranker else None, max_queue=len(items) + 1,
-                        reuse_ranker_pass=args.reuse_ranker_pass, preempt_mode=args.preempt_mode)
+    orch_kwargs = {"ranker": ranker if uses_ranker else None, "max_queue": len(items) + 1,
+                   "reuse_ranker_pass": args.reuse_ranker_pass, "preempt_mode": args.preempt_mode}
+    budget = None if sequential else args.sdg_budget  # the probes of an unloaded system run to their end
+    target = None if sequential else args.sdg_target
+    if args.via == "http":
+        from ltr_jax.bench.http_replay import run_over_http
+
+        obs, wall, stats, reached = run_over_http(engine, tokenizer, sched, orch_kwargs, policy, items, arrivals, args,
+                                                  sequential=sequential, budget=budget, target=target)
+        return _with_sdg(summarize_observed(obs, wall, stats, budgeted=bool(budget or target)), budget, target,
+                         reached)
+    orch = Orchestrator(engine, tokenizer, sched, **orch_kwargs)
     observed: dict[str, Observed] = {}
     lock = threading.Lock()
     done = threading.Event()
     remaining = [len(items)]
+    completed = [0]
+    reached: list[float] = []  # when the target count of completions was reached (SDG target mode)
     bar = tqdm(total=len(items), desc=desc, unit="req", leave=False, disable=not args.progress)
 
     def on_event(ev: StreamEvent) -> None:
@@ -139,13 +161,16 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
             if ev.finished:
                 ob.finish, ob.reason = now, ev.finish_reason
                 remaining[0] -= 1
+                completed[0] += ev.finish_reason == "length"
                 bar.update(1)
-                if remaining[0] == 0:
+                if target and completed[0] == target:
+                    reached.append(now)
+                if remaining[0] == 0 or reached:
                     done.set()
 
     orch.start()
     t0 = time.monotonic()
-    budget_end = t0 + args.sdg_budget if args.sdg_budget else None
+    budget_end = t0 + budget if budget else None
     for i, (item, at) in enumerate(zip(items, arrivals)):
         delay = t0 + float(at) - time.monotonic()
         if delay > 0:
@@ -163,21 +188,32 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
         orch.stop(drain=False, timeout_s=60)
     else:
         done.wait()
-        orch.stop(drain=True, timeout_s=60)
+        orch.stop(drain=not target, timeout_s=60)
     bar.close()
     wall = time.monotonic() - t0
     stats = orch.stats()
-    return summarize_observed(list(observed.values()), wall, stats, budget_end is not None)
+    result = summarize_observed(list(observed.values()), wall, stats, budget_end is not None or bool(target))
+    return _with_sdg(result, budget, target, reached[0] - t0 if reached else None)
+
+
+def _with_sdg(result: dict[str, Any], budget: float | None, target: int | None, reached_s: float | None
+              ) -> dict[str, Any]:
+    """A run's result plus what the synthetic-data-generation mode measures: completions within the budget, or the
+    seconds until the target count of completions (None when the run ended short of it)."""
+    if budget:
+        result["sdg"] = {"budget_s": budget, "completed": result["completed"]}
+    elif target:
+        result["sdg"] = {"target": target, "seconds_to_target": reached_s}
+    return result
 
 
 def summarize_observed(obs: list[Observed], wall: float, stats: dict, budgeted: bool) -> dict[str, Any]:
-    complete = [o for o in obs if o.reason == "length" and len(o.token_times) == o.output_len]
+    complete = [o for o in obs if o.reason == "length" and o.n_tokens == o.output_len and o.token_times]
     lat = [o.finish - o.submit for o in complete]
     ttft = [o.token_times[0] - o.submit for o in complete]
-    tpot = [(o.token_times[-1] - o.token_times[0]) / (len(o.token_times) - 1) for o in complete
-            if len(o.token_times) > 1]
+    tpot = [(o.token_times[-1] - o.token_times[0]) / (o.n_tokens - 1) for o in complete if o.n_tokens > 1]
     mwt = [max([o.token_times[0] - o.submit, *np.diff(o.token_times).tolist()]) for o in complete]
-    tokens = sum(len(o.token_times) for o in obs)
+    tokens = sum(o.n_tokens for o in obs)
     busy = max(stats.get("busy_seconds", 0.0), 1e-9)
     out = {
         "requests": len(obs), "completed": len(complete), "wall_s": wall,
@@ -214,8 +250,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=100, help="requests per run")
     p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma", "burst"],
                    help="Poisson arrivals at each rate, gamma arrivals with --cv, or every request at t=0")
-    p.add_argument("--sdg-budget", type=float, default=None, help="synthetic-data-generation mode: burst of --n "
-                   "requests, stop after this many seconds and count completions")
+    sdg = p.add_mutually_exclusive_group()
+    sdg.add_argument("--sdg-budget", type=float, default=None, help="synthetic-data-generation mode: burst of --n "
+                     "requests, stop after this many seconds and count completions")
+    sdg.add_argument("--sdg-target", type=int, default=None, help="synthetic-data-generation mode: burst of --n "
+                     "requests, stop once this many have completed and report the seconds it took")
+    p.add_argument("--via", default="engine", choices=["engine", "http"], help="'engine': submit to the "
+                   "orchestrator in-process; 'http': serve each policy with the HTTP app on a loopback port and "
+                   "replay the workload as streaming /v1/completions clients (latency as a client sees it)")
     p.add_argument("--slots", type=int, default=8, help="decode slots")
     p.add_argument("--max-seq-len", type=int, default=1024, help="engine context per slot (prompt + output "
                    "tokens; a power of two)")
@@ -239,6 +281,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar (logs, CI)")
     args = p.parse_args(argv)
     check_policies(p, args)
+    if args.sdg_budget is not None and not args.sdg_budget > 0:
+        p.error(f"--sdg-budget must be > 0 seconds, got {args.sdg_budget}")
+    if args.sdg_target is not None and not 0 < args.sdg_target <= args.n:
+        p.error(f"--sdg-target must be between 1 and --n ({args.n}), got {args.sdg_target}")
     if args.load_factors is not None:
         try:
             args.load_factors = [float(x) for x in args.load_factors.split(",")]
@@ -318,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "how": "each probe request run alone; workload estimate = TTFT + TPOT x (mean output length - 1)",
         }
     capacity = None
-    if args.arrival == "burst" or args.sdg_budget:
+    if args.arrival == "burst" or args.sdg_budget or args.sdg_target:
         rates = [None]
     elif args.load_factors:
         probe = items[: args.capacity_probe]
@@ -332,6 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rates = [float(r) for r in args.rates.split(",")]
     report: dict[str, Any] = {
         "benchmark": "policies on the real engine", "model": loaded.config.name, "source": loaded.source,
+        "via": "engine in-process" if args.via == "engine" else "HTTP server (this process, loopback, streaming)",
         "length_source": length_source, "arrival": "burst" if rates == [None] else args.arrival,
         "n": len(items), "slots": args.slots, "seed": args.seed, "temperature": args.temperature,
         "mean_output_len": float(np.mean([i.output_len for i in items])),
@@ -370,6 +417,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           for k, v in report["runs"].items()}
         report["load_note"] = "fcfs mean latency / unloaded mean latency (>= 3 means the load queues)"
     header = f"{report['date']}, {report['machine']}\n\n{report['length_source']}"
+    if args.via == "http":
+        header += f"\n\nvia the {report['via']}: latencies as streaming clients saw them"
     if capacity:
         header += (f"\n\ncapacity {capacity['req_s']:.3f} req/s ({capacity['requests']} requests at once under fcfs); "
                    f"rates = {', '.join(f'{f:g}' for f in capacity['load_factors'])} x capacity")

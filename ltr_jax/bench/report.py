@@ -34,6 +34,16 @@ def markdown_table(report: dict[str, Any]) -> str:
                     for pol, r in per_policy.items() if r.get("ranker_seconds")]
         if overhead:
             lines.append("\nranker overhead: " + "; ".join(overhead))
+        sdg = {pol: r["sdg"] for pol, r in per_policy.items() if r.get("sdg")}
+        if sdg:
+            first = next(iter(sdg.values()))
+            if "budget_s" in first:
+                lines.append(f"\nsynthetic data generation, completions within {first['budget_s']:g} s: "
+                             + ", ".join(f"{pol} {v['completed']}" for pol, v in sdg.items()))
+            else:
+                lines.append(f"\nsynthetic data generation, seconds until {first['target']} completions: " + ", ".join(
+                    f"{pol} {v['seconds_to_target']:.2f}" if v["seconds_to_target"] is not None
+                    else f"{pol} never (ended short)" for pol, v in sdg.items()))
         mean_ratios = ratios(per_policy)
         if mean_ratios:
             lines.append("\nmean-latency ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in mean_ratios.items()))
