@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from tqdm import tqdm
 
 from ltr_jax.bench.policy_bench import Item, Observed
 from ltr_jax.engine.orchestrator import Orchestrator
@@ -70,8 +71,8 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], ob: Ob
 
 
 async def replay(url: str, model: str, items: list[Item], arrivals: np.ndarray, temperature: float, seed: int,
-                 sequential: bool = False, budget: float | None = None, target: int | None = None
-                 ) -> tuple[list[Observed], float, float | None]:
+                 sequential: bool = False, budget: float | None = None, target: int | None = None,
+                 bar: tqdm | None = None) -> tuple[list[Observed], float, float | None]:
     """Send ``items`` at ``arrivals`` (seconds from start); returns (what each client saw, wall seconds, seconds
     until ``target`` completions or None). ``sequential`` waits for each answer before the next request; a
     ``budget`` or a reached ``target`` hangs up on the requests still running (the server cancels them)."""
@@ -87,6 +88,8 @@ async def replay(url: str, model: str, items: list[Item], arrivals: np.ndarray, 
                     "temperature": temperature, "seed": seed + i, "ignore_eos": True, "stream": True,
                     "stream_options": {"include_usage": True}}
             await _one(client, url, body, observed[i])
+            if bar is not None:
+                bar.update(1)
             if target and not reached and sum(o.reason == "length" for o in observed) >= target:
                 reached.append(time.monotonic() - loop_t0)
                 enough.set()
@@ -115,7 +118,7 @@ async def replay(url: str, model: str, items: list[Item], arrivals: np.ndarray, 
 
 
 def run_over_http(engine, tokenizer, scheduler, orchestrator_kwargs: dict[str, Any], policy: str, items: list[Item],
-                  arrivals: np.ndarray, args, sequential: bool = False, budget: float | None = None,
+                  arrivals: np.ndarray, args, desc: str, sequential: bool = False, budget: float | None = None,
                   target: int | None = None) -> tuple[list[Observed], float, dict[str, Any], float | None]:
     """Serve ``policy`` over HTTP and replay the workload against it; returns (what each client saw, wall seconds,
     the orchestrator's counters, seconds until ``target`` completions or None)."""
@@ -133,7 +136,10 @@ def run_over_http(engine, tokenizer, scheduler, orchestrator_kwargs: dict[str, A
     runtime = Runtime(config=config, model_name=model_name, tokenizer=tokenizer, engine=engine, orchestrator=orch,
                       metrics=metrics, ranker=orchestrator_kwargs.get("ranker"),
                       ranker_note=f"benchmark replay of policy {policy}")
+    bar = tqdm(total=len(items), desc=desc, unit="req", leave=False, disable=not args.progress)
     with serve_in_thread(config, runtime=runtime) as handle:
         observed, wall, reached = asyncio.run(replay(handle.url, model_name, items, arrivals, args.temperature,
-                                                     args.seed, sequential=sequential, budget=budget, target=target))
+                                                     args.seed, sequential=sequential, budget=budget, target=target,
+                                                     bar=bar))
+    bar.close()
     return observed, wall, orch.stats(), reached

@@ -2,13 +2,13 @@
 
 Owns the serving benchmark. One invocation builds one workload (prompts from the shared set or a ShareGPT file,
 output lengths from the serving model's own label file or from reference-answer token counts, arrivals Poisson /
-gamma / burst, or the synthetic-data-generation mode: a burst with a time budget, or with a target count of
-completions) and replays it, with the same seed, under
-each policy: real prompts, the real ranker scoring each request at arrival, real decode steps, each request
-generating exactly its recorded length (ignore_eos); with ``--via http`` each policy is served by the HTTP app on
-a loopback port and the workload is replayed by streaming clients (`ltr_jax.bench.http_replay`). Per policy it reports mean / P50 / P90 / P99 latency,
-normalized latency, TTFT, TPOT, max_waiting_time = max(TTFT, max inter-token gap), throughput, preemptions,
-starvation promotions and ranker overhead, as JSON, a Markdown table and PNG plots.
+gamma / burst, or the synthetic-data-generation mode: a burst with a time budget or a target count of completions)
+and replays it, with the same seed, under each policy: real prompts, the real ranker scoring each request at
+arrival, real decode steps, each request generating exactly its recorded length (ignore_eos). With ``--via http``
+each policy is served by the HTTP app on a loopback port and streaming clients replay the workload
+(`ltr_jax.bench.http_replay`). Per policy it reports mean / P50 / P90 / P99 latency, normalized latency, TTFT,
+TPOT, max_waiting_time = max(TTFT, max inter-token gap), throughput, preemptions, starvation promotions and ranker
+overhead, as JSON, a Markdown table and PNG plots.
 
 Policy names: fcfs, ltr, ltr+starvation, ltr-rescore, classify, oracle-sjf, oracle-srtf.
 """
@@ -141,7 +141,7 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
         from ltr_jax.bench.http_replay import run_over_http
 
         obs, wall, stats, reached = run_over_http(engine, tokenizer, sched, orch_kwargs, policy, items, arrivals, args,
-                                                  sequential=sequential, budget=budget, target=target)
+                                                  desc, sequential=sequential, budget=budget, target=target)
         return _with_sdg(summarize_observed(obs, wall, stats, budgeted=bool(budget or target)), budget, target,
                          reached)
     orch = Orchestrator(engine, tokenizer, sched, **orch_kwargs)
