@@ -442,6 +442,10 @@ class RankerSection:
     state_budget_mb: float = setting(1024.0, ge=0, doc="memory for kept ranker passes (hidden state + K/V of "
                                                        "the backbone blocks); past it, the last-ranked requests "
                                                        "drop theirs and prefill in full")
+    score_per_boundary: int | None = setting(32, ge=1, doc="arrivals scored per batch boundary, oldest first "
+                                                           "(null = every arrival at once): a burst is ranked over "
+                                                           "several boundaries while the running requests decode, "
+                                                           "instead of stalling them for all of its ranker passes")
 
     def validate(self) -> None:
         if self.enabled and self.train_if_missing and not self.train_config:

@@ -289,3 +289,50 @@ def test_decode_step_updates_the_donated_cache_in_place(tiny):
     assert all("scatter" in p for p in producers if " fusion(" in p)
     aliases = re.search(r"input_output_alias=\{(.*?)\}, entry", hlo).group(1)
     assert aliases.count("may-alias") >= 2 * c.n_layers  # every K and V buffer is donated and reused
+
+
+def test_a_burst_is_ranked_over_several_boundaries_while_the_running_request_decodes(tiny):
+    loaded, model = tiny
+    prompts = _prompts(7, seed=4)
+    got: dict[str, list[int]] = {}
+    finish: dict[str, str] = {}
+    calls: list[tuple[int, int]] = []  # (prompts scored in the call, tokens "first" had by then)
+
+    class CountingRanker:
+        def score(self, batch):
+            calls.append((len(batch), len(got.get("first", []))))
+            return np.array([-len(p) for p in batch], np.float32)
+
+    def sink(ev):
+        got.setdefault(ev.request_id, []).extend(ev.token_ids)
+        if ev.finished:
+            finish[ev.request_id] = ev.finish_reason
+
+    def run(score_per_boundary):
+        got.clear(), finish.clear(), calls.clear()
+        engine = Engine(model, EngineConfig(num_slots=1, max_seq_len=256))
+        orch = Orchestrator(engine, loaded.tokenizer, Scheduler("ltr", 1), ranker=CountingRanker(),
+                            score_per_boundary=score_per_boundary)
+        orch.submit(prompts[0], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True), sink,
+                    request_id="first")
+        orch._boundary()  # "first" is scored and starts decoding
+        for i in range(1, 7):  # then a burst of six arrives; the last is cancelled before it is ever scored
+            orch.submit(prompts[i], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), sink,
+                        request_id=f"b{i}")
+        orch.cancel("b6")
+        orch.run_until_idle()
+        return orch.stats()
+
+    stats = run(score_per_boundary=2)
+    assert [n for n, _ in calls] == [1, 2, 2, 1]  # the burst took three boundaries, two prompts at most in each
+    first_tokens = [t for _, t in calls[1:]]
+    assert first_tokens == sorted(set(first_tokens))  # "first" kept producing tokens between the ranker's calls
+    assert stats["ranker_requests"] == 6 and finish["b6"] == "cancelled" and got.get("b6", []) == []
+    assert len(got["first"]) == 20 and all(len(got[f"b{i}"]) == 3 for i in range(1, 6))
+    bounded = {k: list(v) for k, v in got.items()}
+
+    run(score_per_boundary=None)  # every arrival at once: one ranker call for the whole burst, the same tokens
+    assert [n for n, _ in calls] == [1, 5] and got == bounded
+    with pytest.raises(ValueError, match="score_per_boundary"):
+        Orchestrator(Engine(model, EngineConfig(num_slots=1, max_seq_len=256)), loaded.tokenizer, Scheduler("ltr", 1),
+                     score_per_boundary=0)

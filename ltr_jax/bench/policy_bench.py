@@ -134,7 +134,8 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
     sched = make_scheduler(policy, engine.num_slots, args, starvation_threshold)
     uses_ranker = policy in ("ltr", "ltr+starvation", "ltr-rescore", "classify")
     orch_kwargs = {"ranker": ranker if uses_ranker else None, "max_queue": len(items) + 1,
-                   "reuse_ranker_pass": args.reuse_ranker_pass, "preempt_mode": args.preempt_mode}
+                   "reuse_ranker_pass": args.reuse_ranker_pass, "preempt_mode": args.preempt_mode,
+                   "score_per_boundary": args.score_per_boundary}
     budget = None if sequential else args.sdg_budget  # the probes of an unloaded system run to their end
     target = None if sequential else args.sdg_target
     if args.via == "http":
@@ -278,9 +279,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reuse-ranker-pass", action=argparse.BooleanOptionalAction, default=True,
                    help="start each ranked prompt's prefill from the ranker's pass over its first blocks (when the "
                    "ranker's backbone is the served model's own), so ranking adds no model compute")
+    p.add_argument("--score-per-boundary", type=int, default=None, help="arrivals the ranker scores per batch "
+                   "boundary, oldest first (default: every arrival at once, as the simulator models it; the server's "
+                   "ranker.score_per_boundary is 32): a burst is then ranked over several boundaries while the "
+                   "running requests decode")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar (logs, CI)")
     args = p.parse_args(argv)
     check_policies(p, args)
+    if args.score_per_boundary is not None and args.score_per_boundary < 1:
+        p.error(f"--score-per-boundary must be >= 1, got {args.score_per_boundary}")
     if args.sdg_budget is not None and not args.sdg_budget > 0:
         p.error(f"--sdg-budget must be > 0 seconds, got {args.sdg_budget}")
     if args.sdg_target is not None and not 0 < args.sdg_target <= args.n:
@@ -390,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "requeue_after_quantum": args.starvation_requeue},
         "max_preemptions": args.max_preemptions, "preempt_mode": args.preempt_mode, "unloaded": unloaded,
         "capacity": capacity,
-        "reuse_ranker_pass": args.reuse_ranker_pass,
+        "reuse_ranker_pass": args.reuse_ranker_pass, "score_per_boundary": args.score_per_boundary,
         "ranker": _shown_path(ranker_path) if ranker is not None else None,
         "classifier": _shown_path(classifier_path) if classifier is not None else None,
     }

@@ -2,9 +2,11 @@
 
 Owns the one thread that touches the engine. At every batch boundary it:
 
-1. takes new submissions (scoring them with the ranker in one batch) and cancellations from a thread-safe inbox;
-   when the ranker's backbone is the served model's own first blocks, each prompt's pass through them is kept
-   (within a memory budget) and its prefill later starts there, so ranking costs no extra model compute;
+1. takes cancellations and new submissions from a thread-safe inbox and scores the oldest unscored arrivals with
+   the ranker (all of them, or at most ``score_per_boundary``, so a burst is ranked over several boundaries while
+   the running requests keep decoding; the scheduler sees a request once it is scored); when the ranker's
+   backbone is the served model's own first blocks, each prompt's pass through them is kept (within a memory
+   budget) and its prefill later starts there, so ranking costs no extra model compute;
 2. expires requests past their deadline;
 3. asks the scheduler (`schedule(now)`) which running requests to evict and which waiting ones to admit;
 4. evicts, prefills + inserts admitted requests, emitting the token each prefill yields. An evicted request's
@@ -19,6 +21,7 @@ An exception while serving one request finishes that request with `finish_reason
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -134,7 +137,8 @@ class Orchestrator:
 
     def __init__(self, engine: Engine, tokenizer, scheduler: Scheduler, ranker=None, max_queue: int = 1024,
                  observer=None, clock: Callable[[], float] = time.monotonic, reuse_ranker_pass: bool = True,
-                 ranker_state_budget_mb: float = 1024.0, preempt_mode: str = "swap", swap_budget_mb: float = 1024.0):
+                 ranker_state_budget_mb: float = 1024.0, preempt_mode: str = "swap", swap_budget_mb: float = 1024.0,
+                 score_per_boundary: int | None = None):
         if scheduler.num_slots != engine.num_slots:
             raise ValueError(f"scheduler has {scheduler.num_slots} slots but the engine has {engine.num_slots}")
         if preempt_mode not in PREEMPT_MODES:
@@ -142,6 +146,10 @@ class Orchestrator:
         if not swap_budget_mb >= 0:
             raise ValueError(f"swap_budget_mb must be >= 0 (MiB of K/V kept for preempted requests), got "
                              f"{swap_budget_mb!r}")
+        if score_per_boundary is not None and (isinstance(score_per_boundary, bool)
+                                               or not isinstance(score_per_boundary, int) or score_per_boundary < 1):
+            raise ValueError(f"score_per_boundary must be an int >= 1 (prompts the ranker scores per batch boundary) "
+                             f"or None (every arrival at once), got {score_per_boundary!r}")
         self.engine = engine
         self.tokenizer = tokenizer
         self.scheduler = scheduler
@@ -153,6 +161,9 @@ class Orchestrator:
         self.max_tokens_limit = engine.max_seq_len - 1
         self._lock = threading.Condition()
         self._inbox: list[_Job] = []
+        # Arrivals the ranker has not scored yet, oldest first; the scheduler sees a request once it is scored.
+        self._unscored: collections.deque[_Job] = collections.deque()
+        self.score_per_boundary = score_per_boundary
         self._cancels: list[str] = []
         self._jobs: dict[str, _Job] = {}
         self._deadlines: list[tuple[float, int, str]] = []
@@ -280,7 +291,7 @@ class Orchestrator:
         now = self.clock()
         self._expire(now)
         sched = self.scheduler
-        if sched.num_waiting == 0 and sched.num_running == 0:
+        if sched.num_waiting == 0 and sched.num_running == 0 and not self._unscored:
             return False
         t0 = time.perf_counter()
         promotions_before = sched.num_promotions
@@ -303,17 +314,33 @@ class Orchestrator:
         with self._lock:
             new, self._inbox = self._inbox, []
             cancels, self._cancels = self._cancels, []
-        if new:
-            self._score(new)
-            now = self.clock()
-            for job in new:
-                self.scheduler.add(job.request, now)
-                if job.deadline is not None:
-                    heapq.heappush(self._deadlines, (job.deadline, next(self._tie), job.request.request_id))
-        for rid in cancels:
+        for job in new:
+            if job.deadline is not None:  # a deadline runs from arrival, scored or not
+                heapq.heappush(self._deadlines, (job.deadline, next(self._tie), job.request.request_id))
+        for rid in cancels:  # before scoring: no ranker pass for a request nobody waits for
             job = self._jobs.get(rid)
             if job is not None and not job.done:
                 self._finish(job, "cancelled", self.clock())
+        self._unscored.extend(new)
+        self._score_some()
+
+    def _score_some(self) -> None:
+        """Score the oldest unscored arrivals, at most ``score_per_boundary`` of them (all with None), and hand them
+        to the scheduler. The bound keeps a burst of arrivals from stalling the running requests' decode for the
+        whole burst's ranker passes: the rest wait, unscored, for the next boundaries."""
+        limit = len(self._unscored) if self.ranker is None or self.score_per_boundary is None \
+            else self.score_per_boundary
+        batch = []
+        while self._unscored and len(batch) < limit:
+            job = self._unscored.popleft()
+            if not job.done:  # cancelled or timed out while it waited to be scored
+                batch.append(job)
+        if not batch:
+            return
+        self._score(batch)
+        now = self.clock()
+        for job in batch:
+            self.scheduler.add(job.request, now)
 
     def _score(self, jobs: list[_Job]) -> None:
         if self.ranker is None:
@@ -541,6 +568,7 @@ class Orchestrator:
             pending, self._inbox = self._inbox, []
         for job in pending:
             self.scheduler.add(job.request, self.clock())
+        self._unscored.clear()  # still in _jobs: finished below
         for job in list(self._jobs.values()):
             self._finish(job, reason, self.clock())
 

@@ -194,6 +194,7 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
                                 max_queue=config.server.max_queue, observer=metrics,
                                 reuse_ranker_pass=config.ranker.reuse_pass,
                                 ranker_state_budget_mb=config.ranker.state_budget_mb,
+                                score_per_boundary=config.ranker.score_per_boundary,
                                 preempt_mode=config.engine.preempt_mode, swap_budget_mb=config.engine.swap_budget_mb)
     if orchestrator.reuse_ranker_pass:
         log.info("the ranker's pass over the first %d blocks is kept and starts each prompt's prefill",
