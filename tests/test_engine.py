@@ -16,6 +16,7 @@ from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams
 from ltr_jax.engine.sampling import _filter_top_k_top_p, sample_tokens
 from ltr_jax.models.llama import Llama
 from ltr_jax.models.tiny import tiny_model
+from ltr_jax.scheduler.policies import make_policy
 from ltr_jax.scheduler.scheduler import Scheduler
 
 
@@ -311,8 +312,8 @@ def test_a_burst_is_ranked_over_several_boundaries_while_the_running_request_dec
     def run(score_per_boundary):
         got.clear(), finish.clear(), calls.clear()
         engine = Engine(model, EngineConfig(num_slots=1, max_seq_len=256))
-        orch = Orchestrator(engine, loaded.tokenizer, Scheduler("ltr", 1), ranker=CountingRanker(),
-                            score_per_boundary=score_per_boundary)
+        orch = Orchestrator(engine, loaded.tokenizer, Scheduler(make_policy("ltr", max_preemptions=0), 1),
+                            ranker=CountingRanker(), score_per_boundary=score_per_boundary)
         orch.submit(prompts[0], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True), sink,
                     request_id="first")
         orch._boundary()  # "first" is scored and starts decoding
