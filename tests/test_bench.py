@@ -32,6 +32,7 @@ def test_policy_benchmark_runs_every_policy_on_one_trace(tmp_path):
     assert set(run) == {"fcfs", "oracle-sjf", "oracle-srtf"}
     for metrics in run.values():
         assert metrics["completed"] == 10 and metrics["incomplete_or_wrong_length"] == 0
+        assert metrics["engine_shapes_compiled_in_run"] == 0  # warm-up compiled every shape the replay meets
         assert metrics["latency_s"]["p99"] >= metrics["latency_s"]["p50"] > 0
         assert metrics["max_waiting_time_s"]["max"] >= metrics["ttft_s"]["max"] - 1e-9
     assert {"report.json", "report.md", "latency_vs_rate.png", "latency_cdf.png"} <= {
@@ -217,6 +218,7 @@ def test_policies_run_through_the_http_server(tmp_path):
         assert metrics["latency_s"]["max"] >= metrics["ttft_s"]["max"] > 0
         assert metrics["max_waiting_time_s"]["max"] >= metrics["ttft_s"]["max"] - 1e-9
         assert metrics["tpot_s"]["mean"] > 0 and metrics["throughput_tok_s"] > 0
+        assert metrics["send_lag_s"]["p50"] > -0.01  # sent at (or after) the scheduled arrival
     assert "via the HTTP server" in (tmp_path / "out" / "report.md").read_text()
 
 

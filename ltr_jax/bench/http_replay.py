@@ -42,7 +42,7 @@ class ReplayOrchestrator(Orchestrator):
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], ob: Observed) -> None:
     """Stream one completion into ``ob``; a refused or broken request keeps ``reason`` saying why."""
-    ob.submit = time.monotonic()
+    ob.sent = time.monotonic()
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -84,6 +84,7 @@ async def replay(url: str, model: str, items: list[Item], arrivals: np.ndarray, 
         enough = asyncio.Event()
 
         async def one(i: int) -> None:
+            observed[i].submit = time.monotonic() if sequential else loop_t0 + float(arrivals[i])
             body = {"model": model, "prompt": items[i].prompt_tokens, "max_tokens": items[i].output_len,
                     "temperature": temperature, "seed": seed + i, "ignore_eos": True, "stream": True,
                     "stream_options": {"include_usage": True}}

@@ -56,11 +56,14 @@ class Item:
 class Observed:
     """Client-side timestamps of one request.
 
+    ``submit`` is the request's scheduled arrival (open loop: a client that sends late does not hide the wait from
+    the latency), or, for the one-at-a-time probes, when it was sent; ``sent`` is when it was actually sent.
     In-process, ``token_times`` holds one time per token. Over HTTP it holds one time per streamed chunk (the
     tokens the server had ready at once) and ``tokens`` is the count the server reported in the usage record."""
 
     submit: float
     output_len: int
+    sent: float | None = None
     token_times: list[float] = field(default_factory=list)
     finish: float | None = None
     reason: str | None = None
@@ -136,6 +139,7 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
     orch_kwargs = {"ranker": ranker if uses_ranker else None, "max_queue": len(items) + 1,
                    "reuse_ranker_pass": args.reuse_ranker_pass, "preempt_mode": args.preempt_mode,
                    "score_per_boundary": args.score_per_boundary}
+    shapes_before = set(engine.stats.compiled_shapes)  # a shape first met mid-run compiles inside the timing
     budget = None if sequential else args.sdg_budget  # the probes of an unloaded system run to their end
     target = None if sequential else args.sdg_target
     if args.via == "http":
@@ -143,8 +147,9 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
 
         obs, wall, stats, reached = run_over_http(engine, tokenizer, sched, orch_kwargs, policy, items, arrivals, args,
                                                   desc, sequential=sequential, budget=budget, target=target)
-        return _with_sdg(summarize_observed(obs, wall, stats, budgeted=bool(budget or target)), budget, target,
-                         reached)
+        result = summarize_observed(obs, wall, stats, budgeted=bool(budget or target))
+        result["engine_shapes_compiled_in_run"] = len(engine.stats.compiled_shapes - shapes_before)
+        return _with_sdg(result, budget, target, reached)
     orch = Orchestrator(engine, tokenizer, sched, **orch_kwargs)
     observed: dict[str, Observed] = {}
     lock = threading.Lock()
@@ -178,7 +183,8 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
             time.sleep(delay)
         rid = f"{i}-{item.id}"
         with lock:
-            observed[rid] = Observed(time.monotonic(), item.output_len)
+            now = time.monotonic()
+            observed[rid] = Observed(now if sequential else t0 + float(at), item.output_len, sent=now)
         sp = SamplingParams(max_tokens=item.output_len, temperature=args.temperature, seed=args.seed + i,
                             ignore_eos=True)
         orch.submit(item.prompt_tokens, sp, on_event, request_id=rid, true_output_len=item.output_len)
@@ -194,6 +200,7 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
     wall = time.monotonic() - t0
     stats = orch.stats()
     result = summarize_observed(list(observed.values()), wall, stats, budget_end is not None or bool(target))
+    result["engine_shapes_compiled_in_run"] = len(engine.stats.compiled_shapes - shapes_before)
     return _with_sdg(result, budget, target, reached[0] - t0 if reached else None)
 
 
@@ -228,6 +235,7 @@ def summarize_observed(obs: list[Observed], wall: float, stats: dict, budgeted: 
         "ranker_ms_per_request": 1e3 * stats["ranker_seconds"] / max(1, stats["ranker_requests"]),
         "reused_ranker_passes": stats["reused_ranker_passes"],
         "resumes_from_kept_kv": stats["swapped_in"], "resumes_recomputed": stats["recomputed_resumes"],
+        "send_lag_s": distribution([o.sent - o.submit for o in obs if o.sent is not None]),
         "latencies_s": [round(x, 4) for x in lat],
     }
     return out

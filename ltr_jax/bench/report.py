@@ -34,6 +34,15 @@ def markdown_table(report: dict[str, Any]) -> str:
                     for pol, r in per_policy.items() if r.get("ranker_seconds")]
         if overhead:
             lines.append("\nranker overhead: " + "; ".join(overhead))
+        compiled = {pol: r["engine_shapes_compiled_in_run"] for pol, r in per_policy.items()
+                    if r.get("engine_shapes_compiled_in_run")}
+        if compiled:  # warm-up missed these: their compile time is inside that policy's latencies
+            lines.append("\nengine shapes compiled during the run (missed by warm-up): "
+                         + ", ".join(f"{pol} {n}" for pol, n in compiled.items()))
+        lags = {pol: r["send_lag_s"]["max"] for pol, r in per_policy.items() if r.get("send_lag_s")}
+        if any(lag > 0.05 for lag in lags.values()):  # latencies still count from the scheduled arrivals
+            lines.append("\nrequests sent after their scheduled arrival by up to: "
+                         + ", ".join(f"{pol} {lag:.2f} s" for pol, lag in lags.items()))
         sdg = {pol: r["sdg"] for pol, r in per_policy.items() if r.get("sdg")}
         if sdg:
             lines.append("\n" + sdg_line(sdg))
