@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ltr_jax.bench.report import ratios, starvation_cost
+from ltr_jax.bench.report import VIA_LABELS, ratios, starvation_cost
 
 #: report fields that must be equal in every pooled run (else they are different experiments)
 SAME_EXPERIMENT = ("benchmark", "model", "length_source", "arrival", "n", "slots", "temperature",
@@ -34,7 +34,7 @@ SAME_EXPERIMENT = ("benchmark", "model", "length_source", "arrival", "n", "slots
 def _setting(report: dict[str, Any], key: str) -> Any:
     """One experiment setting of a report; reports written before `bench run --via` existed ran in-process."""
     if key == "via" and report.get("benchmark") == "policies on the real engine":
-        return report.get("via", "engine in-process")
+        return report.get("via", VIA_LABELS["engine"])
     return report.get(key)
 
 

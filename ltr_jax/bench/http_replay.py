@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import time
 from typing import Any
 
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from ltr_jax.bench.policy_bench import Item, Observed
 from ltr_jax.engine.orchestrator import Orchestrator
+from ltr_jax.server.loadgen import error_message, stream_events
 
 
 class ReplayOrchestrator(Orchestrator):
@@ -46,14 +46,12 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], ob: Ob
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
             if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")
-                ob.reason = f"HTTP {resp.status_code}: {text[:200]}"
+                ob.reason = f"HTTP {resp.status_code}: {await error_message(resp)}"
                 return
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for obj in stream_events(resp):
+                if obj is None:  # data: [DONE]
                     continue
                 now = time.monotonic()
-                obj = json.loads(line[len("data: "):])
                 if "error" in obj:
                     ob.reason = f"error: {obj['error'].get('message')}"
                     continue

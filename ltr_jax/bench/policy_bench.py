@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ltr_jax.bench.options import add_shared_options, check_policies, resolve_threshold
-from ltr_jax.bench.report import ratios, starvation_cost, write_report
+from ltr_jax.bench.report import VIA_LABELS, ratios, starvation_cost, write_report
 from ltr_jax.engine.engine import Engine, EngineConfig
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent, warmup_ranker
 from ltr_jax.machine import machine_info
@@ -132,8 +132,8 @@ def make_scheduler(policy: str, slots: int, args, starvation_threshold: float | 
 # ------------------------------------------------------------------------------------------------ one run
 def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item], arrivals: np.ndarray, args,
                desc: str, sequential: bool = False, starvation_threshold: float | None = None) -> dict[str, Any]:
-    """Replay `items` at `arrivals` (seconds from start) under `policy`; `sequential` submits each request only
-    after the previous one finished (an unloaded system)."""
+    """Replay `items` at `arrivals` (seconds from start) under `policy`, in-process or over HTTP (``args.via``);
+    `sequential` submits each request only after the previous one finished (an unloaded system)."""
     sched = make_scheduler(policy, engine.num_slots, args, starvation_threshold)
     uses_ranker = policy in ("ltr", "ltr+starvation", "ltr-rescore", "classify")
     orch_kwargs = {"ranker": ranker if uses_ranker else None, "max_queue": len(items) + 1,
@@ -143,14 +143,27 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
     budget = None if sequential else args.sdg_budget  # the probes of an unloaded system run to their end
     target = None if sequential else args.sdg_target
     if args.via == "http":
-        from ltr_jax.bench.http_replay import run_over_http
+        from ltr_jax.bench.http_replay import run_over_http as replay
+    else:
+        replay = run_in_process
+    obs, wall, stats, reached_s = replay(engine, tokenizer, sched, orch_kwargs, policy, items, arrivals, args, desc,
+                                         sequential=sequential, budget=budget, target=target)
+    result = summarize_observed(obs, wall, stats, budgeted=bool(budget or target))
+    result["engine_shapes_compiled_in_run"] = len(engine.stats.compiled_shapes - shapes_before)
+    if budget:  # synthetic data generation: completions within the budget ...
+        result["sdg"] = {"budget_s": budget, "completed": result["completed"]}
+    elif target:  # ... or the seconds until the target count of completions (None: the run ended short of it)
+        result["sdg"] = {"target": target, "seconds_to_target": reached_s}
+    return result
 
-        obs, wall, stats, reached = run_over_http(engine, tokenizer, sched, orch_kwargs, policy, items, arrivals, args,
-                                                  desc, sequential=sequential, budget=budget, target=target)
-        result = summarize_observed(obs, wall, stats, budgeted=bool(budget or target))
-        result["engine_shapes_compiled_in_run"] = len(engine.stats.compiled_shapes - shapes_before)
-        return _with_sdg(result, budget, target, reached)
-    orch = Orchestrator(engine, tokenizer, sched, **orch_kwargs)
+
+def run_in_process(engine: Engine, tokenizer, scheduler: Scheduler, orchestrator_kwargs: dict[str, Any], policy: str,
+                   items: list[Item], arrivals: np.ndarray, args, desc: str, sequential: bool = False,
+                   budget: float | None = None, target: int | None = None
+                   ) -> tuple[list[Observed], float, dict[str, Any], float | None]:
+    """Submit the workload to an orchestrator in this process; returns (what each request saw, wall seconds, the
+    orchestrator's counters, seconds until ``target`` completions or None)."""
+    orch = Orchestrator(engine, tokenizer, scheduler, **orchestrator_kwargs)
     observed: dict[str, Observed] = {}
     lock = threading.Lock()
     done = threading.Event()
@@ -176,7 +189,6 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
 
     orch.start()
     t0 = time.monotonic()
-    budget_end = t0 + budget if budget else None
     for i, (item, at) in enumerate(zip(items, arrivals)):
         delay = t0 + float(at) - time.monotonic()
         if delay > 0:
@@ -190,29 +202,15 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
         orch.submit(item.prompt_tokens, sp, on_event, request_id=rid, true_output_len=item.output_len)
         while sequential and observed[rid].finish is None:
             time.sleep(0.005)
-    if budget_end is not None:
-        done.wait(max(0.0, budget_end - time.monotonic()))
+    if budget:
+        done.wait(max(0.0, t0 + budget - time.monotonic()))
         orch.stop(drain=False, timeout_s=60)
     else:
         done.wait()
         orch.stop(drain=not target, timeout_s=60)
     bar.close()
     wall = time.monotonic() - t0
-    stats = orch.stats()
-    result = summarize_observed(list(observed.values()), wall, stats, budget_end is not None or bool(target))
-    result["engine_shapes_compiled_in_run"] = len(engine.stats.compiled_shapes - shapes_before)
-    return _with_sdg(result, budget, target, reached[0] - t0 if reached else None)
-
-
-def _with_sdg(result: dict[str, Any], budget: float | None, target: int | None, reached_s: float | None
-              ) -> dict[str, Any]:
-    """A run's result plus what the synthetic-data-generation mode measures: completions within the budget, or the
-    seconds until the target count of completions (None when the run ended short of it)."""
-    if budget:
-        result["sdg"] = {"budget_s": budget, "completed": result["completed"]}
-    elif target:
-        result["sdg"] = {"target": target, "seconds_to_target": reached_s}
-    return result
+    return list(observed.values()), wall, orch.stats(), (reached[0] - t0 if reached else None)
 
 
 def summarize_observed(obs: list[Observed], wall: float, stats: dict, budgeted: bool) -> dict[str, Any]:
@@ -264,7 +262,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      "requests, stop after this many seconds and count completions")
     sdg.add_argument("--sdg-target", type=int, default=None, help="synthetic-data-generation mode: burst of --n "
                      "requests, stop once this many have completed and report the seconds it took")
-    p.add_argument("--via", default="engine", choices=["engine", "http"], help="'engine': submit to the "
+    p.add_argument("--via", default="engine", choices=list(VIA_LABELS), help="'engine': submit to the "
                    "orchestrator in-process; 'http': serve each policy with the HTTP app on a loopback port and "
                    "replay the workload as streaming /v1/completions clients (latency as a client sees it)")
     p.add_argument("--slots", type=int, default=8, help="decode slots")
@@ -393,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rates = [float(r) for r in args.rates.split(",")]
     report: dict[str, Any] = {
         "benchmark": "policies on the real engine", "model": loaded.config.name, "source": loaded.source,
-        "via": "engine in-process" if args.via == "engine" else "HTTP server (this process, loopback, streaming)",
+        "via": VIA_LABELS[args.via],
         "length_source": length_source, "arrival": "burst" if rates == [None] else args.arrival,
         "n": len(items), "slots": args.slots, "seed": args.seed, "temperature": args.temperature,
         "mean_output_len": float(np.mean([i.output_len for i in items])),

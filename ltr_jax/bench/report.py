@@ -14,6 +14,9 @@ from typing import Any
 
 import numpy as np
 
+#: what a `bench run` report's ``via`` says for each ``--via`` (reports from before ``--via`` ran in-process)
+VIA_LABELS = {"engine": "engine in-process", "http": "HTTP server (this process, loopback, streaming)"}
+
 
 def markdown_table(report: dict[str, Any]) -> str:
     lines = []

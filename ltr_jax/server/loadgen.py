@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
 import httpx
@@ -39,6 +40,24 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
+async def error_message(resp: httpx.Response) -> str:
+    """The message of a refused request: the OpenAI-style error body's message, else the body's start."""
+    text = (await resp.aread()).decode(errors="replace")
+    try:
+        return json.loads(text)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return text[:200]
+
+
+async def stream_events(resp: httpx.Response) -> AsyncIterator[dict | None]:
+    """The JSON payloads of a server-sent-event stream of completion chunks, in order; None for ``data: [DONE]``."""
+    async for line in resp.aiter_lines():
+        if not line.startswith("data: "):
+            continue
+        data = line[len("data: "):]
+        yield None if data == "[DONE]" else json.loads(data)
+
+
 async def _one_client(client: httpx.AsyncClient, url: str, index: int, model: str, max_tokens: int,
                       disconnect_after_chunks: int | None, api_key: str | None, start: asyncio.Event) -> ClientResult:
     result = ClientResult(index)
@@ -52,20 +71,12 @@ async def _one_client(client: httpx.AsyncClient, url: str, index: int, model: st
             result.status = resp.status_code
             if resp.status_code != 200:
                 result.retry_after = resp.headers.get("retry-after")
-                text = (await resp.aread()).decode(errors="replace")
-                try:
-                    result.error = json.loads(text)["error"]["message"]
-                except (ValueError, KeyError, TypeError):
-                    result.error = text[:200]
+                result.error = await error_message(resp)
                 return result
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: "):]
-                if data == "[DONE]":
+            async for obj in stream_events(resp):
+                if obj is None:
                     result.done_markers += 1
                     continue
-                obj = json.loads(data)
                 if "error" in obj:
                     result.error = obj["error"].get("message")
                     continue
