@@ -81,6 +81,29 @@ def test_simulate_command_reports_ratios_against_fcfs(tmp_path, capsys):
     assert "lifo" in capsys.readouterr().err
 
 
+def test_simulate_charges_the_rankers_pass_to_the_ranking_policies(tmp_path):
+    prompts = _prompts_with_lognormal_answers(tmp_path, 50, seed=0, sigma=1)
+    common = ["--prompts", str(prompts), "--n", "300", "--rates", "64", "--slots", "4", "--tau", "0.6",
+              "--policies", "fcfs,ltr,oracle-sjf"]
+    default = simulate.main(common)  # Llama-3-8B step model: the 16-block SmolLM2 ranker's small share by default
+    assert default["ranker_cost"]["fraction_of_prefill"] == pytest.approx(simulate.RANKER_SHARE_OF_LLAMA3_8B)
+    assert 0.005 < simulate.RANKER_SHARE_OF_LLAMA3_8B < 0.01
+    free = simulate.main(common + ["--ranker-cost", "0"])
+    costly = simulate.main(common + ["--ranker-cost", "0.5"])
+    shared = simulate.main(common + ["--ranker-cost", "0.5", "--ranker-reuse"])
+    mean = {name: {p: r["runs"]["rate=64"][p]["latency_s"]["mean"] for p in ("fcfs", "ltr", "oracle-sjf")}
+            for name, r in (("free", free), ("costly", costly), ("shared", shared))}
+    for policy in ("fcfs", "oracle-sjf"):  # they never rank: unaffected
+        assert mean["free"][policy] == mean["costly"][policy] == mean["shared"][policy]
+    assert mean["free"]["ltr"] < mean["shared"]["ltr"] < mean["costly"]["ltr"]
+    ltr = costly["runs"]["rate=64"]["ltr"]
+    assert ltr["ranker_seconds"] > 0 and 0 < ltr["ranker_share_of_busy_time"] < 1
+    assert costly["runs"]["rate=64"]["fcfs"]["ranker_seconds"] == 0
+    assert shared["runs"]["rate=64"]["ltr"]["reused_ranker_passes"] == 300
+    with pytest.raises(SystemExit):
+        simulate.main(common + ["--ranker-cost", "1.5"])
+
+
 @pytest.mark.parametrize("module", [policy_bench, simulate])
 def test_help_documents_every_option(module, capsys, monkeypatch):
     with pytest.raises(SystemExit):

@@ -20,6 +20,7 @@ from scipy.stats import kendalltau
 from ltr_jax.engine.engine import Engine, EngineConfig
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams
 from ltr_jax.models.llama import Llama
+from ltr_jax.models.ranker import RankerHead, RankerScorer, RankerSpec
 from ltr_jax.models.tiny import tiny_model
 from ltr_jax.scheduler.scheduler import Scheduler
 from ltr_jax.scheduler.sim import simulate
@@ -91,6 +92,58 @@ def test_simulator_reproduces_engine_exactly_in_virtual_time(tiny, policy, preem
     simulated = _sim_finish_times(trace, policy, slots, FixedSteps(), preempt_mode)
     if policy == "oracle-srtf":  # the case where the two resume modes differ
         assert sched.num_preemptions > 0
+    assert sorted(finished, key=lambda i: (finished[i], i)) == sorted(simulated, key=lambda i: (simulated[i], i))
+    for i, when in finished.items():
+        assert when == pytest.approx(simulated[i], abs=1e-9)
+
+
+RANKER = 0.1  # virtual seconds of the ranker's pass per prompt; with reuse a prefill then costs PREFILL - RANKER
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_simulator_reproduces_ranked_engine_exactly_in_virtual_time(tiny, reuse):
+    """ltr with a real (tiny) ranker: the sim charges each arrival's ranker pass where the orchestrator runs it."""
+    loaded, model = tiny
+    spec = RankerSpec(model_name=loaded.config.name, model_dim=loaded.config.dim, n_layers=2, pooling="mean",
+                      hidden_dims=(8,), max_prompt_len=64)
+    ranker = RankerScorer(spec, RankerHead.for_spec(spec, seed=3), loaded.config, loaded.params)
+    rng = np.random.default_rng(5)
+    base = _trace(14, seed=4, spread=40.0)
+    prompts = [rng.integers(0, 256, e.prompt_len).tolist() for e in base]
+    scores = ranker.score(prompts)
+    trace = [TraceEntry(e.arrival_time, e.prompt_len, e.output_len, float(sc)) for e, sc in zip(base, scores)]
+    slots, clock = 2, [0.0]
+    engine = Engine(model, EngineConfig(num_slots=slots, max_seq_len=128))
+    real_prefill, real_from_state, real_generate = engine.prefill, engine.prefill_from_state, engine.generate
+    real_raw_with_state, real_score = ranker.raw_with_state, ranker.score
+
+    def advancing(fn, seconds):
+        def wrapped(*a, **k):
+            clock[0] += seconds(*a) if callable(seconds) else seconds
+            return fn(*a, **k)
+        return wrapped
+
+    engine.prefill = advancing(real_prefill, PREFILL)
+    engine.prefill_from_state = advancing(real_from_state, PREFILL - RANKER)
+    engine.generate = advancing(real_generate, DECODE)
+    ranker.raw_with_state = advancing(real_raw_with_state, lambda batch: RANKER * len(batch))
+    ranker.score = advancing(real_score, lambda batch: RANKER * len(batch))
+    orch = Orchestrator(engine, loaded.tokenizer, Scheduler("ltr", slots), ranker=ranker, clock=lambda: clock[0],
+                        reuse_ranker_pass=reuse)
+    finished: dict[int, float] = {}
+    pending = list(enumerate(trace))
+    while pending or orch.stats()["running"] or orch.stats()["queue_len"]:
+        while pending and pending[0][1].arrival_time <= clock[0]:
+            i, e = pending.pop(0)
+            orch.submit(prompts[i], SamplingParams(max_tokens=e.output_len, temperature=0.0, ignore_eos=True),
+                        lambda ev, i=i: finished.__setitem__(i, clock[0]) if ev.finished else None,
+                        request_id=f"req-{i}")
+        if not orch._boundary() and pending:
+            clock[0] = pending[0][1].arrival_time
+    assert orch.counters["reused_ranker_passes"] == (len(trace) if reuse else 0)
+    result = simulate(trace, Scheduler("ltr", slots), FixedSteps(), ranker_time=lambda n: RANKER, ranker_reuse=reuse)
+    simulated = {int(r.request_id.split("-")[1]): r.finish_time for r in result.records}
+    assert result.extra["ranker_s"] == pytest.approx(RANKER * len(trace))
     assert sorted(finished, key=lambda i: (finished[i], i)) == sorted(simulated, key=lambda i: (simulated[i], i))
     for i, when in finished.items():
         assert when == pytest.approx(simulated[i], abs=1e-9)

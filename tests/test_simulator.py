@@ -220,6 +220,40 @@ def test_simulator_resumes_a_swapped_request_without_a_prefill():
         _one_preemption("drop")
 
 
+def _ranked_pair(policy, ranker_time=None, ranker_reuse=False):
+    model = LinearStepTime(a=0.0, b=0.001, c=0.01, d=0.0)
+    trace = [TraceEntry(0.0, prompt_len=10, output_len=3, score=5.0),
+             TraceEntry(0.015, prompt_len=20, output_len=1, score=0.0)]
+    result = simulate(trace, Scheduler(make_policy(policy, max_preemptions=0), 1), model,
+                      ranker_time=ranker_time, ranker_reuse=ranker_reuse)
+    return result, *result.records
+
+
+def test_simulator_charges_the_ranker_pass_at_arrival():
+    half = lambda n: 0.0005 * n  # noqa: E731 - the ranker pass = half of the prompt's prefill
+    # free ranking: prefill 10 (0.010) -> token 1; decode -> 0.020; the second arrives at 0.015, waits for the slot;
+    # decode -> 0.030 (first done); prefill 20 (0.020) -> 0.050
+    _, first, second = _ranked_pair("ltr")
+    assert first.token_times == pytest.approx([0.010, 0.020, 0.030])
+    assert second.token_times == pytest.approx([0.050])
+    # a separate ranker (no reuse): 0.005 before the first prefill; the second's pass (0.010) runs at the boundary
+    # of 0.025 where it is added, before the decode step, and delays the running request
+    result, first, second = _ranked_pair("ltr", ranker_time=half)
+    assert first.token_times == pytest.approx([0.015, 0.025, 0.045])
+    assert second.token_times == pytest.approx([0.065])
+    assert result.extra["ranker_s"] == pytest.approx(0.015)
+    # reused: the pass is the first half of the prefill, so each prefill costs the other half
+    result, first, second = _ranked_pair("ltr", ranker_time=half, ranker_reuse=True)
+    assert first.token_times == pytest.approx([0.010, 0.020, 0.040])
+    assert second.token_times == pytest.approx([0.050])
+    assert result.extra["busy_s"] == pytest.approx(0.050)  # the same work, the second pass done earlier
+    # policies that do not rank pay nothing
+    for policy in ("fcfs", "oracle-sjf"):
+        result, first, second = _ranked_pair(policy, ranker_time=half)
+        assert first.token_times == pytest.approx([0.010, 0.020, 0.030])
+        assert "ranker_s" not in result.extra
+
+
 def test_simulator_jumps_over_idle_time():
     trace = [TraceEntry(0.0, 5, 1), TraceEntry(100.0, 5, 2)]
     result = simulate(trace, Scheduler("fcfs", 2), LinearStepTime(a=0.0, b=0.001, c=0.01, d=0.0))

@@ -135,8 +135,7 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
     """Replay `items` at `arrivals` (seconds from start) under `policy`, in-process or over HTTP (``args.via``);
     `sequential` submits each request only after the previous one finished (an unloaded system)."""
     sched = make_scheduler(policy, engine.num_slots, args, starvation_threshold)
-    uses_ranker = policy in ("ltr", "ltr+starvation", "ltr-rescore", "classify")
-    orch_kwargs = {"ranker": ranker if uses_ranker else None, "max_queue": len(items) + 1,
+    orch_kwargs = {"ranker": ranker if sched.policy.uses_ranker else None, "max_queue": len(items) + 1,
                    "reuse_ranker_pass": args.reuse_ranker_pass, "preempt_mode": args.preempt_mode,
                    "score_per_boundary": args.score_per_boundary}
     shapes_before = set(engine.stats.compiled_shapes)  # a shape first met mid-run compiles inside the timing

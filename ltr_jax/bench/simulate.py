@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from typing import Any
@@ -23,6 +24,11 @@ from ltr_jax.scheduler.scheduler import Scheduler, StarvationConfig
 from ltr_jax.scheduler.sim import simulate
 from ltr_jax.scheduler.step_time import AnalyticStepTime, MeasuredStepTime
 from ltr_jax.scheduler.trace import load_lengths, make_trace
+
+#: The packaged ranker's pass as a share of Llama-3-8B's prefill: 16 SmolLM2 blocks of 3.54M parameters each
+#: (d=576: Q, K, V, O = 0.88M, SwiGLU MLP 3 x 576 x 1536 = 2.65M) = 56.6M of Llama-3-8B's 8.03B parameters, so of
+#: its prefill FLOPs per token (both compute-bound at prefill).
+RANKER_SHARE_OF_LLAMA3_8B = 16 * 3_538_944 / 8.03e9
 
 PAPER = {"fcfs/ltr mean latency, LMSYS (Llama-3-8B, 64 req/s)": 6.9,
          "fcfs/ltr mean latency, ShareGPT (Llama-3-8B, 64 req/s)": 2.5}
@@ -45,9 +51,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "contiguous KV slots = 64 GiB beside 16 GB of bf16 weights on an 80 GB H100)")
     p.add_argument("--step-model", default="llama3-8b-h100",
                    help="'llama3-8b-h100' (analytic roofline) or a JSON of measured engine step times")
+    p.add_argument("--ranker-cost", type=float, default=None,
+                   help="the ranker's pass over an arriving prompt, as a fraction of that prompt's prefill time, "
+                   "charged at the boundary where it arrives for the policies that rank (ltr, ltr+starvation, "
+                   "ltr-rescore, classify). Default: %.4f with the llama3-8b-h100 model (the packaged 16-block "
+                   "SmolLM2 ranker's share of Llama-3-8B's parameters), 0 (not modelled) with a measured one; "
+                   "about 0.47 for SmolLM2 serving itself on a CPU" % RANKER_SHARE_OF_LLAMA3_8B)
+    p.add_argument("--ranker-reuse", action=argparse.BooleanOptionalAction, default=False,
+                   help="the ranker's pass is the first part of the prompt's prefill (its backbone is the served "
+                   "model's first blocks, as with SmolLM2 serving itself), so that prefill costs the rest")
     add_shared_options(p, rates="2,8,16,32,48,64", starvation_threshold=10.0, starvation_quantum=2.0)
     args = p.parse_args(argv)
     check_policies(p, args)
+    if args.ranker_cost is not None and not (math.isfinite(args.ranker_cost) and 0 <= args.ranker_cost <= 1):
+        p.error(f"--ranker-cost must be a fraction of a prefill in [0, 1], got {args.ranker_cost}")
     return args
 
 
@@ -73,12 +90,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         step_model, step_desc = AnalyticStepTime.for_llama3_8b_h100(), "analytic: Llama-3-8B bf16, one H100 SXM"
     else:
         step_model, step_desc = MeasuredStepTime.from_json(args.step_model), f"fit of {args.step_model}"
+    ranker_cost = args.ranker_cost
+    if ranker_cost is None:
+        ranker_cost = RANKER_SHARE_OF_LLAMA3_8B if args.step_model == "llama3-8b-h100" else 0.0
+    ranker_time = (lambda n: ranker_cost * step_model.prefill_time(n)) if ranker_cost > 0 else None
     report: dict[str, Any] = {
         "benchmark": "policies in the discrete-event simulator", "model": "Llama-3-8B step-time model",
         "step_model": step_desc, "length_source": length_source, "arrival": args.arrival, "n": args.n,
         "slots": args.slots, "seed": args.seed, "ranker_tau": tau, "ranker_tau_source": tau_source,
         "classify_tau": args.classify_tau,
         "max_preemptions": args.max_preemptions, "preempt_mode": args.preempt_mode,
+        "ranker_cost": {"fraction_of_prefill": ranker_cost, "reused_by_prefill": bool(args.ranker_reuse),
+                        "how": "each arrival's ranker pass runs at the boundary where it arrives, before the "
+                               "schedule, for the policies that rank"},
         "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum,
                        "requeue_after_quantum": args.starvation_requeue},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "paper": PAPER, "rates": {}, "runs": {},
@@ -100,10 +124,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           if pol == "ltr+starvation" else None)
             sched = Scheduler(make_policy(name, **params), args.slots, starvation=starvation)
             result = simulate(ctrace if pol == "classify" else trace, sched, step_model,
-                              preempt_mode=args.preempt_mode)
+                              preempt_mode=args.preempt_mode, ranker_time=ranker_time, ranker_reuse=args.ranker_reuse)
             s = summarize(result.records)
             s["completed"] = s["num_finished"]
             s["sim_wall_s"] = round(result.wall_s, 2)
+            s["ranker_seconds"] = round(result.extra.get("ranker_s", 0.0), 3)
+            if s["ranker_seconds"]:
+                s["ranker_ms_per_request"] = 1000 * s["ranker_seconds"] / len(result.records)
+                s["ranker_share_of_busy_time"] = s["ranker_seconds"] / max(result.extra["busy_s"], 1e-12)
+                s["reused_ranker_passes"] = len(result.records) if args.ranker_reuse else 0
             if starvation is not None:
                 s["starvation_threshold_s"] = starvation.threshold_s
             s["latencies_s"] = sorted(round(r.latency, 3) for r in result.records if r.latency is not None)
@@ -123,7 +152,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = run(args)
     report["command"] = "python -m ltr_jax.bench simulate " + " ".join(sys.argv[2:] if argv is None else argv)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
+    cost = report["ranker_cost"]
     header = (f"{report['date']}; {report['step_model']}; {report['length_source']}; ranker tau "
-              f"{report['ranker_tau']:.2f} ({report['ranker_tau_source']}); {args.slots} slots")
+              f"{report['ranker_tau']:.2f} ({report['ranker_tau_source']}); ranker pass "
+              f"{cost['fraction_of_prefill']:.4g} of a prefill"
+              f"{' (reused by it)' if cost['reused_by_prefill'] else ''}; {args.slots} slots")
     print(write_report(report, args.out, header))
     return report

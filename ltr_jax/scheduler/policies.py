@@ -36,9 +36,9 @@ from sortedcontainers import SortedList
 from .request import Request
 
 #: Default cap on how many times one request may be displaced (shared by every preemptive policy so that
-#: policies differing only in their key make identical decisions on identical inputs). A displaced request
-#: loses its KV cache and re-prefills later; in the simulator (Llama-3-8B/H100 roofline) every extra allowed
-#: preemption raised mean latency, and ``max_preemptions=0`` (no displacement) was best for every policy.
+#: policies differing only in their key make identical decisions on identical inputs). Serving allows one
+#: displacement per request; the benchmarks default to none (``--max-preemptions 0``): in the simulator every
+#: allowed preemption beyond the first raised mean latency, and 0 was as good as or better than 1 for every policy.
 DEFAULT_MAX_PREEMPTIONS = 1
 
 
@@ -49,6 +49,8 @@ class Policy:
     name: ClassVar[str] = ""
     #: True when ``priority`` depends on ``req.generated`` (the scheduler refreshes running ranks per token).
     progress_dependent: ClassVar[bool] = False
+    #: True when the policy orders by the ranker's output (so every arrival costs a ranker pass).
+    uses_ranker: ClassVar[bool] = False
 
     preemptive: bool = True
     max_preemptions: int | None = DEFAULT_MAX_PREEMPTIONS
@@ -106,6 +108,7 @@ class FcfsPolicy(Policy):
 @dataclass
 class LtrPolicy(Policy):
     name: ClassVar[str] = "ltr"
+    uses_ranker: ClassVar[bool] = True
 
     def priority(self, req: Request) -> float:
         return -req.score
@@ -114,6 +117,7 @@ class LtrPolicy(Policy):
 @dataclass
 class ClassifyPolicy(Policy):
     name: ClassVar[str] = "classify"
+    uses_ranker: ClassVar[bool] = True
 
     def on_add(self, req: Request) -> None:
         if not isinstance(req.bucket, int):
@@ -207,6 +211,7 @@ class LtrRescorePolicy(Policy):
 
     name: ClassVar[str] = "ltr-rescore"
     progress_dependent: ClassVar[bool] = True
+    uses_ranker: ClassVar[bool] = True
 
     window: int = 2048
     min_samples: int = 64

@@ -9,6 +9,13 @@ running requests (``decode_time(batch, tokens_in_cache)``, one token each); requ
 length finish at that token's time. Arrivals are added at the first boundary at or after their arrival time
 (their TTFT clock still starts at the arrival); when nothing is queued or running, time jumps to the next arrival.
 
+The ranker's cost (optional ``ranker_time``): when the policy ranks (`Policy.uses_ranker`), each arrival's
+ranker pass runs at the boundary where it arrives, before the schedule, as in the engine, and delays everyone
+already running. With ``ranker_reuse`` that pass is the first part of the request's prefill (the ranker's backbone is
+the served model's first blocks and the engine keeps its K/V), so the first prefill then costs the difference. On
+a 2-core CPU serving SmolLM2 the pass is about half a prefill; this front-loaded work is the part of ltr's gap to
+an overhead-free oracle that better ranking cannot close.
+
 The command line over it is ``python -m ltr_jax.bench simulate`` (rates, policies, step-time models, reports).
 """
 
@@ -67,13 +74,22 @@ def simulate(
     step_model: StepTimeModel,
     on_boundary: Callable[[Scheduler, float], None] | None = None,
     preempt_mode: str = "swap",
+    ranker_time: Callable[[int], float] | None = None,
+    ranker_reuse: bool = False,
 ) -> SimResult:
     """Run ``trace`` to completion through ``scheduler``. ``on_boundary(scheduler, now)`` (optional) is called
     right after every ``schedule`` call, e.g. to check invariants. ``preempt_mode``: how a preempted request
-    resumes, "swap" (its K/V was kept) or "recompute" (re-prefill of prompt + generated tokens)."""
+    resumes, "swap" (its K/V was kept) or "recompute" (re-prefill of prompt + generated tokens).
+    ``ranker_time(prompt_len)``: seconds of the ranker's pass over one arriving prompt, charged when the policy
+    ranks (None: ranking is free); ``ranker_reuse``: that pass is the start of the prompt's first prefill."""
     if preempt_mode not in PREEMPT_MODES:
         raise ValueError(f"preempt_mode must be one of {', '.join(PREEMPT_MODES)}, got {preempt_mode!r}")
     swap = preempt_mode == "swap"
+    if not scheduler.policy.uses_ranker:
+        ranker_time = None
+    ranked_pass: dict[int, float] = {}  # id(request) -> its ranker pass (seconds), until its first prefill
+    ranker_s = 0.0
+    idle_s = 0.0
     wall_start = time.perf_counter()
     reqs = requests_from_trace(trace)
     n = len(reqs)
@@ -90,9 +106,17 @@ def simulate(
     max_prefill_phase = 0.0
     while done < n:
         while next_arrival < n and reqs[next_arrival].arrival_time <= now:
-            scheduler.add(reqs[next_arrival], now)
+            req = reqs[next_arrival]
+            if ranker_time is not None:
+                cost = ranker_time(req.prompt_len)
+                now += cost
+                ranker_s += cost
+                if ranker_reuse:
+                    ranked_pass[id(req)] = cost
+            scheduler.add(req, now)
             next_arrival += 1
         if not running and scheduler.num_waiting == 0:
+            idle_s += reqs[next_arrival].arrival_time - now
             now = reqs[next_arrival].arrival_time
             continue
         start = now
@@ -102,7 +126,7 @@ def simulate(
         for req in decision.admit:
             if swap and req.generated:
                 continue  # its cache was kept: the decode step below yields its next token
-            now += prefill_time(req.context_len)
+            now += max(prefill_time(req.context_len) - ranked_pass.pop(id(req), 0.0), 0.0)
             on_token(req, now)
             if req.generated >= req.true_output_len:
                 finish(req, now)
@@ -133,4 +157,6 @@ def simulate(
         max_prefill_phase_s=max_prefill_phase,
         num_preemptions=scheduler.num_preemptions,
         num_promotions=scheduler.num_promotions,
+        extra={"busy_s": now - (reqs[0].arrival_time if reqs else 0.0) - idle_s,
+               **({"ranker_s": ranker_s} if ranker_time is not None else {})},
     )
