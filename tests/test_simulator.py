@@ -230,7 +230,7 @@ def _ranked_pair(policy, ranker_time=None, ranker_reuse=False):
 
 
 def test_simulator_charges_the_ranker_pass_at_arrival():
-    half = lambda n: 0.0005 * n  # noqa: E731 - the ranker pass = half of the prompt's prefill
+    half = lambda n: 0.0005 * n  # the ranker pass = half of the prompt's prefill
     # free ranking: prefill 10 (0.010) -> token 1; decode -> 0.020; the second arrives at 0.015, waits for the slot;
     # decode -> 0.030 (first done); prefill 20 (0.020) -> 0.050
     _, first, second = _ranked_pair("ltr")
