@@ -275,3 +275,54 @@ def test_combine_treats_reports_from_before_via_as_in_process():
     old = {"benchmark": "policies on the real engine"}
     assert combine._setting(old, "via") == combine._setting({**old, "via": "engine in-process"}, "via")
     assert combine._setting(old, "via") != combine._setting({**old, "via": "HTTP server"}, "via")
+
+
+def test_resimulate_replays_a_real_run_with_its_own_ranker_and_step_times(tmp_path):
+    from ltr_jax.bench import resimulate
+    from ltr_jax.models.loading import load_model
+    from ltr_jax.models.ranker import RankerHead, RankerSpec
+    from ltr_jax.train.checkpoint import save_ranker
+
+    tiny = load_model("tiny")
+    spec = RankerSpec(model_name=tiny.config.name, model_dim=tiny.config.dim, n_layers=2, pooling="mean",
+                      hidden_dims=(8,), max_prompt_len=64)
+    ranker = save_ranker(tmp_path / "ranker", RankerHead.for_spec(spec, seed=1), spec)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": "x " * (i + 1), "reference": "y " * (3 + 2 * i)})
+                               + "\n" for i in range(10)))
+    run_dir = tmp_path / "run"
+    real = policy_bench.main(["--model", "tiny", "--prompts", str(prompts), "--split", "all", "--n", "10",
+                              "--policies", "fcfs,ltr,oracle-sjf", "--rates", "40", "--slots", "2",
+                              "--max-output-tokens", "24", "--ranker", str(ranker), "--unloaded-probe", "2",
+                              "--out", str(run_dir), "--no-progress"])
+    result = resimulate.main([str(run_dir), "--out", str(tmp_path / "re")])
+    (run,) = result["runs"]
+    row = run["rates"]["rate=40"]
+    assert set(row["policies"]) == {"fcfs", "ltr", "oracle-sjf"}
+    for policy, e in row["policies"].items():
+        assert e["real_mean_s"] == real["runs"]["rate=40"][policy]["latency_s"]["mean"]
+        assert e["sim_free_mean_s"] > 0 and e["sim_charged_mean_s"] >= e["sim_free_mean_s"] - 1e-12
+    assert row["policies"]["ltr"]["ranker_fraction_of_prefill"] > 0  # the run's measured ranker time
+    assert "ranker_fraction_of_prefill" not in row["policies"]["fcfs"]
+    assert row["policies"]["fcfs"]["sim_charged_mean_s"] == row["policies"]["fcfs"]["sim_free_mean_s"]
+    step = row["step_model"]
+    assert step["tpot_alone_s"] == real["unloaded"]["tpot_s"] and step["tpot_full_s"] >= step["tpot_alone_s"]
+    pooled = result["pooled_ratios"]["ltr/oracle-sjf"]
+    assert pooled["real_mean_s"] == pytest.approx(row["policies"]["ltr"]["real_mean_s"]
+                                                  / row["policies"]["oracle-sjf"]["real_mean_s"])
+    assert "| ltr/oracle-sjf |" in (tmp_path / "re" / "report.md").read_text()
+    with pytest.raises(SystemExit, match="no report.json"):
+        resimulate.main([str(tmp_path)])
+    sim_dir = tmp_path / "sim"
+    simulate.main(["--prompts", str(prompts), "--n", "20", "--rates", "8", "--slots", "2", "--tau", "0.6",
+                   "--policies", "fcfs", "--out", str(sim_dir)])
+    with pytest.raises(SystemExit, match="not a `bench run` report"):
+        resimulate.main([str(sim_dir)])
+
+
+def test_run_step_time_interpolates_between_one_request_and_a_full_batch():
+    from ltr_jax.bench.resimulate import RunStepTime
+
+    model = RunStepTime(ttft_s=0.1, mean_prompt_len=50, tpot_alone_s=0.02, tpot_full_s=0.05, slots=4)
+    assert model.prefill_time(100) == pytest.approx(0.2)
+    assert [model.decode_time(b, 0) for b in (1, 2, 4)] == pytest.approx([0.02, 0.03, 0.05])

@@ -2,7 +2,8 @@
 
 Commands: `engine` (decode step time vs matmul roofline), `run` (every policy on one trace against the real
 engine, in-process or through the HTTP server), `simulate` (the same report from the discrete-event simulator at
-paper scale), `combine` (pool runs of one experiment on several seeds).
+paper scale), `combine` (pool runs of one experiment on several seeds), `resimulate` (replay real runs' exact
+traces in the simulator: what ranking errors cost and what the ranker's pass adds).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ COMMANDS = {
     "run": "ltr_jax.bench.policy_bench",
     "simulate": "ltr_jax.bench.simulate",
     "combine": "ltr_jax.bench.combine",
+    "resimulate": "ltr_jax.bench.resimulate",
 }
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from ltr_jax.bench.options import add_shared_options, check_policies, resolve_threshold
 from ltr_jax.bench.report import ratios, starvation_cost, write_report
+from ltr_jax.machine import machine_info
 from ltr_jax.scheduler.metrics import summarize
 from ltr_jax.scheduler.policies import make_policy, policy_parameters
 from ltr_jax.scheduler.scheduler import Scheduler, StarvationConfig
@@ -105,7 +106,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                "schedule, for the policies that rank"},
         "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum,
                        "requeue_after_quantum": args.starvation_requeue},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "paper": PAPER, "rates": {}, "runs": {},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(), "paper": PAPER, "rates": {},
+        "runs": {},
     }
     for rate in [float(r) for r in args.rates.split(",")]:
         key = f"rate={rate:g}"
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     header = (f"{report['date']}; {report['step_model']}; {report['length_source']}; ranker tau "
               f"{report['ranker_tau']:.2f} ({report['ranker_tau_source']}); ranker pass "
               f"{cost['fraction_of_prefill']:.4g} of a prefill"
-              f"{' (reused by it)' if cost['reused_by_prefill'] else ''}; {args.slots} slots")
+              f"{' (reused by it)' if cost['reused_by_prefill'] else ''}; {args.slots} slots; simulated on "
+              f"{report['machine']['cpu_model'] or report['machine']['processor']} with {report['machine']['cpu_count']} CPUs in {report['wall_s']} s")
     print(write_report(report, args.out, header))
     return report
