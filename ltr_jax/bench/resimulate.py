@@ -69,6 +69,17 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], argparse.Namespace]:
     if report.get("arrival") == "burst":
         raise SystemExit(f"{path}: a burst/SDG run; resimulate replays Poisson or gamma runs")
     args = policy_bench.parse_args(shlex.split(report["command"][len(RUN_PREFIX):]))
+    # what the run recorded wins over today's defaults for options its command left out
+    recorded = {"max_preemptions": report.get("max_preemptions"), "preempt_mode": report.get("preempt_mode"),
+                "starvation_quantum": report.get("starvation", {}).get("quantum_s"),
+                "starvation_requeue": report.get("starvation", {}).get("requeue_after_quantum")}
+    for name, value in recorded.items():
+        if value is not None:
+            setattr(args, name, value)
+    unrecorded = [name for name, value in recorded.items() if value is None]
+    if unrecorded:
+        print(f"{run_dir}: the report does not record {', '.join(unrecorded)}; using the command's values "
+              f"(today's defaults where it gave none)", file=sys.stderr)
     return report, args
 
 
