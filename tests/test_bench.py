@@ -307,6 +307,8 @@ def test_resimulate_replays_a_real_run_with_its_own_ranker_and_step_times(tmp_pa
     assert row["policies"]["fcfs"]["sim_charged_mean_s"] == row["policies"]["fcfs"]["sim_free_mean_s"]
     step = row["step_model"]
     assert step["tpot_alone_s"] == real["unloaded"]["tpot_s"] and step["tpot_full_s"] >= step["tpot_alone_s"]
+    fcfs = real["runs"]["rate=40"]["fcfs"]
+    assert 0 < fcfs["busy_s"] <= fcfs["wall_s"]  # the loop's working time, from which the full step is modelled
     pooled = result["pooled_ratios"]["ltr/oracle-sjf"]
     assert pooled["real_mean_s"] == pytest.approx(row["policies"]["ltr"]["real_mean_s"]
                                                   / row["policies"]["oracle-sjf"]["real_mean_s"])

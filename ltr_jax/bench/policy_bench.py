@@ -222,6 +222,7 @@ def summarize_observed(obs: list[Observed], wall: float, stats: dict, budgeted: 
     busy = max(stats.get("busy_seconds", 0.0), 1e-9)
     out = {
         "requests": len(obs), "completed": len(complete), "wall_s": wall,
+        "busy_s": stats.get("busy_seconds"),  # the loop's time in batch boundaries (ranking, prefills, steps)
         "incomplete_or_wrong_length": len(obs) - len(complete) if not budgeted else None,
         "latency_s": distribution(lat), "normalized_latency_s_per_token":
             distribution([x / o.output_len for x, o in zip(lat, complete)]),

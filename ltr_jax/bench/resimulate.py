@@ -6,8 +6,9 @@ from the run's own command), scores the prompts with the run's own ranker (and c
 policy of the run with a step-time model taken from the run's own measurements:
 
 * a prefill takes the unloaded probe's mean TTFT, in proportion to the prompt's tokens;
-* a decode step takes the unloaded TPOT with one request and, with every slot busy, what the fcfs run's wall
-  time leaves after its prefills, per decode step (it ran overloaded: every slot busy), linear in between;
+* a decode step takes the unloaded TPOT with one request and, with every slot busy, what the fcfs run's busy
+  time (its wall time in reports before `busy_s`) leaves after its prefills, per decode step (fcfs under load keeps
+  every slot busy: its output tokens after the first / slots), linear in between;
 * the ranker's pass takes the run's measured ranker milliseconds per request, as the same fraction of a prefill,
   charged at the boundary where each request arrives (and reused by its prefill when the run reused it).
 
@@ -84,20 +85,21 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], argparse.Namespace]:
 
 
 def step_model_of(report: dict[str, Any], runs: dict[str, Any], items) -> RunStepTime:
-    """Prefill and single-request step from the unloaded probe; the full-batch step from the fcfs run's wall time
+    """Prefill and single-request step from the unloaded probe; the full-batch step from the fcfs run's busy time
     less its prefills, over its decode steps (output tokens after the first / slots). A loaded run's mean TPOT
     would count other requests' prefills twice: they stall every running request's next token."""
     if "fcfs" not in runs:
-        raise SystemExit("resimulate needs the run's fcfs policy: its wall time gives the full-batch decode step")
+        raise SystemExit("resimulate needs the run's fcfs policy: its busy time gives the full-batch decode step")
     unloaded, slots = report["unloaded"], report["slots"]
     model = RunStepTime(ttft_s=unloaded["ttft_s"], mean_prompt_len=report["mean_prompt_len"],
                         tpot_alone_s=unloaded["tpot_s"], tpot_full_s=unloaded["tpot_s"], slots=slots)
     prefills = sum(model.prefill_time(len(i.prompt_tokens)) for i in items)
     steps = sum(i.output_len - 1 for i in items) / slots
-    full = (runs["fcfs"]["wall_s"] - prefills) / steps if steps else unloaded["tpot_s"]
+    busy = runs["fcfs"].get("busy_s") or runs["fcfs"]["wall_s"]  # reports before busy_s: the run's wall time
+    full = (busy - prefills) / steps if steps else unloaded["tpot_s"]
     if not full > 0:
-        raise SystemExit(f"{report.get('command')}: the fcfs run's wall time ({runs['fcfs']['wall_s']:.1f} s) is "
-                         f"shorter than its modelled prefills ({prefills:.1f} s); it cannot be modelled")
+        raise SystemExit(f"{report.get('command')}: the fcfs run's busy time ({busy:.1f} s) is shorter than its "
+                         f"modelled prefills ({prefills:.1f} s); it cannot be modelled")
     return RunStepTime(model.ttft_s, model.mean_prompt_len, model.tpot_alone_s, max(full, model.tpot_alone_s), slots)
 
 
