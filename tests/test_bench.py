@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from ltr_jax.bench import policy_bench, simulate
+from ltr_jax.bench import policy_bench, resimulate, simulate
 
 
 def _prompts_with_lognormal_answers(tmp_path, n: int, seed: int, sigma: float):
@@ -104,12 +104,13 @@ def test_simulate_charges_the_rankers_pass_to_the_ranking_policies(tmp_path):
         simulate.main(common + ["--ranker-cost", "1.5"])
 
 
-@pytest.mark.parametrize("module", [policy_bench, simulate])
+@pytest.mark.parametrize("module", [policy_bench, simulate, resimulate])
 def test_help_documents_every_option(module, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         module.parse_args(["--help"])
     text = capsys.readouterr().out
-    for option in ("--policies", "--rates", "--out", "--seed", "--preempt-mode"):
+    expected = ("--out",) if module is resimulate else ("--policies", "--rates", "--out", "--seed", "--preempt-mode")
+    for option in expected:
         assert option in text
     parsers = []
 
@@ -278,7 +279,6 @@ def test_combine_treats_reports_from_before_via_as_in_process():
 
 
 def test_resimulate_replays_a_real_run_with_its_own_ranker_and_step_times(tmp_path):
-    from ltr_jax.bench import resimulate
     from ltr_jax.models.loading import load_model
     from ltr_jax.models.ranker import RankerHead, RankerSpec
     from ltr_jax.train.checkpoint import save_ranker
