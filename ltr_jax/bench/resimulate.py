@@ -112,7 +112,7 @@ def resimulate_run(run_dir: Path, models: dict[str | None, Any], scorers: dict[s
     items, _ = policy_bench.build_items(loaded, args.prompts, args.labels, args.n, args.max_prompt_tokens,
                                         args.max_output_tokens, args.split, args.seed, args.length_scale)
 
-    def scores_of(kind: str) -> tuple[np.ndarray, np.ndarray | None]:
+    def scores_of(kind: str) -> tuple[np.ndarray, np.ndarray]:
         """The run's ranker (or classifier) on each prompt: score, and the most likely bucket for a classifier.
         Cached per prompt: the runs of one experiment serve the same prompts in other orders."""
         path = report.get(kind)
@@ -137,7 +137,7 @@ def resimulate_run(run_dir: Path, models: dict[str | None, Any], scorers: dict[s
         arrivals = make_arrivals(args.arrival, len(items), rate, args.cv, seed=args.seed)
         row: dict[str, Any] = {"step_model": model.__dict__, "policies": {}}
         for policy, real in runs.items():
-            uses = policy != "fcfs" and not policy.startswith("oracle")
+            uses = policy_bench.make_scheduler(policy, report["slots"], args, 1.0).policy.uses_ranker
             scores, buckets = scores_of("classifier" if policy == "classify" else "ranker") if uses \
                 else (np.zeros(len(items)), np.zeros(len(items), int))
             trace = [TraceEntry(float(a), len(i.prompt_tokens), i.output_len, float(s), int(b))
@@ -181,8 +181,8 @@ def ratio_rows(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# real-engine runs replayed in the simulator", "", result["note"], ""]
-    lines += ["| run | rate | policy | real mean (s) | sim, ranker free (s) | sim, ranker charged (s) | ranker / prefill |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [("| run | rate | policy | real mean (s) | sim, ranker free (s) | sim, ranker charged (s) "
+               "| ranker / prefill |"), "|---|---|---|---|---|---|---|"]
     for run in result["runs"]:
         for key, row in run["rates"].items():
             for policy, e in row["policies"].items():
@@ -192,7 +192,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "Pooled over the runs (every request counted once):", "",
               "| ratio of mean latencies | real engine | sim, ranker free | sim, ranker charged |", "|---|---|---|---|"]
     for name, r in result["pooled_ratios"].items():
-        lines.append(f"| {name} | {r['real_mean_s']:.3f} | {r['sim_free_mean_s']:.3f} | {r['sim_charged_mean_s']:.3f} |")
+        lines.append(f"| {name} | {r['real_mean_s']:.3f} | {r['sim_free_mean_s']:.3f} "
+                     f"| {r['sim_charged_mean_s']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

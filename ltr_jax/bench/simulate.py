@@ -55,9 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ranker-cost", type=float, default=None,
                    help="the ranker's pass over an arriving prompt, as a fraction of that prompt's prefill time, "
                    "charged at the boundary where it arrives for the policies that rank (ltr, ltr+starvation, "
-                   f"ltr-rescore, classify). Default: {RANKER_SHARE_OF_LLAMA3_8B:.4f} with the llama3-8b-h100 model (the packaged 16-block "
-                   "SmolLM2 ranker's share of Llama-3-8B's parameters), 0 (not modelled) with a measured one; "
-                   "about 0.47 for SmolLM2 serving itself on a CPU")
+                   f"ltr-rescore, classify). Default: {RANKER_SHARE_OF_LLAMA3_8B:.4f} with the llama3-8b-h100 model "
+                   "(the packaged 16-block SmolLM2 ranker's share of Llama-3-8B's parameters), 0 (not modelled) with "
+                   "a measured one; about 0.47 for SmolLM2 serving itself on a CPU")
     p.add_argument("--ranker-reuse", action=argparse.BooleanOptionalAction, default=False,
                    help="the ranker's pass is the first part of the prompt's prefill (its backbone is the served "
                    "model's first blocks, as with SmolLM2 serving itself), so that prefill costs the rest")
@@ -154,11 +154,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = run(args)
     report["command"] = "python -m ltr_jax.bench simulate " + " ".join(sys.argv[2:] if argv is None else argv)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
-    cost = report["ranker_cost"]
+    cost, machine = report["ranker_cost"], report["machine"]
     header = (f"{report['date']}; {report['step_model']}; {report['length_source']}; ranker tau "
               f"{report['ranker_tau']:.2f} ({report['ranker_tau_source']}); ranker pass "
               f"{cost['fraction_of_prefill']:.4g} of a prefill"
               f"{' (reused by it)' if cost['reused_by_prefill'] else ''}; {args.slots} slots; simulated on "
-              f"{report['machine']['cpu_model'] or report['machine']['processor']} with {report['machine']['cpu_count']} CPUs in {report['wall_s']} s")
+              f"{machine['cpu_model'] or machine['processor']} with {machine['cpu_count']} CPUs in "
+              f"{report['wall_s']} s")
     print(write_report(report, args.out, header))
     return report
