@@ -105,7 +105,8 @@ def simulate(
     max_iteration = 0.0
     max_prefill_phase = 0.0
     while done < n:
-        while next_arrival < n and reqs[next_arrival].arrival_time <= now:
+        boundary = now  # arrivals during this boundary's ranker passes wait for the next one, as in the engine
+        while next_arrival < n and reqs[next_arrival].arrival_time <= boundary:
             req = reqs[next_arrival]
             if ranker_time is not None:
                 cost = ranker_time(req.prompt_len)
