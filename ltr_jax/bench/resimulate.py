@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ltr_jax.bench import policy_bench
+from ltr_jax.bench.combine import load_run
 from ltr_jax.machine import machine_info
 from ltr_jax.scheduler.sim import simulate
 from ltr_jax.scheduler.trace import TraceEntry, make_arrivals
@@ -61,7 +62,7 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], argparse.Namespace]:
     path = run_dir / "report.json"
     if not path.is_file():
         raise SystemExit(f"{run_dir}: no report.json; pass directories written by `bench run --out DIR`")
-    report = json.loads(path.read_text())
+    _, report = load_run(str(path))  # combine's reader: a damaged or incomplete report is a clear error
     if report.get("benchmark") != "policies on the real engine" or not report.get("command", "").startswith(RUN_PREFIX):
         raise SystemExit(f"{path}: not a `bench run` report (resimulate replays real-engine runs only)")
     if not report.get("unloaded"):
