@@ -6,6 +6,9 @@ Owns the device side of serving. Every call is one `jax.jit`-compiled pure funct
                                       first sampled token stay on the device.
 * `prefill_from_state(state, ...)`  -> the same `Prefix` for a prompt whose first blocks the ranker already ran
                                       when it scored the prompt: only the remaining blocks run.
+* `set_shared_prefix(tokens)`      -> caches the K/V of a token prefix many prompts start with (the chat
+                                      template's fixed header); a later prefill of a prompt that starts with it
+                                      runs only the tokens after it, attending to the cached K/V.
 * `insert(prefix, slot)`           -> writes the prefix's K/V into the slot (decode state donated, updated in place).
 * `generate()`                     -> one decode step for every slot; returns the new token of each slot
                                       (one small device->host copy per step).
@@ -23,6 +26,7 @@ per bucket. The host keeps a mirror of per-slot lengths and activity, so schedul
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
@@ -115,22 +119,44 @@ class DecodeState(NamedTuple):
     seed: jax.Array  # uint32 [slots]
 
 
+class SharedPrefix(NamedTuple):
+    """A token prefix whose K/V the engine keeps for every prompt that starts with it."""
+
+    tokens: tuple[int, ...]
+    kv: list  # per layer (k, v) [1, kv_heads, len(tokens), head_dim]
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
 @dataclass
 class EngineStats:
     prefill_calls: int = 0
     prefill_tokens: int = 0
     resumed_prefills: int = 0  # prefills that started from a ranker's backbone pass (counted in prefill_calls)
+    shared_prefix_hits: int = 0  # prefills that started after the cached shared prefix (counted in prefill_calls)
     generate_calls: int = 0
     compile_seconds: float = 0.0
     compiled_shapes: set = field(default_factory=set)
 
 
 # --------------------------------------------------------------------------------------------- compiled pieces
-def _prefill_fn(graphdef, state, tokens, length, temperature, top_k, top_p, seed):
+def _after_past(past, kv):
+    """Per layer, a cached prefix's (k, v) followed by the new tokens' (k, v) (``past`` empty: kv as is)."""
+    if not past:
+        return list(kv)
+    return [(jnp.concatenate([pk, k.astype(pk.dtype)], axis=2), jnp.concatenate([pv, v.astype(pv.dtype)], axis=2))
+            for (pk, pv), (k, v) in zip(past, kv)]
+
+
+def _prefill_fn(graphdef, state, past, tokens, n_new, temperature, top_k, top_p, seed):
+    """``n_new`` tokens (padded) after the cached prefix ``past`` (per-layer K/V; empty for none)."""
     model = nnx.merge(graphdef, state)
-    logits, kv = model.prefill(tokens[None, :], length[None])
+    logits, kv = model.prefill(tokens[None, :], n_new[None], list(past) or None)
+    length = n_new + (past[0][0].shape[2] if past else 0)
     token = sample_tokens(logits, temperature[None], top_k[None], top_p[None], seed[None], length[None])[0]
-    return Prefix(kv, length, token, temperature, top_k, top_p, seed)
+    return Prefix(_after_past(past, kv), length, token, temperature, top_k, top_p, seed)
 
 
 def _fit_length(x: jax.Array, axis: int, n: int) -> jax.Array:
@@ -142,15 +168,18 @@ def _fit_length(x: jax.Array, axis: int, n: int) -> jax.Array:
     return jnp.pad(x, pad)
 
 
-def _prefill_rest_fn(graphdef, bucket, state, hidden, lower_kv, length, temperature, top_k, top_p, seed):
-    """A prefill whose first blocks already ran (the ranker's pass): hidden [T, D], lower_kv [N, 2, KV, T, hd]."""
+def _prefill_rest_fn(graphdef, bucket, state, past, hidden, lower_kv, length, temperature, top_k, top_p, seed):
+    """A prefill whose first blocks already ran (the ranker's pass): hidden [T, D], lower_kv [N, 2, KV, T, hd] of
+    ``length`` tokens, which continue the cached prefix ``past`` (per-layer K/V of every block; empty for none)."""
     model = nnx.merge(graphdef, state)
+    n_low = lower_kv.shape[0]
     x = _fit_length(hidden, 0, bucket)[None].astype(model.embed[...].dtype)
-    logits, upper = model.prefill_from(x, length[None], lower_kv.shape[0])
+    logits, upper = model.prefill_from(x, length[None], n_low, list(past[n_low:]) or None)
     lower_kv = _fit_length(lower_kv, 3, bucket)
-    lower = [(lower_kv[i, 0][None], lower_kv[i, 1][None]) for i in range(lower_kv.shape[0])]
-    token = sample_tokens(logits, temperature[None], top_k[None], top_p[None], seed[None], length[None])[0]
-    return Prefix(lower + upper, length, token, temperature, top_k, top_p, seed)
+    lower = [(lower_kv[i, 0][None], lower_kv[i, 1][None]) for i in range(n_low)]
+    total = length + (past[0][0].shape[2] if past else 0)
+    token = sample_tokens(logits, temperature[None], top_k[None], top_p[None], seed[None], total[None])[0]
+    return Prefix(_after_past(past, lower + upper), total, token, temperature, top_k, top_p, seed)
 
 
 def _insert_fn(prefix: Prefix, decode_state: DecodeState, slot):
@@ -246,6 +275,7 @@ class Engine:
         self.decode_state = self._init_decode_state()
         self.host_lengths = np.zeros(config.num_slots, np.int64)
         self.host_active = np.zeros(config.num_slots, bool)
+        self.shared_prefix: SharedPrefix | None = None
 
     # ------------------------------------------------------------------------------------------------ setup
     def _init_decode_state(self) -> DecodeState:
@@ -311,7 +341,11 @@ class Engine:
         self.host_lengths[:] = 0
         prefill_buckets = prefill_buckets or []
         cache_lens = cache_lens or []
-        prefixes = {b: self.prefill([0] * min(b, 2), SlotSampling(), bucket=b) for b in prefill_buckets}
+        prefixes = {b: self._prefill_new([0] * min(b, 2), 0, SlotSampling(), b) for b in prefill_buckets}
+        shared = self.shared_prefix.length if self.shared_prefix is not None else 0
+        if shared:  # the same buckets after the shared prefix: their K/V rows are shared + bucket
+            prefixes.update({shared + b: self._prefill_new([0] * min(b, 2), shared, SlotSampling(), b)
+                             for b in prefill_buckets})
         if swap:  # a swapped-out slot of n cache rows holds < n tokens: its prefix is any bucket up to that
             for n in cache_lens:
                 self.resize_cache(n)
@@ -336,8 +370,37 @@ class Engine:
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------------ API
+    def set_shared_prefix(self, tokens: list[int] | tuple[int, ...] | None) -> int:
+        """Cache the K/V of ``tokens``, a prefix many prompts start with (the chat template's fixed header, see
+        `ChatTokenizer.shared_prefix_tokens`); None or empty turns the cache off. From then on `prefill` of any
+        longer sequence that starts with these tokens runs only the rest, at positions after them, attending to
+        the cached K/V: the same result as the whole prompt, for less compute. Returns the prefix length."""
+        tokens = tuple(int(t) for t in tokens or ())
+        self.shared_prefix = None
+        if not tokens:
+            return 0
+        if len(tokens) >= self.config.max_seq_len - 1:
+            raise ValueError(f"a shared prefix of {len(tokens)} tokens leaves no room in engine.max_seq_len="
+                             f"{self.config.max_seq_len}; use a shorter prefix or none")
+        vocab = self.model_config.vocab_size
+        if min(tokens) < 0 or max(tokens) >= vocab:
+            raise ValueError(f"shared prefix token ids must be in [0, {vocab})")
+        prefix = self._prefill_new(list(tokens), 0, SlotSampling(), len(tokens))
+        self.shared_prefix = SharedPrefix(tokens, prefix.kv)
+        return len(tokens)
+
+    def shared_prefix_len(self, tokens) -> int:
+        """How many leading tokens of ``tokens`` the shared prefix cache covers: its length when ``tokens`` starts
+        with it and goes on past it, else 0."""
+        sp = self.shared_prefix
+        if sp is None or len(tokens) <= sp.length:
+            return 0
+        head = tokens[: sp.length]
+        return sp.length if tuple(int(t) for t in head) == sp.tokens else 0
+
     def prefill(self, tokens: list[int] | np.ndarray, sampling: SlotSampling, bucket: int | None = None) -> Prefix:
-        """Run a prompt (or prompt + already generated tokens, for a resume). Returns the device-side Prefix."""
+        """Run a prompt (or prompt + already generated tokens, for a resume). Returns the device-side Prefix.
+        A prompt that starts with the shared prefix runs only its tokens after it (``bucket``: of those)."""
         n = len(tokens)
         if n < 1:
             raise ValueError("prefill needs at least one token")
@@ -346,23 +409,39 @@ class Engine:
                 f"a sequence of {n} tokens does not fit engine.max_seq_len={self.config.max_seq_len} "
                 "(one position is needed for the next token)"
             )
-        bucket = bucket or self.config.prefill_bucket(n)
-        padded = np.zeros(bucket, np.int32)
-        padded[:n] = np.asarray(tokens, np.int32)
+        start = self.shared_prefix_len(tokens)
         self.stats.prefill_calls += 1
         self.stats.prefill_tokens += n
+        self.stats.shared_prefix_hits += bool(start)
+        return self._prefill_new(tokens[start:], start, sampling, bucket)
+
+    def _prefill_new(self, tokens, start: int, sampling: SlotSampling, bucket: int | None) -> Prefix:
+        """The prefill of ``tokens`` after the first ``start`` tokens, which are the shared prefix (0: none)."""
+        m = len(tokens)
+        bucket = bucket or self.config.prefill_bucket(m)
+        padded = np.zeros(bucket, np.int32)
+        padded[:m] = np.asarray(tokens, np.int32)
+        past = self.shared_prefix.kv if start else ()
         return self._timed(
-            ("prefill", bucket), self._prefill, self.params, padded, np.int32(n), np.float32(sampling.temperature),
-            np.int32(sampling.top_k), np.float32(sampling.top_p), np.uint32(sampling.seed & 0xFFFFFFFF),
+            ("prefill", start, bucket), self._prefill, self.params, past, padded, np.int32(m),
+            np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p),
+            np.uint32(sampling.seed & 0xFFFFFFFF),
         )
 
     def prefill_from_state(self, state, sampling: SlotSampling) -> Prefix:
         """Finish the prefill of a prompt whose first blocks the ranker already ran (`BackboneState`: hidden state
-        and K/V of those blocks). Same result as `prefill` of the whole prompt, for the cost of the other blocks."""
+        and K/V of those blocks; when the ranker ran only the tokens after the shared prefix, its ``prefix_len``
+        says so). Same result as `prefill` of the whole prompt, for the cost of the other blocks."""
         c = self.model_config
         n, layers = int(state.length), int(state.kv.shape[0])
-        if not 1 <= n < self.config.max_seq_len:
-            raise ValueError(f"a backbone state of {n} tokens does not fit engine.max_seq_len={self.config.max_seq_len}")
+        start = int(getattr(state, "prefix_len", 0))
+        if start and (self.shared_prefix is None or self.shared_prefix.length != start):
+            have = "none" if self.shared_prefix is None else f"{self.shared_prefix.length} tokens"
+            raise ValueError(f"the backbone state continues a shared prefix of {start} tokens, but this engine caches "
+                             f"{have}; give the engine and the ranker the same shared prefix")
+        if not 1 <= n or start + n >= self.config.max_seq_len:
+            raise ValueError(f"a backbone state of {start + n} tokens does not fit engine.max_seq_len="
+                             f"{self.config.max_seq_len}")
         if (not 0 < layers <= c.n_layers or state.hidden.shape[-1] != c.dim
                 or tuple(state.kv.shape[1:3]) != (2, c.n_kv_heads) or state.kv.shape[-1] != c.head_dim):
             raise ValueError(f"backbone state of shape hidden {tuple(state.hidden.shape)}, kv {tuple(state.kv.shape)} "
@@ -370,31 +449,37 @@ class Engine:
         bucket = self.config.prefill_bucket(n)
         self.stats.prefill_calls += 1
         self.stats.resumed_prefills += 1
-        self.stats.prefill_tokens += n
+        self.stats.shared_prefix_hits += bool(start)
+        self.stats.prefill_tokens += start + n
         return self._timed(
-            ("prefill_rest", layers, state.hidden.shape[0], bucket), self._prefill_rest, bucket, self.params,
-            self._commit(state.hidden), self._commit(state.kv), np.int32(n), np.float32(sampling.temperature),
-            np.int32(sampling.top_k), np.float32(sampling.top_p), np.uint32(sampling.seed & 0xFFFFFFFF),
+            ("prefill_rest", layers, state.hidden.shape[0], start, bucket), self._prefill_rest, bucket, self.params,
+            self.shared_prefix.kv if start else (), self._commit(state.hidden), self._commit(state.kv), np.int32(n),
+            np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p),
+            np.uint32(sampling.seed & 0xFFFFFFFF),
         )
 
     def warmup_prefill_from_state(self, n_layers: int, lengths: list[int]) -> float:
-        """Compile `prefill_from_state` for backbone states of ``n_layers`` blocks padded to each of ``lengths``
-        (and the inserts of the prefill buckets they map to); returns seconds spent."""
+        """Compile `prefill_from_state` for backbone states of ``n_layers`` blocks padded to each of ``lengths``,
+        with and (when one is cached) after the shared prefix, and the inserts of the prefill buckets they map to;
+        returns seconds spent."""
         from ltr_jax.models.ranker import BackboneState
 
         c, t0 = self.model_config, time.perf_counter()
         dt = jnp.dtype(c.dtype)
-        for t in lengths:
-            if t >= self.config.max_seq_len:
-                continue
-            state = BackboneState(jnp.zeros((t, c.dim), dt), jnp.zeros((n_layers, 2, c.n_kv_heads, t, c.head_dim), dt), t)
-            prefix = self.prefill_from_state(state, SlotSampling())
-            self.stats.prefill_calls -= 1  # warm-up calls are not traffic
-            self.stats.resumed_prefills -= 1
-            self.stats.prefill_tokens -= t
-            key = ("insert", prefix.kv[0][0].shape[2], self.cache_len)
-            if key not in self.stats.compiled_shapes:
-                self.decode_state = self._timed(key, self._insert, prefix, self.decode_state, np.int32(0))
+        starts = [0] + ([self.shared_prefix.length] if self.shared_prefix is not None else [])
+        stats = dataclasses.replace(self.stats)
+        for start in starts:
+            for t in lengths:
+                if start + t >= self.config.max_seq_len:
+                    continue
+                state = BackboneState(jnp.zeros((t, c.dim), dt),
+                                      jnp.zeros((n_layers, 2, c.n_kv_heads, t, c.head_dim), dt), t, start)
+                prefix = self.prefill_from_state(state, SlotSampling())
+                key = ("insert", prefix.kv[0][0].shape[2], self.cache_len)
+                if key not in self.stats.compiled_shapes:
+                    self.decode_state = self._timed(key, self._insert, prefix, self.decode_state, np.int32(0))
+        for name in ("prefill_calls", "resumed_prefills", "shared_prefix_hits", "prefill_tokens"):
+            setattr(self.stats, name, getattr(stats, name))  # warm-up calls are not traffic
         return time.perf_counter() - t0
 
     def swap_buckets(self, cache_len: int) -> list[int]:

@@ -7,6 +7,8 @@ Owns the one thread that touches the engine. At every batch boundary it:
    the running requests keep decoding; the scheduler sees a request once it is scored); when the ranker's
    backbone is the served model's own first blocks, each prompt's pass through them is kept (within a memory
    budget) and its prefill later starts there, so ranking costs no extra model compute;
+   (when the engine and ranker cache a shared prefix, the chat template's fixed header, a prompt's pass and its
+   prefill run only the tokens after it; see `share_prefix`);
 2. expires requests past their deadline;
 3. asks the scheduler (`schedule(now)`) which running requests to evict and which waiting ones to admit;
 4. evicts, prefills + inserts admitted requests, emitting the token each prefill yields. An evicted request's
@@ -116,8 +118,23 @@ def shares_ranker_pass(engine: Engine, ranker: Any) -> bool:
     if engine.mesh is not None:
         return False
     check = getattr(ranker, "shares_backbone_with", None)
+    ranker_prefix = tuple(getattr(ranker, "shared_prefix", ()))
+    engine_prefix = engine.shared_prefix.tokens if engine.shared_prefix is not None else ()
+    if ranker_prefix and ranker_prefix != engine_prefix:  # its passes would start after a prefix the engine lacks
+        return False
     return bool(check and hasattr(ranker, "raw_with_state")
                 and check(engine.model_config, engine.layer_weights()))
+
+
+def share_prefix(tokens, engine: Engine, *rankers: Any) -> int:
+    """Cache the K/V of ``tokens`` (the chat template's fixed header, `ChatTokenizer.shared_prefix`; empty or None:
+    no cache) in the engine and every given ranker, so prompts that start with it run only what follows, in the
+    prefill and in the ranker's pass alike. Call before building the orchestrator. Returns the prefix length."""
+    n = engine.set_shared_prefix(tokens)
+    for ranker in rankers:
+        if ranker is not None:
+            ranker.set_shared_prefix(tokens)
+    return n
 
 
 def warmup_ranker(engine: Engine, ranker: Any, lengths: list[int], batch_sizes=(1,),

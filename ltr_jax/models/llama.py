@@ -9,6 +9,8 @@ optional tied embeddings, and the three forward passes the rest of the stack nee
                      the cache);
 * `Llama.prefill_from` - the rest of a prefill from the hidden state after its first blocks (the ranker runs
                      those blocks when it scores a prompt, so admission need not run them again);
+  every prompt pass can also continue a cached shared prefix (``past``: its K/V), so a prompt that starts with
+  the chat template's fixed header runs only the tokens after it;
 * `reference_forward` / `hidden_states` - plain full-sequence passes for tests and the ranker backbone.
 
 KV cache layout: a list with one `(k, v)` pair per layer, each `[slots, kv_heads, cache_len, head_dim]`. Decode
@@ -185,38 +187,56 @@ class Llama(nnx.Module):
         return jnp.take(self.embed[...], tokens, axis=0)
 
     # ---------------------------------------------------------------------------------------------- passes
-    def hidden(self, tokens: jax.Array, lengths: jax.Array, n_layers: int | None = None):
-        """Causal pass over [B, T] right-padded tokens; returns (hidden [B, T, D], per-layer (k, v) [B, KV, T, hd])."""
-        return self.run_blocks(self._embed(tokens), lengths, 0, n_layers)
+    def hidden(self, tokens: jax.Array, lengths: jax.Array, n_layers: int | None = None, past: KVCache | None = None):
+        """Causal pass over [B, T] right-padded tokens; returns (hidden [B, T, D], per-layer (k, v) [B, KV, T, hd]).
+        With ``past`` the tokens continue a shared prefix (see `run_blocks`)."""
+        return self.run_blocks(self._embed(tokens), lengths, 0, n_layers, past)
 
-    def run_blocks(self, x: jax.Array, lengths: jax.Array, start: int = 0, stop: int | None = None):
+    def run_blocks(self, x: jax.Array, lengths: jax.Array, start: int = 0, stop: int | None = None,
+                   past: KVCache | None = None):
         """Blocks ``start .. stop-1`` over the residual stream x [B, T, D] of right-padded sequences of ``lengths``.
 
-        Returns (x after the last of them, their (k, v) [B, KV, T, hd] per block). A prefill split in two
-        (`hidden` up to block n, then `prefill_from` at n) computes exactly what one full pass does."""
+        ``past``: the (k, v) [1 or B, KV, P, hd] of a P-token prefix every row continues, one pair per block run
+        (a cached shared prefix): the rows then sit at positions P.. and attend to all P prefix keys first.
+
+        Returns (x after the last of them, their own (k, v) [B, KV, T, hd] per block, without the prefix's). A
+        prefill split in two (`hidden` up to block n, then `prefill_from` at n), or split after a prefix, computes
+        exactly what one full pass does."""
         b, t, _ = x.shape
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        blocks = list(self.layers)[start:stop]
+        p = 0 if not past else past[0][0].shape[2]
+        if past and len(past) != len(blocks):
+            raise ValueError(f"past holds K/V for {len(past)} blocks but {len(blocks)} blocks run")
+        positions = jnp.broadcast_to(p + jnp.arange(t, dtype=jnp.int32), (b, t))
         causal = jnp.tril(jnp.ones((t, t), bool))
         valid = jnp.arange(t)[None, :] < lengths[:, None]  # keys past the true length are padding
         mask = causal[None] & valid[:, None, :]
+        if p:  # every prefix key is real and precedes every row
+            mask = jnp.concatenate([jnp.ones((b, t, p), bool), mask], axis=2)
         kvs = []
-        for blk in list(self.layers)[start:stop]:
+        for i, blk in enumerate(blocks):
             q, k, v = blk.qkv(x, positions, self.inv_freq[...])
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-            x = x + blk.attend(q, k, v, mask) @ blk.wo[...]
+            keys, values = k, v
+            if p:
+                pk, pv = (jnp.broadcast_to(a, (b, *a.shape[1:])).astype(k.dtype) for a in past[i])
+                keys, values = jnp.concatenate([pk, k], axis=2), jnp.concatenate([pv, v], axis=2)
+            x = x + blk.attend(q, keys, values, mask) @ blk.wo[...]
             x = x + blk.mlp(x)
             kvs.append((k, v))
         return x, kvs
 
-    def prefill(self, tokens: jax.Array, lengths: jax.Array):
-        """tokens [B, T] right-padded, lengths [B]. Returns (logits at position length-1 [B, V], kv list)."""
-        return self.prefill_from(self._embed(tokens), lengths, 0)
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, past: KVCache | None = None):
+        """tokens [B, T] right-padded, lengths [B] (``past``: a cached prefix they continue, see `run_blocks`).
+        Returns (logits at row length-1 [B, V], kv list of these tokens)."""
+        return self.prefill_from(self._embed(tokens), lengths, 0, past)
 
-    def prefill_from(self, x: jax.Array, lengths: jax.Array, start: int):
-        """The rest of a prefill whose first ``start`` blocks already ran: x [B, T, D] is their output.
+    def prefill_from(self, x: jax.Array, lengths: jax.Array, start: int, past: KVCache | None = None):
+        """The rest of a prefill whose first ``start`` blocks already ran: x [B, T, D] is their output (``past``: a
+        shared prefix's K/V for blocks ``start`` onwards, as in `run_blocks`).
 
-        Returns (logits at position length-1 [B, V], (k, v) of blocks ``start`` onwards)."""
-        x, kvs = self.run_blocks(x, lengths, start)
+        Returns (logits at row length-1 [B, V], (k, v) of blocks ``start`` onwards, without the prefix's)."""
+        x, kvs = self.run_blocks(x, lengths, start, past=past)
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
         return self.logits(last), kvs
 
@@ -307,10 +327,11 @@ def reference_forward(config: LlamaConfig, params: dict[str, Any], tokens) -> ja
 
 
 def hidden_states(config: LlamaConfig, params: dict[str, Any], tokens, lengths, n_layers: int,
-                  with_kv: bool = False):
+                  with_kv: bool = False, past: KVCache | None = None):
     """Output of the first `n_layers` blocks, [B, T, D] (ranker backbone). Padded positions are garbage.
 
-    With ``with_kv``: (hidden, those blocks' (k, v) [B, KV, T, hd] each), the first part of a prefill."""
+    With ``with_kv``: (hidden, those blocks' (k, v) [B, KV, T, hd] each), the first part of a prefill. With
+    ``past``: the tokens continue a cached prefix (`Llama.run_blocks`)."""
     model = Llama.from_params(config, params)
-    x, kvs = model.hidden(jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), n_layers)
+    x, kvs = model.hidden(jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), n_layers, past)
     return (x, kvs) if with_kv else x

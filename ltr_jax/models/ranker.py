@@ -9,7 +9,8 @@ Owns:
   head outputs (1 score, or one logit per length bucket for the classifier);
 - `RankerScorer`: serving-time scoring of many prompts at once, in jitted batches padded to the lengths of
   `length_ladder`; on request it also hands back each prompt's `BackboneState` (the backbone blocks' hidden state
-  and K/V), so the engine can start that prompt's prefill at block ``n_layers`` instead of block 0.
+  and K/V), so the engine can start that prompt's prefill at block ``n_layers`` instead of block 0; with a shared
+  prefix (the chat template's fixed header) cached, a prompt's pass runs only its tokens after the prefix.
 
 Score convention: HIGHER score = SHORTER expected output (runs first), for every method.
 """
@@ -117,12 +118,19 @@ def backbone_params(config: LlamaConfig, params: dict[str, Any], n_layers: int
     return config.replace(n_layers=n_layers), jax.tree.map(jnp.asarray, sub)
 
 
-def pool(hidden: jax.Array, lengths: jax.Array, pooling: str) -> jax.Array:
-    """Pool [B, T, D] hidden states over each row's first ``lengths`` positions -> [B, D] (or [B, 2D])."""
+def pool(hidden: jax.Array, lengths: jax.Array, pooling: str, prefix_sum: jax.Array | None = None,
+         prefix_len: int = 0) -> jax.Array:
+    """Pool [B, T, D] hidden states over each row's first ``lengths`` positions -> [B, D] (or [B, 2D]).
+
+    When the rows continue a cached prefix of ``prefix_len`` tokens, ``prefix_sum`` [D] is the sum of its hidden
+    states: the mean then runs over the prefix and the row, as if the whole prompt had been passed."""
     t = hidden.shape[1]
     valid = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.float32)
     hidden = hidden.astype(jnp.float32)
-    mean = jnp.einsum("btd,bt->bd", hidden, valid) / jnp.maximum(lengths, 1)[:, None].astype(jnp.float32)
+    total = jnp.einsum("btd,bt->bd", hidden, valid)
+    if prefix_len:
+        total = total + prefix_sum[None, :].astype(jnp.float32)
+    mean = total / jnp.maximum(lengths + prefix_len, 1)[:, None].astype(jnp.float32)
     last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     if pooling == "mean":
         return mean
@@ -201,7 +209,8 @@ class BackboneState(NamedTuple):
 
     hidden: jax.Array  # [T, D]: the residual stream after block n_layers (positions >= length are padding)
     kv: jax.Array  # [n_layers, 2, kv_heads, T, head_dim]: each backbone block's keys and values
-    length: int  # real prompt tokens (T is the padded length)
+    length: int  # real tokens in this state (T is the padded length)
+    prefix_len: int = 0  # tokens of the shared prefix before them (their K/V are cached by the engine and ranker)
 
     @property
     def n_layers(self) -> int:
@@ -213,9 +222,13 @@ class BackboneState(NamedTuple):
 
 
 @partial(jax.jit, static_argnames=("config", "pooling", "method", "graphdef", "keep_state"))
-def _score_batch(config, pooling, method, graphdef, backbone, head_state, tokens, lengths, keep_state=False):
-    hidden, kvs = hidden_states(config, backbone, tokens, lengths, config.n_layers, with_kv=True)
-    features = pool(hidden, jnp.asarray(lengths, jnp.int32), pooling)
+def _score_batch(config, pooling, method, graphdef, backbone, head_state, tokens, lengths, keep_state=False,
+                 prefix=None):
+    """Scores of a padded batch; ``prefix``: (per-block K/V, hidden-state sum) of a shared prefix the rows continue."""
+    past, prefix_sum = prefix if prefix is not None else (None, None)
+    hidden, kvs = hidden_states(config, backbone, tokens, lengths, config.n_layers, with_kv=True, past=past)
+    prefix_len = past[0][0].shape[2] if past else 0
+    features = pool(hidden, jnp.asarray(lengths, jnp.int32), pooling, prefix_sum, prefix_len)
     outputs = nnx.merge(graphdef, head_state)(features)
     scores = scores_from_outputs(method, outputs)
     if not keep_state:
@@ -225,11 +238,20 @@ def _score_batch(config, pooling, method, graphdef, backbone, head_state, tokens
     return scores, outputs, rows
 
 
+@partial(jax.jit, static_argnames=("config",))
+def _prefix_pass(config, backbone, tokens):
+    """A shared prefix through the backbone: its per-block K/V [1, KV, P, hd] and the sum of its hidden states."""
+    hidden, kvs = hidden_states(config, backbone, tokens[None], jnp.asarray([tokens.shape[0]], jnp.int32),
+                                config.n_layers, with_kv=True)
+    return kvs, hidden[0].astype(jnp.float32).sum(axis=0)
+
+
 class RankerScorer:
     """Scores prompts (token id lists, chat template already applied) with a trained head over the backbone.
 
     ``score(prompts)`` pads prompts into the length buckets of `length_ladder` and batches of at most ``max_batch``
-    (also padded to a power of two), so a handful of compiled shapes serve every request mix.
+    (also padded to a power of two), so a handful of compiled shapes serve every request mix. With a shared prefix
+    (`set_shared_prefix`), a prompt that starts with it runs only its tokens after it, over the prefix's cached K/V.
     """
 
     def __init__(self, spec: RankerSpec, head: RankerHead, config: LlamaConfig, params: dict[str, Any],
@@ -243,17 +265,46 @@ class RankerScorer:
         self.min_bucket = min_bucket
         self.backbone_config, self.backbone = backbone_params(config, params, spec.n_layers)
         self.graphdef, self.head_state = nnx.split(head)
+        self.shared_prefix: tuple[int, ...] = ()
+        self._prefix = None  # (per-block K/V, hidden-state sum) of the shared prefix
 
-    def _batches(self, lengths: list[int]) -> list[tuple[int, list[int]]]:
-        """(padded length, indices) groups: prompts sorted by length, cut at bucket changes and max_batch."""
-        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-        groups: list[tuple[int, list[int]]] = []
+    def set_shared_prefix(self, tokens: Sequence[int] | None) -> int:
+        """Cache the backbone's K/V and pooled hidden-state sum of ``tokens``, a prefix many prompts start with;
+        None or empty turns it off. The scores stay those of the whole prompt. Returns the prefix length."""
+        tokens = tuple(int(t) for t in tokens or ())
+        self.shared_prefix, self._prefix = (), None
+        if not tokens:
+            return 0
+        if len(tokens) >= self.spec.max_prompt_len:
+            raise ValueError(f"a shared prefix of {len(tokens)} tokens leaves no room under the ranker's "
+                             f"max_prompt_len={self.spec.max_prompt_len}")
+        self._prefix = _prefix_pass(self.backbone_config, self.backbone, jnp.asarray(tokens, jnp.int32))
+        self.shared_prefix = tokens
+        return len(tokens)
+
+    def _split(self, prompt: list[int]) -> tuple[int, list[int]]:
+        """(shared-prefix tokens the prompt starts with and goes on past, or 0; the tokens its pass runs)."""
+        p = len(self.shared_prefix)
+        if p and len(prompt) > p and tuple(prompt[:p]) == self.shared_prefix:
+            return p, prompt[p:]
+        return 0, prompt
+
+    def pass_lengths(self, prompts: Sequence[Sequence[int]]) -> list[int]:
+        """The padded lengths the passes over these prompts use (what `warmup` should compile for them)."""
+        split = [self._split(truncate_prompt_tokens(p, self.spec.max_prompt_len)) for p in prompts]
+        return sorted({length_bucket(len(rest), self.spec.max_prompt_len, self.min_bucket) for _, rest in split})
+
+    def _batches(self, starts: list[int], lengths: list[int]) -> list[tuple[int, int, list[int]]]:
+        """(shared-prefix length, padded length, indices) groups: prompts sorted by both, cut where either changes
+        and at max_batch."""
+        order = sorted(range(len(lengths)), key=lambda i: (starts[i], lengths[i]))
+        groups: list[tuple[int, int, list[int]]] = []
         for i in order:
             bucket = length_bucket(lengths[i], self.spec.max_prompt_len, self.min_bucket)
-            if groups and groups[-1][0] == bucket and len(groups[-1][1]) < self.max_batch:
-                groups[-1][1].append(i)
+            if groups and groups[-1][:2] == (starts[i], bucket) and len(groups[-1][2]) < self.max_batch:
+                groups[-1][2].append(i)
             else:
-                groups.append((bucket, [i]))
+                groups.append((starts[i], bucket, [i]))
         return groups
 
     def raw(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -272,24 +323,29 @@ class RankerScorer:
         prompts = [truncate_prompt_tokens(p, self.spec.max_prompt_len) for p in prompts]
         if any(len(p) == 0 for p in prompts):
             raise ValueError("cannot score an empty prompt (0 tokens)")
+        starts, rests = zip(*(self._split(p) for p in prompts))
         scores = np.zeros((len(prompts),), np.float32)
         outputs = np.zeros((len(prompts), self.spec.num_outputs), np.float32)
         states: list[BackboneState | None] = [None] * len(prompts)
-        for padded_len, idx in self._batches([len(p) for p in prompts]):
+        for start, padded_len, idx in self._batches(list(starts), [len(r) for r in rests]):
             batch = 1 << math.ceil(math.log2(len(idx)))
             tokens = np.zeros((batch, padded_len), np.int32)
             lengths = np.ones((batch,), np.int32)
             for row, i in enumerate(idx):
-                tokens[row, : len(prompts[i])] = prompts[i]
-                lengths[row] = len(prompts[i])
-            s, o, rows = _score_batch(self.backbone_config, self.spec.pooling, self.spec.method, self.graphdef,
-                                      self.backbone, self.head_state, tokens, lengths, keep_state=keep_state)
+                tokens[row, : len(rests[i])] = rests[i]
+                lengths[row] = len(rests[i])
+            s, o, rows = self._score(tokens, lengths, keep_state, start)
             scores[idx] = np.asarray(s)[: len(idx)]
             outputs[idx] = np.asarray(o)[: len(idx)]
             for row, i in enumerate(idx):
                 if keep_state and len(prompts[i]) == full[i]:
-                    states[i] = BackboneState(rows[row][0], rows[row][1], full[i])
+                    states[i] = BackboneState(rows[row][0], rows[row][1], len(rests[i]), start)
         return scores, outputs, states
+
+    def _score(self, tokens: np.ndarray, lengths: np.ndarray, keep_state: bool, start: int):
+        return _score_batch(self.backbone_config, self.spec.pooling, self.spec.method, self.graphdef, self.backbone,
+                            self.head_state, tokens, lengths, keep_state=keep_state,
+                            prefix=self._prefix if start else None)
 
     def shares_backbone_with(self, config: LlamaConfig, layer_weights: Sequence[dict[str, Any]]) -> bool:
         """Whether this scorer's backbone is exactly the first ``n_layers`` blocks of the model given by ``config``
@@ -309,12 +365,13 @@ class RankerScorer:
 
     def warmup(self, batch_sizes: Sequence[int] = (1, 2, 4), lengths: Sequence[int] | None = None,
                keep_state: bool = False) -> int:
-        """Compile the scoring function for these (batch, length) shapes ahead of traffic; returns how many.
-        ``keep_state`` compiles the variant `raw_with_state` uses."""
-        shapes = [(b, t) for b in batch_sizes for t in (lengths or self.bucket_lengths())]
-        for b, t in shapes:
-            _score_batch(self.backbone_config, self.spec.pooling, self.spec.method, self.graphdef, self.backbone,
-                         self.head_state, np.zeros((b, t), np.int32), np.ones((b,), np.int32), keep_state=keep_state)
+        """Compile the scoring function for these (batch, length) shapes ahead of traffic, for whole prompts and
+        (when one is set) for prompts after the shared prefix; returns how many. ``keep_state`` compiles the
+        variant `raw_with_state` uses."""
+        starts = [0] + ([len(self.shared_prefix)] if self.shared_prefix else [])
+        shapes = [(s, b, t) for s in starts for b in batch_sizes for t in (lengths or self.bucket_lengths())]
+        for s, b, t in shapes:
+            self._score(np.zeros((b, t), np.int32), np.ones((b,), np.int32), keep_state, s)
         return len(shapes)
 
     def score(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:

@@ -278,6 +278,24 @@ class ChatTokenizer:
         except TemplateError as exc:
             raise ValueError(f"chat template rejected the messages: {exc}") from exc
 
+    #: user messages whose renders `shared_prefix_tokens` compares: different first characters, so a header token
+    #: that merged with the message's start could not survive in all of them
+    _PREFIX_PROBES = ("Hello there.", "1 + 1 = ?", "\n- item", " x", "Écris un mot.")
+
+    @cached_property
+    def shared_prefix(self) -> tuple[int, ...]:
+        """The tokens every single-user-message chat prompt starts with: the template's fixed header (BOS, the
+        default system prompt, the user turn's opening). Empty without a chat template. The engine and ranker
+        cache this prefix's K/V; a prompt that does not start with it simply runs whole."""
+        if not self.chat_template:
+            return ()
+        renders = [self.encode(self.apply_chat_template([{"role": "user", "content": m}]))
+                   for m in self._PREFIX_PROBES]
+        n = 0
+        while all(len(r) > n for r in renders) and len({r[n] for r in renders}) == 1:
+            n += 1
+        return tuple(renders[0][:n])
+
 
 def _read_json(path: Path, required: bool = True) -> dict[str, Any]:
     if not path.is_file():
