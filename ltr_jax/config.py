@@ -364,6 +364,9 @@ class EngineSection:
                                 "re-prefills its prompt and every token it produced")
     swap_budget_mb: float = setting(1024.0, ge=0, doc="memory for the K/V of preempted requests (preempt_mode swap); "
                                                       "past it a preempted request recomputes")
+    shared_prefix: bool = setting(True, doc="cache the K/V of the chat template's fixed header (default system "
+                                            "prompt and user-turn opening): a prompt that starts with it runs only "
+                                            "the tokens after it, in its prefill and in the ranker's pass")
     compilation_cache_dir: str | None = setting("default", doc="JAX persistent compilation cache directory; "
                                                                "'default' = <user cache>/jax_cache; null = off")
 

@@ -29,10 +29,9 @@ from tqdm import tqdm
 from ltr_jax.bench.options import add_shared_options, check_policies, resolve_threshold
 from ltr_jax.bench.report import VIA_LABELS, ratios, starvation_cost, write_report
 from ltr_jax.engine.engine import Engine, EngineConfig
-from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent, warmup_ranker
+from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent, share_prefix, warmup_ranker
 from ltr_jax.machine import machine_info
 from ltr_jax.models.llama import Llama
-from ltr_jax.models.ranker import length_bucket
 from ltr_jax.scheduler.metrics import distribution
 from ltr_jax.scheduler.scheduler import Scheduler, StarvationConfig
 from ltr_jax.scheduler.trace import make_arrivals
@@ -285,6 +284,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reuse-ranker-pass", action=argparse.BooleanOptionalAction, default=True,
                    help="start each ranked prompt's prefill from the ranker's pass over its first blocks (when the "
                    "ranker's backbone is the served model's own), so ranking adds no model compute")
+    p.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
+                   help="cache the K/V of the chat template's fixed header (default system prompt and user-turn "
+                   "opening) in the engine and the rankers: every policy's prefills, and the rankers' passes, run "
+                   "only the tokens after it")
     p.add_argument("--score-per-boundary", type=int, default=None, help="arrivals the ranker scores per batch "
                    "boundary, oldest first (default: every arrival at once, as the simulator models it; the server's "
                    "ranker.score_per_boundary is 32): a burst is then ranked over several boundaries while the "
@@ -351,6 +354,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not classifier_path:
             raise SystemExit("the classify policy needs --classifier <checkpoint of a 'classify' ranker>")
         classifier = load_scorer(classifier_path, model=loaded, max_batch=max(RANKER_BATCHES))
+    shared = share_prefix(loaded.tokenizer.shared_prefix if args.shared_prefix else None, engine, ranker, classifier)
     print(f"warming up the engine ({len(items)} prompts, {args.slots} slots) ...", file=sys.stderr)
     t_warm = time.monotonic()
     longest = max(len(i.prompt_tokens) + i.output_len for i in items)
@@ -361,8 +365,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   swap=args.preempt_mode == "swap")
     for r in (ranker, classifier):  # compile every (batch, length) shape arrivals will use, not mid-run
         if r is not None:
-            warmup_ranker(engine, r, sorted({length_bucket(len(i.prompt_tokens), r.spec.max_prompt_len, r.min_bucket)
-                                             for i in items}), batch_sizes=RANKER_BATCHES,
+            warmup_ranker(engine, r, r.pass_lengths([i.prompt_tokens for i in items]), batch_sizes=RANKER_BATCHES,
                           reuse_ranker_pass=args.reuse_ranker_pass)
     warm_s = time.monotonic() - t_warm
     unloaded = None
@@ -404,6 +407,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_preemptions": args.max_preemptions, "preempt_mode": args.preempt_mode, "unloaded": unloaded,
         "capacity": capacity,
         "reuse_ranker_pass": args.reuse_ranker_pass, "score_per_boundary": args.score_per_boundary,
+        "shared_prefix_len": shared,
         "ranker": _shown_path(ranker_path) if ranker is not None else None,
         "classifier": _shown_path(classifier_path) if classifier is not None else None,
     }

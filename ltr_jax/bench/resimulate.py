@@ -5,7 +5,8 @@ each `bench run` report it rebuilds the very workload the run served (same promp
 from the run's own command), scores the prompts with the run's own ranker (and classifier), and simulates every
 policy of the run with a step-time model taken from the run's own measurements:
 
-* a prefill takes the unloaded probe's mean TTFT, in proportion to the prompt's tokens;
+* a prefill takes the unloaded probe's mean TTFT, in proportion to the prompt's tokens (those after the shared
+  prefix, when the run cached the chat template's header);
 * a decode step takes the unloaded TPOT with one request and, with every slot busy, what the fcfs run's busy
   time (its wall time in reports before `busy_s`) leaves after its prefills, per decode step (fcfs under load keeps
   every slot busy: its output tokens after the first / slots), linear in between;
@@ -47,9 +48,11 @@ class RunStepTime:
     tpot_alone_s: float  # decode step with one request
     tpot_full_s: float  # decode step with every slot busy
     slots: int
+    shared_prefix_len: int = 0  # tokens of the cached header every prompt starts with (not run by its prefill)
 
     def prefill_time(self, n_tokens: int) -> float:
-        return self.ttft_s * n_tokens / self.mean_prompt_len
+        p = self.shared_prefix_len
+        return self.ttft_s * max(n_tokens - p, 1) / max(self.mean_prompt_len - p, 1.0)
 
     def decode_time(self, batch: int, tokens_in_cache: int) -> float:
         if self.slots <= 1:
@@ -93,7 +96,8 @@ def step_model_of(report: dict[str, Any], runs: dict[str, Any], items) -> RunSte
         raise SystemExit("resimulate needs the run's fcfs policy: its busy time gives the full-batch decode step")
     unloaded, slots = report["unloaded"], report["slots"]
     model = RunStepTime(ttft_s=unloaded["ttft_s"], mean_prompt_len=report["mean_prompt_len"],
-                        tpot_alone_s=unloaded["tpot_s"], tpot_full_s=unloaded["tpot_s"], slots=slots)
+                        tpot_alone_s=unloaded["tpot_s"], tpot_full_s=unloaded["tpot_s"], slots=slots,
+                        shared_prefix_len=report.get("shared_prefix_len") or 0)
     prefills = sum(model.prefill_time(len(i.prompt_tokens)) for i in items)
     steps = sum(i.output_len - 1 for i in items) / slots
     busy = runs["fcfs"].get("busy_s") or runs["fcfs"]["wall_s"]  # reports before busy_s: the run's wall time
@@ -101,7 +105,8 @@ def step_model_of(report: dict[str, Any], runs: dict[str, Any], items) -> RunSte
     if not full > 0:
         raise SystemExit(f"{report.get('command')}: the fcfs run's busy time ({busy:.1f} s) is shorter than its "
                          f"modelled prefills ({prefills:.1f} s); it cannot be modelled")
-    return RunStepTime(model.ttft_s, model.mean_prompt_len, model.tpot_alone_s, max(full, model.tpot_alone_s), slots)
+    return RunStepTime(model.ttft_s, model.mean_prompt_len, model.tpot_alone_s, max(full, model.tpot_alone_s), slots,
+                       model.shared_prefix_len)
 
 
 def resimulate_run(run_dir: Path, models: dict[str | None, Any], scorers: dict[str, Any],

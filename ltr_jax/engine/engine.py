@@ -62,9 +62,15 @@ class EngineConfig:
             raise ValueError(f"engine.cache_bucket_step={self.cache_bucket_step} must be >= 1")
 
     def prefill_buckets(self) -> list[int]:
+        """Every padded prefill length: doublings of min_prefill_bucket and the 1.5x step between each pair (16, 24,
+        32, 48, 64, 96, ...), then max_seq_len. A prefill's cost is linear in its padded tokens, so this wastes at
+        most a third of a row where doublings alone waste up to half; it also matches the ranker's ladder, so a
+        prompt's pass and the rest of its prefill use the same padding."""
         out, b = [], self.min_prefill_bucket
         while b < self.max_seq_len:
-            out.append(b)
+            for m in (b, b * 3 // 2):
+                if (not out or m > out[-1]) and m < self.max_seq_len:
+                    out.append(m)
             b *= 2
         return out + [self.max_seq_len]
 

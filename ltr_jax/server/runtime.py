@@ -167,7 +167,7 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
     t0 = time.perf_counter()
     enable_compilation_cache(config.engine.compilation_cache_dir)
     from ltr_jax.engine.engine import Engine  # lazy: JAX only once the config is known good
-    from ltr_jax.engine.orchestrator import Orchestrator, warmup_ranker
+    from ltr_jax.engine.orchestrator import Orchestrator, share_prefix, warmup_ranker
     from ltr_jax.models.llama import Llama
     from ltr_jax.models.ranker import length_bucket
     from ltr_jax.scheduler.scheduler import Scheduler
@@ -189,6 +189,10 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
     ranker, ranker_note = load_ranker(config.ranker, sched_cfg.policy, loaded)
     if ranker is not None:
         log.info("scheduling: policy %s, %s", sched_cfg.policy, ranker_note)
+    shared = share_prefix(loaded.tokenizer.shared_prefix if config.engine.shared_prefix else None, engine, ranker)
+    if shared:
+        log.info("the chat template's fixed header (%d tokens) is cached: prompts that start with it run only the "
+                 "rest", shared)
     metrics = ServerMetrics(model=model_name, policy=sched_cfg.policy)
     orchestrator = Orchestrator(engine, loaded.tokenizer, scheduler, ranker=ranker,
                                 max_queue=config.server.max_queue, observer=metrics,
