@@ -449,6 +449,12 @@ class RankerSection:
                                                            "(null = every arrival at once): a burst is ranked over "
                                                            "several boundaries while the running requests decode, "
                                                            "instead of stalling them for all of its ranker passes")
+    fuse_max_len: int = setting(0, ge=0, doc="while every slot is busy, run a waiting prompt's ranker pass inside the "
+                                             "next decode step (sharing its weight reads) when the prompt has at "
+                                             "most this many tokens after the shared prefix; those steps are "
+                                             "compiled at warm-up, one per length and cache length, about 12 s each "
+                                             "on a 2-core CPU (0 = never: every pass runs on its own at arrival); "
+                                             "needs reuse_pass")
 
     def validate(self) -> None:
         if self.enabled and self.train_if_missing and not self.train_config:

@@ -136,7 +136,7 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
     sched = make_scheduler(policy, engine.num_slots, args, starvation_threshold)
     orch_kwargs = {"ranker": ranker if sched.policy.uses_ranker else None, "max_queue": len(items) + 1,
                    "reuse_ranker_pass": args.reuse_ranker_pass, "preempt_mode": args.preempt_mode,
-                   "score_per_boundary": args.score_per_boundary}
+                   "score_per_boundary": args.score_per_boundary, "fuse_ranker_pass": args.fuse_ranker_pass}
     shapes_before = set(engine.stats.compiled_shapes)  # a shape first met mid-run compiles inside the timing
     budget = None if sequential else args.sdg_budget  # the probes of an unloaded system run to their end
     target = None if sequential else args.sdg_target
@@ -147,7 +147,10 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
     obs, wall, stats, reached_s = replay(engine, tokenizer, sched, orch_kwargs, policy, items, arrivals, args, desc,
                                          sequential=sequential, budget=budget, target=target)
     result = summarize_observed(obs, wall, stats, budgeted=bool(budget or target))
-    result["engine_shapes_compiled_in_run"] = len(engine.stats.compiled_shapes - shapes_before)
+    new_shapes = engine.stats.compiled_shapes - shapes_before
+    result["engine_shapes_compiled_in_run"] = len(new_shapes)
+    if new_shapes:  # which warm-up missed, for whoever fixes it
+        result["engine_shapes_compiled_in_run_keys"] = sorted(map(str, new_shapes))
     if budget:  # synthetic data generation: completions within the budget ...
         result["sdg"] = {"budget_s": budget, "completed": result["completed"]}
     elif target:  # ... or the seconds until the target count of completions (None: the run ended short of it)
@@ -229,8 +232,11 @@ def summarize_observed(obs: list[Observed], wall: float, stats: dict, budgeted: 
         "throughput_req_s": len(complete) / wall, "throughput_tok_s": tokens / wall,
         "preemptions": stats["preemptions"], "promotions": stats["promotions"],
         "ranker_seconds": stats["ranker_seconds"], "ranker_share_of_busy_time": stats["ranker_seconds"] / busy,
-        "ranker_ms_per_request": 1e3 * stats["ranker_seconds"] / max(1, stats["ranker_requests"]),
+        # per request scored: fused passes count their head only (their blocks ran inside a decode step)
+        "ranker_ms_per_request": 1e3 * stats["ranker_seconds"] / max(1, stats["ranker_requests"]
+                                                                     + stats["fused_ranker_passes"]),
         "reused_ranker_passes": stats["reused_ranker_passes"],
+        "fused_ranker_passes": stats["fused_ranker_passes"],
         "resumes_from_kept_kv": stats["swapped_in"], "resumes_recomputed": stats["recomputed_resumes"],
         "send_lag_s": distribution([o.sent - o.submit for o in obs if o.sent is not None]),
         "latencies_s": [round(x, 4) for x in lat],
@@ -284,6 +290,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reuse-ranker-pass", action=argparse.BooleanOptionalAction, default=True,
                    help="start each ranked prompt's prefill from the ranker's pass over its first blocks (when the "
                    "ranker's backbone is the served model's own), so ranking adds no model compute")
+    p.add_argument("--fuse-ranker-pass", action=argparse.BooleanOptionalAction, default=False,
+                   help="while every slot is busy, run a waiting arrival's ranker pass inside the next decode step "
+                   "(its rows share the backbone blocks' weight reads with the decode rows) instead of on its own "
+                   "at arrival; needs --reuse-ranker-pass. Off by default: warm-up then compiles one such step per "
+                   "prompt length and cache length, about 12 s each on a 2-core CPU")
     p.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
                    help="cache the K/V of the chat template's fixed header (default system prompt and user-turn "
                    "opening) in the engine and the rankers: every policy's prefills, and the rankers' passes, run "
@@ -365,8 +376,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   swap=args.preempt_mode == "swap")
     for r in (ranker, classifier):  # compile every (batch, length) shape arrivals will use, not mid-run
         if r is not None:
-            warmup_ranker(engine, r, r.pass_lengths([i.prompt_tokens for i in items]), batch_sizes=RANKER_BATCHES,
-                          reuse_ranker_pass=args.reuse_ranker_pass)
+            prompts = [i.prompt_tokens for i in items]
+            warmup_ranker(engine, r, r.pass_lengths(prompts), batch_sizes=RANKER_BATCHES,
+                          reuse_ranker_pass=args.reuse_ranker_pass,
+                          fused_shapes=r.pass_shapes(prompts) if args.fuse_ranker_pass else (),
+                          cache_lens=engine.cache_buckets(longest + 1))
     warm_s = time.monotonic() - t_warm
     unloaded = None
     if args.unloaded_probe:
@@ -407,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_preemptions": args.max_preemptions, "preempt_mode": args.preempt_mode, "unloaded": unloaded,
         "capacity": capacity,
         "reuse_ranker_pass": args.reuse_ranker_pass, "score_per_boundary": args.score_per_boundary,
-        "shared_prefix_len": shared,
+        "shared_prefix_len": shared, "fuse_ranker_pass": args.fuse_ranker_pass,
         "ranker": _shown_path(ranker_path) if ranker is not None else None,
         "classifier": _shown_path(classifier_path) if classifier is not None else None,
     }

@@ -33,7 +33,8 @@ def markdown_table(report: dict[str, Any]) -> str:
                 f"{r['tpot_s']['mean']:.3f} | {W['p99']:.2f} | {W['max']:.2f} | {r['throughput_req_s']:.3f} | "
                 f"{r['throughput_tok_s']:.1f} | {r['preemptions']} | {r['promotions']} | {r['completed']} |")
         overhead = [f"{pol} {r['ranker_ms_per_request']:.3g} ms/request ({r['ranker_share_of_busy_time']:.1%} of busy "
-                    f"time; {r.get('reused_ranker_passes', 0)} prefills started from its pass)"
+                    f"time; {r.get('reused_ranker_passes', 0)} prefills started from its pass; "
+                    f"{r.get('fused_ranker_passes', 0)} passes ran inside a decode step)"
                     for pol, r in per_policy.items() if r.get("ranker_seconds")]
         if overhead:
             lines.append("\nranker overhead: " + "; ".join(overhead))

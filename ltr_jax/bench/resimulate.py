@@ -11,7 +11,9 @@ policy of the run with a step-time model taken from the run's own measurements:
   time (its wall time in reports before `busy_s`) leaves after its prefills, per decode step (fcfs under load keeps
   every slot busy: its output tokens after the first / slots), linear in between;
 * the ranker's pass takes the run's measured ranker milliseconds per request, as the same fraction of a prefill,
-  charged at the boundary where each request arrives (and reused by its prefill when the run reused it).
+  charged at the boundary where each request arrives (and reused by its prefill when the run reused it). A run
+  that fused passes into decode steps measured only their heads, so its charge is the mean over its passes run
+  apart and its fused ones at their head's cost; what a fused pass adds to its step is not modelled.
 
 Each ranking policy is simulated twice, with the ranker's pass free and charged, so the report separates what
 ranking errors cost (free) from what the pass itself adds (charged), next to what the real engine measured.

@@ -12,6 +12,9 @@ Owns the device side of serving. Every call is one `jax.jit`-compiled pure funct
 * `insert(prefix, slot)`           -> writes the prefix's K/V into the slot (decode state donated, updated in place).
 * `generate()`                     -> one decode step for every slot; returns the new token of each slot
                                       (one small device->host copy per step).
+* `generate_with_pass(tokens, n)`  -> the same step, plus a waiting prompt's pass through the first n blocks in
+                                      the same layer loop (sharing each block's weight reads): a ranker's pass
+                                      for little more than its own arithmetic.
 * `free(slot)`                     -> the slot stops decoding (its cache rows are simply overwritten later).
 * `swap_out(slot)`                 -> a preempted slot's K/V, last token and sampling settings as a `Prefix` (a
                                       device-side copy), then `free(slot)`; `insert` of that prefix resumes the
@@ -142,6 +145,7 @@ class EngineStats:
     prefill_tokens: int = 0
     resumed_prefills: int = 0  # prefills that started from a ranker's backbone pass (counted in prefill_calls)
     shared_prefix_hits: int = 0  # prefills that started after the cached shared prefix (counted in prefill_calls)
+    fused_passes: int = 0  # decode steps that also ran a prompt's backbone pass (counted in generate_calls)
     generate_calls: int = 0
     compile_seconds: float = 0.0
     compiled_shapes: set = field(default_factory=set)
@@ -226,15 +230,33 @@ def _resize_fn(decode_state: DecodeState, cache_len: int):
     return decode_state._replace(cache=cache)
 
 
-def _generate_fn(graphdef, state, decode_state: DecodeState, active):
-    model = nnx.merge(graphdef, state)
+def _advance(decode_state: DecodeState, logits, cache, active):
+    """Sample each active slot's next token from a decode step's logits and move it one position on."""
     positions = decode_state.lengths
-    logits, cache = model.decode(decode_state.tokens, positions, decode_state.cache)
     new = sample_tokens(logits, decode_state.temperature, decode_state.top_k, decode_state.top_p,
                         decode_state.seed, positions + 1)
     tokens = jnp.where(active, new, decode_state.tokens)
     lengths = positions + active.astype(positions.dtype)
     return decode_state._replace(cache=cache, tokens=tokens, lengths=lengths), tokens
+
+
+def _generate_fn(graphdef, state, decode_state: DecodeState, active):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.decode(decode_state.tokens, decode_state.lengths, decode_state.cache)
+    return _advance(decode_state, logits, cache, active)
+
+
+def _generate_pass_fn(graphdef, n_pass, state, decode_state: DecodeState, active, past, pass_tokens, pass_length):
+    """A decode step that also runs one prompt (``pass_length`` real tokens of ``pass_tokens`` [T], after the cached
+    prefix ``past`` when given) through the first ``n_pass`` blocks. Returns the step's (state, tokens) and the
+    prompt's hidden state [T, D] and K/V [n_pass, 2, KV, T, hd]: a ranker's backbone pass."""
+    model = nnx.merge(graphdef, state)
+    logits, cache, hidden, kvs = model.decode_with_pass(decode_state.tokens, decode_state.lengths, decode_state.cache,
+                                                        pass_tokens[None], pass_length[None], n_pass,
+                                                        list(past) or None)
+    decode_state, tokens = _advance(decode_state, logits, cache, active)
+    kv = jnp.stack([jnp.stack([k[0], v[0]]) for k, v in kvs])
+    return decode_state, tokens, hidden[0], kv
 
 
 # Module-level compiled functions (the graph definition is a static argument), so every engine over the same model
@@ -243,6 +265,7 @@ _PREFILL = jax.jit(_prefill_fn, static_argnums=(0,))
 _PREFILL_REST = jax.jit(_prefill_rest_fn, static_argnums=(0, 1))
 _INSERT = jax.jit(_insert_fn, donate_argnums=(1,))
 _GENERATE = jax.jit(_generate_fn, static_argnums=(0,), donate_argnums=(2,))
+_GENERATE_PASS = jax.jit(_generate_pass_fn, static_argnums=(0, 1), donate_argnums=(3,))
 _RESIZE = jax.jit(_resize_fn, static_argnames=("cache_len",))  # shapes change: nothing to donate
 _EXTRACT = jax.jit(_extract_fn, static_argnames=("bucket",))  # reads the state: the next step still donates it
 
@@ -275,6 +298,7 @@ class Engine:
         self._prefill_rest = functools.partial(_PREFILL_REST, self.graphdef)
         self._insert = _INSERT
         self._generate = functools.partial(_GENERATE, self.graphdef)
+        self._generate_pass = functools.partial(_GENERATE_PASS, self.graphdef)
         self._resize = _RESIZE
         self._extract = _EXTRACT
         self.cache_len = config.cache_bucket(1)
@@ -338,7 +362,8 @@ class Engine:
                transitions: bool = False, swap: bool = False) -> float:
         """Compile shapes ahead of traffic; returns seconds spent. Leaves no slot active.
 
-        `prefill_buckets`: prompt buckets to compile; `cache_lens`: decode cache lengths; `transitions`: also every
+        `prefill_buckets`: prompt buckets to compile (with a shared prefix cached, also every bucket up to the
+        largest of them for the tokens after it); `cache_lens`: decode cache lengths; `transitions`: also every
         insert (prefill bucket x cache length) and cache resize between the given lengths, so a benchmark run
         meets no compilation at all; `swap`: also every `swap_out` from those cache lengths and the insert of
         each swapped-out prefix bucket (preemptions that keep their K/V)."""
@@ -349,9 +374,11 @@ class Engine:
         cache_lens = cache_lens or []
         prefixes = {b: self._prefill_new([0] * min(b, 2), 0, SlotSampling(), b) for b in prefill_buckets}
         shared = self.shared_prefix.length if self.shared_prefix is not None else 0
-        if shared:  # the same buckets after the shared prefix: their K/V rows are shared + bucket
+        if shared and prefill_buckets:  # after the shared prefix a prompt needs a smaller bucket, any of them up to
+            # the largest given; their K/V rows are shared + bucket
+            top = max(prefill_buckets)
             prefixes.update({shared + b: self._prefill_new([0] * min(b, 2), shared, SlotSampling(), b)
-                             for b in prefill_buckets})
+                             for b in self.config.prefill_buckets() if b <= top})
         if swap:  # a swapped-out slot of n cache rows holds < n tokens: its prefix is any bucket up to that
             for n in cache_lens:
                 self.resize_cache(n)
@@ -562,3 +589,60 @@ class Engine:
                                                 self.decode_state, self.host_active.copy())
         self.host_lengths += self.host_active
         return tokens
+
+    def _pass_key(self, n_layers: int, start: int, bucket: int) -> tuple:
+        return ("generate_pass", self.cache_len, n_layers, start, bucket)
+
+    def pass_compiled(self, tokens, n_layers: int, bucket: int) -> bool:
+        """Whether `generate_with_pass` of this prompt (its tokens after the shared prefix padded to ``bucket``) is
+        compiled for the cache length the next step uses: serving fuses a pass only then, so it never compiles
+        mid-traffic."""
+        self.fit_cache()
+        return self._pass_key(n_layers, self.shared_prefix_len(tokens), bucket) in self.stats.compiled_shapes
+
+    def generate_with_pass(self, tokens, n_layers: int, bucket: int):
+        """`generate`, and in the same compiled step the pass of prompt ``tokens`` (a waiting request's, not in a
+        slot) through the first ``n_layers`` blocks: after the shared prefix when it starts with it, padded to
+        ``bucket``. The prompt's rows share each of those blocks' weight reads with the decode rows, so a ranker
+        whose backbone is these blocks scores it for far less than a pass of its own. Returns (new tokens [slots],
+        the prompt's `BackboneState`), which `prefill_from_state` later finishes."""
+        from ltr_jax.models.ranker import BackboneState
+
+        start = self.shared_prefix_len(tokens)
+        m = len(tokens) - start
+        if not 0 < n_layers <= self.model_config.n_layers:
+            raise ValueError(f"n_layers={n_layers} must be in 1..{self.model_config.n_layers}")
+        if not 1 <= m <= bucket or start + m >= self.config.max_seq_len:
+            raise ValueError(f"a pass of {m} tokens after {start} shared ones does not fit bucket {bucket} and "
+                             f"engine.max_seq_len={self.config.max_seq_len}")
+        padded = np.zeros(bucket, np.int32)
+        padded[:m] = np.asarray(tokens[start:], np.int32)
+        self.fit_cache()
+        self.stats.generate_calls += 1
+        self.stats.fused_passes += 1
+        past = self.shared_prefix.kv[:n_layers] if start else ()
+        self.decode_state, new, hidden, kv = self._timed(
+            self._pass_key(n_layers, start, bucket), self._generate_pass, n_layers, self.params, self.decode_state,
+            self.host_active.copy(), past, padded, np.int32(m))
+        self.host_lengths += self.host_active
+        return new, BackboneState(hidden, kv, m, start)
+
+    def warmup_generate_with_pass(self, n_layers: int, shapes, cache_lens: list[int]) -> float:
+        """Compile `generate_with_pass` for passes of ``n_layers`` blocks of each (shared-prefix length, padded
+        length) in ``shapes`` at each decode cache length; returns seconds spent. Leaves no slot active."""
+        t0 = time.perf_counter()
+        self.host_active[:] = False
+        self.host_lengths[:] = 0
+        for n in cache_lens:
+            self.resize_cache(n)
+            for start, bucket in shapes:
+                if start and (self.shared_prefix is None or self.shared_prefix.length != start):
+                    continue
+                if start + bucket >= self.config.max_seq_len:
+                    continue
+                past = self.shared_prefix.kv[:n_layers] if start else ()
+                self.decode_state, *_ = self._timed(
+                    self._pass_key(n_layers, start, bucket), self._generate_pass, n_layers, self.params,
+                    self.decode_state, self.host_active.copy(), past, np.zeros(bucket, np.int32), np.int32(1))
+        self.fit_cache()
+        return time.perf_counter() - t0

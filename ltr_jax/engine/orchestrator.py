@@ -15,7 +15,10 @@ Owns the one thread that touches the engine. At every batch boundary it:
    tokens stay on the host; with ``preempt_mode="swap"`` (default) its K/V is copied out of the slot too
    (`Engine.swap_out`, within a memory budget) and its resume is a plain insert that continues where it stopped;
    otherwise (``"recompute"``, or past the budget) its resume re-prefills its prompt plus everything it generated;
-5. runs one `generate` step over all slots and streams each running request's token and detokenized text.
+5. runs one `generate` step over all slots and streams each running request's token and detokenized text. While
+   every slot is busy no arrival could start anyway, so instead of a pass of its own at arrival, the oldest
+   unscored arrival's pass rides on this step (`Engine.generate_with_pass`: its rows share each backbone block's
+   weight reads with the decode rows) and the ranker's head scores it after the step (``fuse_ranker_pass``).
 
 The scheduler module stays free of JAX: it only ever sees `Request` records. Any policy object works here.
 An exception while serving one request finishes that request with `finish_reason="error"`; the loop goes on.
@@ -38,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from ltr_jax.engine.engine import Engine, SlotSampling
+from ltr_jax.models.ranker import length_bucket
 from ltr_jax.scheduler.request import Request
 from ltr_jax.scheduler.scheduler import Scheduler
 from ltr_jax.scheduler.sim import PREEMPT_MODES
@@ -138,14 +142,20 @@ def share_prefix(tokens, engine: Engine, *rankers: Any) -> int:
 
 
 def warmup_ranker(engine: Engine, ranker: Any, lengths: list[int], batch_sizes=(1,),
-                  reuse_ranker_pass: bool = True) -> float:
+                  reuse_ranker_pass: bool = True, fused_shapes=(), cache_lens=()) -> float:
     """Compile the ranker for these padded prompt lengths and batch sizes and, when its pass is reused, the engine's
-    `prefill_from_state` for the same lengths, ahead of traffic. Returns seconds spent."""
+    `prefill_from_state` for the same lengths, ahead of traffic. ``fused_shapes`` ((shared-prefix length, padded
+    length) pairs, `RankerScorer.pass_shapes`) and ``cache_lens``: also the decode steps that run a pass
+    (`Engine.generate_with_pass`) for those shapes at those cache lengths; the orchestrator fuses only passes whose
+    step is compiled. Returns seconds spent."""
     t0 = time.perf_counter()
     reuse = reuse_ranker_pass and shares_ranker_pass(engine, ranker)
     ranker.warmup(batch_sizes=batch_sizes, lengths=lengths, keep_state=reuse)
     if reuse:
         engine.warmup_prefill_from_state(ranker.spec.n_layers, lengths)
+        if fused_shapes and cache_lens:
+            engine.warmup_generate_with_pass(ranker.spec.n_layers, fused_shapes, cache_lens)
+            ranker.warmup_score_state(fused_shapes)
     return time.perf_counter() - t0
 
 
@@ -155,7 +165,7 @@ class Orchestrator:
     def __init__(self, engine: Engine, tokenizer, scheduler: Scheduler, ranker=None, max_queue: int = 1024,
                  observer=None, clock: Callable[[], float] = time.monotonic, reuse_ranker_pass: bool = True,
                  ranker_state_budget_mb: float = 1024.0, preempt_mode: str = "swap", swap_budget_mb: float = 1024.0,
-                 score_per_boundary: int | None = None):
+                 score_per_boundary: int | None = None, fuse_ranker_pass: bool = True):
         if scheduler.num_slots != engine.num_slots:
             raise ValueError(f"scheduler has {scheduler.num_slots} slots but the engine has {engine.num_slots}")
         if preempt_mode not in PREEMPT_MODES:
@@ -191,6 +201,8 @@ class Orchestrator:
         self._drain = True
         self._unfinished = 0
         self.reuse_ranker_pass = bool(reuse_ranker_pass) and shares_ranker_pass(engine, ranker)
+        # while every slot is busy no arrival can start anyway: its pass then rides on the next decode step
+        self.fuse_ranker_pass = bool(fuse_ranker_pass) and self.reuse_ranker_pass and hasattr(ranker, "score_state")
         self.ranker_state_budget = int(ranker_state_budget_mb * 2**20)
         self._holding: set[_Job] = set()  # jobs keeping a backbone state
         self.preempt_mode = preempt_mode
@@ -200,6 +212,7 @@ class Orchestrator:
             "ranker_seconds": 0.0, "ranker_calls": 0, "ranker_requests": 0, "busy_seconds": 0.0,
             "reused_ranker_passes": 0, "ranker_states_dropped": 0, "ranker_state_bytes": 0,
             "swapped_out": 0, "swapped_in": 0, "recomputed_resumes": 0, "swapped_bytes": 0,
+            "fused_ranker_passes": 0,
         }
 
     # ------------------------------------------------------------------------------------- thread-safe API
@@ -347,17 +360,35 @@ class Orchestrator:
         whole burst's ranker passes: the rest wait, unscored, for the next boundaries."""
         limit = len(self._unscored) if self.ranker is None or self.score_per_boundary is None \
             else self.score_per_boundary
-        batch = []
+        busy = self.fuse_ranker_pass and self.scheduler.num_running >= self.engine.num_slots
+        batch, deferred = [], []
         while self._unscored and len(batch) < limit:
             job = self._unscored.popleft()
-            if not job.done:  # cancelled or timed out while it waited to be scored
+            if job.done:  # cancelled or timed out while it waited to be scored
+                continue
+            if busy and self._fusable(job) is not None:  # no slot for it now: its pass rides on a decode step
+                deferred.append(job)
+            else:
                 batch.append(job)
+        self._unscored.extendleft(reversed(deferred))
         if not batch:
             return
         self._score(batch)
         now = self.clock()
         for job in batch:
             self.scheduler.add(job.request, now)
+
+    def _fusable(self, job: _Job) -> int | None:
+        """The padded length of ``job``'s pass when a decode step can run it (`Engine.generate_with_pass`, that
+        shape compiled), else None: then the ranker scores it on its own at the next boundary."""
+        tokens, ranker = job.prompt_tokens, self.ranker
+        if len(tokens) > ranker.spec.max_prompt_len:  # the ranker cuts it: its pass is not the prefill's start
+            return None
+        start = self.engine.shared_prefix_len(tokens)
+        if start and tuple(ranker.shared_prefix) != self.engine.shared_prefix.tokens:
+            return None
+        bucket = length_bucket(len(tokens) - start, ranker.spec.max_prompt_len, ranker.min_bucket)
+        return bucket if self.engine.pass_compiled(tokens, ranker.spec.n_layers, bucket) else None
 
     def _score(self, jobs: list[_Job]) -> None:
         if self.ranker is None:
@@ -375,6 +406,15 @@ class Orchestrator:
         except Exception:  # noqa: BLE001 - a ranker failure must not lose requests: they run unranked
             log.error("ranker failed; requests scheduled with score 0:\n%s", traceback.format_exc())
             return
+        self._set_scores(jobs, scores, outputs, states)
+        dt = time.perf_counter() - t0
+        self.counters["ranker_seconds"] += dt
+        self.counters["ranker_calls"] += 1
+        self.counters["ranker_requests"] += len(jobs)
+        if self.observer:
+            self.observer.on_ranker(dt, len(jobs))
+
+    def _set_scores(self, jobs: list[_Job], scores, outputs, states) -> None:
         classify = getattr(getattr(self.ranker, "spec", None), "method", None) == "classify"
         buckets = np.argmax(outputs, axis=-1) if classify else None  # S3-style: the most likely length class
         for i, job in enumerate(jobs):
@@ -386,12 +426,6 @@ class Orchestrator:
                 self._holding.add(job)
                 self.counters["ranker_state_bytes"] += states[i].nbytes
         self._trim_states()
-        dt = time.perf_counter() - t0
-        self.counters["ranker_seconds"] += dt
-        self.counters["ranker_calls"] += 1
-        self.counters["ranker_requests"] += len(jobs)
-        if self.observer:
-            self.observer.on_ranker(dt, len(jobs))
 
     def _trim_states(self) -> None:
         """Keep the backbone states within budget: drop those of the lowest-scored (last to run) requests first;
@@ -475,13 +509,21 @@ class Orchestrator:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
+        fused = self._next_fused()
         try:
-            tokens = np.asarray(self.engine.generate())
+            if fused is None:
+                tokens = np.asarray(self.engine.generate())
+            else:
+                job, bucket = fused
+                new, state = self.engine.generate_with_pass(job.prompt_tokens, self.ranker.spec.n_layers, bucket)
+                tokens = np.asarray(new)
         except Exception as exc:  # noqa: BLE001 - fail the running requests, keep serving the rest
             log.error("generate failed:\n%s", traceback.format_exc())
             for req in list(self.scheduler.running):
                 self._finish(req.payload, "error", self.clock(), error=f"decode step failed: {exc}")
             return
+        if fused is not None:
+            self._score_fused(fused[0], state)
         now = self.clock()
         running = list(self.scheduler.running)
         self.counters["steps"] += 1
@@ -490,6 +532,34 @@ class Orchestrator:
         for req in running:
             job: _Job = req.payload
             self._on_token(job, int(tokens[job.slot]), now)
+
+    def _next_fused(self) -> tuple[_Job, int] | None:
+        """The oldest arrival waiting to be scored, with its pass's padded length, when this step can run it."""
+        if not self.fuse_ranker_pass:
+            return None
+        while self._unscored and self._unscored[0].done:
+            self._unscored.popleft()
+        if not self._unscored:
+            return None
+        bucket = self._fusable(self._unscored[0])
+        return None if bucket is None else (self._unscored[0], bucket)
+
+    def _score_fused(self, job: _Job, state) -> None:
+        """Score an arrival from the pass a decode step ran for it and hand it to the scheduler."""
+        self._unscored.remove(job)
+        t0 = time.perf_counter()
+        try:
+            score, outputs = self.ranker.score_state(state)
+        except Exception:  # noqa: BLE001 - as in _score: it runs unranked rather than not at all
+            log.error("ranker head failed; request scheduled with score 0:\n%s", traceback.format_exc())
+        else:
+            self._set_scores([job], [score], np.asarray(outputs)[None], [state])
+        dt = time.perf_counter() - t0
+        self.counters["ranker_seconds"] += dt
+        self.counters["fused_ranker_passes"] += 1
+        if self.observer:
+            self.observer.on_ranker(dt, 1)
+        self.scheduler.add(job.request, self.clock())
 
     # ------------------------------------------------------------------------------------ per-token work
     def _on_token(self, job: _Job, token: int, now: float) -> None:

@@ -204,24 +204,16 @@ class Llama(nnx.Module):
         exactly what one full pass does."""
         b, t, _ = x.shape
         blocks = list(self.layers)[start:stop]
-        p = 0 if not past else past[0][0].shape[2]
+        p = _past_len(past)
         if past and len(past) != len(blocks):
             raise ValueError(f"past holds K/V for {len(past)} blocks but {len(blocks)} blocks run")
         positions = jnp.broadcast_to(p + jnp.arange(t, dtype=jnp.int32), (b, t))
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        valid = jnp.arange(t)[None, :] < lengths[:, None]  # keys past the true length are padding
-        mask = causal[None] & valid[:, None, :]
-        if p:  # every prefix key is real and precedes every row
-            mask = jnp.concatenate([jnp.ones((b, t, p), bool), mask], axis=2)
+        mask = _prompt_mask(lengths, t, p)
         kvs = []
         for i, blk in enumerate(blocks):
             q, k, v = blk.qkv(x, positions, self.inv_freq[...])
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-            keys, values = k, v
-            if p:
-                pk, pv = (jnp.broadcast_to(a, (b, *a.shape[1:])).astype(k.dtype) for a in past[i])
-                keys, values = jnp.concatenate([pk, k], axis=2), jnp.concatenate([pv, v], axis=2)
-            x = x + blk.attend(q, keys, values, mask) @ blk.wo[...]
+            x = x + blk.attend(q, *_after_past(past[i] if p else None, k, v), mask) @ blk.wo[...]
             x = x + blk.mlp(x)
             kvs.append((k, v))
         return x, kvs
@@ -246,20 +238,78 @@ class Llama(nnx.Module):
         Returns (logits [B, V], cache). The cache is updated with a row scatter per layer; when the caller donates
         it (the engine does) XLA updates the buffers in place.
         """
+        logits, cache, _, _ = self.decode_with_pass(tokens, positions, cache)
+        return logits, cache
+
+    def decode_with_pass(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, pass_tokens=None,
+                         pass_length=None, n_pass: int = 0, past: KVCache | None = None):
+        """`decode`, plus one prompt's pass through the first ``n_pass`` blocks in the same layer loop.
+
+        pass_tokens [1, T] right-padded, pass_length [1]; ``past``: the cached prefix the prompt continues (K/V of
+        those blocks, see `run_blocks`). In each of those blocks the prompt's rows join the slots' rows in one set
+        of matmuls, so the block's weights are read once for both: where a decode step is bound by reading the
+        weights (a CPU, or a GPU at small batch), the pass then costs little beyond its own arithmetic.
+
+        Returns (logits [B, V], cache, the pass's hidden state [1, T, D] after block n_pass, its (k, v)
+        [1, KV, T, hd] per block); without a pass the last two are None and []."""
         b = tokens.shape[0]
         rows = jnp.arange(b)
         x = self._embed(tokens)[:, None, :]
         mask = jnp.arange(cache[0][0].shape[2])[None, :] <= positions[:, None]  # [B, S]
+        xp, pass_kvs = None, []
+        if pass_tokens is not None:
+            t, p = pass_tokens.shape[1], _past_len(past)
+            xp = self._embed(pass_tokens)
+            pass_mask = _prompt_mask(pass_length, t, p)
+            joint_positions = jnp.concatenate([positions, p + jnp.arange(t, dtype=positions.dtype)])[None]
         new_cache = []
-        for blk, (kc, vc) in zip(self.layers, cache):
-            q, k, v = blk.qkv(x, positions[:, None], self.inv_freq[...])
-            kc = kc.at[rows, :, positions].set(k[:, 0].astype(kc.dtype), mode="drop")
-            vc = vc.at[rows, :, positions].set(v[:, 0].astype(vc.dtype), mode="drop")
-            attn = blk.attend_one(q[:, 0], kc, vc, mask)
-            x = x + (attn @ blk.wo[...])[:, None, :]
-            x = x + blk.mlp(x)
+        for i, (blk, (kc, vc)) in enumerate(zip(self.layers, cache)):
+            joint = xp is not None and i < n_pass
+            if joint:  # [1, B + T, ...]: the slots' rows, then the prompt's
+                h = jnp.concatenate([x[:, 0], xp[0]])[None]
+                q, k, v = blk.qkv(h, joint_positions, self.inv_freq[...])
+                qd, kd, vd = q[0, :b, None], k[0, :b, None], v[0, :b, None]
+            else:
+                qd, kd, vd = blk.qkv(x, positions[:, None], self.inv_freq[...])
+            kc = kc.at[rows, :, positions].set(kd[:, 0].astype(kc.dtype), mode="drop")
+            vc = vc.at[rows, :, positions].set(vd[:, 0].astype(vc.dtype), mode="drop")
+            attn = blk.attend_one(qd[:, 0], kc, vc, mask)
+            if joint:
+                kp, vp = k[:, b:].transpose(0, 2, 1, 3), v[:, b:].transpose(0, 2, 1, 3)
+                prompt_attn = blk.attend(q[:, b:], *_after_past(past[i] if past else None, kp, vp), pass_mask)
+                h = h + jnp.concatenate([attn, prompt_attn[0]])[None] @ blk.wo[...]
+                h = h + blk.mlp(h)
+                x, xp = h[0, :b, None], h[:, b:]
+                pass_kvs.append((kp, vp))
+            else:
+                x = x + (attn @ blk.wo[...])[:, None, :]
+                x = x + blk.mlp(x)
             new_cache.append((kc, vc))
-        return self.logits(x[:, 0]), new_cache
+        return self.logits(x[:, 0]), new_cache, xp, pass_kvs
+
+
+def _past_len(past: KVCache | None) -> int:
+    return past[0][0].shape[2] if past else 0
+
+
+def _prompt_mask(lengths: jax.Array, t: int, p: int) -> jax.Array:
+    """[B, T, P + T] attention mask of right-padded rows of ``lengths`` after a P-token cached prefix: causal among
+    the rows, keys past a row's length are padding, every prefix key is real and precedes every row."""
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    valid = jnp.arange(t)[None, :] < lengths[:, None]
+    mask = causal[None] & valid[:, None, :]
+    if p:
+        mask = jnp.concatenate([jnp.ones((lengths.shape[0], t, p), bool), mask], axis=2)
+    return mask
+
+
+def _after_past(past_kv, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values [B, KV, P + T, hd]: a cached prefix's (k, v) [1 or B, KV, P, hd] (None: none), then k, v."""
+    if past_kv is None:
+        return k, v
+    b = k.shape[0]
+    pk, pv = (jnp.broadcast_to(a, (b, *a.shape[1:])).astype(k.dtype) for a in past_kv)
+    return jnp.concatenate([pk, k], axis=2), jnp.concatenate([pv, v], axis=2)
 
 
 # ------------------------------------------------------------------------------------------- params utilities

@@ -238,6 +238,14 @@ def _score_batch(config, pooling, method, graphdef, backbone, head_state, tokens
     return scores, outputs, rows
 
 
+@partial(jax.jit, static_argnames=("pooling", "method", "graphdef", "prefix_len"))
+def _score_hidden(pooling, method, graphdef, head_state, hidden, length, prefix_sum, prefix_len):
+    """Score and head outputs of one prompt from its backbone hidden state [T, D] (``length`` real rows)."""
+    features = pool(hidden[None], length[None], pooling, prefix_sum, prefix_len)
+    outputs = nnx.merge(graphdef, head_state)(features)
+    return scores_from_outputs(method, outputs)[0], outputs[0]
+
+
 @partial(jax.jit, static_argnames=("config",))
 def _prefix_pass(config, backbone, tokens):
     """A shared prefix through the backbone: its per-block K/V [1, KV, P, hd] and the sum of its hidden states."""
@@ -346,6 +354,42 @@ class RankerScorer:
         return _score_batch(self.backbone_config, self.spec.pooling, self.spec.method, self.graphdef, self.backbone,
                             self.head_state, tokens, lengths, keep_state=keep_state,
                             prefix=self._prefix if start else None)
+
+    def score_state(self, state: BackboneState) -> tuple[float, np.ndarray]:
+        """(score, head outputs) of a prompt from its pass through this ranker's backbone blocks, run elsewhere
+        (`Engine.generate_with_pass`); the same as scoring the prompt, for the cost of the head alone."""
+        if state.n_layers != self.spec.n_layers:
+            raise ValueError(f"a pass through {state.n_layers} blocks cannot be scored by a ranker over "
+                             f"{self.spec.n_layers}")
+        start = int(state.prefix_len)
+        if start and start != len(self.shared_prefix):
+            raise ValueError(f"the pass continues a shared prefix of {start} tokens, but this ranker caches "
+                             f"{len(self.shared_prefix)}; give the engine and the ranker the same shared prefix")
+        score, outputs = _score_hidden(self.spec.pooling, self.spec.method, self.graphdef, self.head_state,
+                                       state.hidden, jnp.asarray(state.length, jnp.int32),
+                                       self._prefix[1] if start else None, start)
+        return float(score), np.asarray(outputs)
+
+    def pass_shapes(self, prompts: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+        """(shared-prefix length, padded length) of the pass over each of these prompts, without repeats: the
+        shapes a fused pass (`Engine.generate_with_pass`) compiles for them. Prompts the ranker would truncate
+        are left out (their pass is not the start of their prefill)."""
+        shapes = set()
+        for p in prompts:
+            if 0 < len(p) <= self.spec.max_prompt_len:
+                start, rest = self._split(list(p))
+                shapes.add((start, length_bucket(len(rest), self.spec.max_prompt_len, self.min_bucket)))
+        return sorted(shapes)
+
+    def warmup_score_state(self, shapes: Sequence[tuple[int, int]]) -> None:
+        """Compile `score_state` for these (shared-prefix length, padded length) shapes."""
+        dt = self.backbone["embed"].dtype
+        for start, t in shapes:
+            if start and start != len(self.shared_prefix):
+                continue
+            hidden = jnp.zeros((t, self.spec.model_dim), dt)
+            kv = jnp.zeros((self.spec.n_layers, 2, 1, t, 1), dt)  # only its first axis is read
+            self.score_state(BackboneState(hidden, kv, 1, start))
 
     def shares_backbone_with(self, config: LlamaConfig, layer_weights: Sequence[dict[str, Any]]) -> bool:
         """Whether this scorer's backbone is exactly the first ``n_layers`` blocks of the model given by ``config``

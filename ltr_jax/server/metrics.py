@@ -48,6 +48,7 @@ class _StatsCollector:
                     ("decode_steps", "steps", "Batched decode steps run"),
                     ("busy_seconds", "busy_seconds", "Seconds the loop spent on batch boundaries"),
                     ("reused_ranker_passes", "reused_ranker_passes", "Prefills started from the ranker's pass"),
+                    ("fused_ranker_passes", "fused_ranker_passes", "Ranker passes run inside a decode step"),
                     ("ranker_states_dropped", "ranker_states_dropped", "Kept ranker passes dropped over budget"),
                     ("resumes_from_kept_kv", "swapped_in", "Preempted requests resumed from their kept K/V"),
                     ("resumes_recomputed", "recomputed_resumes", "Preempted requests resumed by re-prefilling"))

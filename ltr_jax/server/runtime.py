@@ -199,6 +199,7 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
                                 reuse_ranker_pass=config.ranker.reuse_pass,
                                 ranker_state_budget_mb=config.ranker.state_budget_mb,
                                 score_per_boundary=config.ranker.score_per_boundary,
+                                fuse_ranker_pass=config.ranker.fuse_max_len > 0,
                                 preempt_mode=config.engine.preempt_mode, swap_budget_mb=config.engine.swap_budget_mb)
     if orchestrator.reuse_ranker_pass:
         log.info("the ranker's pass over the first %d blocks is kept and starts each prompt's prefill",
@@ -212,8 +213,10 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
                       swap=config.engine.preempt_mode == "swap")
         if ranker is not None:  # every padded prompt length up to the warmed one, for a lone arrival
             top = length_bucket(max(prefill), ranker.spec.max_prompt_len, ranker.min_bucket)
+            fused = [(shared, t) for t in ranker.bucket_lengths() if t <= min(top, config.ranker.fuse_max_len)] \
+                if orchestrator.fuse_ranker_pass else []
             warmup_ranker(engine, ranker, [t for t in ranker.bucket_lengths() if t <= top],
-                          reuse_ranker_pass=orchestrator.reuse_ranker_pass)
+                          reuse_ranker_pass=orchestrator.reuse_ranker_pass, fused_shapes=fused, cache_lens=cache_lens)
         timings["warmup_s"] = time.perf_counter() - t1
         log.info("warmed up %d prefill and %d decode shapes in %.1f s", len(prefill), len(cache_lens),
                  timings["warmup_s"])
