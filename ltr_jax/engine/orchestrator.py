@@ -18,7 +18,8 @@ Owns the one thread that touches the engine. At every batch boundary it:
 5. runs one `generate` step over all slots and streams each running request's token and detokenized text. While
    every slot is busy no arrival could start anyway, so instead of a pass of its own at arrival, the oldest
    unscored arrival's pass rides on this step (`Engine.generate_with_pass`: its rows share each backbone block's
-   weight reads with the decode rows) and the ranker's head scores it after the step (``fuse_ranker_pass``).
+   weight reads with the decode rows) and the ranker's head scores it after the step (``fuse_ranker_pass``; only
+   for the shapes warm-up compiled, `warmup_ranker(fused_shapes=...)`: else its pass runs at the next boundary).
 
 The scheduler module stays free of JAX: it only ever sees `Request` records. Any policy object works here.
 An exception while serving one request finishes that request with `finish_reason="error"`; the loop goes on.

@@ -384,10 +384,11 @@ class RankerScorer:
     def warmup_score_state(self, shapes: Sequence[tuple[int, int]]) -> None:
         """Compile `score_state` for these (shared-prefix length, padded length) shapes."""
         dt = self.backbone["embed"].dtype
+        device = jax.devices()[0]  # committed, as the engine's passes arrive: a jit signature includes it
         for start, t in shapes:
             if start and start != len(self.shared_prefix):
                 continue
-            hidden = jnp.zeros((t, self.spec.model_dim), dt)
+            hidden = jax.device_put(jnp.zeros((t, self.spec.model_dim), dt), device)
             kv = jnp.zeros((self.spec.n_layers, 2, 1, t, 1), dt)  # only its first axis is read
             self.score_state(BackboneState(hidden, kv, 1, start))
 
