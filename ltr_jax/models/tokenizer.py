@@ -289,8 +289,11 @@ class ChatTokenizer:
         cache this prefix's K/V; a prompt that does not start with it simply runs whole."""
         if not self.chat_template:
             return ()
-        renders = [self.encode(self.apply_chat_template([{"role": "user", "content": m}]))
-                   for m in self._PREFIX_PROBES]
+        try:
+            renders = [self.encode(self.apply_chat_template([{"role": "user", "content": m}]))
+                       for m in self._PREFIX_PROBES]
+        except ValueError:  # a template that will not render a lone user message: nothing to share
+            return ()
         n = 0
         while all(len(r) > n for r in renders) and len({r[n] for r in renders}) == 1:
             n += 1
