@@ -84,3 +84,28 @@ def tiny_bpe():
 def tiny_bpe_factory():
     """`tiny_bpe_metadata` itself, for tests that need another pre-tokenizer."""
     return tiny_bpe_metadata
+
+
+@pytest.fixture(scope="session")
+def engine_compile_counts():
+    """A callable giving how many variants each of the engine's jitted functions has compiled: the same list before
+    and after serving means nothing compiled mid-traffic."""
+    from ltr_jax.engine import engine as m
+
+    functions = (m._PREFILL, m._PREFILL_REST, m._INSERT, m._GENERATE, m._GENERATE_PASS, m._RESIZE, m._EXTRACT)
+    return lambda: [f._cache_size() for f in functions]
+
+
+@pytest.fixture(scope="session")
+def warm_engine_for():
+    """A callable that warms an engine for these prompts and output lengths (every prefill bucket they or their
+    recomputed resumes use, every cache length, every transition) and returns the cache lengths it warmed."""
+
+    def warm(engine, prompts, outputs):
+        longest = max(len(p) + o for p, o in zip(prompts, outputs))
+        buckets = {engine.config.prefill_bucket(len(p) + k) for p, o in zip(prompts, outputs) for k in (0, o)}
+        cache_lens = engine.cache_buckets(longest + 1)
+        engine.warmup(prefill_buckets=sorted(buckets), cache_lens=cache_lens, transitions=True)
+        return cache_lens
+
+    return warm

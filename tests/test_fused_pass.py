@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ltr_jax.engine import engine as engine_module
 from ltr_jax.engine.engine import Engine, EngineConfig, SlotSampling
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, share_prefix, warmup_ranker
 from ltr_jax.models.llama import Llama
@@ -90,21 +89,16 @@ def test_engine_step_with_a_pass_gives_the_same_tokens_state_and_score(served):
         scorer.score_state(state._replace(kv=state.kv[:1]))
 
 
-def serve(loaded, model, fuse):
+def serve(loaded, model, fuse, compile_counts, warm_engine):
     scorer = make_scorer(loaded)
     engine = Engine(model, EngineConfig(num_slots=2, max_seq_len=256))
     share_prefix(HEADER, engine, scorer)
     batch = prompts([7, 30, 12, 40, 3, 21, 9, 15], seed=8) + [[2] * 9]
     outputs = [12, 4, 30, 6, 3, 8, 5, 9, 7]
-    longest = max(len(p) + o for p, o in zip(batch, outputs))
-    buckets = {engine.config.prefill_bucket(len(p) + k) for p, o in zip(batch, outputs) for k in (0, o)}
-    engine.warmup(prefill_buckets=sorted(buckets), cache_lens=engine.cache_buckets(longest + 1), transitions=True)
+    cache_lens = warm_engine(engine, batch, outputs)
     warmup_ranker(engine, scorer, scorer.pass_lengths(batch), batch_sizes=(1, 2, 4),
-                  fused_shapes=scorer.pass_shapes(batch) if fuse else (),
-                  cache_lens=engine.cache_buckets(longest + 1))
-    jitted = [engine_module._PREFILL, engine_module._PREFILL_REST, engine_module._INSERT, engine_module._GENERATE,
-              engine_module._GENERATE_PASS, engine_module._RESIZE]
-    before = [f._cache_size() for f in jitted]
+                  fused_shapes=scorer.pass_shapes(batch) if fuse else (), cache_lens=cache_lens)
+    before = compile_counts()
     orch = Orchestrator(engine, loaded.tokenizer, Scheduler(make_policy("ltr", max_preemptions=0), 2),
                         ranker=scorer, fuse_ranker_pass=fuse)
     got: dict[str, list[int]] = {}
@@ -125,13 +119,14 @@ def serve(loaded, model, fuse):
         orch._boundary()
     orch.run_until_idle()
     assert [len(got[f"r{i}"]) for i in range(len(batch))] == outputs
-    return got, order, orch.stats(), [f._cache_size() for f in jitted] == before
+    return got, order, orch.stats(), compile_counts() == before
 
 
-def test_orchestrator_runs_waiting_passes_inside_decode_steps_and_serves_the_same(served):
+def test_orchestrator_runs_waiting_passes_inside_decode_steps_and_serves_the_same(
+        served, engine_compile_counts, warm_engine_for):
     loaded, model = served
-    plain, plain_order, plain_stats, _ = serve(loaded, model, fuse=False)
-    fused, fused_order, stats, compiled_nothing = serve(loaded, model, fuse=True)
+    plain, plain_order, plain_stats, _ = serve(loaded, model, False, engine_compile_counts, warm_engine_for)
+    fused, fused_order, stats, compiled_nothing = serve(loaded, model, True, engine_compile_counts, warm_engine_for)
     assert plain_stats["fused_ranker_passes"] == 0
     assert stats["fused_ranker_passes"] >= 3  # arrivals while both slots were busy
     assert stats["fused_ranker_passes"] + stats["ranker_requests"] == 9

@@ -138,11 +138,11 @@ def test_warmup_compiles_the_resumed_prefill(served):
     assert engine.stats.prefill_calls == engine.stats.resumed_prefills == 0
 
 
-def test_after_warmup_serving_compiles_nothing_with_a_restored_ranker(served, tmp_path):
+def test_after_warmup_serving_compiles_nothing_with_a_restored_ranker(served, tmp_path, engine_compile_counts,
+                                                                      warm_engine_for):
     """A ranker restored from its checkpoint holds committed arrays, so its passes reach the engine committed; a
     jit signature includes commitment, so unless the engine commits everything alike, the warmed-up shapes are
     compiled again mid-traffic (seconds of stall per shape on a CPU)."""
-    from ltr_jax.engine import engine as engine_module
     from ltr_jax.models.ranker import length_bucket
     from ltr_jax.train.checkpoint import load_scorer, save_ranker
 
@@ -151,14 +151,10 @@ def test_after_warmup_serving_compiles_nothing_with_a_restored_ranker(served, tm
     scorer = load_scorer(save_ranker(tmp_path / "ranker", fresh.head, fresh.spec), model=loaded, max_batch=4)
     engine = Engine(model, EngineConfig(num_slots=2, max_seq_len=256))
     prompts, outputs = prompts_of([7, 30, 12, 50, 3, 21, 40, 9], seed=8), [9, 4, 30, 6, 3, 8, 12, 20]
-    longest = max(len(p) + o for p, o in zip(prompts, outputs))
-    buckets = {engine.config.prefill_bucket(len(p) + k) for p, o in zip(prompts, outputs) for k in (0, o)}
-    engine.warmup(prefill_buckets=sorted(buckets), cache_lens=engine.cache_buckets(longest + 1), transitions=True)
+    warm_engine_for(engine, prompts, outputs)
     warmup_ranker(engine, scorer, sorted({length_bucket(len(p), 64, scorer.min_bucket) for p in prompts}),
                   batch_sizes=(1, 2, 4))
-    jitted = [engine_module._PREFILL, engine_module._PREFILL_REST, engine_module._INSERT, engine_module._GENERATE,
-              engine_module._RESIZE]
-    before = [f._cache_size() for f in jitted]
+    before = engine_compile_counts()
     orch = Orchestrator(engine, loaded.tokenizer, Scheduler(make_policy("ltr"), 2), ranker=scorer)
     got: dict[str, list[int]] = {}
     for i, (prompt, n) in enumerate(zip(prompts, outputs)):
@@ -167,4 +163,4 @@ def test_after_warmup_serving_compiles_nothing_with_a_restored_ranker(served, tm
     orch.run_until_idle()
     assert orch.stats()["reused_ranker_passes"] == len(prompts)
     assert [len(got[f"r{i}"]) for i in range(len(prompts))] == outputs
-    assert [f._cache_size() for f in jitted] == before
+    assert engine_compile_counts() == before

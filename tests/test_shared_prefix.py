@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ltr_jax.engine import engine as engine_module
 from ltr_jax.engine.engine import Engine, EngineConfig, SlotSampling
 from ltr_jax.engine.orchestrator import (
     Orchestrator,
@@ -117,18 +116,14 @@ def test_ranker_scores_and_passes_after_the_shared_prefix_match_the_whole_prompt
         make_scorer(loaded, max_prompt_len=8).set_shared_prefix(HEADER)
 
 
-def serve(loaded, model, scorer, header, warm=False):
+def serve(loaded, model, scorer, header, compile_counts, warm_engine=None):
     engine = Engine(model, EngineConfig(num_slots=2, max_seq_len=256))
     share_prefix(header, engine, scorer)
     batch, outputs = prompts([7, 30, 12, 50, 3, 21], seed=8) + [[2] * 9], [9, 4, 30, 6, 3, 8, 5]
-    if warm:
-        longest = max(len(p) + o for p, o in zip(batch, outputs))
-        buckets = {engine.config.prefill_bucket(len(p) + k) for p, o in zip(batch, outputs) for k in (0, o)}
-        engine.warmup(prefill_buckets=sorted(buckets), cache_lens=engine.cache_buckets(longest + 1), transitions=True)
+    if warm_engine is not None:
+        warm_engine(engine, batch, outputs)
         warmup_ranker(engine, scorer, scorer.pass_lengths(batch), batch_sizes=(1, 2, 4))
-    jitted = [engine_module._PREFILL, engine_module._PREFILL_REST, engine_module._INSERT, engine_module._GENERATE,
-              engine_module._RESIZE]
-    before = [f._cache_size() for f in jitted]
+    before = compile_counts()
     orch = Orchestrator(engine, loaded.tokenizer, Scheduler(make_policy("ltr"), 2), ranker=scorer)
     got: dict[str, list[int]] = {}
     for i, (prompt, n) in enumerate(zip(batch, outputs)):
@@ -136,13 +131,15 @@ def serve(loaded, model, scorer, header, warm=False):
                     lambda ev: got.setdefault(ev.request_id, []).extend(ev.token_ids), request_id=f"r{i}")
     orch.run_until_idle()
     assert [len(got[f"r{i}"]) for i in range(len(batch))] == outputs
-    return got, engine.stats, [f._cache_size() for f in jitted] == before
+    return got, engine.stats, compile_counts() == before
 
 
-def test_orchestrator_serves_the_same_tokens_with_the_shared_prefix_and_compiles_nothing_after_warmup(served):
+def test_orchestrator_serves_the_same_tokens_with_the_shared_prefix_and_compiles_nothing_after_warmup(
+        served, engine_compile_counts, warm_engine_for):
     loaded, model = served
-    plain, plain_stats, _ = serve(loaded, model, make_scorer(loaded), None)
-    cached, stats, compiled_nothing = serve(loaded, model, make_scorer(loaded), HEADER, warm=True)
+    plain, plain_stats, _ = serve(loaded, model, make_scorer(loaded), None, engine_compile_counts)
+    cached, stats, compiled_nothing = serve(loaded, model, make_scorer(loaded), HEADER, engine_compile_counts,
+                                            warm_engine_for)
     assert cached == plain
     assert plain_stats.shared_prefix_hits == 0
     assert stats.shared_prefix_hits == 6 and stats.resumed_prefills == 7  # every pass reused; 6 after the header
