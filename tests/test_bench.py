@@ -328,3 +328,11 @@ def test_run_step_time_interpolates_between_one_request_and_a_full_batch():
     model = RunStepTime(ttft_s=0.1, mean_prompt_len=50, tpot_alone_s=0.02, tpot_full_s=0.05, slots=4)
     assert model.prefill_time(100) == pytest.approx(0.2)
     assert [model.decode_time(b, 0) for b in (1, 2, 4)] == pytest.approx([0.02, 0.03, 0.05])
+
+
+def test_an_unusable_compilation_cache_names_the_option_and_the_fix(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit, match=r"--compilation-cache = .*cannot create.*or 'none' to disable"):
+        policy_bench.main(["--model", "tiny", "--n", "1", "--policies", "fcfs", "--no-progress",
+                           "--compilation-cache", str(blocker / "cache")])

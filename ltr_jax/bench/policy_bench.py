@@ -303,6 +303,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "boundary, oldest first (default: every arrival at once, as the simulator models it; the server's "
                    "ranker.score_per_boundary is 32): a burst is then ranked over several boundaries while the "
                    "running requests decode")
+    p.add_argument("--compilation-cache", default="default", help="JAX persistent compilation cache directory "
+                   "('default' = the user cache's jax_cache, as the server uses; 'none' = compile everything afresh): "
+                   "a repeated run then loads its warm-up's compiled shapes instead of compiling them again")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar (logs, CI)")
     args = p.parse_args(argv)
     check_policies(p, args)
@@ -343,6 +346,13 @@ def load_serving_model(source: str | None):
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     policies = args.policies.split(",")
+    from ltr_jax.server.runtime import StartupError, enable_compilation_cache
+
+    try:
+        enable_compilation_cache(None if args.compilation_cache == "none" else args.compilation_cache,
+                                 key="--compilation-cache", off="'none'")
+    except StartupError as err:
+        raise SystemExit(str(err)) from None
     loaded = load_serving_model(args.model)
     model = Llama.from_params(loaded.config, loaded.params)
     engine = Engine(model, EngineConfig(num_slots=args.slots, max_seq_len=args.max_seq_len))

@@ -53,8 +53,11 @@ class Runtime:
         return self.orchestrator.max_prompt_len
 
 
-def enable_compilation_cache(setting: str | None) -> Path | None:
-    """Point JAX's persistent compilation cache at ``setting`` ('default' = <user cache>/jax_cache)."""
+def enable_compilation_cache(setting: str | None, key: str = "engine.compilation_cache_dir",
+                             off: str = "null") -> Path | None:
+    """Point JAX's persistent compilation cache at ``setting`` ('default' = <user cache>/jax_cache).
+
+    ``key`` and ``off`` name the setting and its disabling value in the error a failure raises."""
     if setting is None:
         return None
     import jax
@@ -63,8 +66,8 @@ def enable_compilation_cache(setting: str | None) -> Path | None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise StartupError(f"engine.compilation_cache_dir = {setting!r}: cannot create {path} ({err}); "
-                           f"give a writable directory or null to disable the cache") from None
+        raise StartupError(f"{key} = {setting!r}: cannot create {path} ({err}); "
+                           f"give a writable directory or {off} to disable the cache") from None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
