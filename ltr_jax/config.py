@@ -453,8 +453,9 @@ class RankerSection:
                                              "next decode step (sharing its weight reads) when the prompt has at "
                                              "most this many tokens after the shared prefix; those steps are "
                                              "compiled at warm-up, one per length and cache length, about 12 s each "
-                                             "on a 2-core CPU (0 = never: every pass runs on its own at arrival); "
-                                             "needs reuse_pass")
+                                             "on a 2-core CPU, each holding memory mappings (many lengths can pass "
+                                             "Linux's vm.max_map_count; keep this small) (0 = never: every pass "
+                                             "runs on its own at arrival); needs reuse_pass")
 
     def validate(self) -> None:
         if self.enabled and self.train_if_missing and not self.train_config:
