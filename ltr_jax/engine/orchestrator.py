@@ -408,12 +408,15 @@ class Orchestrator:
             log.error("ranker failed; requests scheduled with score 0:\n%s", traceback.format_exc())
             return
         self._set_scores(jobs, scores, outputs, states)
-        dt = time.perf_counter() - t0
-        self.counters["ranker_seconds"] += dt
         self.counters["ranker_calls"] += 1
         self.counters["ranker_requests"] += len(jobs)
+        self._count_ranker_time(time.perf_counter() - t0, len(jobs))
+
+    def _count_ranker_time(self, dt: float, n_jobs: int) -> None:
+        """Charge ``dt`` seconds of ranker work on ``n_jobs`` arrivals to the counters and the observer."""
+        self.counters["ranker_seconds"] += dt
         if self.observer:
-            self.observer.on_ranker(dt, len(jobs))
+            self.observer.on_ranker(dt, n_jobs)
 
     def _set_scores(self, jobs: list[_Job], scores, outputs, states) -> None:
         classify = getattr(getattr(self.ranker, "spec", None), "method", None) == "classify"
@@ -555,11 +558,8 @@ class Orchestrator:
             log.error("ranker head failed; request scheduled with score 0:\n%s", traceback.format_exc())
         else:
             self._set_scores([job], [score], np.asarray(outputs)[None], [state])
-        dt = time.perf_counter() - t0
-        self.counters["ranker_seconds"] += dt
         self.counters["fused_ranker_passes"] += 1
-        if self.observer:
-            self.observer.on_ranker(dt, 1)
+        self._count_ranker_time(time.perf_counter() - t0, 1)
         self.scheduler.add(job.request, self.clock())
 
     # ------------------------------------------------------------------------------------ per-token work
