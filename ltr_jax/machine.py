@@ -1,4 +1,5 @@
-"""A description of the machine a benchmark or training run measured on, recorded beside its numbers."""
+"""Facts about the machine: a description recorded beside a benchmark's or training run's numbers, and the
+process's memory mappings against the kernel's limit (each compiled XLA step on a CPU holds some)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,20 @@ def cpu_model() -> str | None:
     except OSError:
         pass
     return None
+
+
+def memory_maps() -> tuple[int, int] | None:
+    """(memory mappings this process holds, the kernel's per-process limit ``vm.max_map_count``), or None where
+    /proc does not say (not Linux). Each program XLA compiles for a CPU maps its code and data; past the limit
+    the next compile fails with "Cannot allocate memory" however much memory is free."""
+    try:
+        with open("/proc/sys/vm/max_map_count", encoding="ascii") as f:
+            limit = int(f.read().strip())
+        with open("/proc/self/maps", "rb") as f:
+            used = sum(1 for _ in f)
+    except (OSError, ValueError):
+        return None
+    return used, limit
 
 
 def machine_info() -> dict[str, Any]:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -337,3 +338,28 @@ def test_a_burst_is_ranked_over_several_boundaries_while_the_running_request_dec
     with pytest.raises(ValueError, match="score_per_boundary"):
         Orchestrator(Engine(model, EngineConfig(num_slots=1, max_seq_len=256)), loaded.tokenizer, Scheduler("ltr", 1),
                      score_per_boundary=0)
+
+
+def test_busy_time_includes_the_arrivals_ranker_passes(tiny):
+    """The loop's busy time is its whole working time: a slow ranker's passes are in it, not beside it."""
+    loaded, model = tiny
+    prompts = _prompts(3, seed=6)
+
+    class SlowRanker:
+        def score(self, batch):
+            time.sleep(0.5)
+            return np.zeros(len(batch), np.float32)
+
+    engine = Engine(model, EngineConfig(num_slots=4, max_seq_len=256))
+
+    def serve(ranker):
+        orch = Orchestrator(engine, loaded.tokenizer, Scheduler(make_policy("ltr"), 4), ranker=ranker)
+        for i, p in enumerate(prompts):
+            orch.submit(p, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), lambda ev: None)
+        orch.run_until_idle()
+        return orch.stats()
+
+    serve(None)  # compiles the shapes, so the second run's engine work is only the work itself (milliseconds)
+    ranked = serve(SlowRanker())
+    assert ranked["ranker_seconds"] >= 0.5 and ranked["ranker_calls"] == 1
+    assert ranked["busy_seconds"] > ranked["ranker_seconds"]  # without the pass it would be those milliseconds

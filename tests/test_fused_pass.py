@@ -134,3 +134,30 @@ def test_orchestrator_runs_waiting_passes_inside_decode_steps_and_serves_the_sam
     assert fused == plain  # per-request seeds: the same tokens whichever step ranked them
     assert fused_order == plain_order  # and the same schedule: a deferred pass delays no admission
     assert compiled_nothing
+
+
+def test_fused_warmup_stops_within_the_memory_map_budget_most_common_shapes_first(served, monkeypatch, caplog):
+    """Each compiled step holds memory mappings and a process past vm.max_map_count crashes on its next compile:
+    warm-up stops before the budget, having compiled the most common pass shapes (serving fuses only compiled
+    steps: see the test above)."""
+    import ltr_jax.engine.engine as engine_module
+
+    loaded, model = served
+    scorer = make_scorer(loaded)
+    engine = Engine(model, EngineConfig(num_slots=2, max_seq_len=256))
+    batch = prompts([20] * 3 + [5] * 2 + [40], seed=11, header=[])
+    shapes = scorer.pass_shapes(batch)
+    assert shapes == [(0, 24), (0, 16), (0, 48)]  # the most common first
+    calls = iter(range(10_000))
+    # a fake process: 200 mappings at first, 50 more at each look (so about 50 per compiled step), limit 1000
+    monkeypatch.setattr(engine_module, "memory_maps", lambda: (200 + 50 * next(calls), 1000))
+    cache_lens = [64, 128]
+    with caplog.at_level("WARNING"):
+        engine.warmup_generate_with_pass(2, shapes, cache_lens, map_budget=0.5)
+    fused_keys = sorted(k[1:] for k in engine.stats.compiled_shapes if k[0] == "generate_pass")
+    # looks before step i: 200 + 100 i; the next step is judged at 50 more; 500 allowed: steps 0, 1, 2 compile
+    assert fused_keys == [(64, 2, 0, 16), (64, 2, 0, 24), (128, 2, 0, 24)]
+    assert engine.stats.fused_variants_skipped == 3
+    assert "vm.max_map_count" in caplog.text and "ranker.fuse_max_len" in caplog.text
+    with pytest.raises(ValueError, match="map_budget"):
+        engine.warmup_generate_with_pass(2, shapes, cache_lens, map_budget=0)

@@ -224,7 +224,8 @@ def summarize_observed(obs: list[Observed], wall: float, stats: dict, budgeted: 
     busy = max(stats.get("busy_seconds", 0.0), 1e-9)
     out = {
         "requests": len(obs), "completed": len(complete), "wall_s": wall,
-        "busy_s": stats.get("busy_seconds"),  # the loop's time in batch boundaries (ranking, prefills, steps)
+        # the loop's time in batch boundaries: ranker passes, prefills, steps (before 2026-12-01 without the passes)
+        "busy_s": stats.get("busy_seconds"),
         "incomplete_or_wrong_length": len(obs) - len(complete) if not budgeted else None,
         "latency_s": distribution(lat), "normalized_latency_s_per_token":
             distribution([x / o.output_len for x, o in zip(lat, complete)]),
@@ -434,6 +435,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "capacity": capacity,
         "reuse_ranker_pass": args.reuse_ranker_pass, "score_per_boundary": args.score_per_boundary,
         "shared_prefix_len": shared, "fuse_ranker_pass": args.fuse_ranker_pass,
+        "fused_steps_compiled": sum(1 for key in engine.stats.compiled_shapes if key[0] == "generate_pass"),
+        "fused_steps_skipped": engine.stats.fused_variants_skipped,
         "ranker": _shown_path(ranker_path) if ranker is not None else None,
         "classifier": _shown_path(classifier_path) if classifier is not None else None,
     }

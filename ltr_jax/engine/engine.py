@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -41,8 +42,11 @@ import numpy as np
 from flax import nnx
 
 from ltr_jax.engine.sampling import sample_tokens
+from ltr_jax.machine import memory_maps
 from ltr_jax.models.config import LlamaConfig
 from ltr_jax.models.llama import Llama
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,7 @@ class EngineStats:
     resumed_prefills: int = 0  # prefills that started from a ranker's backbone pass (counted in prefill_calls)
     shared_prefix_hits: int = 0  # prefills that started after the cached shared prefix (counted in prefill_calls)
     fused_passes: int = 0  # decode steps that also ran a prompt's backbone pass (counted in generate_calls)
+    fused_variants_skipped: int = 0  # decode steps with a pass that warm-up left uncompiled (memory-map budget)
     generate_calls: int = 0
     compile_seconds: float = 0.0
     compiled_shapes: set = field(default_factory=set)
@@ -628,22 +633,45 @@ class Engine:
         self.host_lengths += self.host_active
         return new, BackboneState(hidden, kv, m, start)
 
-    def warmup_generate_with_pass(self, n_layers: int, shapes, cache_lens: list[int]) -> float:
+    def warmup_generate_with_pass(self, n_layers: int, shapes, cache_lens: list[int],
+                                  map_budget: float = 0.75) -> float:
         """Compile `generate_with_pass` for passes of ``n_layers`` blocks of each (shared-prefix length, padded
-        length) in ``shapes`` at each decode cache length; returns seconds spent. Leaves no slot active."""
+        length) in ``shapes``, in the order given (put the most common first), each at every decode cache length;
+        returns seconds spent. Leaves no slot active.
+
+        On a CPU each such step holds a few hundred memory mappings (its kernels' code and data), and a process
+        past the kernel's ``vm.max_map_count`` fails its next compile ("Cannot allocate memory", then a crash)
+        however much memory is free. So warm-up stops before this process would hold more than ``map_budget`` of
+        that limit, judging the next step by the largest one compiled so far; the shapes left out are not fused
+        (the orchestrator fuses only compiled steps and runs the other passes on their own) and are counted in
+        ``stats.fused_variants_skipped``."""
+        if not 0 < map_budget <= 1:
+            raise ValueError(f"map_budget must be in (0, 1], got {map_budget!r}")
         t0 = time.perf_counter()
         self.host_active[:] = False
         self.host_lengths[:] = 0
-        for n in cache_lens:
+        todo = [(start, bucket, n) for start, bucket in shapes for n in cache_lens
+                if not (start and (self.shared_prefix is None or self.shared_prefix.length != start))
+                and start + bucket < self.config.max_seq_len]
+        largest = 0
+        for i, (start, bucket, n) in enumerate(todo):
+            before = memory_maps()
+            if before is not None and largest and before[0] + largest > map_budget * before[1]:
+                self.stats.fused_variants_skipped += len(todo) - i
+                log.warning(
+                    "fused ranker pass: compiled %d of %d decode steps with a pass; the other %d would take this "
+                    "process past %.0f%% of vm.max_map_count (%d memory mappings held, about %d more each, limit "
+                    "%d), so those passes run on their own. To fuse more, raise the limit (sysctl -w "
+                    "vm.max_map_count=262144) or fuse fewer prompt lengths (lower ranker.fuse_max_len).",
+                    i, len(todo), len(todo) - i, 100 * map_budget, before[0], largest, before[1])
+                break
             self.resize_cache(n)
-            for start, bucket in shapes:
-                if start and (self.shared_prefix is None or self.shared_prefix.length != start):
-                    continue
-                if start + bucket >= self.config.max_seq_len:
-                    continue
-                past = self.shared_prefix.kv[:n_layers] if start else ()
-                self.decode_state, *_ = self._timed(
-                    self._pass_key(n_layers, start, bucket), self._generate_pass, n_layers, self.params,
-                    self.decode_state, self.host_active.copy(), past, np.zeros(bucket, np.int32), np.int32(1))
+            past = self.shared_prefix.kv[:n_layers] if start else ()
+            self.decode_state, *_ = self._timed(
+                self._pass_key(n_layers, start, bucket), self._generate_pass, n_layers, self.params,
+                self.decode_state, self.host_active.copy(), past, np.zeros(bucket, np.int32), np.int32(1))
+            after = memory_maps()
+            if before is not None and after is not None:
+                largest = max(largest, after[0] - before[0])
         self.fit_cache()
         return time.perf_counter() - t0

@@ -17,6 +17,7 @@ Score convention: HIGHER score = SHORTER expected output (runs first), for every
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 from collections.abc import Sequence
@@ -371,15 +372,16 @@ class RankerScorer:
         return float(score), np.asarray(outputs)
 
     def pass_shapes(self, prompts: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-        """(shared-prefix length, padded length) of the pass over each of these prompts, without repeats: the
-        shapes a fused pass (`Engine.generate_with_pass`) compiles for them. Prompts the ranker would truncate
-        are left out (their pass is not the start of their prefill)."""
-        shapes = set()
+        """(shared-prefix length, padded length) of the pass over each of these prompts, without repeats, the most
+        common first (ties: shorter first): the shapes a fused pass (`Engine.generate_with_pass`) compiles for
+        them, in the order its warm-up should spend a budget on. Prompts the ranker would truncate are left out
+        (their pass is not the start of their prefill)."""
+        counts: collections.Counter = collections.Counter()
         for p in prompts:
             if 0 < len(p) <= self.spec.max_prompt_len:
                 start, rest = self._split(list(p))
-                shapes.add((start, length_bucket(len(rest), self.spec.max_prompt_len, self.min_bucket)))
-        return sorted(shapes)
+                counts[(start, length_bucket(len(rest), self.spec.max_prompt_len, self.min_bucket))] += 1
+        return sorted(counts, key=lambda shape: (-counts[shape], shape))
 
     def warmup_score_state(self, shapes: Sequence[tuple[int, int]]) -> None:
         """Compile `score_state` for these (shared-prefix length, padded length) shapes."""
