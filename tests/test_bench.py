@@ -336,3 +336,21 @@ def test_an_unusable_compilation_cache_names_the_option_and_the_fix(tmp_path):
     with pytest.raises(SystemExit, match=r"--compilation-cache = .*cannot create.*or 'none' to disable"):
         policy_bench.main(["--model", "tiny", "--n", "1", "--policies", "fcfs", "--no-progress",
                            "--compilation-cache", str(blocker / "cache")])
+
+
+def test_simulate_runs_in_worker_processes_with_the_same_report(tmp_path):
+    prompts = _prompts_with_lognormal_answers(tmp_path, 40, seed=4, sigma=1.0)
+    common = ["--prompts", str(prompts), "--n", "200", "--rates", "32,64", "--slots", "4", "--tau", "0.6",
+              "--policies", "fcfs,ltr,ltr+starvation,oracle-sjf", "--starvation-threshold", "fcfs"]
+    alone, pooled = simulate.main(common + ["--jobs", "1"]), simulate.main(common + ["--jobs", "2"])
+
+    def results(report):
+        return {k: {p: {m: v for m, v in r.items() if m != "sim_wall_s"} for p, r in runs.items()}
+                for k, runs in report["runs"].items()}
+
+    assert results(pooled) == results(alone)
+    assert list(pooled["runs"]["rate=64"]) == ["fcfs", "ltr", "ltr+starvation", "oracle-sjf"]  # the order asked
+    assert pooled["runs"]["rate=64"]["ltr+starvation"]["starvation_threshold_s"] == pytest.approx(
+        pooled["runs"]["rate=64"]["fcfs"]["max_waiting_time_s"]["max"], abs=0.1)
+    with pytest.raises(SystemExit):
+        simulate.main(common + ["--jobs", "0"])

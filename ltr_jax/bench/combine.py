@@ -28,13 +28,17 @@ from ltr_jax.bench.report import VIA_LABELS, ratios, starvation_cost
 #: report fields that must be equal in every pooled run (else they are different experiments)
 SAME_EXPERIMENT = ("benchmark", "model", "length_source", "arrival", "n", "slots", "temperature",
                    "max_preemptions", "preempt_mode", "starvation", "ranker", "classifier", "ranker_tau", "classify_tau",
-                   "step_model", "reuse_ranker_pass", "via", "score_per_boundary")
+                   "step_model", "reuse_ranker_pass", "via", "score_per_boundary", "fuse_ranker_pass")
 
 
 def _setting(report: dict[str, Any], key: str) -> Any:
-    """One experiment setting of a report; reports written before `bench run --via` existed ran in-process."""
-    if key == "via" and report.get("benchmark") == "policies on the real engine":
-        return report.get("via", VIA_LABELS["engine"])
+    """One experiment setting of a report; reports written before `bench run --via` existed ran in-process, and
+    those before `--fuse-ranker-pass` did not fuse."""
+    if report.get("benchmark") == "policies on the real engine":
+        if key == "via":
+            return report.get("via", VIA_LABELS["engine"])
+        if key == "fuse_ranker_pass":
+            return report.get(key, False)
     return report.get(key)
 
 

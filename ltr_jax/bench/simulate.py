@@ -12,17 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from typing import Any
 
 from ltr_jax.bench.options import add_shared_options, check_policies, resolve_threshold
 from ltr_jax.bench.report import ratios, starvation_cost, write_report
 from ltr_jax.machine import machine_info
-from ltr_jax.scheduler.metrics import summarize
-from ltr_jax.scheduler.policies import make_policy, policy_parameters
-from ltr_jax.scheduler.scheduler import Scheduler, StarvationConfig
-from ltr_jax.scheduler.sim import simulate
+from ltr_jax.scheduler.policies import policy_parameters
+from ltr_jax.scheduler.scheduler import StarvationConfig
+from ltr_jax.scheduler.sim import simulate_policy
 from ltr_jax.scheduler.step_time import AnalyticStepTime, MeasuredStepTime
 from ltr_jax.scheduler.trace import load_lengths, make_trace
 
@@ -61,9 +63,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ranker-reuse", action=argparse.BooleanOptionalAction, default=False,
                    help="the ranker's pass is the first part of the prompt's prefill (its backbone is the served "
                    "model's first blocks, as with SmolLM2 serving itself), so that prefill costs the rest")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="runs (policy x rate) simulated at once, each in a process of its own; 1 = one after another "
+                   "in this process. Every run is deterministic, so the report is the same for any value")
     add_shared_options(p, rates="2,8,16,32,48,64", starvation_threshold=10.0, starvation_quantum=2.0)
     args = p.parse_args(argv)
     check_policies(p, args)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.ranker_cost is not None and not (math.isfinite(args.ranker_cost) and 0 <= args.ranker_cost <= 1):
         p.error(f"--ranker-cost must be a fraction of a prefill in [0, 1], got {args.ranker_cost}")
     return args
@@ -94,7 +101,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ranker_cost = args.ranker_cost
     if ranker_cost is None:
         ranker_cost = RANKER_SHARE_OF_LLAMA3_8B if args.step_model == "llama3-8b-h100" else 0.0
-    ranker_time = (lambda n: ranker_cost * step_model.prefill_time(n)) if ranker_cost > 0 else None
     report: dict[str, Any] = {
         "benchmark": "policies in the discrete-event simulator", "model": "Llama-3-8B step-time model",
         "step_model": step_desc, "length_source": length_source, "arrival": args.arrival, "n": args.n,
@@ -107,42 +113,57 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum,
                        "requeue_after_quantum": args.starvation_requeue},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(), "paper": PAPER, "rates": {},
-        "runs": {},
+        "trace_info": {}, "runs": {}, "jobs": args.jobs,
     }
+    traces = {}
     for rate in [float(r) for r in args.rates.split(",")]:
         key = f"rate={rate:g}"
         trace, info = make_trace(pairs, args.n, rate, args.arrival, args.cv, tau, args.buckets, args.seed)
         # the classifier sees the same requests through a weaker predictor (paper: ~0.2 tau for 10 buckets)
         ctrace, _ = make_trace(pairs, args.n, rate, args.arrival, args.cv, args.classify_tau, args.buckets,
                                args.seed)
+        traces[key] = (trace, ctrace)
         report["rates"][key] = rate
-        report["runs"][key] = {}
-        for pol in policies:
-            name = "ltr" if pol == "ltr+starvation" else pol
-            params = ({"max_preemptions": args.max_preemptions}
-                      if "max_preemptions" in policy_parameters(name) else {})
-            starvation = (StarvationConfig(resolve_threshold(args, report["runs"][key]), args.starvation_quantum,
-                                           requeue_after_quantum=args.starvation_requeue)
-                          if pol == "ltr+starvation" else None)
-            sched = Scheduler(make_policy(name, **params), args.slots, starvation=starvation)
-            result = simulate(ctrace if pol == "classify" else trace, sched, step_model,
-                              preempt_mode=args.preempt_mode, ranker_time=ranker_time, ranker_reuse=args.ranker_reuse)
-            s = summarize(result.records)
-            s["completed"] = s["num_finished"]
-            s["sim_wall_s"] = round(result.wall_s, 2)
-            s["ranker_seconds"] = round(result.extra.get("ranker_s", 0.0), 3)
-            if s["ranker_seconds"]:
-                s["ranker_ms_per_request"] = 1000 * s["ranker_seconds"] / len(result.records)
-                s["ranker_share_of_busy_time"] = s["ranker_seconds"] / max(result.extra["busy_s"], 1e-12)
-                s["reused_ranker_passes"] = len(result.records) if args.ranker_reuse else 0
-            if starvation is not None:
-                s["starvation_threshold_s"] = starvation.threshold_s
-            s["latencies_s"] = sorted(round(r.latency, 3) for r in result.records if r.latency is not None)
-            report["runs"][key][pol] = s
-            print(json.dumps({"run": key, "policy": pol, "mean_latency_s": round(s["latency_s"]["mean"], 3),
-                              "sim_wall_s": s["sim_wall_s"]}), file=sys.stderr)
-        report["runs"][key]["_trace"] = info
-    report["trace_info"] = {k: v.pop("_trace") for k, v in report["runs"].items()}
+        report["trace_info"][key] = info
+    done: dict[tuple[str, str], dict] = {}
+
+    def task(key: str, pol: str, starvation: StarvationConfig | None) -> tuple:
+        name = "ltr" if pol == "ltr+starvation" else pol
+        params = {"max_preemptions": args.max_preemptions} if "max_preemptions" in policy_parameters(name) else {}
+        trace, ctrace = traces[key]
+        return (ctrace if pol == "classify" else trace, name, params, starvation, args.slots, step_model,
+                args.preempt_mode, ranker_cost, args.ranker_reuse)
+
+    def run_all(tasks: dict[tuple[str, str], tuple]) -> None:
+        """Simulate these runs (at most --jobs at once) into ``done``, printing each one as it ends."""
+        def record(run_key: tuple[str, str], s: dict) -> None:
+            done[run_key] = s
+            print(json.dumps({"run": run_key[0], "policy": run_key[1], "mean_latency_s":
+                              round(s["latency_s"]["mean"], 3), "sim_wall_s": s["sim_wall_s"]}), file=sys.stderr)
+
+        if args.jobs == 1 or len(tasks) == 1:
+            for run_key, t in tasks.items():
+                record(run_key, simulate_policy(*t))
+            return
+        # spawned, not forked: this process runs JAX's threads (its machine description asked for the devices); the
+        # workers import only the scheduler package, no JAX
+        with ProcessPoolExecutor(min(args.jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures: dict[Future, tuple[str, str]] = {pool.submit(simulate_policy, *t): k for k, t in tasks.items()}
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+
+    # ltr+starvation with the "fcfs" threshold needs the fcfs run of its rate first
+    after_fcfs = args.starvation_threshold == "fcfs"
+    run_all({(key, pol): task(key, pol, None if pol != "ltr+starvation" else StarvationConfig(
+                 float(args.starvation_threshold), args.starvation_quantum,
+                 requeue_after_quantum=args.starvation_requeue))
+             for key in traces for pol in policies if not (pol == "ltr+starvation" and after_fcfs)})
+    if after_fcfs and "ltr+starvation" in policies:
+        run_all({(key, "ltr+starvation"): task(key, "ltr+starvation", StarvationConfig(
+                     resolve_threshold(args, {"fcfs": done[(key, "fcfs")]}), args.starvation_quantum,
+                     requeue_after_quantum=args.starvation_requeue))
+                 for key in traces})
+    report["runs"] = {key: {pol: done[(key, pol)] for pol in policies} for key in traces}
     report["ratios"] = {k: ratios(v) for k, v in report["runs"].items()}
     report["starvation_cost"] = {k: starvation_cost(v, report["starvation"]) for k, v in report["runs"].items()}
     return report

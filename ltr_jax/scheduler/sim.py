@@ -24,9 +24,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
+from .metrics import summarize
+from .policies import make_policy
 from .request import Request
-from .scheduler import Scheduler
+from .scheduler import Scheduler, StarvationConfig
 from .step_time import StepTimeModel
 from .trace import TraceEntry
 
@@ -161,3 +165,32 @@ def simulate(
         extra={"busy_s": now - (reqs[0].arrival_time if reqs else 0.0) - idle_s,
                **({"ranker_s": ranker_s} if ranker_time is not None else {})},
     )
+
+
+def _ranker_time(cost: float, step_model: StepTimeModel, prompt_len: int) -> float:
+    return cost * step_model.prefill_time(prompt_len)
+
+
+def simulate_policy(trace: Sequence[TraceEntry], name: str, params: dict, starvation: StarvationConfig | None,
+                    slots: int, step_model: StepTimeModel, preempt_mode: str = "swap", ranker_cost: float = 0.0,
+                    ranker_reuse: bool = False) -> dict[str, Any]:
+    """One benchmark run: policy ``name`` (``make_policy`` with ``params``; ``starvation`` control or None) on
+    ``slots`` slots over ``trace``, the ranker's pass costing ``ranker_cost`` of a prefill; returns the summary a
+    report shows (`summarize`, plus completions, simulation seconds, ranker overhead and sorted latencies). Its
+    arguments pickle, so a worker process can run it (`python -m ltr_jax.bench simulate --jobs`)."""
+    sched = Scheduler(make_policy(name, **params), slots, starvation=starvation)
+    ranker_time = partial(_ranker_time, ranker_cost, step_model) if ranker_cost > 0 else None
+    result = simulate(trace, sched, step_model, preempt_mode=preempt_mode, ranker_time=ranker_time,
+                      ranker_reuse=ranker_reuse)
+    s = summarize(result.records)
+    s["completed"] = s["num_finished"]
+    s["sim_wall_s"] = round(result.wall_s, 2)
+    s["ranker_seconds"] = round(result.extra.get("ranker_s", 0.0), 3)
+    if s["ranker_seconds"]:
+        s["ranker_ms_per_request"] = 1000 * s["ranker_seconds"] / len(result.records)
+        s["ranker_share_of_busy_time"] = s["ranker_seconds"] / max(result.extra["busy_s"], 1e-12)
+        s["reused_ranker_passes"] = len(result.records) if ranker_reuse else 0
+    if starvation is not None:
+        s["starvation_threshold_s"] = starvation.threshold_s
+    s["latencies_s"] = sorted(round(r.latency, 3) for r in result.records if r.latency is not None)
+    return s
