@@ -452,10 +452,10 @@ class RankerSection:
     fuse_max_len: int = setting(0, ge=0, doc="while every slot is busy, run a waiting prompt's ranker pass inside the "
                                              "next decode step (sharing its weight reads) when the prompt has at "
                                              "most this many tokens after the shared prefix; those steps are "
-                                             "compiled at warm-up, one per length and cache length, about 12 s each "
-                                             "on a 2-core CPU, each holding memory mappings (many lengths can pass "
-                                             "Linux's vm.max_map_count; keep this small) (0 = never: every pass "
-                                             "runs on its own at arrival); needs reuse_pass")
+                                             "compiled at warm-up, one per length and cache length, about 10 s each "
+                                             "on a 2-core CPU; warm-up stops before their memory mappings fill 75% "
+                                             "of Linux's vm.max_map_count and fuses only what it compiled (0 = "
+                                             "never: every pass runs on its own at arrival); needs reuse_pass")
 
     def validate(self) -> None:
         if self.enabled and self.train_if_missing and not self.train_config:

@@ -295,9 +295,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="while every slot is busy, run a waiting arrival's ranker pass inside the next decode step "
                    "(its rows share the backbone blocks' weight reads with the decode rows) instead of on its own "
                    "at arrival; needs --reuse-ranker-pass. Off by default: warm-up then compiles one such step per "
-                   "prompt length and cache length, about 12 s each on a 2-core CPU, and each compiled step holds "
-                   "memory mappings: with 200 SmolLM2 prompts they most likely passed Linux's vm.max_map_count (65530) "
-                   "and the run died in LLVM ('Cannot allocate memory'); use it with few prompt lengths or a raised limit")
+                   "prompt length and cache length, about 10 s each on a 2-core CPU (most common lengths first). Each "
+                   "compiled step holds about 500 memory mappings, so warm-up stops before the process holds 75%% of "
+                   "Linux's vm.max_map_count (past it a compile fails) and the lengths left out run their passes on "
+                   "their own; the report counts both (fused_steps_compiled, fused_steps_skipped)")
     p.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
                    help="cache the K/V of the chat template's fixed header (default system prompt and user-turn "
                    "opening) in the engine and the rankers: every policy's prefills, and the rankers' passes, run "

@@ -4,7 +4,8 @@ Owns the simulated benchmark: the very same `Scheduler` and policy objects as th
 10k-request traces at several Poisson rates against a step-time model (analytic Llama-3-8B on one H100 by default,
 or a JSON of measured engine step times). Output lengths come from the serving model's label file or the shared
 prompts' reference answers; ranker scores are synthesized with a chosen Kendall tau (default: the tau the trained
-ranker measured on held-out prompts). Writes the same JSON / Markdown / plots as `bench run`.
+ranker measured on held-out prompts). Writes the same JSON / Markdown / plots as `bench run`. The policy x rate
+runs are independent and deterministic, so they run in worker processes, one per CPU (`--jobs`).
 """
 
 from __future__ import annotations
