@@ -1,6 +1,8 @@
 """A waiting prompt's ranker pass run inside a decode step: the step's tokens, the pass and the score are those of
 running them apart, and the orchestrator serves the same tokens with it."""
 
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -161,3 +163,18 @@ def test_fused_warmup_stops_within_the_memory_map_budget_most_common_shapes_firs
     assert "vm.max_map_count" in caplog.text and "ranker.fuse_max_len" in caplog.text
     with pytest.raises(ValueError, match="map_budget"):
         engine.warmup_generate_with_pass(2, shapes, cache_lens, map_budget=0)
+
+
+def test_memory_maps_counts_this_process_against_the_kernel_limit():
+    from ltr_jax.machine import memory_maps
+
+    if not sys.platform.startswith("linux"):  # no /proc: the fused warm-up then compiles without a budget
+        assert memory_maps() is None
+        return
+    used, limit = memory_maps()
+    with open("/proc/self/maps", "rb") as f:
+        assert abs(used - sum(1 for _ in f)) < 50  # the same process, a moment apart
+    assert 0 < used < limit
+    held = [np.ones(1 << 18) for _ in range(8)]  # 2 MiB arrays: each its own mapping
+    assert memory_maps()[0] > used
+    del held
