@@ -31,14 +31,15 @@ SAME_EXPERIMENT = ("benchmark", "model", "length_source", "arrival", "n", "slots
                    "step_model", "reuse_ranker_pass", "via", "score_per_boundary", "fuse_ranker_pass")
 
 
+#: what a real-engine report written before a setting existed ran with: in-process (before `bench run --via`),
+#: unfused (before `--fuse-ranker-pass`)
+_REAL_ENGINE_DEFAULTS = {"via": VIA_LABELS["engine"], "fuse_ranker_pass": False}
+
+
 def _setting(report: dict[str, Any], key: str) -> Any:
-    """One experiment setting of a report; reports written before `bench run --via` existed ran in-process, and
-    those before `--fuse-ranker-pass` did not fuse."""
+    """One experiment setting of a report (`_REAL_ENGINE_DEFAULTS` for real-engine reports older than it)."""
     if report.get("benchmark") == "policies on the real engine":
-        if key == "via":
-            return report.get("via", VIA_LABELS["engine"])
-        if key == "fuse_ranker_pass":
-            return report.get(key, False)
+        return report.get(key, _REAL_ENGINE_DEFAULTS.get(key))
     return report.get(key)
 
 

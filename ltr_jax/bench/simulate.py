@@ -128,9 +128,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["trace_info"][key] = info
     done: dict[tuple[str, str], dict] = {}
 
-    def task(key: str, pol: str, starvation: StarvationConfig | None) -> tuple:
+    def task(key: str, pol: str) -> tuple:
         name = "ltr" if pol == "ltr+starvation" else pol
         params = {"max_preemptions": args.max_preemptions} if "max_preemptions" in policy_parameters(name) else {}
+        starvation = (StarvationConfig(resolve_threshold(args, {"fcfs": done.get((key, "fcfs"))}),
+                                       args.starvation_quantum, requeue_after_quantum=args.starvation_requeue)
+                      if pol == "ltr+starvation" else None)
         trace, ctrace = traces[key]
         return (ctrace if pol == "classify" else trace, name, params, starvation, args.slots, step_model,
                 args.preempt_mode, ranker_cost, args.ranker_reuse)
@@ -155,15 +158,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # ltr+starvation with the "fcfs" threshold needs the fcfs run of its rate first
     after_fcfs = args.starvation_threshold == "fcfs"
-    run_all({(key, pol): task(key, pol, None if pol != "ltr+starvation" else StarvationConfig(
-                 float(args.starvation_threshold), args.starvation_quantum,
-                 requeue_after_quantum=args.starvation_requeue))
+    run_all({(key, pol): task(key, pol)
              for key in traces for pol in policies if not (pol == "ltr+starvation" and after_fcfs)})
     if after_fcfs and "ltr+starvation" in policies:
-        run_all({(key, "ltr+starvation"): task(key, "ltr+starvation", StarvationConfig(
-                     resolve_threshold(args, {"fcfs": done[(key, "fcfs")]}), args.starvation_quantum,
-                     requeue_after_quantum=args.starvation_requeue))
-                 for key in traces})
+        run_all({(key, "ltr+starvation"): task(key, "ltr+starvation") for key in traces})
     report["runs"] = {key: {pol: done[(key, pol)] for pol in policies} for key in traces}
     report["ratios"] = {k: ratios(v) for k, v in report["runs"].items()}
     report["starvation_cost"] = {k: starvation_cost(v, report["starvation"]) for k, v in report["runs"].items()}
