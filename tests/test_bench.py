@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from ltr_jax.bench import policy_bench, resimulate, simulate
+from ltr_jax.bench import policy_bench, project, resimulate, simulate
 
 
 def _prompts_with_lognormal_answers(tmp_path, n: int, seed: int, sigma: float):
@@ -104,12 +104,13 @@ def test_simulate_charges_the_rankers_pass_to_the_ranking_policies(tmp_path):
         simulate.main(common + ["--ranker-cost", "1.5"])
 
 
-@pytest.mark.parametrize("module", [policy_bench, simulate, resimulate])
+@pytest.mark.parametrize("module", [policy_bench, simulate, resimulate, project])
 def test_help_documents_every_option(module, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         module.parse_args(["--help"])
     text = capsys.readouterr().out
-    expected = ("--out",) if module is resimulate else ("--policies", "--rates", "--out", "--seed", "--preempt-mode")
+    expected = {resimulate: ("--out",), project: ("--n", "--load-factors", "--seeds", "--policies", "--out")}.get(
+        module, ("--policies", "--rates", "--out", "--seed", "--preempt-mode"))
     for option in expected:
         assert option in text
     parsers = []
@@ -278,11 +279,15 @@ def test_combine_treats_reports_from_before_via_as_in_process():
     assert combine._setting(old, "via") != combine._setting({**old, "via": "HTTP server"}, "via")
 
 
-def test_resimulate_replays_a_real_run_with_its_own_ranker_and_step_times(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_real_run(tmp_path_factory):
+    """A `bench run` of fcfs, ltr and oracle-sjf on the tiny model at one rate, with its own ranker:
+    (run directory, its report, its prompts file)."""
     from ltr_jax.models.loading import load_model
     from ltr_jax.models.ranker import RankerHead, RankerSpec
     from ltr_jax.train.checkpoint import save_ranker
 
+    tmp_path = tmp_path_factory.mktemp("tiny_run")
     tiny = load_model("tiny")
     spec = RankerSpec(model_name=tiny.config.name, model_dim=tiny.config.dim, n_layers=2, pooling="mean",
                       hidden_dims=(8,), max_prompt_len=64)
@@ -295,6 +300,11 @@ def test_resimulate_replays_a_real_run_with_its_own_ranker_and_step_times(tmp_pa
                               "--policies", "fcfs,ltr,oracle-sjf", "--rates", "40", "--slots", "2",
                               "--max-output-tokens", "24", "--ranker", str(ranker), "--unloaded-probe", "2",
                               "--out", str(run_dir), "--no-progress"])
+    return run_dir, real, prompts
+
+
+def test_resimulate_replays_a_real_run_with_its_own_ranker_and_step_times(tiny_real_run, tmp_path):
+    run_dir, real, prompts = tiny_real_run
     result = resimulate.main([str(run_dir), "--out", str(tmp_path / "re")])
     (run,) = result["runs"]
     row = run["rates"]["rate=40"]
@@ -320,6 +330,30 @@ def test_resimulate_replays_a_real_run_with_its_own_ranker_and_step_times(tmp_pa
                    "--policies", "fcfs", "--out", str(sim_dir)])
     with pytest.raises(SystemExit, match="not a `bench run` report"):
         resimulate.main([str(sim_dir)])
+
+
+def test_project_simulates_the_runs_engine_on_the_workloads_bench_run_would_serve(tiny_real_run, tmp_path):
+    run_dir, real, _ = tiny_real_run
+    first = project.main([str(run_dir), "--n", "6,10", "--load-factors", "0.5,4", "--seeds", "3"])
+    assert first["policies"] == ["fcfs", "ltr", "oracle-sjf"] and first["pool_prompts"] == 10
+    assert [(r["n"], r["load_factor"]) for r in first["rows"]] == [(6, 0.5), (6, 4), (10, 0.5), (10, 4)]
+    for row in first["rows"]:
+        assert row["rate"] == pytest.approx(row["load_factor"] * first["capacity_req_s"])
+        ratio = row["ratios"]["fcfs/ltr"]
+        assert ratio["min"] <= ratio["median"] <= ratio["max"] and ratio["pooled"] > 0
+    low, high = first["rows"][2], first["rows"][3]
+    assert high["fcfs_over_unloaded"] > low["fcfs_over_unloaded"] >= 0.99  # more load, more queueing
+    # at the run's own size, seed and rate the projection is `bench resimulate` of the run, ranker charged
+    factor = real["rates"]["rate=40"] / first["capacity_req_s"]
+    own = project.main([str(run_dir), "--load-factors", repr(factor), "--seeds", "1", "--out", str(tmp_path / "p")])
+    replay = resimulate.main([str(run_dir)])["runs"][0]["rates"]["rate=40"]["policies"]
+    for policy, mean in own["rows"][0]["mean_latency_s"].items():
+        assert mean == pytest.approx(replay[policy]["sim_charged_mean_s"], rel=1e-6)
+    assert "| 10 | " in (tmp_path / "p" / "report.md").read_text()
+    with pytest.raises(SystemExit, match="ltr\\+starvation is never projected"):
+        project.main([str(run_dir), "--policies", "fcfs,ltr+starvation"])
+    with pytest.raises(SystemExit, match="--load-factors must be comma-separated numbers"):
+        project.main([str(run_dir), "--load-factors", "fast"])
 
 
 def test_run_step_time_interpolates_between_one_request_and_a_full_batch():

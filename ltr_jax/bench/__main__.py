@@ -3,7 +3,8 @@
 Commands: `engine` (decode step time vs matmul roofline), `run` (every policy on one trace against the real
 engine, in-process or through the HTTP server), `simulate` (the same report from the discrete-event simulator at
 paper scale), `combine` (pool runs of one experiment on several seeds), `resimulate` (replay real runs' exact
-traces in the simulator: what ranking errors cost and what the ranker's pass adds).
+traces in the simulator: what ranking errors cost and what the ranker's pass adds), `project` (a real run's
+engine simulated at other workload sizes and loads, over many seeds: what an experiment can expect).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ COMMANDS = {
     "simulate": "ltr_jax.bench.simulate",
     "combine": "ltr_jax.bench.combine",
     "resimulate": "ltr_jax.bench.resimulate",
+    "project": "ltr_jax.bench.project",
 }
 
 

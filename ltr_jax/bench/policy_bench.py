@@ -74,9 +74,9 @@ class Observed:
 
 
 # ------------------------------------------------------------------------------------------------ workload
-def build_items(loaded, prompts_spec: str, labels: str | None, n: int, max_prompt: int, max_output: int,
-                split: str, seed: int, length_scale: float = 1.0) -> tuple[list[Item], str]:
-    """Pick `n` prompts (validation split by default: disjoint from the ranker's training prompts)."""
+def prompt_pool(loaded, prompts_spec: str, labels: str | None, split: str) -> tuple[list, dict[str, int], str]:
+    """The examples a workload may draw from (validation split by default: disjoint from the ranker's training
+    prompts), their output lengths, and where those lengths come from."""
     from ltr_jax.train.data import is_validation, load_examples, load_label_file
 
     examples = load_examples(prompts_spec)
@@ -92,6 +92,15 @@ def build_items(loaded, prompts_spec: str, labels: str | None, n: int, max_promp
     if split != "all":
         want_val = split == "validation"
         pool = [e for e in pool if is_validation(e.id, 0.1) == want_val] or pool
+    return pool, lengths, source
+
+
+def build_items(loaded, prompts_spec: str, labels: str | None, n: int, max_prompt: int, max_output: int,
+                split: str, seed: int, length_scale: float = 1.0, pool=None) -> tuple[list[Item], str]:
+    """Pick `n` prompts of the `prompt_pool` (or of ``pool``, what it returned for these arguments), in an order
+    drawn with `seed`."""
+    pool, lengths, source = pool or prompt_pool(loaded, prompts_spec, labels, split)
+    tok = loaded.tokenizer
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(pool))
     items: list[Item] = []

@@ -111,6 +111,44 @@ def step_model_of(report: dict[str, Any], runs: dict[str, Any], items) -> RunSte
                        model.shared_prefix_len)
 
 
+def run_scores(report: dict[str, Any], kind: str, items, loaded, scorers: dict[str, Any],
+               score_cache: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The run's ranker (``kind`` "ranker") or classifier on each item's prompt: its score, and the most likely
+    bucket for a classifier. Cached per prompt: the runs of one experiment serve the same prompts in other orders."""
+    path = report.get(kind)
+    if path not in scorers:
+        from ltr_jax.train.checkpoint import load_scorer
+
+        scorers[path] = load_scorer(path, model=loaded)  # a checkpoint serves one model: path is the key
+    scorer = scorers[path]
+    keys = [(path, tuple(i.prompt_tokens)) for i in items]
+    missing = list(dict.fromkeys(k for k in keys if k not in score_cache))
+    if missing:
+        raw, outputs = scorer.raw([list(k[1]) for k in missing])
+        classify = scorer.spec.method == "classify"
+        for j, k in enumerate(missing):
+            score_cache[k] = (float(raw[j]), int(np.argmax(outputs[j])) if classify else 0)
+    return (np.array([score_cache[k][0] for k in keys]), np.array([score_cache[k][1] for k in keys]))
+
+
+def simulate_mean(policy: str, report: dict[str, Any], args: argparse.Namespace, model: RunStepTime, items,
+                  arrivals: np.ndarray, scores: np.ndarray, buckets: np.ndarray, ranker_fraction: float,
+                  starvation_threshold: float | None = None) -> float:
+    """Mean latency of ``policy`` on the run's engine (``model``) serving ``items`` at ``arrivals``, the ranker's
+    pass costing ``ranker_fraction`` of a prefill (0: free)."""
+    trace = [TraceEntry(float(a), len(i.prompt_tokens), i.output_len, float(s), int(b))
+             for a, i, s, b in zip(arrivals, items, scores, buckets)]
+    sched = policy_bench.make_scheduler(policy, report["slots"], args, starvation_threshold)
+    result = simulate(trace, sched, model, preempt_mode=args.preempt_mode,
+                      ranker_time=(lambda n: ranker_fraction * model.prefill_time(n)) if ranker_fraction else None,
+                      ranker_reuse=bool(report.get("reuse_ranker_pass")))
+    return float(np.mean([r.latency for r in result.records]))
+
+
+def uses_ranker(policy: str, report: dict[str, Any], args: argparse.Namespace) -> bool:
+    return policy_bench.make_scheduler(policy, report["slots"], args, 1.0).policy.uses_ranker
+
+
 def resimulate_run(run_dir: Path, models: dict[str | None, Any], scorers: dict[str, Any],
                    score_cache: dict) -> dict[str, Any]:
     report, args = read_run(run_dir)
@@ -119,25 +157,6 @@ def resimulate_run(run_dir: Path, models: dict[str | None, Any], scorers: dict[s
     loaded = models[args.model]
     items, _ = policy_bench.build_items(loaded, args.prompts, args.labels, args.n, args.max_prompt_tokens,
                                         args.max_output_tokens, args.split, args.seed, args.length_scale)
-
-    def scores_of(kind: str) -> tuple[np.ndarray, np.ndarray]:
-        """The run's ranker (or classifier) on each prompt: score, and the most likely bucket for a classifier.
-        Cached per prompt: the runs of one experiment serve the same prompts in other orders."""
-        path = report.get(kind)
-        if path not in scorers:
-            from ltr_jax.train.checkpoint import load_scorer
-
-            scorers[path] = load_scorer(path, model=loaded)  # a checkpoint serves one model: path is the key
-        scorer = scorers[path]
-        keys = [(path, tuple(i.prompt_tokens)) for i in items]
-        missing = list(dict.fromkeys(k for k in keys if k not in score_cache))
-        if missing:
-            raw, outputs = scorer.raw([list(k[1]) for k in missing])
-            classify = scorer.spec.method == "classify"
-            for j, k in enumerate(missing):
-                score_cache[k] = (float(raw[j]), int(np.argmax(outputs[j])) if classify else 0)
-        return (np.array([score_cache[k][0] for k in keys]), np.array([score_cache[k][1] for k in keys]))
-
     out: dict[str, Any] = {"run": str(run_dir), "command": report["command"], "rates": {}}
     for key, runs in report["runs"].items():
         rate = report["rates"][key]
@@ -145,28 +164,28 @@ def resimulate_run(run_dir: Path, models: dict[str | None, Any], scorers: dict[s
         arrivals = make_arrivals(args.arrival, len(items), rate, args.cv, seed=args.seed)
         row: dict[str, Any] = {"step_model": model.__dict__, "policies": {}}
         for policy, real in runs.items():
-            uses = policy_bench.make_scheduler(policy, report["slots"], args, 1.0).policy.uses_ranker
-            scores, buckets = scores_of("classifier" if policy == "classify" else "ranker") if uses \
+            uses = uses_ranker(policy, report, args)
+            scores, buckets = run_scores(report, "classifier" if policy == "classify" else "ranker", items, loaded,
+                                         scorers, score_cache) if uses \
                 else (np.zeros(len(items)), np.zeros(len(items), int))
-            trace = [TraceEntry(float(a), len(i.prompt_tokens), i.output_len, float(s), int(b))
-                     for a, i, s, b in zip(arrivals, items, scores, buckets)]
             entry = {"real_mean_s": real["latency_s"]["mean"]}
             costs = {"free": 0.0}
             if uses and real.get("ranker_ms_per_request"):
-                costs["charged"] = real["ranker_ms_per_request"] / 1000 / model.prefill_time(model.mean_prompt_len)
+                costs["charged"] = ranker_fraction_of(real, model)
                 entry["ranker_fraction_of_prefill"] = costs["charged"]
             for label, fraction in costs.items():
-                sched = policy_bench.make_scheduler(policy, report["slots"], args, real.get("starvation_threshold_s"))
-                result = simulate(trace, sched, model, preempt_mode=args.preempt_mode,
-                                  ranker_time=(lambda n, f=fraction, m=model: f * m.prefill_time(n)) if fraction
-                                  else None,
-                                  ranker_reuse=bool(report.get("reuse_ranker_pass")))
-                entry[f"sim_{label}_mean_s"] = float(np.mean([r.latency for r in result.records]))
+                entry[f"sim_{label}_mean_s"] = simulate_mean(policy, report, args, model, items, arrivals, scores,
+                                                             buckets, fraction, real.get("starvation_threshold_s"))
             if "sim_charged_mean_s" not in entry:
                 entry["sim_charged_mean_s"] = entry["sim_free_mean_s"]  # nothing to charge: no ranker pass
             row["policies"][policy] = entry
         out["rates"][key] = row
     return out
+
+
+def ranker_fraction_of(real: dict[str, Any], model: RunStepTime) -> float:
+    """A policy run's measured ranker time per request, as a fraction of the modelled mean prompt's prefill."""
+    return (real.get("ranker_ms_per_request") or 0.0) / 1000 / model.prefill_time(model.mean_prompt_len)
 
 
 def ratio_rows(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
