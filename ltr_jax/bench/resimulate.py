@@ -146,6 +146,7 @@ def simulate_mean(policy: str, report: dict[str, Any], args: argparse.Namespace,
 
 
 def uses_ranker(policy: str, report: dict[str, Any], args: argparse.Namespace) -> bool:
+    """Whether ``policy`` ranks by a predictor's scores (and so pays for its pass)."""
     return policy_bench.make_scheduler(policy, report["slots"], args, 1.0).policy.uses_ranker
 
 
