@@ -17,7 +17,6 @@ output tokens after the first times the full-batch step over the slots, on avera
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ltr_jax.bench import policy_bench
+from ltr_jax.bench.report import write_summary
 from ltr_jax.bench.resimulate import (
     RunStepTime,
     ranker_fraction_of,
@@ -186,10 +186,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   machine=machine_info(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
                   wall_s=round(time.perf_counter() - t0, 1))
     text = markdown(result)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(result, indent=2))
-        (out / "report.md").write_text(f"`{result['command']}`\n\n{result['date']}, {result['machine']}\n\n" + text)
+    write_summary(result, text, args.out)
     print(text)
     return result

@@ -1,4 +1,5 @@
-"""Benchmark reports: the Markdown table, the plots, the latency ratios and the files, for `run` and `simulate`.
+"""Benchmark reports: the Markdown table, the plots, the latency ratios and the files, for `run` and `simulate`
+(and the two files of the reports built on them, `resimulate` and `project`).
 
 Owns how a report (a dict with `runs[rate_key][policy] -> metrics`, `rates`, `model`, `arrival`, `command`,
 `date`) is written: `report.json` (without the raw latency samples), `report.md` (one table per rate) and two
@@ -171,3 +172,15 @@ def write_report(report: dict[str, Any], out_dir: str | Path | None, header: str
         last = list(report["runs"])[-1]
         plots(report, out, {p: r["latencies_s"] for p, r in report["runs"][last].items()})
     return text
+
+
+def write_summary(result: dict[str, Any], markdown_text: str, out_dir: str | Path | None) -> None:
+    """With `out_dir`: ``result`` as report.json, and ``markdown_text`` as report.md under the result's command,
+    date and machine (the reports of `resimulate` and `project`, which have no per-policy runs or plots)."""
+    if not out_dir:
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    (out / "report.md").write_text(f"`{result['command']}`\n\n{result['date']}, {result['machine']}\n\n"
+                                   + markdown_text)

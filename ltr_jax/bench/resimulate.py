@@ -22,7 +22,6 @@ ranking errors cost (free) from what the pass itself adds (charged), next to wha
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -34,6 +33,7 @@ import numpy as np
 
 from ltr_jax.bench import policy_bench
 from ltr_jax.bench.combine import load_run
+from ltr_jax.bench.report import write_summary
 from ltr_jax.machine import machine_info
 from ltr_jax.scheduler.sim import simulate
 from ltr_jax.scheduler.trace import TraceEntry, make_arrivals
@@ -252,10 +252,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "wall_s": round(time.perf_counter() - t0, 1)}
     text = markdown(result)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(result, indent=2))
-        (out / "report.md").write_text(f"`{result['command']}`\n\n{result['date']}, {result['machine']}\n\n" + text)
+    write_summary(result, text, args.out)
     print(text)
     return result
