@@ -28,8 +28,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from ltr_jax.engine.preemption import PREEMPT_MODES
 from ltr_jax.scheduler.policies import POLICY_NAMES, make_policy
-from ltr_jax.scheduler.sim import PREEMPT_MODES
 
 T = TypeVar("T")
 

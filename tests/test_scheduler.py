@@ -26,9 +26,9 @@ def run_tokens(sched, reqs, now):
 def test_scheduler_package_never_imports_jax():
     code = (
         "import sys\n"
-        "import ltr_jax.scheduler, ltr_jax.scheduler.sim, ltr_jax.scheduler.metrics, ltr_jax.scheduler.trace\n"
-        "import ltr_jax.scheduler.step_time, ltr_jax.scheduler.decision_bench\n"
-        "from ltr_jax.scheduler.trace import synthesize_scores\n"
+        "import ltr_jax.scheduler, ltr_jax.sim.simulator, ltr_jax.engine.preemption, ltr_jax.scheduler.metrics, ltr_jax.sim.trace\n"
+        "import ltr_jax.sim.step_time, ltr_jax.sim.decision_bench\n"
+        "from ltr_jax.sim.trace import synthesize_scores\n"
         "synthesize_scores([1, 5, 20, 80, 300], 0.6)\n"
         "bad = sorted(m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'jaxlib', 'flax')))\n"
         "assert not bad, bad\n"
@@ -429,7 +429,7 @@ def test_decisions_at_scale_match_a_full_sort(name):
 
 
 def test_decision_benchmark_runs_and_keeps_the_backlog(capsys):
-    from ltr_jax.scheduler.decision_bench import main as bench_main
+    from ltr_jax.sim.decision_bench import main as bench_main
 
     assert bench_main(["--waiting", "300", "--slots", "8", "--decisions", "40", "--policy", "ltr,oracle-srtf"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -23,9 +23,9 @@ from ltr_jax.models.llama import Llama
 from ltr_jax.models.ranker import RankerHead, RankerScorer, RankerSpec
 from ltr_jax.models.tiny import tiny_model
 from ltr_jax.scheduler.scheduler import Scheduler
-from ltr_jax.scheduler.sim import simulate
-from ltr_jax.scheduler.step_time import MeasuredStepTime
-from ltr_jax.scheduler.trace import TraceEntry
+from ltr_jax.sim.simulator import simulate
+from ltr_jax.sim.step_time import MeasuredStepTime
+from ltr_jax.sim.trace import TraceEntry
 
 PREFILL, DECODE = 0.25, 1.0
 

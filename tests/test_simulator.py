@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from ltr_jax.scheduler import POLICY_NAMES, RequestState, Scheduler, StarvationConfig, make_policy
 from ltr_jax.scheduler.metrics import summarize
-from ltr_jax.scheduler.sim import simulate
-from ltr_jax.scheduler.step_time import AnalyticStepTime, MeasuredStepTime
-from ltr_jax.scheduler.trace import (
+from ltr_jax.sim.simulator import simulate
+from ltr_jax.sim.step_time import AnalyticStepTime, MeasuredStepTime
+from ltr_jax.sim.trace import (
     TraceEntry,
     kendall_tau_vs_length,
     load_lengths,

@@ -10,8 +10,8 @@ import argparse
 import math
 from typing import Any
 
+from ltr_jax.engine.preemption import PREEMPT_MODES
 from ltr_jax.scheduler.scheduler import StarvationConfig
-from ltr_jax.scheduler.sim import PREEMPT_MODES
 
 POLICIES = ("fcfs", "ltr", "ltr+starvation", "ltr-rescore", "classify", "oracle-sjf", "oracle-srtf")
 DEFAULT_POLICIES = "fcfs,ltr,ltr+starvation,classify,oracle-sjf"

@@ -34,7 +34,7 @@ from ltr_jax.machine import machine_info
 from ltr_jax.models.llama import Llama
 from ltr_jax.scheduler.metrics import distribution
 from ltr_jax.scheduler.scheduler import Scheduler, StarvationConfig
-from ltr_jax.scheduler.trace import make_arrivals
+from ltr_jax.sim.trace import make_arrivals
 from ltr_jax.train.checkpoint import default_ranker_path, load_scorer
 
 # Ranker batch sizes compiled before timing; the scorers batch no wider, so a burst of arrivals splits into these

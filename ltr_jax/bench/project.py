@@ -36,7 +36,7 @@ from ltr_jax.bench.resimulate import (
     uses_ranker,
 )
 from ltr_jax.machine import machine_info
-from ltr_jax.scheduler.trace import make_arrivals
+from ltr_jax.sim.trace import make_arrivals
 
 STARVATION_POLICY = "ltr+starvation"  # its threshold is set from the fcfs run at the run's own load: not projected
 

@@ -35,8 +35,8 @@ from ltr_jax.bench import policy_bench
 from ltr_jax.bench.combine import load_run
 from ltr_jax.bench.report import write_summary
 from ltr_jax.machine import machine_info
-from ltr_jax.scheduler.sim import simulate
-from ltr_jax.scheduler.trace import TraceEntry, make_arrivals
+from ltr_jax.sim.simulator import simulate
+from ltr_jax.sim.trace import TraceEntry, make_arrivals
 
 RUN_PREFIX = "python -m ltr_jax.bench run "
 

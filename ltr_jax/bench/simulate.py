@@ -25,9 +25,9 @@ from ltr_jax.bench.report import ratios, starvation_cost, write_report
 from ltr_jax.machine import machine_info
 from ltr_jax.scheduler.policies import policy_parameters
 from ltr_jax.scheduler.scheduler import StarvationConfig
-from ltr_jax.scheduler.sim import simulate_policy
-from ltr_jax.scheduler.step_time import AnalyticStepTime, MeasuredStepTime
-from ltr_jax.scheduler.trace import load_lengths, make_trace
+from ltr_jax.sim.simulator import simulate_policy
+from ltr_jax.sim.step_time import AnalyticStepTime, MeasuredStepTime
+from ltr_jax.sim.trace import load_lengths, make_trace
 
 #: The packaged ranker's pass as a share of Llama-3-8B's prefill: 16 SmolLM2 blocks of 3.54M parameters each
 #: (d=576: Q, K, V, O = 0.88M, SwiGLU MLP 3 x 576 x 1536 = 2.65M) = 56.6M of Llama-3-8B's 8.03B parameters, so of

@@ -42,10 +42,10 @@ from typing import Any
 import numpy as np
 
 from ltr_jax.engine.engine import Engine, SlotSampling
+from ltr_jax.engine.preemption import PREEMPT_MODES
 from ltr_jax.models.ranker import length_bucket
 from ltr_jax.scheduler.request import Request
 from ltr_jax.scheduler.scheduler import Scheduler
-from ltr_jax.scheduler.sim import PREEMPT_MODES
 
 log = logging.getLogger(__name__)
 

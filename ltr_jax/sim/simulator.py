@@ -27,16 +27,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from .metrics import summarize
-from .policies import make_policy
-from .request import Request
-from .scheduler import Scheduler, StarvationConfig
-from .step_time import StepTimeModel
-from .trace import TraceEntry
-
-#: how a preempted request resumes, in the simulator and in the engine loop (`Orchestrator`): "swap" (its K/V was kept)
-#: or "recompute" (a re-prefill of its prompt and every token it produced)
-PREEMPT_MODES = ("swap", "recompute")
+from ltr_jax.engine.preemption import PREEMPT_MODES
+from ltr_jax.scheduler.metrics import summarize
+from ltr_jax.scheduler.policies import make_policy
+from ltr_jax.scheduler.request import Request
+from ltr_jax.scheduler.scheduler import Scheduler, StarvationConfig
+from ltr_jax.sim.step_time import StepTimeModel
+from ltr_jax.sim.trace import TraceEntry
 
 
 @dataclass

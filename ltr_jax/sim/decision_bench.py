@@ -5,7 +5,7 @@ time), those reaching their length finish, as many new requests arrive as finish
 waiting), and the ``schedule(now)`` call is timed. With starvation control on, the waiting requests' arrivals
 are spread over one threshold so promotions trickle in every step (the promotion path is timed too).
 
-``python -m ltr_jax.scheduler.decision_bench`` prints JSON (microseconds per decision, per policy).
+``python -m ltr_jax.sim.decision_bench`` prints JSON (microseconds per decision, per policy).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import statistics
 import time
 from collections.abc import Sequence
 
-from .policies import POLICY_NAMES, make_policy
-from .request import Request
-from .scheduler import Scheduler, StarvationConfig
+from ltr_jax.scheduler.policies import POLICY_NAMES, make_policy
+from ltr_jax.scheduler.request import Request
+from ltr_jax.scheduler.scheduler import Scheduler, StarvationConfig
 
 STEP_S = 0.01
 
@@ -139,7 +139,7 @@ def benchmark_decision_time(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ltr_jax.scheduler.decision_bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m ltr_jax.sim.decision_bench", description=__doc__)
     p.add_argument("--policy", default=",".join(POLICY_NAMES))
     p.add_argument("--waiting", type=int, default=10_000)
     p.add_argument("--slots", type=int, default=64)
