@@ -182,7 +182,8 @@ def _check_metadata(value: Any, meta: Mapping[str, Any], key: str) -> None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         ge, gt, le = meta.get("ge"), meta.get("gt"), meta.get("le")
         if (ge is not None and value < ge) or (gt is not None and value <= gt) or (le is not None and value > le):
-            bounds = [text for bound, text in ((ge, f">= {ge}"), (gt, f"> {gt}"), (le, f"<= {le}")) if bound is not None]
+            bounds = [text for bound, text in ((ge, f">= {ge}"), (gt, f"> {gt}"), (le, f"<= {le}"))
+                      if bound is not None]
             raise ConfigError.at(key, value, "must be " + " and ".join(bounds))
     if meta.get("check") is not None:
         problem = meta["check"](value)
@@ -436,8 +437,6 @@ class RankerSection:
     checkpoint: str | None = setting(None, doc="exported ranker directory (null = the packaged SmolLM2 ranker)")
     required: bool = setting(False, doc="refuse to start without a ranker (else: log it and schedule with "
                                         "score 0, i.e. arrival order)")
-    train_if_missing: bool = setting(False, doc="train and export the ranker first when the checkpoint is missing")
-    train_config: str | None = setting("configs/ranker_smollm2.yaml", doc="training config for train_if_missing")
     max_batch: int = setting(32, ge=1, le=1024, doc="prompts per ranker forward pass")
     reuse_pass: bool = setting(True, doc="when the ranker's backbone is the served model's own first blocks, keep "
                                          "its pass over each prompt and start that prompt's prefill there "
@@ -456,11 +455,6 @@ class RankerSection:
                                              "on a 2-core CPU; warm-up stops before their memory mappings fill 75% "
                                              "of Linux's vm.max_map_count and fuses only what it compiled (0 = "
                                              "never: every pass runs on its own at arrival); needs reuse_pass")
-
-    def validate(self) -> None:
-        if self.enabled and self.train_if_missing and not self.train_config:
-            raise ConfigError.at("train_config", self.train_config,
-                                 "a training config path is required when ranker.train_if_missing is true")
 
 
 @dataclasses.dataclass

@@ -128,7 +128,6 @@ def test_set_overrides_the_file(tmp_path):
     (["logging.level=LOUD"], "logging.level", "'DEBUG', 'INFO'"),
     (["model.dtype=float8"], "model.dtype", "'float32', 'bfloat16'"),
     (["scheduler.policy=classify", "ranker.enabled=false"], "ranker.enabled", "classify"),
-    (["ranker.train_if_missing=true", "ranker.train_config=null"], "ranker.train_config", "required"),
 ])
 def test_bad_values_name_the_dotted_key(overrides, key, fragment):
     with pytest.raises(ConfigError) as info:

@@ -14,6 +14,7 @@ import pytest
 
 from ltr_jax.engine.engine import Engine, EngineConfig, SlotSampling
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams
+from ltr_jax.engine.ranking import NoRanking
 from ltr_jax.engine.sampling import _filter_top_k_top_p, sample_tokens
 from ltr_jax.models.llama import Llama
 from ltr_jax.models.tiny import tiny_model
@@ -300,10 +301,12 @@ def test_a_burst_is_ranked_over_several_boundaries_while_the_running_request_dec
     finish: dict[str, str] = {}
     calls: list[tuple[int, int]] = []  # (prompts scored in the call, tokens "first" had by then)
 
-    class CountingRanker:
-        def score(self, batch):
+    class CountingRanker(NoRanking):
+        def rank(self, requests, batch):
             calls.append((len(batch), len(got.get("first", []))))
-            return np.array([-len(p) for p in batch], np.float32)
+            for req, p in zip(requests, batch):
+                req.score = -len(p)
+            self.counters["ranker_requests"] += len(batch)
 
     def sink(ev):
         got.setdefault(ev.request_id, []).extend(ev.token_ids)
@@ -314,7 +317,7 @@ def test_a_burst_is_ranked_over_several_boundaries_while_the_running_request_dec
         got.clear(), finish.clear(), calls.clear()
         engine = Engine(model, EngineConfig(num_slots=1, max_seq_len=256))
         orch = Orchestrator(engine, loaded.tokenizer, Scheduler(make_policy("ltr", max_preemptions=0), 1),
-                            ranker=CountingRanker(), score_per_boundary=score_per_boundary)
+                            ranking=CountingRanker(), score_per_boundary=score_per_boundary)
         orch.submit(prompts[0], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True), sink,
                     request_id="first")
         orch._boundary()  # "first" is scored and starts decoding
@@ -345,15 +348,15 @@ def test_busy_time_includes_the_arrivals_ranker_passes(tiny):
     loaded, model = tiny
     prompts = _prompts(3, seed=6)
 
-    class SlowRanker:
-        def score(self, batch):
+    class SlowRanker(NoRanking):
+        def rank(self, requests, batch):
             time.sleep(0.5)
-            return np.zeros(len(batch), np.float32)
+            self.counters["ranker_calls"] += 1
 
     engine = Engine(model, EngineConfig(num_slots=4, max_seq_len=256))
 
     def serve(ranker):
-        orch = Orchestrator(engine, loaded.tokenizer, Scheduler(make_policy("ltr"), 4), ranker=ranker)
+        orch = Orchestrator(engine, loaded.tokenizer, Scheduler(make_policy("ltr"), 4), ranking=ranker)
         for i, p in enumerate(prompts):
             orch.submit(p, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), lambda ev: None)
         orch.run_until_idle()

@@ -1,14 +1,18 @@
 """A waiting prompt's ranker pass run inside a decode step: the step's tokens, the pass and the score are those of
 running them apart, and the orchestrator serves the same tokens with it."""
 
+import mmap
+import os
 import sys
+import tempfile
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ltr_jax.engine.engine import Engine, EngineConfig, SlotSampling
-from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, share_prefix, warmup_ranker
+from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams
+from ltr_jax.engine.ranking import make_ranking_stage, share_prefix, warmup_ranker
 from ltr_jax.models.llama import Llama
 from ltr_jax.models.ranker import RankerHead, RankerScorer, RankerSpec
 from ltr_jax.models.tiny import tiny_model
@@ -102,7 +106,7 @@ def serve(loaded, model, fuse, compile_counts, warm_engine):
                   fused_shapes=scorer.pass_shapes(batch) if fuse else (), cache_lens=cache_lens)
     before = compile_counts()
     orch = Orchestrator(engine, loaded.tokenizer, Scheduler(make_policy("ltr", max_preemptions=0), 2),
-                        ranker=scorer, fuse_ranker_pass=fuse)
+                        ranking=make_ranking_stage(engine, scorer, fuse_pass=fuse))
     got: dict[str, list[int]] = {}
     order: list[str] = []
 
@@ -142,7 +146,7 @@ def test_fused_warmup_stops_within_the_memory_map_budget_most_common_shapes_firs
     """Each compiled step holds memory mappings and a process past vm.max_map_count crashes on its next compile:
     warm-up stops before the budget, having compiled the most common pass shapes (serving fuses only compiled
     steps: see the test above)."""
-    import ltr_jax.engine.engine as engine_module
+    import ltr_jax.engine.ranking as ranking_module
 
     loaded, model = served
     scorer = make_scorer(loaded)
@@ -152,17 +156,18 @@ def test_fused_warmup_stops_within_the_memory_map_budget_most_common_shapes_firs
     assert shapes == [(0, 24), (0, 16), (0, 48)]  # the most common first
     calls = iter(range(10_000))
     # a fake process: 200 mappings at first, 50 more at each look (so about 50 per compiled step), limit 1000
-    monkeypatch.setattr(engine_module, "memory_maps", lambda: (200 + 50 * next(calls), 1000))
+    monkeypatch.setattr(ranking_module, "memory_maps", lambda: (200 + 50 * next(calls), 1000))
     cache_lens = [64, 128]
+    lengths = scorer.pass_lengths(batch)
     with caplog.at_level("WARNING"):
-        engine.warmup_generate_with_pass(2, shapes, cache_lens, map_budget=0.5)
+        warmup_ranker(engine, scorer, lengths, fused_shapes=shapes, cache_lens=cache_lens, map_budget=0.5)
     fused_keys = sorted(k[1:] for k in engine.stats.compiled_shapes if k[0] == "generate_pass")
     # looks before step i: 200 + 100 i; the next step is judged at 50 more; 500 allowed: steps 0, 1, 2 compile
     assert fused_keys == [(64, 2, 0, 16), (64, 2, 0, 24), (128, 2, 0, 24)]
     assert engine.stats.fused_variants_skipped == 3
     assert "vm.max_map_count" in caplog.text and "ranker.fuse_max_len" in caplog.text
     with pytest.raises(ValueError, match="map_budget"):
-        engine.warmup_generate_with_pass(2, shapes, cache_lens, map_budget=0)
+        warmup_ranker(engine, scorer, lengths, fused_shapes=shapes, cache_lens=cache_lens, map_budget=0)
 
 
 def test_memory_maps_counts_this_process_against_the_kernel_limit():
@@ -175,6 +180,14 @@ def test_memory_maps_counts_this_process_against_the_kernel_limit():
     with open("/proc/self/maps", "rb") as f:
         assert abs(used - sum(1 for _ in f)) < 50  # the same process, a moment apart
     assert 0 < used < limit
-    held = [np.ones(1 << 18) for _ in range(8)]  # 2 MiB arrays: each its own mapping
-    assert memory_maps()[0] > used
+    with tempfile.TemporaryDirectory() as tmp:  # distinct files: their mappings can never merge
+        files = [open(os.path.join(tmp, f"m{i}"), "w+b") for i in range(8)]  # noqa: SIM115 - closed below
+        for f in files:
+            f.write(b"\0" * mmap.PAGESIZE)
+            f.flush()
+        held = [mmap.mmap(f.fileno(), mmap.PAGESIZE) for f in files]
+        assert memory_maps()[0] > used
+        for m, f in zip(held, files):
+            m.close()
+            f.close()
     del held

@@ -6,13 +6,12 @@ import pytest
 from flax import nnx
 
 from ltr_jax.models.llama import hidden_states
+from ltr_jax.models.padding import length_bucket, length_ladder
 from ltr_jax.models.ranker import (
     RankerHead,
     RankerScorer,
     RankerSpec,
     backbone_params,
-    length_bucket,
-    length_ladder,
     pool,
     truncate_prompt_tokens,
 )
@@ -142,8 +141,10 @@ def test_scorer_refuses_a_backbone_of_another_width(model):
 def test_length_buckets_step_by_at_most_half_and_cap():
     assert length_ladder(512) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
     assert [length_bucket(n, 512) for n in (1, 16, 17, 25, 84, 100, 300, 600)] == [16, 16, 24, 32, 96, 128, 384, 512]
-    assert length_ladder(512, min_bucket=20)[:3] == [24, 32, 48] and length_ladder(8, min_bucket=1) == [1, 2, 3, 4, 6, 8]
-    assert length_bucket(90, 100) == 96 and length_bucket(97, 100) == 100 and length_ladder(100) == [16, 24, 32, 48, 64, 96, 100]
+    assert length_ladder(512, min_bucket=20)[:3] == [24, 32, 48]
+    assert length_ladder(8, min_bucket=1) == [1, 2, 3, 4, 6, 8]
+    assert length_bucket(90, 100) == 96 and length_bucket(97, 100) == 100
+    assert length_ladder(100) == [16, 24, 32, 48, 64, 96, 100]
     for n in range(1, 513):  # every prompt fits its bucket, and padding stays under a third of the bucket
         b = length_bucket(n, 512)
         assert n <= b and (b <= 16 or b - n < b / 3)

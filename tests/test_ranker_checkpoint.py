@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ltr_jax.models.ranker import RankerHead, RankerScorer, RankerSpec
+from ltr_jax.models.ranker_checkpoint import RankerCheckpointError, load_ranker, load_scorer, save_ranker
 from ltr_jax.models.tiny import tiny_model
-from ltr_jax.train.checkpoint import RankerCheckpointError, load_ranker, load_scorer, save_ranker
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ prompts by SmolLM2's own output lengths."""
 import numpy as np
 import pytest
 
+from ltr_jax.models.ranker_checkpoint import default_ranker_path, load_ranker, load_scorer
 from ltr_jax.train import data
-from ltr_jax.train.checkpoint import default_ranker_path, load_ranker, load_scorer
 from ltr_jax.train.evaluate import ranking_metrics
 from ltr_jax.train.trainer import PROJECT_ROOT, TrainConfig
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from ltr_jax.engine.engine import Engine, EngineConfig, SlotSampling
-from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, shares_ranker_pass, warmup_ranker
+from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams
+from ltr_jax.engine.ranking import make_ranking_stage, shares_ranker_pass, warmup_ranker
 from ltr_jax.models.llama import Llama
 from ltr_jax.models.ranker import BackboneState, RankerHead, RankerScorer, RankerSpec
 from ltr_jax.models.tiny import tiny_model
@@ -81,8 +82,8 @@ def test_the_pass_is_shared_only_with_the_model_it_came_from(served):
 
 def run_requests(loaded, model, scorer, lengths, reuse=True, budget_mb=1024.0, slots=2):
     engine = Engine(model, EngineConfig(num_slots=slots, max_seq_len=256))
-    orch = Orchestrator(engine, loaded.tokenizer, Scheduler(make_policy("ltr"), slots), ranker=scorer,
-                        reuse_ranker_pass=reuse, ranker_state_budget_mb=budget_mb)
+    orch = Orchestrator(engine, loaded.tokenizer, Scheduler(make_policy("ltr"), slots),
+                        ranking=make_ranking_stage(engine, scorer, reuse_pass=reuse, state_budget_mb=budget_mb))
     got: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts_of([7, 30, 12, 50, 3, 21], seed=2)):
         sp = SamplingParams(max_tokens=lengths[i], temperature=0.9, seed=40 + i, ignore_eos=True)
@@ -116,13 +117,13 @@ def test_over_budget_the_last_ranked_requests_drop_their_pass_first(served):
     engine = Engine(model, EngineConfig(num_slots=1, max_seq_len=256))
     prompts = prompts_of([20] * 6, seed=4)  # one padded length: every state has the same size
     size = scorer.raw_with_state(prompts[:1])[2][0].nbytes
-    orch = Orchestrator(engine, loaded.tokenizer, Scheduler(make_policy("ltr"), 1), ranker=scorer,
-                        ranker_state_budget_mb=2.5 * size / 2**20)
+    orch = Orchestrator(engine, loaded.tokenizer, Scheduler(make_policy("ltr"), 1),
+                        ranking=make_ranking_stage(engine, scorer, state_budget_mb=2.5 * size / 2**20))
     for i, p in enumerate(prompts):
         orch.submit(p, SamplingParams(max_tokens=2, ignore_eos=True), lambda ev: None, request_id=f"r{i}")
     orch._take_inbox()
     jobs = sorted(orch._jobs.values(), key=lambda j: -j.request.score)
-    assert [j.backbone_state is not None for j in jobs] == [True, True, False, False, False, False]
+    assert [orch.ranking.keeps_pass(j.request) for j in jobs] == [True, True, False, False, False, False]
     assert orch.stats()["ranker_state_bytes"] == 2 * size
     assert orch.stats()["ranker_states_dropped"] == 4
     orch.run_until_idle()
@@ -144,7 +145,7 @@ def test_after_warmup_serving_compiles_nothing_with_a_restored_ranker(served, tm
     jit signature includes commitment, so unless the engine commits everything alike, the warmed-up shapes are
     compiled again mid-traffic (seconds of stall per shape on a CPU)."""
     from ltr_jax.models.ranker import length_bucket
-    from ltr_jax.train.checkpoint import load_scorer, save_ranker
+    from ltr_jax.models.ranker_checkpoint import load_scorer, save_ranker
 
     loaded, model = served
     fresh = make_scorer(loaded)
@@ -155,7 +156,8 @@ def test_after_warmup_serving_compiles_nothing_with_a_restored_ranker(served, tm
     warmup_ranker(engine, scorer, sorted({length_bucket(len(p), 64, scorer.min_bucket) for p in prompts}),
                   batch_sizes=(1, 2, 4))
     before = engine_compile_counts()
-    orch = Orchestrator(engine, loaded.tokenizer, Scheduler(make_policy("ltr"), 2), ranker=scorer)
+    orch = Orchestrator(engine, loaded.tokenizer, Scheduler(make_policy("ltr"), 2),
+                        ranking=make_ranking_stage(engine, scorer))
     got: dict[str, list[int]] = {}
     for i, (prompt, n) in enumerate(zip(prompts, outputs)):
         orch.submit(prompt, SamplingParams(max_tokens=n, ignore_eos=True),

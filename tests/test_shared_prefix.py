@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 
 from ltr_jax.engine.engine import Engine, EngineConfig, SlotSampling
-from ltr_jax.engine.orchestrator import (
-    Orchestrator,
-    SamplingParams,
-    share_prefix,
-    shares_ranker_pass,
-    warmup_ranker,
-)
+from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams
+from ltr_jax.engine.ranking import make_ranking_stage, share_prefix, shares_ranker_pass, warmup_ranker
 from ltr_jax.models.llama import Llama
 from ltr_jax.models.ranker import RankerHead, RankerScorer, RankerSpec
 from ltr_jax.models.tiny import tiny_model
@@ -124,7 +119,8 @@ def serve(loaded, model, scorer, header, compile_counts, warm_engine=None):
         warm_engine(engine, batch, outputs)
         warmup_ranker(engine, scorer, scorer.pass_lengths(batch), batch_sizes=(1, 2, 4))
     before = compile_counts()
-    orch = Orchestrator(engine, loaded.tokenizer, Scheduler(make_policy("ltr"), 2), ranker=scorer)
+    orch = Orchestrator(engine, loaded.tokenizer, Scheduler(make_policy("ltr"), 2),
+                        ranking=make_ranking_stage(engine, scorer))
     got: dict[str, list[int]] = {}
     for i, (prompt, n) in enumerate(zip(batch, outputs)):
         orch.submit(prompt, SamplingParams(max_tokens=n, temperature=0.8, seed=i, ignore_eos=True),

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from ltr_jax.models.ranker import RankerSpec
+from ltr_jax.models.ranker_checkpoint import load_scorer
 from ltr_jax.models.tiny import tiny_model
 from ltr_jax.train import __main__ as cli
-from ltr_jax.train.checkpoint import load_scorer
 from ltr_jax.train.evaluate import pair_accuracy, per_group_tau, ranking_metrics
 from ltr_jax.train.features import cached_features, compute_features
 from ltr_jax.train.trainer import (

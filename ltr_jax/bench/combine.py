@@ -27,7 +27,8 @@ from ltr_jax.bench.report import VIA_LABELS, ratios, starvation_cost
 
 #: report fields that must be equal in every pooled run (else they are different experiments)
 SAME_EXPERIMENT = ("benchmark", "model", "length_source", "arrival", "n", "slots", "temperature",
-                   "max_preemptions", "preempt_mode", "starvation", "ranker", "classifier", "ranker_tau", "classify_tau",
+                   "max_preemptions", "preempt_mode", "starvation", "ranker", "classifier", "ranker_tau",
+                   "classify_tau",
                    "step_model", "reuse_ranker_pass", "via", "score_per_boundary", "fuse_ranker_pass")
 
 

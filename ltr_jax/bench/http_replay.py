@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from ltr_jax.bench.policy_bench import Item, Observed
+from ltr_jax.bench.workload import Item, Observed
 from ltr_jax.engine.orchestrator import Orchestrator
 from ltr_jax.server.loadgen import error_message, stream_events
 
@@ -133,7 +133,7 @@ def run_over_http(engine, tokenizer, scheduler, orchestrator_kwargs: dict[str, A
     config = ServeConfig()
     config.server = dataclasses.replace(config.server, max_queue=len(items) + 1, request_timeout_s=None)
     runtime = Runtime(config=config, model_name=model_name, tokenizer=tokenizer, engine=engine, orchestrator=orch,
-                      metrics=metrics, ranker=orchestrator_kwargs.get("ranker"),
+                      metrics=metrics, ranker=orchestrator_kwargs.get("ranking"),
                       ranker_note=f"benchmark replay of policy {policy}")
     bar = tqdm(total=len(items), desc=desc, unit="req", leave=False, disable=not args.progress)
     with serve_in_thread(config, runtime=runtime) as handle:

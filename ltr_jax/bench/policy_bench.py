@@ -20,7 +20,6 @@ import json
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,49 +27,20 @@ from tqdm import tqdm
 
 from ltr_jax.bench.options import add_shared_options, check_policies, resolve_threshold
 from ltr_jax.bench.report import VIA_LABELS, ratios, starvation_cost, write_report
+from ltr_jax.bench.workload import Item, Observed
 from ltr_jax.engine.engine import Engine, EngineConfig
-from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent, share_prefix, warmup_ranker
+from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent
+from ltr_jax.engine.ranking import make_ranking_stage, share_prefix, warmup_ranker
 from ltr_jax.machine import machine_info
 from ltr_jax.models.llama import Llama
+from ltr_jax.models.ranker_checkpoint import default_ranker_path, load_scorer
 from ltr_jax.scheduler.metrics import distribution
 from ltr_jax.scheduler.scheduler import Scheduler, StarvationConfig
 from ltr_jax.sim.trace import make_arrivals
-from ltr_jax.train.checkpoint import default_ranker_path, load_scorer
 
 # Ranker batch sizes compiled before timing; the scorers batch no wider, so a burst of arrivals splits into these
 # shapes instead of compiling a wider one mid-run.
 RANKER_BATCHES = (1, 2, 4)
-
-
-@dataclass
-class Item:
-    """One request of the workload: prompt tokens and the output length to replay."""
-
-    id: str
-    prompt_tokens: list[int]
-    output_len: int
-
-
-@dataclass
-class Observed:
-    """Client-side timestamps of one request.
-
-    ``submit`` is the request's scheduled arrival (open loop: a client that sends late does not hide the wait from
-    the latency), or, for the one-at-a-time probes, when it was sent; ``sent`` is when it was actually sent.
-    In-process, ``token_times`` holds one time per token. Over HTTP it holds one time per streamed chunk (the
-    tokens the server had ready at once) and ``tokens`` is the count the server reported in the usage record."""
-
-    submit: float
-    output_len: int
-    sent: float | None = None
-    token_times: list[float] = field(default_factory=list)
-    finish: float | None = None
-    reason: str | None = None
-    tokens: int | None = None
-
-    @property
-    def n_tokens(self) -> int:
-        return self.tokens if self.tokens is not None else len(self.token_times)
 
 
 # ------------------------------------------------------------------------------------------------ workload
@@ -143,9 +113,11 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
     """Replay `items` at `arrivals` (seconds from start) under `policy`, in-process or over HTTP (``args.via``);
     `sequential` submits each request only after the previous one finished (an unloaded system)."""
     sched = make_scheduler(policy, engine.num_slots, args, starvation_threshold)
-    orch_kwargs = {"ranker": ranker if sched.policy.uses_ranker else None, "max_queue": len(items) + 1,
-                   "reuse_ranker_pass": args.reuse_ranker_pass, "preempt_mode": args.preempt_mode,
-                   "score_per_boundary": args.score_per_boundary, "fuse_ranker_pass": args.fuse_ranker_pass}
+    ranker = ranker if sched.policy.uses_ranker else None
+    ranking = None if ranker is None else make_ranking_stage(engine, ranker, reuse_pass=args.reuse_ranker_pass,
+                                                            fuse_pass=args.fuse_ranker_pass)
+    orch_kwargs = {"ranking": ranking, "max_queue": len(items) + 1, "preempt_mode": args.preempt_mode,
+                   "score_per_boundary": args.score_per_boundary}
     shapes_before = set(engine.stats.compiled_shapes)  # a shape first met mid-run compiles inside the timing
     budget = None if sequential else args.sdg_budget  # the probes of an unloaded system run to their end
     target = None if sequential else args.sdg_target
@@ -359,12 +331,12 @@ def load_serving_model(source: str | None):
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     policies = args.policies.split(",")
-    from ltr_jax.server.runtime import StartupError, enable_compilation_cache
+    from ltr_jax.engine.compilation_cache import CompilationCacheError, enable_compilation_cache
 
     try:
         enable_compilation_cache(None if args.compilation_cache == "none" else args.compilation_cache,
                                  key="--compilation-cache", off="'none'")
-    except StartupError as err:
+    except CompilationCacheError as err:
         raise SystemExit(str(err)) from None
     loaded = load_serving_model(args.model)
     model = Llama.from_params(loaded.config, loaded.params)

@@ -168,7 +168,8 @@ def _markdown_row(row: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     m = result["step_model"]
     lines = ["# projection of a real-engine run", "",
-             (f"Engine model from `{result['run']}`: prefill {m['ttft_s'] * 1000:.0f} ms for a {m['mean_prompt_len']:.0f}"
+             (f"Engine model from `{result['run']}`: prefill {m['ttft_s'] * 1000:.0f} ms for a "
+              f"{m['mean_prompt_len']:.0f}"
              f"-token prompt, decode step {m['tpot_alone_s'] * 1000:.0f} ms alone and {m['tpot_full_s'] * 1000:.0f} ms"
              f" with all {m['slots']} slots busy; modelled capacity {result['capacity_req_s']:.3f} req/s and "
              f"unloaded latency {result['unloaded_latency_s']:.2f} s over the {result['pool_prompts']} prompts of "

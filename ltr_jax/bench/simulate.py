@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def default_tau() -> tuple[float, str]:
     try:
-        from ltr_jax.train.checkpoint import default_ranker_path, read_spec
+        from ltr_jax.models.ranker_checkpoint import default_ranker_path, read_spec
 
         _, meta = read_spec(default_ranker_path())
         if meta.get("cv_kendall_tau_b"):

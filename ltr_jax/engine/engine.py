@@ -42,9 +42,9 @@ import numpy as np
 from flax import nnx
 
 from ltr_jax.engine.sampling import sample_tokens
-from ltr_jax.machine import memory_maps
 from ltr_jax.models.config import LlamaConfig
-from ltr_jax.models.llama import Llama
+from ltr_jax.models.llama import BackboneState, Llama
+from ltr_jax.models.padding import length_ladder
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +69,9 @@ class EngineConfig:
             raise ValueError(f"engine.cache_bucket_step={self.cache_bucket_step} must be >= 1")
 
     def prefill_buckets(self) -> list[int]:
-        """Every padded prefill length: doublings of min_prefill_bucket and the 1.5x step between each pair (16, 24,
-        32, 48, 64, 96, ...), then max_seq_len. A prefill's cost grows with its padded tokens (on a 2-core CPU about
-        2 ms per token over a fixed 90 ms for SmolLM2), so this wastes at most a third of a row where doublings alone
-        waste up to half; it also matches the ranker's ladder, so a prompt's pass and the rest of its prefill use
-        the same padding."""
-        out, b = [], self.min_prefill_bucket
-        while b < self.max_seq_len:
-            for m in (b, b * 3 // 2):
-                if (not out or m > out[-1]) and m < self.max_seq_len:
-                    out.append(m)
-            b *= 2
-        return out + [self.max_seq_len]
+        """Every padded prefill length: the one padding ladder (`ltr_jax.models.padding`) up to max_seq_len, the
+        same the ranker's passes use, so a prompt's pass and the rest of its prefill share one padding."""
+        return length_ladder(self.max_seq_len, self.min_prefill_bucket)
 
     def prefill_bucket(self, n: int) -> int:
         for b in self.prefill_buckets():
@@ -501,8 +492,6 @@ class Engine:
         """Compile `prefill_from_state` for backbone states of ``n_layers`` blocks padded to each of ``lengths``,
         with and (when one is cached) after the shared prefix, and the inserts of the prefill buckets they map to;
         returns seconds spent."""
-        from ltr_jax.models.ranker import BackboneState
-
         c, t0 = self.model_config, time.perf_counter()
         dt = jnp.dtype(c.dtype)
         starts = [0] + ([self.shared_prefix.length] if self.shared_prefix is not None else [])
@@ -525,10 +514,6 @@ class Engine:
         """The prefix buckets `swap_out` may produce from a cache of ``cache_len`` rows."""
         top = self.config.prefill_bucket(max(1, min(cache_len, self.config.max_seq_len) - 1))
         return [b for b in self.config.prefill_buckets() if b <= top]
-
-    def layer_weights(self) -> list[dict[str, Any]]:
-        """Per-layer weight arrays of the served model (to check that a ranker's backbone is this model)."""
-        return [{k: v[...] for k, v in self.params["layers"][i].items()} for i in range(self.model_config.n_layers)]
 
     def insert(self, prefix: Prefix, slot: int) -> None:
         """Place a prefix into decode slot `slot` and mark it active."""
@@ -561,7 +546,8 @@ class Engine:
 
     def _swap_bucket(self, slot: int) -> int:
         if not (0 <= slot < self.num_slots and self.host_active[slot]):
-            raise ValueError(f"slot {slot} is not an active slot of this engine; only a running slot can be swapped out")
+            raise ValueError(f"slot {slot} is not an active slot of this engine; only a running slot can be swapped "
+                             "out")
         return self.config.prefill_bucket(int(self.host_lengths[slot]))
 
     def free(self, slot: int) -> None:
@@ -579,13 +565,16 @@ class Engine:
                                             cache_len=cache_len)
             self.cache_len = cache_len
 
-    def fit_cache(self) -> None:
-        """Grow the cache to hold every active sequence plus its next token; shrink it (with hysteresis) when the
-        longest sequence fits a bucket under half the current length."""
+    def planned_cache_len(self) -> int:
+        """The cache length the next step will use: grown to hold every active sequence plus its next token, shrunk
+        (with hysteresis) when the longest sequence fits a bucket under half the current length."""
         longest = int(self.host_lengths[self.host_active].max()) if self.host_active.any() else 0
         need = self.config.cache_bucket(longest + 1)
-        if need > self.cache_len or need * 2 <= self.cache_len:
-            self.resize_cache(need)
+        return need if need > self.cache_len or need * 2 <= self.cache_len else self.cache_len
+
+    def fit_cache(self) -> None:
+        """Resize the cache to `planned_cache_len`."""
+        self.resize_cache(self.planned_cache_len())
 
     def generate(self) -> jax.Array:
         """One decode step for all active slots. Returns the device array of new tokens [slots] (int32)."""
@@ -596,15 +585,21 @@ class Engine:
         self.host_lengths += self.host_active
         return tokens
 
-    def _pass_key(self, n_layers: int, start: int, bucket: int) -> tuple:
-        return ("generate_pass", self.cache_len, n_layers, start, bucket)
+    def _pass_key(self, cache_len: int, n_layers: int, start: int, bucket: int) -> tuple:
+        return ("generate_pass", cache_len, n_layers, start, bucket)
 
     def pass_compiled(self, tokens, n_layers: int, bucket: int) -> bool:
         """Whether `generate_with_pass` of this prompt (its tokens after the shared prefix padded to ``bucket``) is
         compiled for the cache length the next step uses: serving fuses a pass only then, so it never compiles
         mid-traffic."""
-        self.fit_cache()
-        return self._pass_key(n_layers, self.shared_prefix_len(tokens), bucket) in self.stats.compiled_shapes
+        key = self._pass_key(self.planned_cache_len(), n_layers, self.shared_prefix_len(tokens), bucket)
+        return key in self.stats.compiled_shapes
+
+    def can_run_pass(self, start: int, bucket: int) -> bool:
+        """Whether a pass of ``bucket`` padded tokens after ``start`` shared-prefix tokens fits this engine (its
+        shared prefix, when ``start`` > 0, and max_seq_len)."""
+        prefix_ok = not start or (self.shared_prefix is not None and self.shared_prefix.length == start)
+        return prefix_ok and start + bucket < self.config.max_seq_len
 
     def generate_with_pass(self, tokens, n_layers: int, bucket: int):
         """`generate`, and in the same compiled step the pass of prompt ``tokens`` (a waiting request's, not in a
@@ -612,8 +607,6 @@ class Engine:
         ``bucket``. The prompt's rows share each of those blocks' weight reads with the decode rows, so a ranker
         whose backbone is these blocks scores it for far less than a pass of its own. Returns (new tokens [slots],
         the prompt's `BackboneState`), which `prefill_from_state` later finishes."""
-        from ltr_jax.models.ranker import BackboneState
-
         start = self.shared_prefix_len(tokens)
         m = len(tokens) - start
         if not 0 < n_layers <= self.model_config.n_layers:
@@ -628,50 +621,25 @@ class Engine:
         self.stats.fused_passes += 1
         past = self.shared_prefix.kv[:n_layers] if start else ()
         self.decode_state, new, hidden, kv = self._timed(
-            self._pass_key(n_layers, start, bucket), self._generate_pass, n_layers, self.params, self.decode_state,
+            self._pass_key(self.cache_len, n_layers, start, bucket), self._generate_pass, n_layers, self.params,
+            self.decode_state,
             self.host_active.copy(), past, padded, np.int32(m))
         self.host_lengths += self.host_active
         return new, BackboneState(hidden, kv, m, start)
 
-    def warmup_generate_with_pass(self, n_layers: int, shapes, cache_lens: list[int],
-                                  map_budget: float = 0.75) -> float:
-        """Compile `generate_with_pass` for passes of ``n_layers`` blocks of each (shared-prefix length, padded
-        length) in ``shapes``, in the order given (put the most common first), each at every decode cache length;
-        returns seconds spent. Leaves no slot active.
-
-        On a CPU each such step holds a few hundred memory mappings (its kernels' code and data), and a process
-        past the kernel's ``vm.max_map_count`` fails its next compile ("Cannot allocate memory", then a crash)
-        however much memory is free. So warm-up stops before this process would hold more than ``map_budget`` of
-        that limit, judging the next step by the largest one compiled so far; the shapes left out are not fused
-        (the orchestrator fuses only compiled steps and runs the other passes on their own) and are counted in
-        ``stats.fused_variants_skipped``."""
-        if not 0 < map_budget <= 1:
-            raise ValueError(f"map_budget must be in (0, 1], got {map_budget!r}")
+    def warmup_generate_with_pass(self, n_layers: int, start: int, bucket: int, cache_len: int) -> float:
+        """Compile `generate_with_pass` for a pass of ``n_layers`` blocks over ``bucket`` padded tokens after
+        ``start`` shared-prefix tokens, at decode cache length ``cache_len``; returns seconds spent. Leaves no slot
+        active."""
+        if not self.can_run_pass(start, bucket):
+            raise ValueError(f"a pass of {bucket} tokens after {start} shared ones does not fit this engine")
         t0 = time.perf_counter()
         self.host_active[:] = False
         self.host_lengths[:] = 0
-        todo = [(start, bucket, n) for start, bucket in shapes for n in cache_lens
-                if not (start and (self.shared_prefix is None or self.shared_prefix.length != start))
-                and start + bucket < self.config.max_seq_len]
-        largest = 0
-        for i, (start, bucket, n) in enumerate(todo):
-            before = memory_maps()
-            if before is not None and largest and before[0] + largest > map_budget * before[1]:
-                self.stats.fused_variants_skipped += len(todo) - i
-                log.warning(
-                    "fused ranker pass: compiled %d of %d decode steps with a pass; the other %d would take this "
-                    "process past %.0f%% of vm.max_map_count (%d memory mappings held, about %d more each, limit "
-                    "%d), so those passes run on their own. To fuse more, raise the limit (sysctl -w "
-                    "vm.max_map_count=262144) or fuse fewer prompt lengths (lower ranker.fuse_max_len).",
-                    i, len(todo), len(todo) - i, 100 * map_budget, before[0], largest, before[1])
-                break
-            self.resize_cache(n)
-            past = self.shared_prefix.kv[:n_layers] if start else ()
-            self.decode_state, *_ = self._timed(
-                self._pass_key(n_layers, start, bucket), self._generate_pass, n_layers, self.params,
-                self.decode_state, self.host_active.copy(), past, np.zeros(bucket, np.int32), np.int32(1))
-            after = memory_maps()
-            if before is not None and after is not None:
-                largest = max(largest, after[0] - before[0])
+        self.resize_cache(cache_len)
+        past = self.shared_prefix.kv[:n_layers] if start else ()
+        self.decode_state, *_ = self._timed(
+            self._pass_key(cache_len, n_layers, start, bucket), self._generate_pass, n_layers, self.params,
+            self.decode_state, self.host_active.copy(), past, np.zeros(bucket, np.int32), np.int32(1))
         self.fit_cache()
         return time.perf_counter() - t0

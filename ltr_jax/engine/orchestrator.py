@@ -2,24 +2,20 @@
 
 Owns the one thread that touches the engine. At every batch boundary it:
 
-1. takes cancellations and new submissions from a thread-safe inbox and scores the oldest unscored arrivals with
-   the ranker (all of them, or at most ``score_per_boundary``, so a burst is ranked over several boundaries while
-   the running requests keep decoding; the scheduler sees a request once it is scored); when the ranker's
-   backbone is the served model's own first blocks, each prompt's pass through them is kept (within a memory
-   budget) and its prefill later starts there, so ranking costs no extra model compute;
-   (when the engine and ranker cache a shared prefix, the chat template's fixed header, a prompt's pass and its
-   prefill run only the tokens after it; see `share_prefix`);
+1. takes cancellations and new submissions from a thread-safe inbox and has the ranking stage
+   (`ltr_jax.engine.ranking.RankingStage`) score the oldest unscored arrivals (all of them, or at most
+   ``score_per_boundary``, so a burst is ranked over several boundaries while the running requests keep decoding;
+   the scheduler sees a request once it is scored);
 2. expires requests past their deadline;
 3. asks the scheduler (`schedule(now)`) which running requests to evict and which waiting ones to admit;
-4. evicts, prefills + inserts admitted requests, emitting the token each prefill yields. An evicted request's
-   tokens stay on the host; with ``preempt_mode="swap"`` (default) its K/V is copied out of the slot too
-   (`Engine.swap_out`, within a memory budget) and its resume is a plain insert that continues where it stopped;
-   otherwise (``"recompute"``, or past the budget) its resume re-prefills its prompt plus everything it generated;
+4. evicts, prefills + inserts admitted requests (from the ranking stage's kept pass when it has one), emitting the
+   token each prefill yields. An evicted request's tokens stay on the host; with ``preempt_mode="swap"``
+   (default) its K/V is copied out of the slot too (`Engine.swap_out`, within a memory budget) and its resume is
+   a plain insert that continues where it stopped; otherwise (``"recompute"``, or past the budget) its resume
+   re-prefills its prompt plus everything it generated;
 5. runs one `generate` step over all slots and streams each running request's token and detokenized text. While
-   every slot is busy no arrival could start anyway, so instead of a pass of its own at arrival, the oldest
-   unscored arrival's pass rides on this step (`Engine.generate_with_pass`: its rows share each backbone block's
-   weight reads with the decode rows) and the ranker's head scores it after the step (``fuse_ranker_pass``; only
-   for the shapes warm-up compiled, `warmup_ranker(fused_shapes=...)`: else its pass runs at the next boundary).
+   every slot is busy no arrival could start anyway, so when the ranking stage can, the oldest unscored arrival's
+   pass rides on this step (`RankingStage.generate_fused`) and is scored after it.
 
 The scheduler module stays free of JAX: it only ever sees `Request` records. Any policy object works here.
 An exception while serving one request finishes that request with `finish_reason="error"`; the loop goes on.
@@ -43,7 +39,7 @@ import numpy as np
 
 from ltr_jax.engine.engine import Engine, SlotSampling
 from ltr_jax.engine.preemption import PREEMPT_MODES
-from ltr_jax.models.ranker import length_bucket
+from ltr_jax.engine.ranking import NoRanking, RankingStage
 from ltr_jax.scheduler.request import Request
 from ltr_jax.scheduler.scheduler import Scheduler
 
@@ -112,61 +108,15 @@ class _Job:
     held: str = ""  # decoded text withheld because it could be the start of a stop string
     slot: int | None = None
     done: bool = False
-    backbone_state: Any = None  # the ranker's pass over the prompt (`BackboneState`), until admission
     swapped: Any = None  # the K/V of its slot when it was preempted (`Prefix`), until it resumes
-
-
-def shares_ranker_pass(engine: Engine, ranker: Any) -> bool:
-    """Whether ``ranker``'s backbone is the engine's own first blocks, so its pass over a prompt can start that
-    prompt's prefill (`Engine.prefill_from_state`). Not over a mesh: the ranker runs unsharded on one device, and its
-    passes would reach the engine's sharded functions with a placement warm-up never compiled for."""
-    if engine.mesh is not None:
-        return False
-    check = getattr(ranker, "shares_backbone_with", None)
-    ranker_prefix = tuple(getattr(ranker, "shared_prefix", ()))
-    engine_prefix = engine.shared_prefix.tokens if engine.shared_prefix is not None else ()
-    if ranker_prefix and ranker_prefix != engine_prefix:  # its passes would start after a prefix the engine lacks
-        return False
-    return bool(check and hasattr(ranker, "raw_with_state")
-                and check(engine.model_config, engine.layer_weights()))
-
-
-def share_prefix(tokens, engine: Engine, *rankers: Any) -> int:
-    """Cache the K/V of ``tokens`` (the chat template's fixed header, `ChatTokenizer.shared_prefix`; empty or None:
-    no cache) in the engine and every given ranker, so prompts that start with it run only what follows, in the
-    prefill and in the ranker's pass alike. Call before building the orchestrator. Returns the prefix length."""
-    n = engine.set_shared_prefix(tokens)
-    for ranker in rankers:
-        if ranker is not None:
-            ranker.set_shared_prefix(tokens)
-    return n
-
-
-def warmup_ranker(engine: Engine, ranker: Any, lengths: list[int], batch_sizes=(1,),
-                  reuse_ranker_pass: bool = True, fused_shapes=(), cache_lens=()) -> float:
-    """Compile the ranker for these padded prompt lengths and batch sizes and, when its pass is reused, the engine's
-    `prefill_from_state` for the same lengths, ahead of traffic. ``fused_shapes`` ((shared-prefix length, padded
-    length) pairs, `RankerScorer.pass_shapes`) and ``cache_lens``: also the decode steps that run a pass
-    (`Engine.generate_with_pass`) for those shapes at those cache lengths; the orchestrator fuses only passes whose
-    step is compiled. Returns seconds spent."""
-    t0 = time.perf_counter()
-    reuse = reuse_ranker_pass and shares_ranker_pass(engine, ranker)
-    ranker.warmup(batch_sizes=batch_sizes, lengths=lengths, keep_state=reuse)
-    if reuse:
-        engine.warmup_prefill_from_state(ranker.spec.n_layers, lengths)
-        if fused_shapes and cache_lens:
-            engine.warmup_generate_with_pass(ranker.spec.n_layers, fused_shapes, cache_lens)
-            ranker.warmup_score_state(fused_shapes)
-    return time.perf_counter() - t0
 
 
 class Orchestrator:
     """Continuous batching over an `Engine`, ordered by a `Scheduler`, streaming to per-request callbacks."""
 
-    def __init__(self, engine: Engine, tokenizer, scheduler: Scheduler, ranker=None, max_queue: int = 1024,
-                 observer=None, clock: Callable[[], float] = time.monotonic, reuse_ranker_pass: bool = True,
-                 ranker_state_budget_mb: float = 1024.0, preempt_mode: str = "swap", swap_budget_mb: float = 1024.0,
-                 score_per_boundary: int | None = None, fuse_ranker_pass: bool = True):
+    def __init__(self, engine: Engine, tokenizer, scheduler: Scheduler, ranking: RankingStage | None = None,
+                 max_queue: int = 1024, observer=None, clock: Callable[[], float] = time.monotonic,
+                 preempt_mode: str = "swap", swap_budget_mb: float = 1024.0, score_per_boundary: int | None = None):
         if scheduler.num_slots != engine.num_slots:
             raise ValueError(f"scheduler has {scheduler.num_slots} slots but the engine has {engine.num_slots}")
         if preempt_mode not in PREEMPT_MODES:
@@ -181,7 +131,8 @@ class Orchestrator:
         self.engine = engine
         self.tokenizer = tokenizer
         self.scheduler = scheduler
-        self.ranker = ranker
+        self.ranking: RankingStage = ranking if ranking is not None else NoRanking()
+        self.ranks = ranking is not None
         self.max_queue = max_queue
         self.observer = observer
         self.clock = clock
@@ -201,19 +152,12 @@ class Orchestrator:
         self._stopping = False
         self._drain = True
         self._unfinished = 0
-        self.reuse_ranker_pass = bool(reuse_ranker_pass) and shares_ranker_pass(engine, ranker)
-        # while every slot is busy no arrival can start anyway: its pass then rides on the next decode step
-        self.fuse_ranker_pass = bool(fuse_ranker_pass) and self.reuse_ranker_pass and hasattr(ranker, "score_state")
-        self.ranker_state_budget = int(ranker_state_budget_mb * 2**20)
-        self._holding: set[_Job] = set()  # jobs keeping a backbone state
         self.preempt_mode = preempt_mode
         self.swap_budget = int(swap_budget_mb * 2**20)
         self.counters: dict[str, float] = {
             "tokens_generated": 0, "requests_finished": 0, "requests_errored": 0, "steps": 0,
-            "ranker_seconds": 0.0, "ranker_calls": 0, "ranker_requests": 0, "busy_seconds": 0.0,
-            "reused_ranker_passes": 0, "ranker_states_dropped": 0, "ranker_state_bytes": 0,
+            "ranker_seconds": 0.0, "busy_seconds": 0.0,
             "swapped_out": 0, "swapped_in": 0, "recomputed_resumes": 0, "swapped_bytes": 0,
-            "fused_ranker_passes": 0,
         }
 
     # ------------------------------------------------------------------------------------- thread-safe API
@@ -290,7 +234,7 @@ class Orchestrator:
             return dict(queue_len=self._unfinished - running, running=running,
                         free_slots=self.engine.num_slots - running, num_slots=self.engine.num_slots,
                         preemptions=self.scheduler.num_preemptions, promotions=self.scheduler.num_promotions,
-                        **self.counters)
+                        **self.counters, **self.ranking.counters)
 
     # ------------------------------------------------------------------------------------------- the loop
     def run_until_idle(self) -> None:
@@ -358,16 +302,17 @@ class Orchestrator:
     def _score_some(self) -> None:
         """Score the oldest unscored arrivals, at most ``score_per_boundary`` of them (all with None), and hand them
         to the scheduler. The bound keeps a burst of arrivals from stalling the running requests' decode for the
-        whole burst's ranker passes: the rest wait, unscored, for the next boundaries."""
-        limit = len(self._unscored) if self.ranker is None or self.score_per_boundary is None \
+        whole burst's ranker passes: the rest wait, unscored, for the next boundaries. While every slot is busy, an
+        arrival whose pass can ride on a decode step waits for that step instead."""
+        limit = len(self._unscored) if not self.ranks or self.score_per_boundary is None \
             else self.score_per_boundary
-        busy = self.fuse_ranker_pass and self.scheduler.num_running >= self.engine.num_slots
+        busy = self.scheduler.num_running >= self.engine.num_slots
         batch, deferred = [], []
         while self._unscored and len(batch) < limit:
             job = self._unscored.popleft()
             if job.done:  # cancelled or timed out while it waited to be scored
                 continue
-            if busy and self._fusable(job) is not None:  # no slot for it now: its pass rides on a decode step
+            if busy and self.ranking.can_fuse(job.prompt_tokens):
                 deferred.append(job)
             else:
                 batch.append(job)
@@ -379,37 +324,15 @@ class Orchestrator:
         for job in batch:
             self.scheduler.add(job.request, now)
 
-    def _fusable(self, job: _Job) -> int | None:
-        """The padded length of ``job``'s pass when a decode step can run it (`Engine.generate_with_pass`, that
-        shape compiled), else None: then the ranker scores it on its own at the next boundary."""
-        tokens, ranker = job.prompt_tokens, self.ranker
-        if len(tokens) > ranker.spec.max_prompt_len:  # the ranker cuts it: its pass is not the prefill's start
-            return None
-        start = self.engine.shared_prefix_len(tokens)
-        if start and tuple(ranker.shared_prefix) != self.engine.shared_prefix.tokens:
-            return None
-        bucket = length_bucket(len(tokens) - start, ranker.spec.max_prompt_len, ranker.min_bucket)
-        return bucket if self.engine.pass_compiled(tokens, ranker.spec.n_layers, bucket) else None
-
     def _score(self, jobs: list[_Job]) -> None:
-        if self.ranker is None:
+        if not self.ranks:
             return
         t0 = time.perf_counter()
-        prompts = [j.prompt_tokens for j in jobs]
-        states: list[Any] = [None] * len(jobs)
         try:
-            if self.reuse_ranker_pass:
-                scores, outputs, states = self.ranker.raw_with_state(prompts)
-            elif getattr(getattr(self.ranker, "spec", None), "method", None) == "classify":
-                scores, outputs = self.ranker.raw(prompts)
-            else:
-                scores, outputs = self.ranker.score(prompts), None
+            self.ranking.rank([j.request for j in jobs], [j.prompt_tokens for j in jobs])
         except Exception:  # noqa: BLE001 - a ranker failure must not lose requests: they run unranked
             log.error("ranker failed; requests scheduled with score 0:\n%s", traceback.format_exc())
             return
-        self._set_scores(jobs, scores, outputs, states)
-        self.counters["ranker_calls"] += 1
-        self.counters["ranker_requests"] += len(jobs)
         self._count_ranker_time(time.perf_counter() - t0, len(jobs))
 
     def _count_ranker_time(self, dt: float, n_jobs: int) -> None:
@@ -417,37 +340,6 @@ class Orchestrator:
         self.counters["ranker_seconds"] += dt
         if self.observer:
             self.observer.on_ranker(dt, n_jobs)
-
-    def _set_scores(self, jobs: list[_Job], scores, outputs, states) -> None:
-        classify = getattr(getattr(self.ranker, "spec", None), "method", None) == "classify"
-        buckets = np.argmax(outputs, axis=-1) if classify else None  # S3-style: the most likely length class
-        for i, job in enumerate(jobs):
-            job.request.score = float(scores[i])
-            if buckets is not None:
-                job.request.bucket = int(buckets[i])
-            if states[i] is not None:
-                job.backbone_state = states[i]
-                self._holding.add(job)
-                self.counters["ranker_state_bytes"] += states[i].nbytes
-        self._trim_states()
-
-    def _trim_states(self) -> None:
-        """Keep the backbone states within budget: drop those of the lowest-scored (last to run) requests first;
-        they simply prefill from the first block when admitted."""
-        if self.counters["ranker_state_bytes"] <= self.ranker_state_budget:
-            return
-        for job in sorted(self._holding, key=lambda j: j.request.score):
-            self._release_state(job)
-            self.counters["ranker_states_dropped"] += 1
-            if self.counters["ranker_state_bytes"] <= self.ranker_state_budget:
-                return
-
-    def _release_state(self, job: _Job) -> Any:
-        state, job.backbone_state = job.backbone_state, None
-        if state is not None:
-            self._holding.discard(job)
-            self.counters["ranker_state_bytes"] -= state.nbytes
-        return state
 
     def _expire(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -493,11 +385,8 @@ class Orchestrator:
         try:
             s = job.sampling
             sampling = SlotSampling(float(s.temperature), int(s.top_k), float(s.top_p), job.seed)
-            state = self._release_state(job)
-            if state is not None and not job.output:  # the ranker already ran this prompt's first blocks
-                prefix = self.engine.prefill_from_state(state, sampling)
-                self.counters["reused_ranker_passes"] += 1
-            else:
+            prefix = self.ranking.prefill(job.request, sampling)  # from the ranker's pass over the first blocks
+            if prefix is None:
                 # a resumed request recomputes its whole context (prompt + every token it produced) and, like a
                 # new one, gets its next token from the prefill; its key depends only on seed and position, so
                 # the token is the one it would have drawn had it never been evicted
@@ -518,16 +407,14 @@ class Orchestrator:
             if fused is None:
                 tokens = np.asarray(self.engine.generate())
             else:
-                job, bucket = fused
-                new, state = self.engine.generate_with_pass(job.prompt_tokens, self.ranker.spec.n_layers, bucket)
-                tokens = np.asarray(new)
+                tokens = np.asarray(self.ranking.generate_fused(fused.request, fused.prompt_tokens))
         except Exception as exc:  # noqa: BLE001 - fail the running requests, keep serving the rest
             log.error("generate failed:\n%s", traceback.format_exc())
             for req in list(self.scheduler.running):
                 self._finish(req.payload, "error", self.clock(), error=f"decode step failed: {exc}")
             return
         if fused is not None:
-            self._score_fused(fused[0], state)
+            self._score_fused(fused)
         now = self.clock()
         running = list(self.scheduler.running)
         self.counters["steps"] += 1
@@ -537,28 +424,24 @@ class Orchestrator:
             job: _Job = req.payload
             self._on_token(job, int(tokens[job.slot]), now)
 
-    def _next_fused(self) -> tuple[_Job, int] | None:
-        """The oldest arrival waiting to be scored, with its pass's padded length, when this step can run it."""
-        if not self.fuse_ranker_pass:
+    def _next_fused(self) -> _Job | None:
+        """The oldest arrival waiting to be scored, when this step can run its pass."""
+        if not self.ranks:
             return None
         while self._unscored and self._unscored[0].done:
             self._unscored.popleft()
-        if not self._unscored:
+        if not self._unscored or not self.ranking.can_fuse(self._unscored[0].prompt_tokens):
             return None
-        bucket = self._fusable(self._unscored[0])
-        return None if bucket is None else (self._unscored[0], bucket)
+        return self._unscored[0]
 
-    def _score_fused(self, job: _Job, state) -> None:
+    def _score_fused(self, job: _Job) -> None:
         """Score an arrival from the pass a decode step ran for it and hand it to the scheduler."""
         self._unscored.remove(job)
         t0 = time.perf_counter()
         try:
-            score, outputs = self.ranker.score_state(state)
+            self.ranking.rank_fused(job.request)
         except Exception:  # noqa: BLE001 - as in _score: it runs unranked rather than not at all
             log.error("ranker head failed; request scheduled with score 0:\n%s", traceback.format_exc())
-        else:
-            self._set_scores([job], [score], np.asarray(outputs)[None], [state])
-        self.counters["fused_ranker_passes"] += 1
         self._count_ranker_time(time.perf_counter() - t0, 1)
         self.scheduler.add(job.request, self.clock())
 
@@ -629,7 +512,7 @@ class Orchestrator:
             return
         job.done = True
         req = job.request
-        self._release_state(job)
+        self.ranking.forget(req)
         self._release_swap(job)
         if job.slot is not None:
             self.engine.free(job.slot)

@@ -117,3 +117,13 @@ def tiny_config(**overrides: Any) -> LlamaConfig:
     }
     return LlamaConfig(**{**base, **overrides})
 
+
+
+@dataclass
+class LoadedModel:
+    """A runnable model: its config, float32 params and chat tokenizer (`ltr_jax.models.loading.load_model`)."""
+
+    config: LlamaConfig
+    params: dict[str, Any]
+    tokenizer: Any  # `ltr_jax.models.tokenizer.ChatTokenizer`
+    source: str = ""  # the file or directory the weights came from

@@ -26,7 +26,7 @@ Hugging Face rotate-half order.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -374,6 +374,23 @@ def reference_forward(config: LlamaConfig, params: dict[str, Any], tokens) -> ja
     lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
     x, _ = model.hidden(tokens, lengths)
     return model.logits(x)
+
+
+class BackboneState(NamedTuple):
+    """One prompt's pass through the backbone blocks, kept on the device: the first part of its prefill."""
+
+    hidden: jax.Array  # [T, D]: the residual stream after block n_layers (positions >= length are padding)
+    kv: jax.Array  # [n_layers, 2, kv_heads, T, head_dim]: each backbone block's keys and values
+    length: int  # real tokens in this state (T is the padded length)
+    prefix_len: int = 0  # tokens of the shared prefix before them (their K/V are cached by the engine and ranker)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.kv.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.hidden.nbytes + self.kv.nbytes)
 
 
 def hidden_states(config: LlamaConfig, params: dict[str, Any], tokens, lengths, n_layers: int,

@@ -9,25 +9,15 @@ in Hugging Face rotate-half order (see `gguf_loader` and `hf_checkpoint` for the
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ltr_jax.models.config import LlamaConfig
+from ltr_jax.models.config import LoadedModel
 from ltr_jax.models.default_model import MODEL_ENV_VAR, ensure_default_model
 from ltr_jax.models.gguf_loader import GGUFError, load_gguf
 from ltr_jax.models.hf_checkpoint import CheckpointError, load_hf_checkpoint
 from ltr_jax.models.tokenizer import ChatTokenizer
 
 __all__ = ["CheckpointError", "GGUFError", "LoadedModel", "load_model", "resolve_source"]
-
-
-@dataclass
-class LoadedModel:
-    config: LlamaConfig
-    params: dict[str, Any]
-    tokenizer: ChatTokenizer
-    source: str = ""  # the file or directory the weights came from
 
 
 def resolve_source(source: str | os.PathLike[str] | None) -> Path:

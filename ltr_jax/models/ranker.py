@@ -23,7 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,8 @@ import numpy as np
 from flax import nnx
 
 from ltr_jax.models.config import LlamaConfig
-from ltr_jax.models.llama import hidden_states
+from ltr_jax.models.llama import BackboneState, hidden_states
+from ltr_jax.models.padding import length_bucket, length_ladder
 
 POOLINGS = ("mean", "last", "mean+last")
 METHODS = ("listmle", "regression", "classify")
@@ -187,41 +188,6 @@ def scores_from_outputs(method: str, outputs: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-def length_ladder(max_len: int, min_bucket: int = 16) -> list[int]:
-    """Every padded prompt length the scorer compiles: powers of two and 1.5x powers of two from ``min_bucket``
-    (16, 24, 32, 48, 64, 96, ...), then ``max_len`` itself. Padding wastes at most a third of a row (a half with
-    powers of two alone), and the backbone's cost is linear in padded tokens."""
-    if max_len <= 0 or min_bucket <= 0:
-        raise ValueError(f"max_len={max_len} and min_bucket={min_bucket} must be positive")
-    steps, n = {max_len}, 1 << int(math.log2(min_bucket))
-    while n < max_len:
-        steps |= {m for m in (n, n * 3 // 2) if min_bucket <= m < max_len}
-        n *= 2
-    return sorted(steps)
-
-
-def length_bucket(n: int, max_len: int, min_bucket: int = 16) -> int:
-    """The padded length for an n-token prompt: the smallest step of `length_ladder` >= n, capped at max_len."""
-    return next(m for m in length_ladder(max_len, min_bucket) if m >= min(n, max_len))
-
-
-class BackboneState(NamedTuple):
-    """One prompt's pass through the backbone blocks, kept on the device: the first part of its prefill."""
-
-    hidden: jax.Array  # [T, D]: the residual stream after block n_layers (positions >= length are padding)
-    kv: jax.Array  # [n_layers, 2, kv_heads, T, head_dim]: each backbone block's keys and values
-    length: int  # real tokens in this state (T is the padded length)
-    prefix_len: int = 0  # tokens of the shared prefix before them (their K/V are cached by the engine and ranker)
-
-    @property
-    def n_layers(self) -> int:
-        return int(self.kv.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.hidden.nbytes + self.kv.nbytes)
-
-
 @partial(jax.jit, static_argnames=("config", "pooling", "method", "graphdef", "keep_state"))
 def _score_batch(config, pooling, method, graphdef, backbone, head_state, tokens, lengths, keep_state=False,
                  prefix=None):
@@ -430,13 +396,3 @@ class RankerScorer:
         if self.spec.method != "classify":
             raise ValueError(f"predict_buckets needs a 'classify' ranker, this one is {self.spec.method!r}")
         return np.argmax(self.raw(prompts)[1], axis=-1).astype(np.int32)
-
-    @classmethod
-    def from_checkpoint(cls, path: str | None = None, model: Any = None, **kwargs: Any) -> RankerScorer:
-        """Restore an exported ranker (default: the packaged one, see `ltr_jax.train.checkpoint`).
-
-        ``model`` is the already-loaded serving model (config + params), or None to load the spec's model source.
-        """
-        from ltr_jax.train.checkpoint import load_scorer
-
-        return load_scorer(path, model=model, **kwargs)

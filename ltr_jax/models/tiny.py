@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from ltr_jax.models.config import tiny_config
+from ltr_jax.models.config import LoadedModel, tiny_config
 from ltr_jax.models.llama import init_random_params
-from ltr_jax.models.loading import LoadedModel
 from ltr_jax.models.tokenizer import ChatTokenizer
 
 CHATML_TEMPLATE = (

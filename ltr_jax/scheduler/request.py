@@ -9,7 +9,8 @@ simulator only), ``bucket`` (``classify`` policy; lower = shorter), ``payload`` 
 attach, e.g. the engine's own per-request state).
 
 Fields kept by the `Scheduler` (read them, do not write them): ``state``, ``generated``, ``first_token_time``,
-``last_token_time``, ``token_times``, ``finish_time``, ``preemptions``, ``preemptions_past_cap``, ``promotions``, ``promoted``.
+``last_token_time``, ``token_times``, ``finish_time``, ``preemptions``, ``preemptions_past_cap``, ``promotions``,
+``promoted``.
 """
 
 from __future__ import annotations

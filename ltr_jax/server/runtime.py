@@ -2,8 +2,9 @@
 
 `build_runtime(config)` loads the model (``model.source``: ``"tiny"`` = `tiny_model()`, else
 `ltr_jax.models.loading.load_model`), enables JAX's persistent compilation cache, builds the `Engine`, the
-`Scheduler` with its policy and starvation control, restores the ranker (training it first when
-``ranker.train_if_missing``), wires `ServerMetrics` in as the orchestrator's observer, and compiles the common
+`Scheduler` with its policy and starvation control, restores the ranker (the server never trains one: that is
+``python -m ltr_jax.train``) and its ranking stage, wires `ServerMetrics` in as the orchestrator's observer, and
+compiles the common
 shapes (``engine.warmup_max_len``) so the first request is not slow. The orchestrator is returned not yet
 started: the HTTP app starts and stops it with its lifespan.
 
@@ -12,7 +13,6 @@ Every failure that a config value causes raises `StartupError` naming that key; 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from ltr_jax.config import ModelSection, RankerSection, ServeConfig
-from ltr_jax.models.default_model import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,27 +50,6 @@ class Runtime:
     @property
     def max_prompt_len(self) -> int:
         return self.orchestrator.max_prompt_len
-
-
-def enable_compilation_cache(setting: str | None, key: str = "engine.compilation_cache_dir",
-                             off: str = "null") -> Path | None:
-    """Point JAX's persistent compilation cache at ``setting`` ('default' = <user cache>/jax_cache).
-
-    ``key`` and ``off`` name the setting and its disabling value in the error a failure raises."""
-    if setting is None:
-        return None
-    import jax
-
-    path = cache_dir() / "jax_cache" if setting == "default" else Path(setting).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise StartupError(f"{key} = {setting!r}: cannot create {path} ({err}); "
-                           f"give a writable directory or {off} to disable the cache") from None
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
 
 
 def load_serving_model(section: ModelSection):
@@ -106,24 +84,20 @@ def load_ranker(section: RankerSection, policy: str, model) -> tuple[Any | None,
             note += f", so policy {policy!r} serves in arrival order"
         log.info(note)
         return None, note
-    from ltr_jax.train.checkpoint import RankerCheckpointError, default_ranker_path, load_scorer
+    from ltr_jax.models.ranker_checkpoint import RankerCheckpointError, default_ranker_path, load_scorer
 
     path = resolve_path(section.checkpoint) if section.checkpoint else default_ranker_path()
     if not (path / "ranker.json").is_file():
-        if section.train_if_missing:
-            _train_ranker(section, path, model)
-        elif section.required or policy == "classify":
+        train = "train one with `python -m ltr_jax.train --config configs/ranker_smollm2.yaml`"
+        if section.required or policy == "classify":
             raise StartupError(
-                f"ranker.checkpoint = {str(path)!r}: no exported ranker there (ranker.json missing). Train one "
-                f"with `python -m ltr_jax.train --config {section.train_config}` or set "
-                f"ranker.train_if_missing=true" + (" (needed by policy 'classify')" if policy == "classify" else
-                                                   ", or ranker.required=false to serve without it"))
-        else:
-            note = (f"no ranker: {path} holds no exported ranker, so every request gets score 0 and policy "
-                    f"{policy!r} serves in arrival order (train one with `python -m ltr_jax.train --config "
-                    f"{section.train_config}` or set ranker.train_if_missing=true)")
-            log.warning(note)
-            return None, note
+                f"ranker.checkpoint = {str(path)!r}: no exported ranker there (ranker.json missing); {train}"
+                + (" (policy 'classify' needs it)" if policy == "classify" else
+                   ", or set ranker.required=false to serve without it"))
+        note = (f"no ranker: {path} holds no exported ranker, so every request gets score 0 and policy "
+                f"{policy!r} serves in arrival order ({train})")
+        log.warning(note)
+        return None, note
     try:
         scorer = load_scorer(path, model=model, max_batch=section.max_batch)
     except RankerCheckpointError as err:
@@ -135,23 +109,6 @@ def load_ranker(section: RankerSection, policy: str, model) -> tuple[Any | None,
                                f"{method!r} ranker; choose policy 'ltr' or a classify ranker checkpoint")
         return scorer, f"classifier ranker {path} ({scorer.spec.num_outputs} length buckets)"
     return scorer, f"{method} ranker {path} (first {scorer.spec.n_layers} layers, {scorer.spec.pooling} pooling)"
-
-
-def _train_ranker(section: RankerSection, path: Path, model) -> None:
-    from ltr_jax.train.trainer import ConfigError as TrainConfigError
-    from ltr_jax.train.trainer import TrainConfig, run_training
-
-    try:
-        cfg = TrainConfig.from_yaml(resolve_path(section.train_config))
-    except TrainConfigError as err:
-        raise StartupError(f"ranker.train_config = {section.train_config!r}: {err}") from None
-    cfg = dataclasses.replace(cfg, export_path=str(path), export_method=cfg.export_method or cfg.methods[0])
-    log.warning("no ranker at %s: training one with %s first (ranker.train_if_missing = true); this takes a while",
-                path, section.train_config)
-    t0 = time.perf_counter()
-    report = run_training(cfg, model=model, progress=True)
-    log.info("ranker trained in %.1f s: %s", time.perf_counter() - t0,
-             {m: r.get("kendall_tau_b") for m, r in report["methods"].items()})
 
 
 def warmup_shapes(engine_config, max_len: int) -> tuple[list[int], list[int]]:
@@ -168,11 +125,17 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
     """Load, wire and (optionally) warm up everything; the orchestrator is not started."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    enable_compilation_cache(config.engine.compilation_cache_dir)
+    from ltr_jax.engine.compilation_cache import CompilationCacheError, enable_compilation_cache
+
+    try:
+        enable_compilation_cache(config.engine.compilation_cache_dir)
+    except CompilationCacheError as err:
+        raise StartupError(str(err)) from None
     from ltr_jax.engine.engine import Engine  # lazy: JAX only once the config is known good
-    from ltr_jax.engine.orchestrator import Orchestrator, share_prefix, warmup_ranker
+    from ltr_jax.engine.orchestrator import Orchestrator
+    from ltr_jax.engine.ranking import make_ranking_stage, share_prefix, warmup_ranker
     from ltr_jax.models.llama import Llama
-    from ltr_jax.models.ranker import length_bucket
+    from ltr_jax.models.padding import length_bucket
     from ltr_jax.scheduler.scheduler import Scheduler
     from ltr_jax.server.metrics import ServerMetrics
 
@@ -197,14 +160,15 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
         log.info("the chat template's fixed header (%d tokens) is cached: prompts that start with it run only the "
                  "rest", shared)
     metrics = ServerMetrics(model=model_name, policy=sched_cfg.policy)
-    orchestrator = Orchestrator(engine, loaded.tokenizer, scheduler, ranker=ranker,
+    ranking = None if ranker is None else make_ranking_stage(
+        engine, ranker, reuse_pass=config.ranker.reuse_pass, state_budget_mb=config.ranker.state_budget_mb,
+        fuse_pass=config.ranker.fuse_max_len > 0)
+    orchestrator = Orchestrator(engine, loaded.tokenizer, scheduler, ranking=ranking,
                                 max_queue=config.server.max_queue, observer=metrics,
-                                reuse_ranker_pass=config.ranker.reuse_pass,
-                                ranker_state_budget_mb=config.ranker.state_budget_mb,
                                 score_per_boundary=config.ranker.score_per_boundary,
-                                fuse_ranker_pass=config.ranker.fuse_max_len > 0,
                                 preempt_mode=config.engine.preempt_mode, swap_budget_mb=config.engine.swap_budget_mb)
-    if orchestrator.reuse_ranker_pass:
+    reuse = ranking is not None and ranking.reuse_pass
+    if reuse:
         log.info("the ranker's pass over the first %d blocks is kept and starts each prompt's prefill",
                  ranker.spec.n_layers)
     metrics.attach_stats(orchestrator.stats)
@@ -217,9 +181,9 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
         if ranker is not None:  # every padded prompt length up to the warmed one, for a lone arrival
             top = length_bucket(max(prefill), ranker.spec.max_prompt_len, ranker.min_bucket)
             fused = [(shared, t) for t in ranker.bucket_lengths() if t <= min(top, config.ranker.fuse_max_len)] \
-                if orchestrator.fuse_ranker_pass else []
+                if ranking.fuse_pass else []
             warmup_ranker(engine, ranker, [t for t in ranker.bucket_lengths() if t <= top],
-                          reuse_ranker_pass=orchestrator.reuse_ranker_pass, fused_shapes=fused, cache_lens=cache_lens)
+                          reuse_ranker_pass=reuse, fused_shapes=fused, cache_lens=cache_lens)
         timings["warmup_s"] = time.perf_counter() - t1
         log.info("warmed up %d prefill and %d decode shapes in %.1f s", len(prefill), len(cache_lens),
                  timings["warmup_s"])

@@ -136,7 +136,8 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def load_lengths(labels: str | Path | None = None, prompts: str | Path | None = None) -> tuple[list[tuple[int, int]], str]:
+def load_lengths(labels: str | Path | None = None, prompts: str | Path | None = None
+                 ) -> tuple[list[tuple[int, int]], str]:
     """(prompt_len, output_len) pairs and a sentence saying where they came from.
 
     With ``labels``: each line needs ``output_tokens`` or ``output_len``; the prompt length comes from

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--time-budget", type=float, default=None, help="stop admitting new prompts after this many s")
     args = p.parse_args(argv)
 
-    from ltr_jax.server.runtime import enable_compilation_cache
+    from ltr_jax.engine.compilation_cache import enable_compilation_cache
 
     enable_compilation_cache("default")
     out = Path(args.out)

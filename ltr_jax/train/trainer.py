@@ -307,7 +307,7 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[train_data.RankingData, s
 
 def run_training(cfg: TrainConfig, model=None, progress: bool = True) -> dict[str, Any]:
     """The whole recipe; returns a JSON-able report (and exports the chosen head when configured)."""
-    from ltr_jax.train.checkpoint import save_ranker
+    from ltr_jax.models.ranker_checkpoint import save_ranker
 
     t0 = time.perf_counter()
     model = model if model is not None else load_serving_model(cfg.model)

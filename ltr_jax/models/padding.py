@@ -1,0 +1,33 @@
+"""The one padding ladder: every padded sequence length a compiled prefill or ranker pass uses.
+
+Both the engine's prefill buckets and the ranker's pass lengths come from `length_ladder`, so a prompt's ranker
+pass and the rest of its prefill share one padded length. The ladder holds the powers of two and 1.5x powers of
+two from ``min_bucket`` (16, 24, 32, 48, 64, 96, ...), then ``max_len`` itself: padding wastes at most a third of
+a row (a half with powers of two alone), and a few compiled shapes serve every length.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+
+@functools.lru_cache(maxsize=256)
+def _ladder(max_len: int, min_bucket: int) -> tuple[int, ...]:
+    steps, n = {max_len}, 1 << int(math.log2(min_bucket))
+    while n < max_len:
+        steps |= {m for m in (n, n * 3 // 2) if min_bucket <= m < max_len}
+        n *= 2
+    return tuple(sorted(steps))
+
+
+def length_ladder(max_len: int, min_bucket: int = 16) -> list[int]:
+    """Every padded length up to ``max_len`` (see the module docstring)."""
+    if max_len <= 0 or min_bucket <= 0:
+        raise ValueError(f"max_len={max_len} and min_bucket={min_bucket} must be positive")
+    return list(_ladder(int(max_len), int(min_bucket)))
+
+
+def length_bucket(n: int, max_len: int, min_bucket: int = 16) -> int:
+    """The padded length for an n-token sequence: the smallest step of `length_ladder` >= n, capped at max_len."""
+    return next(m for m in length_ladder(max_len, min_bucket) if m >= min(n, max_len))
