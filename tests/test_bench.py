@@ -167,7 +167,7 @@ def test_starvation_threshold_can_be_fcfs_worst_wait(tmp_path):
 
 
 def test_simulate_defaults_to_the_packaged_rankers_measured_tau():
-    from ltr_jax.train.checkpoint import default_ranker_path, read_spec
+    from ltr_jax.models.ranker_checkpoint import default_ranker_path, read_spec
 
     _, meta = read_spec(default_ranker_path())
     tau, source = simulate.default_tau()
@@ -285,7 +285,7 @@ def tiny_real_run(tmp_path_factory):
     (run directory, its report, its prompts file)."""
     from ltr_jax.models.loading import load_model
     from ltr_jax.models.ranker import RankerHead, RankerSpec
-    from ltr_jax.train.checkpoint import save_ranker
+    from ltr_jax.models.ranker_checkpoint import save_ranker
 
     tmp_path = tmp_path_factory.mktemp("tiny_run")
     tiny = load_model("tiny")
@@ -388,3 +388,18 @@ def test_simulate_runs_in_worker_processes_with_the_same_report(tmp_path):
         pooled["runs"]["rate=64"]["fcfs"]["max_waiting_time_s"]["max"], abs=0.1)
     with pytest.raises(SystemExit):
         simulate.main(common + ["--jobs", "0"])
+
+
+def test_step_model_scales_a_probe_ttft_longer_than_the_busy_time_leaves_for_prefills():
+    """On a fast engine the probe's TTFT (wake-up and delivery included) can exceed what the fcfs run's busy time
+    leaves for its prefills: the prefill is scaled to fit, the full step is the one-request step."""
+    from types import SimpleNamespace
+
+    items = [SimpleNamespace(prompt_tokens=[1] * 10, output_len=5) for _ in range(4)]  # 4 x 4 tokens / 2 slots = 8
+    report = {"unloaded": {"ttft_s": 1.0, "tpot_s": 0.1}, "slots": 2, "mean_prompt_len": 10}
+    model = resimulate.step_model_of(report, {"fcfs": {"busy_s": 2.8}}, items)  # 4 prefills of 1 s modelled
+    assert model.ttft_s == pytest.approx((2.8 - 8 * 0.1) / 4) and model.tpot_full_s == pytest.approx(0.1)
+    fits = resimulate.step_model_of(report, {"fcfs": {"busy_s": 6.0}}, items)  # the measured TTFT fits
+    assert fits.ttft_s == 1.0 and fits.tpot_full_s == pytest.approx((6.0 - 4) / 8)
+    with pytest.raises(SystemExit, match="shorter than its decode steps"):
+        resimulate.step_model_of(report, {"fcfs": {"busy_s": 0.5}}, items)

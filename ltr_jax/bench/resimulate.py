@@ -103,11 +103,17 @@ def step_model_of(report: dict[str, Any], runs: dict[str, Any], items) -> RunSte
     prefills = sum(model.prefill_time(len(i.prompt_tokens)) for i in items)
     steps = sum(i.output_len - 1 for i in items) / slots
     busy = runs["fcfs"].get("busy_s") or runs["fcfs"]["wall_s"]  # reports before busy_s: the run's wall time
-    full = (busy - prefills) / steps if steps else unloaded["tpot_s"]
-    if not full > 0:
-        raise SystemExit(f"{report.get('command')}: the fcfs run's busy time ({busy:.1f} s) is shorter than its "
-                         f"modelled prefills ({prefills:.1f} s); it cannot be modelled")
-    return RunStepTime(model.ttft_s, model.mean_prompt_len, model.tpot_alone_s, max(full, model.tpot_alone_s), slots,
+    decode_floor = steps * model.tpot_alone_s  # a full-batch step is never faster than a one-request step
+    ttft = model.ttft_s
+    if busy < prefills + decode_floor:
+        # the probe's TTFT also holds what busy time does not (the idle loop's wake-up, the first token's delivery),
+        # which on a fast engine outweighs a prefill: scale the prefill to what the busy time leaves for it
+        if not busy > decode_floor or not prefills > 0:
+            raise SystemExit(f"{report.get('command')}: the fcfs run's busy time ({busy:.3g} s) is shorter than its "
+                             f"decode steps at the unloaded step time ({decode_floor:.3g} s); it cannot be modelled")
+        ttft *= (busy - decode_floor) / prefills
+    full = (busy - prefills * ttft / model.ttft_s) / steps if steps else unloaded["tpot_s"]
+    return RunStepTime(ttft, model.mean_prompt_len, model.tpot_alone_s, max(full, model.tpot_alone_s), slots,
                        model.shared_prefix_len)
 
 
@@ -117,7 +123,7 @@ def run_scores(report: dict[str, Any], kind: str, items, loaded, scorers: dict[s
     bucket for a classifier. Cached per prompt: the runs of one experiment serve the same prompts in other orders."""
     path = report.get(kind)
     if path not in scorers:
-        from ltr_jax.train.checkpoint import load_scorer
+        from ltr_jax.models.ranker_checkpoint import load_scorer
 
         scorers[path] = load_scorer(path, model=loaded)  # a checkpoint serves one model: path is the key
     scorer = scorers[path]
