@@ -348,8 +348,8 @@ def test_non_streamed_disconnect_cancels_too(server):
 def ranker_checkpoint(tmp_path_factory):
     """A (randomly initialised) ranker head exported for the tiny model's backbone."""
     from ltr_jax.models.ranker import RankerHead, RankerSpec
+    from ltr_jax.models.ranker_checkpoint import save_ranker
     from ltr_jax.models.tiny import tiny_model
-    from ltr_jax.train.checkpoint import save_ranker
 
     config = tiny_model().config
     spec = RankerSpec(method="listmle", model_name=config.name, model_dim=config.dim, n_layers=1, pooling="mean",
