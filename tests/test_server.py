@@ -456,8 +456,9 @@ def test_request_timeout():
 
 
 def test_drain_in_thread_rejects_new_work_and_finishes_old():
-    with serve_in_thread(tiny_config("engine.max_seq_len=1024", "server.drain_timeout_s=30")) as srv:
-        body = {"model": MODEL, "prompt": "draining", "max_tokens": 1000, "stream": True, "ignore_eos": True,
+    # a drain bound far beyond the work, so a slow or loaded machine finishes it too: the test is about what drains
+    with serve_in_thread(tiny_config("engine.max_seq_len=1024", "server.drain_timeout_s=600")) as srv:
+        body = {"model": MODEL, "prompt": "draining", "max_tokens": 300, "stream": True, "ignore_eos": True,
                 "stream_options": {"include_usage": True}}
         with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as resp:
             lines = resp.iter_lines()
@@ -470,13 +471,14 @@ def test_drain_in_thread_rejects_new_work_and_finishes_old():
             assert health.status_code == 503 and health.json()["status"] == "draining"
             rest = [line for line in lines if line.startswith("data: ")]
         assert rest[-1] == "data: [DONE]"
-        assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 1000
-        srv.thread.join(20)
+        assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 300
+        srv.thread.join(120)
         assert not srv.thread.is_alive() and srv.server.drained_cleanly
 
 
 def test_drain_timeout_cancels_what_is_left():
-    with serve_in_thread(tiny_config("engine.max_seq_len=1024", "server.drain_timeout_s=0.2")) as srv:
+    # no time at all to drain: whatever the machine's speed, the request is cut
+    with serve_in_thread(tiny_config("engine.max_seq_len=1024", "server.drain_timeout_s=0")) as srv:
         body = {"model": MODEL, "prompt": "too slow to drain", "max_tokens": 1000, "stream": True,
                 "ignore_eos": True}
         with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as resp:
