@@ -35,7 +35,8 @@ def add_shared_options(p: argparse.ArgumentParser, *, rates: str, starvation_thr
     p.add_argument("--starvation-quantum", type=float, default=starvation_quantum,
                    help="seconds a promoted request keeps its priority (ltr+starvation)")
     p.add_argument("--starvation-requeue", action=argparse.BooleanOptionalAction,
-                   default=StarvationConfig.requeue_after_quantum, help="when a promoted request's quantum ends it is back in rank order, and a better-ranked "
+                   default=StarvationConfig.requeue_after_quantum,
+                   help="when a promoted request's quantum ends it is back in rank order, and a better-ranked "
                    "waiting request may take its slot (it resumes later); off: a promotion runs it to its end")
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals, prompt sampling and sampling")
     p.add_argument("--out", default=None, help="directory for report.json, report.md and PNG plots")
