@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "charged at the boundary where it arrives for the policies that rank (ltr, ltr+starvation, "
                    f"ltr-rescore, classify). Default: {RANKER_SHARE_OF_LLAMA3_8B:.4f} with the llama3-8b-h100 model "
                    "(the packaged 16-block SmolLM2 ranker's share of Llama-3-8B's parameters), 0 (not modelled) with "
-                   "a measured one; about 0.47 for SmolLM2 serving itself on a CPU")
+                   "a measured one (benchmarks/RESULTS.md gives SmolLM2 serving itself on a CPU)")
     p.add_argument("--ranker-reuse", action=argparse.BooleanOptionalAction, default=False,
                    help="the ranker's pass is the first part of the prompt's prefill (its backbone is the served "
                    "model's first blocks, as with SmolLM2 serving itself), so that prefill costs the rest")

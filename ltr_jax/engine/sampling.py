@@ -7,7 +7,7 @@ streamed and non-streamed runs, a run alone and a run inside a full batch, and a
 evict + resume all draw the same tokens.
 
 Cost control: top-k / top-p choose among the `MAX_CANDIDATES` most likely tokens found with `lax.top_k` (a full
-vocabulary sort measured 1.6 s per step for 64 x 49k logits on CPU; top_k(256) 24 ms), and that path is skipped
+vocabulary sort is far slower on CPU; see benchmarks/RESULTS.md), and that path is skipped
 with `lax.cond` when no slot asks for it; an all-greedy batch skips the random draw; sampling itself is inverse-CDF
 (one uniform per slot) rather than Gumbel noise over the whole vocabulary. Consequence: a nucleus wider than 256
 tokens is truncated to the 256 most likely ones.
@@ -48,7 +48,7 @@ def _top_candidates(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The MAX_CANDIDATES largest logits per row (descending) and their ids.
 
     The optimization barrier keeps XLA:CPU from fusing later slices of the values back into the top-k, which it
-    otherwise lowers as a full sort (measured: 12 ms -> 700 ms for 64 x 49k logits)."""
+    otherwise lowers as a full sort."""
     vals, idx = jax.lax.top_k(logits, min(MAX_CANDIDATES, logits.shape[-1]))
     return jax.lax.optimization_barrier(vals), idx
 
