@@ -451,7 +451,8 @@ class RankerSection:
     fuse_max_len: int = setting(0, ge=0, doc="while every slot is busy, run a waiting prompt's ranker pass inside the "
                                              "next decode step (sharing its weight reads) when the prompt has at "
                                              "most this many tokens after the shared prefix; those steps are "
-                                             "compiled at warm-up, one per length and cache length; warm-up stops before their memory mappings fill 75% "
+                                             "compiled at warm-up, one per length and cache length; warm-up stops "
+                                             "before their memory mappings fill 75% "
                                              "of Linux's vm.max_map_count and fuses only what it compiled (0 = "
                                              "never: every pass runs on its own at arrival); needs reuse_pass")
 
