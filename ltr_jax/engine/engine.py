@@ -622,15 +622,14 @@ class Engine:
         past = self.shared_prefix.kv[:n_layers] if start else ()
         self.decode_state, new, hidden, kv = self._timed(
             self._pass_key(self.cache_len, n_layers, start, bucket), self._generate_pass, n_layers, self.params,
-            self.decode_state,
-            self.host_active.copy(), past, padded, np.int32(m))
+            self.decode_state, self.host_active.copy(), past, padded, np.int32(m))
         self.host_lengths += self.host_active
         return new, BackboneState(hidden, kv, m, start)
 
     def warmup_generate_with_pass(self, n_layers: int, start: int, bucket: int, cache_len: int) -> float:
         """Compile `generate_with_pass` for a pass of ``n_layers`` blocks over ``bucket`` padded tokens after
         ``start`` shared-prefix tokens, at decode cache length ``cache_len``; returns seconds spent. Leaves no slot
-        active."""
+        active and the cache at ``cache_len`` (call `fit_cache` when done warming)."""
         if not self.can_run_pass(start, bucket):
             raise ValueError(f"a pass of {bucket} tokens after {start} shared ones does not fit this engine")
         t0 = time.perf_counter()
@@ -641,5 +640,4 @@ class Engine:
         self.decode_state, *_ = self._timed(
             self._pass_key(cache_len, n_layers, start, bucket), self._generate_pass, n_layers, self.params,
             self.decode_state, self.host_active.copy(), past, np.zeros(bucket, np.int32), np.int32(1))
-        self.fit_cache()
         return time.perf_counter() - t0

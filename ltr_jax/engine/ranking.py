@@ -130,6 +130,7 @@ def warmup_ranker(engine: Engine, ranker: RankerScorer, lengths: list[int], batc
         after = memory_maps()
         if before is not None and after is not None:
             largest = max(largest, after[0] - before[0])
+    engine.fit_cache()
     ranker.warmup_score_state(sorted(compiled))
     return time.perf_counter() - t0
 
