@@ -247,6 +247,8 @@ class LearnedRanking:
         if not self.fuse_pass or len(prompt) > ranker.spec.max_prompt_len:  # a cut prompt's pass is not its
             return None  # prefill's start
         start = self.engine.shared_prefix_len(prompt)
+        if start and ranker.shared_prefix != self.engine.shared_prefix.tokens:  # the head could not score a pass
+            return None  # that continues a prefix the ranker does not cache
         bucket = length_bucket(len(prompt) - start, ranker.spec.max_prompt_len, ranker.min_bucket)
         return bucket if self.engine.pass_compiled(prompt, ranker.spec.n_layers, bucket) else None
 
