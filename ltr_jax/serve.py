@@ -1,6 +1,6 @@
 """`python -m ltr_jax.serve`: the OpenAI-compatible server, configured by YAML plus ``--set`` overrides.
 
-    python -m ltr_jax.serve                                    # configs/serve_smollm2.yaml (SmolLM2-135M)
+    python -m ltr_jax.serve                                    # the built-in defaults (SmolLM2-135M)
     python -m ltr_jax.serve --config configs/serve_tiny.yaml   # tiny random model, for smoke tests
     python -m ltr_jax.serve --set server.port=9000 --set scheduler.policy=fcfs
     python -m ltr_jax.serve --print-config                     # the resolved config, then exit
@@ -17,14 +17,12 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 import yaml
 
 from ltr_jax.config import ConfigError, ServeConfig, config_to_dict, describe_schema, load_config
 
 API_KEY_ENV = "LTR_JAX_API_KEY"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve_smollm2.yaml"
 
 log = logging.getLogger("ltr_jax.serve")
 
@@ -33,8 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ltr_jax.serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=str, default=None,
-                   help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])} when it "
-                        f"exists, else built-in defaults)")
+                   help="YAML config listing the keys to change (default: none, the built-in defaults, which "
+                        "configs/serve_smollm2.yaml writes out)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key, e.g. --set server.port=9000 (repeatable; VALUE is YAML: 3, true, null)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -43,8 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace) -> ServeConfig:
-    path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    return load_config(path, args.overrides, ServeConfig)
+    return load_config(args.config, args.overrides, ServeConfig)
 
 
 def setup_logging(level: str) -> None:

@@ -4,12 +4,14 @@ httpx for bad input, concurrency (429), disconnects, timeouts, API keys, the ran
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -366,44 +368,75 @@ def tight_server(ranker_checkpoint):
         yield handle
 
 
+@contextlib.contextmanager
+def engine_steps_wrapped(runtime, wrap):
+    """Replace the engine's decode step by ``wrap(original)`` while the block runs (the loop calls it per step)."""
+    engine = runtime.orchestrator.engine
+    engine.generate = wrap(type(engine).generate.__get__(engine))
+    try:
+        yield
+    finally:
+        del engine.generate
+
+
 def test_queue_full_is_429_and_nothing_half_admitted(tight_server):
+    """One slot and a queue of one, with the decode step held: the first request runs, the second waits, every
+    other is refused at once, whatever the machine's speed. Released, the two admitted ones run to their end."""
     url = tight_server.url
     before = metrics(url)
     auth = {"Authorization": f"Bearer {API_KEY}"}
+    release = threading.Event()
+    finish_reasons: dict[int, str | None] = {}
 
-    async def one(http, i):
+    def stream(i):
         body = {"model": MODEL, "prompt": f"request {i}", "max_tokens": 200, "ignore_eos": True, "stream": True}
-        async with http.stream("POST", "/v1/completions", json=body, headers=auth) as resp:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=auth, timeout=120) as resp:
             if resp.status_code != 200:
-                return resp.status_code, resp.headers.get("retry-after"), json.loads(await resp.aread()), None
-            usage_tokens = None
-            async for line in resp.aiter_lines():
+                finish_reasons[i] = f"HTTP {resp.status_code}: {resp.read()!r}"
+                return
+            for line in resp.iter_lines():
                 if line.startswith("data: {"):
                     chunk = json.loads(line[6:])
-                    if chunk["choices"] and chunk["choices"][0]["finish_reason"]:
-                        usage_tokens = chunk["choices"][0]["finish_reason"]
-            return 200, None, None, usage_tokens
+                    if "error" in chunk:
+                        finish_reasons[i] = chunk["error"]["message"]
+                    elif chunk["choices"] and chunk["choices"][0]["finish_reason"]:
+                        finish_reasons[i] = chunk["choices"][0]["finish_reason"]
 
-    async def scenario():
-        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-            return await asyncio.gather(*(one(http, i) for i in range(8)))
+    def held(original):
+        def step():
+            release.wait(120)
+            return original()
+        return step
 
-    results = asyncio.run(scenario())
-    accepted = [r for r in results if r[0] == 200]
-    rejected = [r for r in results if r[0] == 429]
-    assert len(accepted) + len(rejected) == 8
-    # one slot + a queue of one: one or two get in (one, when the burst lands before the loop starts the first)
-    assert 1 <= len(accepted) <= 2 and rejected
-    assert all(r[3] == "length" for r in accepted)
-    for _, retry_after, body, _ in rejected:
-        assert retry_after == "1"
-        assert body["error"]["code"] == "queue_full" and "busy" in body["error"]["message"]
+    with engine_steps_wrapped(tight_server.runtime, held):
+        try:
+            first = threading.Thread(target=stream, args=(0,))
+            first.start()
+            orchestrator = tight_server.runtime.orchestrator  # prefilled, its next step waits for the release
+            assert wait_for(lambda: orchestrator.stats()["running"] == 1 or 0 in finish_reasons, timeout=60)
+            assert 0 not in finish_reasons, finish_reasons
+            second = threading.Thread(target=stream, args=(1,))
+            second.start()
+            assert wait_for(lambda: orchestrator.stats()["queue_len"] == 1 or 1 in finish_reasons, timeout=60)
+            assert 1 not in finish_reasons, finish_reasons
+            rejected = [httpx.post(f"{url}/v1/completions", headers=auth, timeout=30,
+                                   json={"model": MODEL, "prompt": f"refused {i}", "max_tokens": 5})
+                        for i in range(6)]
+        finally:
+            release.set()
+        first.join(120)
+        second.join(120)
+    assert finish_reasons == {0: "length", 1: "length"}
+    for resp in rejected:
+        assert resp.status_code == 429 and resp.headers.get("retry-after") == "1"
+        assert resp.json()["error"]["code"] == "queue_full" and "busy" in resp.json()["error"]["message"]
     assert wait_for(lambda: idle(url))
     after = metrics(url)
-    assert after[LENGTH] - before[LENGTH] == len(accepted)  # only admitted requests ever reached the loop
-    assert after["ltr_jax_generated_tokens_total"] - before["ltr_jax_generated_tokens_total"] == 200 * len(accepted)
-    assert after["ltr_jax_ranked_requests_total"] - before["ltr_jax_ranked_requests_total"] == len(accepted)
-    assert after['ltr_jax_http_responses_total{route="/v1/completions",status="429"}'] >= len(rejected)
+    assert after[LENGTH] - before[LENGTH] == 2  # only admitted requests ever reached the loop
+    assert after["ltr_jax_generated_tokens_total"] - before["ltr_jax_generated_tokens_total"] == 400
+    assert after["ltr_jax_ranked_requests_total"] - before["ltr_jax_ranked_requests_total"] == 2
+    assert after['ltr_jax_http_responses_total{route="/v1/completions",status="429"}'] \
+        - before.get('ltr_jax_http_responses_total{route="/v1/completions",status="429"}', 0) == 6
 
 
 def test_ranker_scores_arrivals(tight_server):
@@ -439,16 +472,27 @@ def test_api_key(tight_server):
 
 
 def test_request_timeout():
+    """Each decode step takes longer than the 0.2 s limit while the slow requests run, so they time out on any
+    machine; the quick request after them runs at the engine's own speed."""
+    def slow(original):
+        def step():
+            time.sleep(0.25)
+            return original()
+        return step
+
     with serve_in_thread(tiny_config("server.request_timeout_s=0.2", "engine.max_seq_len=1024")) as srv:
         body = {"model": MODEL, "prompt": "slow", "max_tokens": 1000, "ignore_eos": True}
-        resp = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=30)
-        assert resp.status_code == 504
-        assert resp.json()["error"]["code"] == "timeout" and "time limit of 0.2 s" in resp.json()["error"]["message"]
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
-        with pytest.raises(openai.APIError, match="time limit"):
-            for _ in client.completions.create(model=MODEL, prompt="slow", max_tokens=1000, stream=True,
-                                               extra_body={"ignore_eos": True}):
-                pass
+        with engine_steps_wrapped(srv.runtime, slow):
+            resp = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=30)
+            assert resp.status_code == 504
+            error = resp.json()["error"]
+            assert error["code"] == "timeout" and "time limit of 0.2 s" in error["message"]
+            with pytest.raises(openai.APIError, match="time limit"):
+                for _ in client.completions.create(model=MODEL, prompt="slow", max_tokens=1000, stream=True,
+                                                   extra_body={"ignore_eos": True}):
+                    pass
+            assert wait_for(lambda: idle(srv.url))
         quick = client.completions.create(model=MODEL, prompt="quick", max_tokens=2, extra_body={"ignore_eos": True})
         assert quick.usage.completion_tokens == 2
         assert wait_for(lambda: idle(srv.url))

@@ -23,9 +23,9 @@ from ltr_jax.train.trainer import (
 
 # ------------------------------------------------------------------------------------------------ config
 def test_unknown_keys_are_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['learning_rate'\]"):
+    with pytest.raises(ConfigError, match=r"unknown key 'learning_rate'"):
         TrainConfig.from_dict({"learning_rate": 0.1})
-    with pytest.raises(ConfigError, match=r"unknown optimizer key\(s\) \['momentum'\]"):
+    with pytest.raises(ConfigError, match=r"unknown key 'optimizer\.momentum'"):
         TrainConfig.from_dict({"optimizer": {"name": "adamw", "momentum": 0.9}})
     path = tmp_path / "configs" / "bad.yaml"
     path.parent.mkdir()
@@ -48,7 +48,7 @@ def test_yaml_config_resolves_paths_against_the_project_root(tmp_path):
 
 
 def test_cv_folds_must_be_off_or_at_least_two():
-    with pytest.raises(ConfigError, match="cv_folds: must be 0"):
+    with pytest.raises(ConfigError, match=r"cv_folds = 1 is not allowed: must be 0 \(off\)"):
         TrainConfig(cv_folds=1, export_method=None)
     assert TrainConfig(cv_folds=5, export_method=None).cv_folds == 5
 
@@ -57,7 +57,11 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text("epochz: 3\n")
     assert cli.main(["--config", str(path)]) == 2
-    assert "unknown config key(s) ['epochz']" in capsys.readouterr().err
+    assert "unknown key 'epochz' (did you mean 'epochs'?)" in capsys.readouterr().err
+    path.write_text("epochs: 3\nexport_method: null\n")
+    assert cli.main(["--config", str(path), "--set", "epochs=0"]) == 2
+    assert "--set epochs=0: epochs = 0 is not allowed: must be >= 1" in capsys.readouterr().err
+    assert TrainConfig.from_yaml(path, ["optimizer.lr=0.5", "methods=[listmle]"]).optimizer.lr == 0.5
 
 
 # ------------------------------------------------------------------------------------------------ metrics

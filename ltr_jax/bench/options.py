@@ -2,44 +2,111 @@
 
 Owns the policy names and the options both commands take in the same sense, so the two reports stay comparable:
 policies, request rates, gamma CV, the preemption cap and resume mode, starvation control, seed and output directory.
+
+The options that are config keys are shorthands into the one config tree (`ltr_jax.config.EngineRunConfig`): they
+default to nothing, `--config FILE` and `--set KEY=VALUE` are read by the same loader as ``serve``, a shorthand given
+on the command line is one more ``--set``, and `resolve_config` writes the resolved values back into the namespace.
+So a benchmark's defaults are the server's.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
+from ltr_jax.config import ConfigError, EngineRunConfig, load_config
 from ltr_jax.engine.preemption import PREEMPT_MODES
-from ltr_jax.scheduler.scheduler import StarvationConfig
+from ltr_jax.scheduler.policies import DEFAULT_MAX_PREEMPTIONS
 
 POLICIES = ("fcfs", "ltr", "ltr+starvation", "ltr-rescore", "classify", "oracle-sjf", "oracle-srtf")
 DEFAULT_POLICIES = "fcfs,ltr,ltr+starvation,classify,oracle-sjf"
 
 
-def add_shared_options(p: argparse.ArgumentParser, *, rates: str, starvation_threshold: float,
-                       starvation_quantum: float) -> None:
+@dataclass(frozen=True)
+class Shorthand:
+    """A command-line option that sets one config key (``dest`` in the namespace, ``key`` in the tree)."""
+
+    dest: str
+    key: str
+
+
+SHARED_SHORTHANDS = (
+    Shorthand("max_preemptions", "scheduler.policy_params.max_preemptions"),
+    Shorthand("preempt_mode", "engine.preempt_mode"),
+    Shorthand("starvation_threshold", "scheduler.starvation.threshold_s"),
+    Shorthand("starvation_quantum", "scheduler.starvation.quantum_s"),
+    Shorthand("starvation_requeue", "scheduler.starvation.requeue_after_quantum"),
+)
+
+
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML config of the engine, scheduler and ranker keys (the "
+                   "sections `serve` reads; default: the built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set ranker.state_budget_mb=512 (repeatable)")
+
+
+def add_shared_options(p: argparse.ArgumentParser, *, rates: str) -> None:
+    add_config_options(p)
     p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated, from {', '.join(POLICIES)}")
     p.add_argument("--rates", default=rates, help="comma-separated Poisson/gamma request rates (req/s)")
     p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation of gamma inter-arrival times")
-    p.add_argument("--max-preemptions", type=int, default=0, help="per request, for every preemptive policy "
-                   "(0 = the policy never displaces a running request; starvation promotions still may): in the "
-                   "simulator allowing displacements did not lower mean latency, with or without kept K/V")
-    p.add_argument("--preempt-mode", default="swap", choices=PREEMPT_MODES,
+    p.add_argument("--max-preemptions", type=int, default=None, help="per request, for every preemptive policy "
+                   "(0 = the policy never displaces a running request; starvation promotions still may); sets "
+                   "scheduler.policy_params.max_preemptions (default: the policy's own, "
+                   f"{DEFAULT_MAX_PREEMPTIONS})")
+    p.add_argument("--preempt-mode", default=None, choices=PREEMPT_MODES,
                    help="how a preempted request resumes: 'swap' keeps its K/V and continues where it stopped; "
-                   "'recompute' re-prefills its prompt and every token it produced")
-    p.add_argument("--starvation-threshold", type=threshold_arg, default=starvation_threshold,
+                   "'recompute' re-prefills its prompt and every token it produced (engine.preempt_mode)")
+    p.add_argument("--starvation-threshold", type=threshold_arg, default=None,
                    help="seconds a request may wait (before its first token, or between tokens) before "
-                   "ltr+starvation promotes it; or 'fcfs': the worst max_waiting_time of this invocation's fcfs "
-                   "run at the same rate (nobody should wait longer than FCFS's worst case)")
-    p.add_argument("--starvation-quantum", type=float, default=starvation_quantum,
-                   help="seconds a promoted request keeps its priority (ltr+starvation)")
-    p.add_argument("--starvation-requeue", action=argparse.BooleanOptionalAction,
-                   default=StarvationConfig.requeue_after_quantum,
+                   "ltr+starvation promotes it (scheduler.starvation.threshold_s); or 'fcfs': the worst "
+                   "max_waiting_time of this invocation's fcfs run at the same rate (nobody should wait longer "
+                   "than FCFS's worst case)")
+    p.add_argument("--starvation-quantum", type=float, default=None,
+                   help="seconds a promoted request keeps its priority (scheduler.starvation.quantum_s)")
+    p.add_argument("--starvation-requeue", action=argparse.BooleanOptionalAction, default=None,
                    help="when a promoted request's quantum ends it is back in rank order, and a better-ranked "
-                   "waiting request may take its slot (it resumes later); off: a promotion runs it to its end")
+                   "waiting request may take its slot (it resumes later); off: a promotion runs it to its end "
+                   "(scheduler.starvation.requeue_after_quantum)")
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals, prompt sampling and sampling")
     p.add_argument("--out", default=None, help="directory for report.json, report.md and PNG plots")
+
+
+def lookup(tree: Any, key: str) -> Any:
+    """The value at dotted ``key`` of a config tree (a policy parameter left out: the policy's default)."""
+    node = tree
+    for part in key.split("."):
+        if isinstance(node, dict):
+            if part not in node and key == "scheduler.policy_params.max_preemptions":
+                return DEFAULT_MAX_PREEMPTIONS
+            node = node[part]
+        else:
+            node = getattr(node, part)
+    return node
+
+
+def resolve_config(p: argparse.ArgumentParser, args: argparse.Namespace,
+                   shorthands: tuple[Shorthand, ...]) -> EngineRunConfig:
+    """Read ``--config`` and ``--set`` plus every shorthand given into the tree; write each shorthand's resolved
+    value back into ``args`` (``args.config_tree`` holds the tree). A bad key or value exits with its message."""
+    overrides = list(args.overrides)
+    for sh in shorthands:
+        value = getattr(args, sh.dest)
+        if value is not None and not (sh.dest == "starvation_threshold" and value == "fcfs"):
+            overrides.append(f"{sh.key}={json.dumps(value)}")  # JSON is YAML: the loader reads it back typed
+    try:
+        tree = load_config(args.config, overrides, EngineRunConfig)
+    except ConfigError as err:
+        p.error(str(err))
+    for sh in shorthands:
+        if not (sh.dest == "starvation_threshold" and getattr(args, sh.dest) == "fcfs"):
+            setattr(args, sh.dest, lookup(tree, sh.key))
+    args.config_tree = tree
+    return tree
 
 
 def threshold_arg(text: str) -> float | str:
@@ -67,10 +134,6 @@ def check_policies(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
     bad = [x for x in policies if x not in POLICIES]
     if bad:
         p.error(f"unknown policies {bad}; choose from {', '.join(POLICIES)}")
-    if args.max_preemptions < 0:
-        p.error(f"--max-preemptions must be >= 0, got {args.max_preemptions}")
-    if not args.starvation_quantum > 0:
-        p.error(f"--starvation-quantum must be > 0 seconds, got {args.starvation_quantum}")
     if (args.starvation_threshold == "fcfs" and "ltr+starvation" in policies
             and ("fcfs" not in policies or policies.index("fcfs") > policies.index("ltr+starvation"))):
         p.error("--starvation-threshold fcfs needs fcfs listed before ltr+starvation in --policies")

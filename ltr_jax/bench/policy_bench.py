@@ -25,10 +25,17 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ltr_jax.bench.options import add_shared_options, check_policies, resolve_threshold
+from ltr_jax.bench.options import (
+    SHARED_SHORTHANDS,
+    Shorthand,
+    add_shared_options,
+    check_policies,
+    resolve_config,
+    resolve_threshold,
+)
 from ltr_jax.bench.report import VIA_LABELS, ratios, starvation_cost, write_report
 from ltr_jax.bench.workload import Item, Observed
-from ltr_jax.engine.engine import Engine, EngineConfig
+from ltr_jax.engine.engine import Engine
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent
 from ltr_jax.engine.ranking import make_ranking_stage, share_prefix, warmup_ranker
 from ltr_jax.machine import machine_info
@@ -41,6 +48,18 @@ from ltr_jax.sim.trace import make_arrivals
 # Ranker batch sizes compiled before timing; the scorers batch no wider, so a burst of arrivals splits into these
 # shapes instead of compiling a wider one mid-run.
 RANKER_BATCHES = (1, 2, 4)
+
+#: The run options that set config keys (see `ltr_jax.bench.options`); --fuse-ranker-pass sets ranker.fuse_max_len.
+RUN_SHORTHANDS = SHARED_SHORTHANDS + (
+    Shorthand("model", "model.source"),
+    Shorthand("slots", "engine.num_slots"),
+    Shorthand("max_seq_len", "engine.max_seq_len"),
+    Shorthand("shared_prefix", "engine.shared_prefix"),
+    Shorthand("compilation_cache", "engine.compilation_cache_dir"),
+    Shorthand("reuse_ranker_pass", "ranker.reuse_pass"),
+    Shorthand("score_per_boundary", "ranker.score_per_boundary"),
+    Shorthand("fuse_max_len", "ranker.fuse_max_len"),
+)
 
 
 # ------------------------------------------------------------------------------------------------ workload
@@ -98,7 +117,8 @@ def make_scheduler(policy: str, slots: int, args, starvation_threshold: float | 
         if starvation_threshold is None:  # callers resolve 'fcfs' (resolve_threshold) before they get here
             starvation_threshold = float(args.starvation_threshold)
         starvation = StarvationConfig(threshold_s=starvation_threshold, quantum_s=args.starvation_quantum,
-                                      requeue_after_quantum=args.starvation_requeue)
+                                      requeue_after_quantum=args.starvation_requeue,
+                                      preempt_past_cap=args.config_tree.scheduler.starvation.preempt_past_cap)
     from ltr_jax.scheduler.policies import make_policy, policy_parameters
 
     if "max_preemptions" in policy_parameters(name):  # the same cap for every preemptive policy
@@ -114,10 +134,12 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
     `sequential` submits each request only after the previous one finished (an unloaded system)."""
     sched = make_scheduler(policy, engine.num_slots, args, starvation_threshold)
     ranker = ranker if sched.policy.uses_ranker else None
-    ranking = None if ranker is None else make_ranking_stage(engine, ranker, reuse_pass=args.reuse_ranker_pass,
-                                                            fuse_pass=args.fuse_ranker_pass)
+    ranking = None if ranker is None else make_ranking_stage(
+        engine, ranker, reuse_pass=args.reuse_ranker_pass, fuse_pass=args.fuse_ranker_pass,
+        state_budget_mb=args.config_tree.ranker.state_budget_mb)
     orch_kwargs = {"ranking": ranking, "max_queue": len(items) + 1, "preempt_mode": args.preempt_mode,
-                   "score_per_boundary": args.score_per_boundary}
+                   "score_per_boundary": args.score_per_boundary,
+                   "swap_budget_mb": args.config_tree.engine.swap_budget_mb}
     shapes_before = set(engine.stats.compiled_shapes)  # a shape first met mid-run compiles inside the timing
     budget = None if sequential else args.sdg_budget  # the probes of an unloaded system run to their end
     target = None if sequential else args.sdg_target
@@ -230,8 +252,8 @@ def summarize_observed(obs: list[Observed], wall: float, stats: dict, budgeted: 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ltr_jax.bench run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="model source: None = embedded SmolLM2, a .gguf, a HF dir, "
-                   "'tiny' (random test model) or preset:<name> (random weights of a published shape)")
+    p.add_argument("--model", default=None, help="model source (model.source): default the embedded SmolLM2; a "
+                   ".gguf, a HF dir, 'tiny' (random test model)")
     p.add_argument("--prompts", default="shared", help="'shared', a JSON/JSONL file (shared or ShareGPT format)")
     p.add_argument("--labels", default=None, help="label JSONL (serving model's own lengths); default: trace "
                    "lengths from reference answers")
@@ -252,9 +274,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--via", default="engine", choices=list(VIA_LABELS), help="'engine': submit to the "
                    "orchestrator in-process; 'http': serve each policy with the HTTP app on a loopback port and "
                    "replay the workload as streaming /v1/completions clients (latency as a client sees it)")
-    p.add_argument("--slots", type=int, default=8, help="decode slots")
-    p.add_argument("--max-seq-len", type=int, default=1024, help="engine context per slot (prompt + output "
-                   "tokens; a power of two)")
+    p.add_argument("--slots", type=int, default=None, help="decode slots (engine.num_slots)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="engine context per slot (prompt + output "
+                   "tokens; a power of two; engine.max_seq_len)")
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="prompts longer than this are left out "
                    "of the workload")
     p.add_argument("--max-output-tokens", type=int, default=384, help="cap on replayed output lengths")
@@ -263,39 +285,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--unloaded-probe", type=int, default=8, help="run this many requests one at a time first, "
                    "to state the unloaded latency the loaded runs are compared with (0 = skip)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the replay")
-    add_shared_options(p, rates="1.0", starvation_threshold=30.0, starvation_quantum=5.0)
+    add_shared_options(p, rates="1.0")
     p.add_argument("--load-factors", default=None, help="comma-separated request rates as multiples of this "
                    "machine's measured capacity (replaces --rates): capacity = completions per second of a burst "
                    "of --capacity-probe requests under fcfs, so a load means the same thing on a faster machine")
     p.add_argument("--capacity-probe", type=int, default=64, help="requests in the capacity burst "
                    "(the workload's first ones)")
-    p.add_argument("--reuse-ranker-pass", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--reuse-ranker-pass", action=argparse.BooleanOptionalAction, default=None,
                    help="start each ranked prompt's prefill from the ranker's pass over its first blocks (when the "
-                   "ranker's backbone is the served model's own), so ranking adds no model compute")
-    p.add_argument("--fuse-ranker-pass", action=argparse.BooleanOptionalAction, default=False,
+                   "ranker's backbone is the served model's own), so ranking adds no model compute "
+                   "(ranker.reuse_pass)")
+    p.add_argument("--fuse-ranker-pass", action=argparse.BooleanOptionalAction, default=None,
                    help="while every slot is busy, run a waiting arrival's ranker pass inside the next decode step "
                    "(its rows share the backbone blocks' weight reads with the decode rows) instead of on its own "
                    "at arrival; needs --reuse-ranker-pass. Off by default: warm-up then compiles one such step per "
                    "prompt length and cache length, about 10 s each on a 2-core CPU (most common lengths first). Each "
                    "compiled step holds about 500 memory mappings, so warm-up stops before the process holds 75%% of "
                    "Linux's vm.max_map_count (past it a compile fails) and the lengths left out run their passes on "
-                   "their own; the report counts both (fused_steps_compiled, fused_steps_skipped)")
-    p.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
+                   "their own; the report counts both (fused_steps_compiled, fused_steps_skipped). On: "
+                   "ranker.fuse_max_len = engine.max_seq_len (every length); off: 0 (the default)")
+    p.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=None,
                    help="cache the K/V of the chat template's fixed header (default system prompt and user-turn "
                    "opening) in the engine and the rankers: every policy's prefills, and the rankers' passes, run "
-                   "only the tokens after it")
+                   "only the tokens after it (engine.shared_prefix)")
     p.add_argument("--score-per-boundary", type=int, default=None, help="arrivals the ranker scores per batch "
-                   "boundary, oldest first (default: every arrival at once, as the simulator models it; the server's "
-                   "ranker.score_per_boundary is 32): a burst is then ranked over several boundaries while the "
-                   "running requests decode")
-    p.add_argument("--compilation-cache", default="default", help="JAX persistent compilation cache directory "
-                   "('default' = the user cache's jax_cache, as the server uses; 'none' = compile everything afresh): "
-                   "a repeated run then loads its warm-up's compiled shapes instead of compiling them again")
+                   "boundary, oldest first (ranker.score_per_boundary; 0 = every arrival at once, as the simulator "
+                   "models it): a burst is then ranked over several boundaries while the running requests decode")
+    p.add_argument("--compilation-cache", default=None, help="JAX persistent compilation cache directory "
+                   "(engine.compilation_cache_dir; 'default' = the user cache's jax_cache, as the server uses; "
+                   "'none' = compile everything afresh): a repeated run then loads its warm-up's compiled shapes "
+                   "instead of compiling them again")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar (logs, CI)")
+    p.set_defaults(fuse_max_len=None)  # set through --fuse-ranker-pass or --set ranker.fuse_max_len
     args = p.parse_args(argv)
+    if args.score_per_boundary is not None and args.score_per_boundary < 0:
+        p.error(f"--score-per-boundary must be >= 0 (0 = every arrival at once), got {args.score_per_boundary}")
+    if args.score_per_boundary == 0:  # 'every arrival at once' is the key's null
+        args.overrides.append("ranker.score_per_boundary=null")
+        args.score_per_boundary = None
+    if args.compilation_cache == "none":
+        args.overrides.append("engine.compilation_cache_dir=null")
+        args.compilation_cache = None
+    resolve_config(p, args, RUN_SHORTHANDS)
+    if args.fuse_ranker_pass is not None:  # on: fuse passes of every length the context holds
+        args.fuse_max_len = args.max_seq_len if args.fuse_ranker_pass else 0
+        resolve_config(p, args, RUN_SHORTHANDS)
+    args.fuse_ranker_pass = args.fuse_max_len > 0
     check_policies(p, args)
-    if args.score_per_boundary is not None and args.score_per_boundary < 1:
-        p.error(f"--score-per-boundary must be >= 1, got {args.score_per_boundary}")
     if args.sdg_budget is not None and not args.sdg_budget > 0:
         p.error(f"--sdg-budget must be > 0 seconds, got {args.sdg_budget}")
     if args.sdg_target is not None and not 0 < args.sdg_target <= args.n:
@@ -334,13 +370,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from ltr_jax.engine.compilation_cache import CompilationCacheError, enable_compilation_cache
 
     try:
-        enable_compilation_cache(None if args.compilation_cache == "none" else args.compilation_cache,
-                                 key="--compilation-cache", off="'none'")
+        enable_compilation_cache(args.compilation_cache, key="--compilation-cache", off="'none'")
     except CompilationCacheError as err:
         raise SystemExit(str(err)) from None
     loaded = load_serving_model(args.model)
     model = Llama.from_params(loaded.config, loaded.params)
-    engine = Engine(model, EngineConfig(num_slots=args.slots, max_seq_len=args.max_seq_len))
+    engine = Engine(model, args.config_tree.engine.to_engine_config())
     items, length_source = build_items(loaded, args.prompts, args.labels, args.n, args.max_prompt_tokens,
                                        args.max_output_tokens, args.split, args.seed, args.length_scale)
     if args.length_scale != 1.0:
@@ -374,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             prompts = [i.prompt_tokens for i in items]
             warmup_ranker(engine, r, r.pass_lengths(prompts), batch_sizes=RANKER_BATCHES,
                           reuse_ranker_pass=args.reuse_ranker_pass,
-                          fused_shapes=r.pass_shapes(prompts) if args.fuse_ranker_pass else (),
+                          fused_shapes=[(s, t) for s, t in r.pass_shapes(prompts) if t <= args.fuse_max_len],
                           cache_lens=engine.cache_buckets(longest + 1))
     warm_s = time.monotonic() - t_warm
     unloaded = None

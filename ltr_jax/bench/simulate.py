@@ -20,7 +20,13 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from typing import Any
 
-from ltr_jax.bench.options import add_shared_options, check_policies, resolve_threshold
+from ltr_jax.bench.options import (
+    SHARED_SHORTHANDS,
+    add_shared_options,
+    check_policies,
+    resolve_config,
+    resolve_threshold,
+)
 from ltr_jax.bench.report import ratios, starvation_cost, write_report
 from ltr_jax.machine import machine_info
 from ltr_jax.scheduler.policies import policy_parameters
@@ -67,8 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="runs (policy x rate) simulated at once, each in a process of its own; 1 = one after another "
                    "in this process. Every run is deterministic, so the report is the same for any value")
-    add_shared_options(p, rates="2,8,16,32,48,64", starvation_threshold=10.0, starvation_quantum=2.0)
+    add_shared_options(p, rates="2,8,16,32,48,64")
     args = p.parse_args(argv)
+    resolve_config(p, args, SHARED_SHORTHANDS)
     check_policies(p, args)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")

@@ -42,50 +42,11 @@ import numpy as np
 from flax import nnx
 
 from ltr_jax.engine.sampling import sample_tokens
+from ltr_jax.engine.settings import EngineConfig
 from ltr_jax.models.config import LlamaConfig
 from ltr_jax.models.llama import BackboneState, Llama
-from ltr_jax.models.padding import length_ladder
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Static shape of the engine: slots, maximum sequence length and the compiled length buckets."""
-
-    num_slots: int = 8
-    max_seq_len: int = 1024
-    min_prefill_bucket: int = 16
-    cache_bucket_step: int = 64  # the decode cache length is a bucket built from this step, capped at max_seq_len
-
-    def __post_init__(self) -> None:
-        if self.num_slots < 1:
-            raise ValueError(f"engine.num_slots={self.num_slots} must be >= 1")
-        if self.max_seq_len < 2 or self.max_seq_len & (self.max_seq_len - 1):
-            raise ValueError(f"engine.max_seq_len={self.max_seq_len} must be a power of two >= 2")
-        if self.min_prefill_bucket < 1 or self.min_prefill_bucket > self.max_seq_len:
-            raise ValueError(f"engine.min_prefill_bucket={self.min_prefill_bucket} must be in [1, max_seq_len]")
-        if self.cache_bucket_step < 1:
-            raise ValueError(f"engine.cache_bucket_step={self.cache_bucket_step} must be >= 1")
-
-    def prefill_buckets(self) -> list[int]:
-        """Every padded prefill length: the one padding ladder (`ltr_jax.models.padding`) up to max_seq_len, the
-        same the ranker's passes use, so a prompt's pass and the rest of its prefill share one padding."""
-        return length_ladder(self.max_seq_len, self.min_prefill_bucket)
-
-    def prefill_bucket(self, n: int) -> int:
-        for b in self.prefill_buckets():
-            if n <= b:
-                return b
-        raise ValueError(f"a sequence of {n} tokens exceeds engine.max_seq_len={self.max_seq_len}")
-
-    def cache_bucket(self, n: int) -> int:
-        """Smallest cache length >= n: multiples of `cache_bucket_step` up to 8 steps, then growing by ~1.5x."""
-        step = self.cache_bucket_step
-        b = step
-        while b < n:
-            b = b + step if b < 8 * step else int(b * 1.5) // step * step
-        return min(b, self.max_seq_len)
 
 
 @dataclass(frozen=True)

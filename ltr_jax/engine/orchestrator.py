@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 
 from ltr_jax.engine.engine import Engine, SlotSampling
-from ltr_jax.engine.preemption import PREEMPT_MODES
+from ltr_jax.engine.preemption import PREEMPT_MODES, PreemptionConfig
 from ltr_jax.engine.ranking import NoRanking, RankingStage
+from ltr_jax.engine.settings import RankingConfig
 from ltr_jax.scheduler.request import Request
 from ltr_jax.scheduler.scheduler import Scheduler
 
@@ -115,8 +116,10 @@ class Orchestrator:
     """Continuous batching over an `Engine`, ordered by a `Scheduler`, streaming to per-request callbacks."""
 
     def __init__(self, engine: Engine, tokenizer, scheduler: Scheduler, ranking: RankingStage | None = None,
-                 max_queue: int = 1024, observer=None, clock: Callable[[], float] = time.monotonic,
-                 preempt_mode: str = "swap", swap_budget_mb: float = 1024.0, score_per_boundary: int | None = None):
+                 max_queue: int = 256, observer=None, clock: Callable[[], float] = time.monotonic,
+                 preempt_mode: str = PreemptionConfig.preempt_mode,
+                 swap_budget_mb: float = PreemptionConfig.swap_budget_mb,
+                 score_per_boundary: int | None = RankingConfig.score_per_boundary):
         if scheduler.num_slots != engine.num_slots:
             raise ValueError(f"scheduler has {scheduler.num_slots} slots but the engine has {engine.num_slots}")
         if preempt_mode not in PREEMPT_MODES:

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ltr_jax.engine.engine import Engine, Prefix, SlotSampling
+from ltr_jax.engine.settings import RankingConfig
 from ltr_jax.machine import memory_maps
 from ltr_jax.models.llama import BackboneState
 from ltr_jax.models.padding import length_bucket
@@ -163,8 +164,9 @@ class NoRanking:
 class LearnedRanking:
     """The ranking stage over a trained `RankerScorer` (see the module docstring)."""
 
-    def __init__(self, engine: Engine, ranker: RankerScorer, reuse_pass: bool = True, state_budget_mb: float = 1024.0,
-                 fuse_pass: bool = False):
+    def __init__(self, engine: Engine, ranker: RankerScorer, reuse_pass: bool = RankingConfig.reuse_pass,
+                 state_budget_mb: float = RankingConfig.state_budget_mb,
+                 fuse_pass: bool = RankingConfig.fuse_max_len > 0):
         if not state_budget_mb >= 0:
             raise ValueError(f"state_budget_mb must be >= 0 (MiB of kept ranker passes), got {state_budget_mb!r}")
         self.engine = engine
@@ -273,8 +275,9 @@ class LearnedRanking:
         self._set_scores([request], [score], np.asarray(outputs)[None], [state])
 
 
-def make_ranking_stage(engine: Engine, ranker: RankerScorer | None, reuse_pass: bool = True,
-                       state_budget_mb: float = 1024.0, fuse_pass: bool = False) -> RankingStage:
+def make_ranking_stage(engine: Engine, ranker: RankerScorer | None, reuse_pass: bool = RankingConfig.reuse_pass,
+                       state_budget_mb: float = RankingConfig.state_budget_mb,
+                       fuse_pass: bool = RankingConfig.fuse_max_len > 0) -> RankingStage:
     """The stage for ``ranker`` (None: `NoRanking`)."""
     if ranker is None:
         return NoRanking()

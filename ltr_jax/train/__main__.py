@@ -1,4 +1,4 @@
-"""Command line: ``python -m ltr_jax.train --config configs/ranker_<name>.yaml``.
+"""Command line: ``python -m ltr_jax.train --config configs/ranker_<name>.yaml [--set KEY=VALUE ...]``.
 
 Splits the data, computes (or reuses) backbone features, trains every configured method, evaluates each on the
 held-out split and exports the configured head; prints the report as JSON on stdout.
@@ -18,26 +18,26 @@ from ltr_jax.train.trainer import ConfigError, TrainConfig, run_training
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ltr_jax.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML training config (see configs/ranker_*.yaml)")
-    parser.add_argument("--labels", help="override the config's label file (JSONL from the labeling job)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set epochs=10 --set optimizer.lr=0.003 (repeatable)")
+    parser.add_argument("--labels", help="shorthand for --set labels=PATH (JSONL from the labeling job)")
     parser.add_argument("--export-path", help="export the chosen head here (the config's export_method, or "
                         "listmle when the config exports nothing)")
-    parser.add_argument("--no-export", action="store_true", help="train and evaluate only")
+    parser.add_argument("--no-export", action="store_true", help="train and evaluate only (export_method=null)")
     parser.add_argument("--no-progress", action="store_true", help="hide the feature progress bar")
     args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.labels:
+        overrides.append(f"labels={json.dumps(args.labels)}")  # JSON is YAML: the path stays a string
     try:
-        cfg = TrainConfig.from_yaml(args.config)
-        overrides = {}
-        if args.labels:
-            overrides["labels"] = args.labels
+        cfg = TrainConfig.from_yaml(args.config, overrides)
         if args.export_path:
-            overrides["export_path"] = args.export_path
+            overrides.append(f"export_path={json.dumps(args.export_path)}")
             if cfg.export_method is None:
-                overrides["export_method"] = "listmle" if "listmle" in cfg.methods else cfg.methods[0]
+                overrides.append("export_method=" + ("listmle" if "listmle" in cfg.methods else cfg.methods[0]))
         if args.no_export:
-            overrides["export_method"] = None
-        if overrides:
-            raw = {**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, **overrides}
-            cfg = TrainConfig(**raw)
+            overrides.append("export_method=null")
+        cfg = TrainConfig.from_yaml(args.config, overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

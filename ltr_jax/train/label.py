@@ -6,6 +6,10 @@ fixed seed by default, as the paper labels with Llama-3) and appends one JSONL r
 so an interrupted run resumes where it stopped: prompts already in the output file are skipped. Prompts are
 processed in a fixed pseudo-random order (by a hash of their id), so a partial run is an unbiased sample.
 Prompt text never goes into the file; the command and model that made it go into a `.meta.json` beside it.
+
+The engine's keys come from the one config tree (`ltr_jax.config.EngineRunConfig`, read with ``--config`` and
+``--set`` as ``serve`` reads them); ``--model`` and ``--slots`` are shorthands for ``model.source`` and
+``engine.num_slots``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ltr_jax.engine.engine import Engine, EngineConfig
+from ltr_jax.config import ConfigError, EngineRunConfig, load_config
+from ltr_jax.engine.engine import Engine
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent
 from ltr_jax.models.llama import Llama
 from ltr_jax.models.loading import load_model
@@ -72,7 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ltr_jax.train.label", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", default="shared", help="'shared' (../shared/data/prompts.jsonl), a JSON/JSONL "
                    "file (shared format or ShareGPT), or tfds:NAME[/SPLIT]")
-    p.add_argument("--model", default=None, help="model source (default: the embedded SmolLM2)")
+    p.add_argument("--config", default=None, help="YAML config of the engine keys (the sections `serve` reads; "
+                   "default: the built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set engine.max_seq_len=4096 (repeatable)")
+    p.add_argument("--model", default=None, help="model source (model.source; default: the embedded SmolLM2)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output JSONL (appended to; resumable)")
     p.add_argument("--max-tokens", type=int, default=384, help="cap on generated tokens per prompt")
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are skipped (as the paper)")
@@ -80,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
                    "recommends 0.2 with top-p 0.9")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="base seed; each prompt draws with seed + its index")
-    p.add_argument("--slots", type=int, default=64, help="decode slots (batch size)")
+    p.add_argument("--slots", type=int, default=None, help="decode slots, the batch size (engine.num_slots; more "
+                   "slots label faster on a machine with the memory: e.g. --slots 64)")
     p.add_argument("--limit", type=int, default=None, help="label at most this many prompts (in label order)")
     p.add_argument("--trace-lengths", action="store_true", help="write trace lengths instead: the token count of "
                    "each prompt's reference answer under the model's tokenizer (vLLM's replay method; no engine run)")
@@ -90,10 +100,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk", type=int, default=384, help="chunk size for --order chunked")
     p.add_argument("--time-budget", type=float, default=None, help="stop admitting new prompts after this many s")
     args = p.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.model is not None:
+        overrides.append(f"model.source={json.dumps(args.model)}")
+    if args.slots is not None:
+        overrides.append(f"engine.num_slots={args.slots}")
+    try:
+        cfg = load_config(args.config, overrides, EngineRunConfig)
+    except ConfigError as err:
+        p.error(str(err))
+    if args.max_prompt_tokens + args.max_tokens >= cfg.engine.max_seq_len:
+        p.error(f"--max-prompt-tokens {args.max_prompt_tokens} + --max-tokens {args.max_tokens} do not fit the "
+                f"engine context engine.max_seq_len = {cfg.engine.max_seq_len}: lower them, or raise it with "
+                f"--set engine.max_seq_len={1 << (args.max_prompt_tokens + args.max_tokens).bit_length()}")
+    args.model, args.slots = cfg.model.source, cfg.engine.num_slots
 
     from ltr_jax.engine.compilation_cache import enable_compilation_cache
 
-    enable_compilation_cache("default")
+    enable_compilation_cache(cfg.engine.compilation_cache_dir)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = already_labeled(out)
@@ -109,7 +133,6 @@ def main(argv: list[str] | None = None) -> None:
         # sample at chunk granularity, while similar lengths decode together and the cache (and each step) stays short
         todo = [e for i in range(0, len(todo), args.chunk)
                 for e in sorted(todo[i:i + args.chunk], key=lambda e: len(rendered[e.id]))]
-    max_seq_len = 1 << (args.max_prompt_tokens + args.max_tokens + 1).bit_length()
     meta = {
         "command": "python -m ltr_jax.train.label " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": loaded.source and Path(loaded.source).name, "model_config": loaded.config.name,
@@ -127,8 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     if not todo:
         return
 
-    engine = Engine(Llama.from_params(loaded.config, loaded.params),
-                    EngineConfig(num_slots=args.slots, max_seq_len=max_seq_len))
+    engine = Engine(Llama.from_params(loaded.config, loaded.params), cfg.engine.to_engine_config())
     orch = Orchestrator(engine, tok, Scheduler("fcfs", args.slots), max_queue=len(todo) + 1)
     lock = threading.Lock()
     finished = threading.Event()

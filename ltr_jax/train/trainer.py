@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 from flax import nnx
 
+from ltr_jax.config_schema import (
+    ConfigError,
+    apply_overrides,
+    build_config,
+    check_settings,
+    read_yaml_mapping,
+    setting,
+)
 from ltr_jax.models.ranker import METHODS, POOLINGS, RankerHead, RankerSpec, scores_from_outputs
 from ltr_jax.train import data as train_data
 from ltr_jax.train import losses
@@ -33,107 +41,88 @@ from ltr_jax.train.features import FeatureSet, cached_features
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-class ConfigError(ValueError):
-    """A training config is malformed; the message names the key and the fix."""
+def _each_method(methods: list[str]) -> str | None:
+    if not methods:
+        return "give at least one of " + ", ".join(METHODS)
+    bad = [m for m in methods if m not in METHODS]
+    return f"unknown method {bad[0]!r} (choose from {list(METHODS)})" if bad else None
+
+
+def _positive_dims(dims: list[int]) -> str | None:
+    return None if all(d > 0 for d in dims) else "every hidden width must be > 0"
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    schedule: str = "cosine"  # "cosine" (decay to 0 over training) or "constant"
-    warmup_steps: int = 20
+    name: str = setting("adamw", choices=("adamw", "adam", "sgd"), doc="optax optimizer")
+    lr: float = setting(1e-3, ge=0, doc="peak learning rate (0 = the head stays as it starts)")
+    weight_decay: float = setting(0.01, ge=0, doc="decoupled weight decay (adamw)")
+    schedule: str = setting("cosine", choices=("cosine", "constant"), doc="cosine: decay to 0 over training")
+    warmup_steps: int = setting(20, ge=0, doc="linear warm-up steps")
 
 
 @dataclass
 class TrainConfig:
-    """Everything one training run needs (YAML keys are these field names; unknown keys are errors)."""
+    """Everything one training run needs (YAML keys are these field names; `ltr_jax.config_schema` checks them)."""
 
-    name: str = "ranker"
-    model: str | None = None  # load_model source: None = embedded SmolLM2, a .gguf path or an HF directory
-    prompts: str | None = None  # None/"shared" = ../shared/data/prompts.jsonl; a JSON/JSONL path; "tfds:NAME"
-    labels: str | None = None  # label JSONL from the labeling job; None = trace lengths of references
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    n_layers: int = 4
-    pooling: str = "mean"
-    hidden_dims: list[int] = field(default_factory=lambda: [128])
-    max_prompt_len: int = 512
-    list_size: int = 32
-    lists_per_step: int = 1  # lists per optimizer step; 1 = one list of list_size prompts per step (the paper)
-    epochs: int = 30
-    seed: int = 0
-    num_buckets: int = losses.NUM_BUCKETS
-    bucket_scheme: str = "quantile"  # classifier bucket edges: "quantile" of training lengths, or "uniform" width
-    val_fraction: float = 0.1
-    cv_folds: int = 0  # > 1: also report k-fold cross-validated tau-b over the training split (stabler than one split)
-    split_salt: str = train_data.DEFAULT_SPLIT_SALT
+    name: str = setting("ranker", doc="run name in the report")
+    model: str | None = setting(None, doc="serving model (load_model source): null = embedded SmolLM2, a .gguf or "
+                                          "a Hugging Face directory")
+    prompts: str | None = setting(None, doc="null/'shared' = ../shared/data/prompts.jsonl; a JSON/JSONL path; "
+                                            "'tfds:NAME'")
+    labels: str | None = setting(None, doc="label JSONL from the labeling job; null = trace lengths of references")
+    methods: list[str] = setting(default_factory=lambda: list(METHODS), check=_each_method,
+                                 doc="heads to train: " + ", ".join(METHODS))
+    n_layers: int = setting(4, ge=1, doc="backbone layers the ranker's features come from")
+    pooling: str = setting("mean", choices=POOLINGS, doc="how a prompt's hidden states become one feature")
+    hidden_dims: list[int] = setting(default_factory=lambda: [128], check=_positive_dims, doc="MLP head widths")
+    max_prompt_len: int = setting(512, ge=1, doc="prompt tokens the ranker reads (longer prompts are cut)")
+    list_size: int = setting(32, ge=1, doc="prompts per ListMLE list (and per minibatch of the other methods)")
+    lists_per_step: int = setting(1, ge=1, doc="lists per optimizer step (1 = one list per step, as the paper)")
+    epochs: int = setting(30, ge=1)
+    seed: int = setting(0, ge=0)
+    num_buckets: int = setting(losses.NUM_BUCKETS, ge=2, doc="length buckets of the classify head")
+    bucket_scheme: str = setting("quantile", choices=("quantile", "uniform"),
+                                 doc="classify bucket edges: quantiles of training lengths, or uniform width")
+    val_fraction: float = setting(0.1, gt=0, check=lambda v: None if v < 1 else "must be < 1",
+                                  doc="held-out share of prompts (split by id hash)")
+    cv_folds: int = setting(0, ge=0, check=lambda v: "must be 0 (off) or an integer >= 2" if v == 1 else None,
+                            doc="> 1: also report k-fold cross-validated tau-b over the training split")
+    split_salt: str = setting(train_data.DEFAULT_SPLIT_SALT, doc="salt of the id-hash train/validation split")
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    feature_cache_dir: str | None = "default"  # "default" = <user cache>/ranker_features; null = no cache
-    token_budget: int = 4096  # prompt tokens per backbone batch while computing features
-    export_method: str | None = "listmle"  # which head to export (null = export nothing)
-    export_path: str | None = None  # where to export it; relative paths are relative to the config's folder
+    feature_cache_dir: str | None = setting("default", doc="'default' = <user cache>/ranker_features; null = none")
+    token_budget: int = setting(4096, ge=1, doc="prompt tokens per backbone batch while computing features")
+    export_method: str | None = setting("listmle", doc="which head to export (null = export nothing)")
+    export_path: str | None = setting(None, doc="where to export it; relative paths resolve against the project root")
 
     def __post_init__(self) -> None:
-        if isinstance(self.optimizer, dict):
-            opt_known = {f.name for f in dataclasses.fields(OptimizerConfig)}
-            opt_unknown = sorted(set(self.optimizer) - opt_known)
-            if opt_unknown:
-                raise ConfigError(f"unknown optimizer key(s) {opt_unknown}; known keys: {sorted(opt_known)}")
-            self.optimizer = OptimizerConfig(**self.optimizer)
-        elif not isinstance(self.optimizer, OptimizerConfig):
-            raise ConfigError("optimizer: must be a mapping like {name: adamw, lr: 0.001, weight_decay: 0.01}")
-        problems = []
-        for m in self.methods:
-            if m not in METHODS:
-                problems.append(f"methods: unknown method {m!r} (choose from {list(METHODS)})")
-        if not self.methods:
-            problems.append("methods: give at least one of " + ", ".join(METHODS))
-        if self.pooling not in POOLINGS:
-            problems.append(f"pooling: {self.pooling!r} is not one of {list(POOLINGS)}")
-        for key in ("n_layers", "max_prompt_len", "list_size", "lists_per_step", "epochs", "token_budget"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
-                problems.append(f"{key}: must be a positive integer, got {getattr(self, key)!r}")
-        if not isinstance(self.num_buckets, int) or self.num_buckets < 2:
-            problems.append(f"num_buckets: must be an integer >= 2, got {self.num_buckets!r}")
-        if self.bucket_scheme not in ("quantile", "uniform"):
-            problems.append(f"bucket_scheme: {self.bucket_scheme!r} is not one of quantile, uniform")
-        if not isinstance(self.cv_folds, int) or self.cv_folds < 0 or self.cv_folds == 1:
-            problems.append(f"cv_folds: must be 0 (off) or an integer >= 2, got {self.cv_folds!r}")
-        if not 0 < self.val_fraction < 1:
-            problems.append(f"val_fraction: must be in (0, 1), got {self.val_fraction!r}")
+        if isinstance(self.optimizer, dict):  # direct construction, e.g. TrainConfig(optimizer={"lr": 0.01})
+            self.optimizer = build_config(OptimizerConfig, self.optimizer, "optimizer")
+        check_settings(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """The checks that involve more than one key (each key's own range is checked by its `setting`)."""
         if self.export_method is not None and self.export_method not in self.methods:
-            problems.append(f"export_method: {self.export_method!r} is not among the trained methods {self.methods}")
+            raise ConfigError.at("export_method", self.export_method,
+                                 f"must be one of the trained methods {self.methods} (or null)")
         if self.export_method is not None and not self.export_path:
-            problems.append("export_path: required when export_method is set (or set export_method: null)")
-        if self.optimizer.name not in ("adamw", "adam", "sgd"):
-            problems.append(f"optimizer.name: {self.optimizer.name!r} is not one of adamw, adam, sgd")
-        if self.optimizer.schedule not in ("cosine", "constant"):
-            problems.append(f"optimizer.schedule: {self.optimizer.schedule!r} is not one of cosine, constant")
-        if problems:
-            raise ConfigError("invalid ranker training config: " + "; ".join(problems))
+            raise ConfigError("export_path: required when export_method is set (or set export_method: null)",
+                              "export_path")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], base_dir: Path | None = None) -> TrainConfig:
-        if not isinstance(raw, dict):
-            raise ConfigError(f"a ranker training config must be a mapping, got {type(raw).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
-        raw = dict(raw)
-        raw["optimizer"] = raw.get("optimizer") or {}
-        if base_dir is not None:
+        """Build from a mapping; relative paths resolve against ``base_dir`` (None: left as given)."""
+        if isinstance(raw, dict) and base_dir is not None:
+            raw = dict(raw)
             for key in ("export_path", "labels", "prompts", "feature_cache_dir"):
                 value = raw.get(key)
-                if not value or value in ("shared", "default") or str(value).startswith("tfds:"):
+                if not isinstance(value, str) or not value or value in ("shared", "default") \
+                        or value.startswith("tfds:"):
                     continue
                 path = Path(value).expanduser()
                 raw[key] = str(path if path.is_absolute() else (base_dir / path).resolve())
-        try:
-            return cls(**raw)
-        except TypeError as err:  # e.g. a list where a mapping belongs
-            raise ConfigError(f"invalid ranker training config: {err}") from err
+        return build_config(cls, raw)
 
     def to_portable_dict(self) -> dict[str, Any]:
         """The config as plain data, with project paths relative to the project root (for export metadata)."""
@@ -141,18 +130,18 @@ class TrainConfig:
         return {k: _portable(v) if isinstance(v, str) else v for k, v in d.items()}
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> TrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
+    def from_yaml(cls, path: str | Path | None, overrides: Iterable[str] = ()) -> TrainConfig:
+        """``path`` (None = the defaults) plus ``--set`` style ``overrides``; relative paths resolve against the
+        project root."""
+        raw = read_yaml_mapping(path) if path is not None else {}
+        overrides = list(overrides)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from err
-        try:
-            return cls.from_dict(raw, base_dir=PROJECT_ROOT)
+            return cls.from_dict(apply_overrides(raw, overrides), base_dir=PROJECT_ROOT)
         except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from err
+            origin = next((f"--set {o}" for o in reversed(overrides) if err.key and
+                           (err.key == o.partition("=")[0].strip() or
+                            err.key.startswith(o.partition("=")[0].strip() + "."))), str(path) if path else "")
+            raise ConfigError(f"{origin}: {err}" if origin else str(err), err.key) from None
 
 
 # ------------------------------------------------------------------------------------------------ head training

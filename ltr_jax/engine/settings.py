@@ -1,0 +1,90 @@
+"""The engine's configuration dataclasses, free of JAX so that config parsing stays cheap.
+
+They are the config tree's sections themselves (`ltr_jax.config` builds ``engine`` and ``ranker`` from them), so
+each key has its one default here, beside its bounds and meaning:
+
+* `EngineConfig`: the engine's static shapes (slots, context, the compiled length buckets);
+* `RankingConfig`: how the ranking stage and the orchestrator score arrivals (kept and fused passes, their budget,
+  arrivals scored per batch boundary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ltr_jax.config_schema import ConfigError, setting
+from ltr_jax.models.padding import length_ladder
+
+
+def power_of_two(value: int) -> str | None:
+    """None for a power of two >= 16, else what is allowed (a `setting` check)."""
+    return None if value >= 16 and value & (value - 1) == 0 else "must be a power of two >= 16 (e.g. 1024, 2048)"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Static shape of the engine: slots, maximum sequence length and the compiled length buckets."""
+
+    num_slots: int = setting(8, ge=1, le=4096, doc="decode slots (the batch size)")
+    max_seq_len: int = setting(2048, check=power_of_two, doc="prompt + output tokens per sequence")
+    min_prefill_bucket: int = setting(16, ge=1, doc="smallest compiled prefill length")
+    cache_bucket_step: int = setting(64, ge=1, doc="decode KV-cache length granularity: the cache length is a "
+                                                   "bucket built from this step, capped at max_seq_len")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` (a ValueError) naming the key when a field is out of range."""
+        for name in ("num_slots", "min_prefill_bucket", "cache_bucket_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError.at(name, value, "must be an integer >= 1")
+        problem = power_of_two(self.max_seq_len)
+        if problem:
+            raise ConfigError.at("max_seq_len", self.max_seq_len, problem)
+        if self.min_prefill_bucket > self.max_seq_len:
+            raise ConfigError.at("min_prefill_bucket", self.min_prefill_bucket,
+                                 f"must be <= engine.max_seq_len ({self.max_seq_len})")
+
+    def prefill_buckets(self) -> list[int]:
+        """Every padded prefill length: the one padding ladder (`ltr_jax.models.padding`) up to max_seq_len, the
+        same the ranker's passes use, so a prompt's pass and the rest of its prefill share one padding."""
+        return length_ladder(self.max_seq_len, self.min_prefill_bucket)
+
+    def prefill_bucket(self, n: int) -> int:
+        for b in self.prefill_buckets():
+            if n <= b:
+                return b
+        raise ValueError(f"a sequence of {n} tokens exceeds engine.max_seq_len={self.max_seq_len}")
+
+    def cache_bucket(self, n: int) -> int:
+        """Smallest cache length >= n: multiples of `cache_bucket_step` up to 8 steps, then growing by ~1.5x."""
+        step = self.cache_bucket_step
+        b = step
+        while b < n:
+            b = b + step if b < 8 * step else int(b * 1.5) // step * step
+        return min(b, self.max_seq_len)
+
+
+@dataclass(frozen=True)
+class RankingConfig:
+    """How arrivals are scored: the ranking stage's kept and fused passes, and the orchestrator's pacing."""
+
+    reuse_pass: bool = setting(True, doc="when the ranker's backbone is the served model's own first blocks, keep "
+                                         "its pass over each prompt and start that prompt's prefill there "
+                                         "(ranking then adds no model compute)")
+    state_budget_mb: float = setting(1024.0, ge=0, doc="memory for kept ranker passes (hidden state + K/V of "
+                                                       "the backbone blocks); past it, the last-ranked requests "
+                                                       "drop theirs and prefill in full")
+    score_per_boundary: int | None = setting(32, ge=1, doc="arrivals scored per batch boundary, oldest first "
+                                                           "(null = every arrival at once): a burst is ranked over "
+                                                           "several boundaries while the running requests decode, "
+                                                           "instead of stalling them for all of its ranker passes")
+    fuse_max_len: int = setting(0, ge=0, doc="while every slot is busy, run a waiting prompt's ranker pass inside the "
+                                             "next decode step (sharing its weight reads) when the prompt has at "
+                                             "most this many tokens after the shared prefix; those steps are "
+                                             "compiled at warm-up, one per length and cache length; warm-up stops "
+                                             "before their memory mappings fill 75% of Linux's vm.max_map_count and "
+                                             "fuses only what it compiled (0 = never: every pass runs on its own at "
+                                             "arrival); needs reuse_pass")
