@@ -249,11 +249,13 @@ def test_policies_run_through_the_http_server(tmp_path):
 
 @pytest.mark.parametrize("via", ["engine", "http"])
 def test_sdg_target_reports_the_time_to_that_many_completions(tmp_path, via):
-    # a burst of 10 with short and long answers in mixed order: the oracle finishes the 4 short ones first
-    prompts = _prompts_with_lengths(tmp_path, [60, 4, 58, 56, 5, 54, 6, 52, 7, 50])
+    # a burst of 10 with short and long answers in mixed order: the oracle finishes the 4 short ones first. The long
+    # ones are 100x longer, so the engine is still busy with the first arrivals while the last HTTP clients connect,
+    # and the oracle's lead is hundreds of decode steps, not a margin a busy machine's timing could erase
+    prompts = _prompts_with_lengths(tmp_path, [500, 4, 480, 460, 5, 440, 6, 420, 7, 400])
     report = policy_bench.main(["--model", "tiny", "--prompts", str(prompts), "--split", "all", "--n", "10",
                                 "--policies", "fcfs,oracle-sjf", "--sdg-target", "4", "--slots", "2", "--via", via,
-                                "--max-output-tokens", "64", "--unloaded-probe", "0", "--no-progress",
+                                "--max-output-tokens", "512", "--unloaded-probe", "0", "--no-progress",
                                 "--out", str(tmp_path / "out")])
     run = report["runs"]["burst"]
     for metrics in run.values():

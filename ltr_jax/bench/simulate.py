@@ -138,8 +138,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def task(key: str, pol: str) -> tuple:
         name = "ltr" if pol == "ltr+starvation" else pol
         params = {"max_preemptions": args.max_preemptions} if "max_preemptions" in policy_parameters(name) else {}
-        starvation = (StarvationConfig(resolve_threshold(args, {"fcfs": done.get((key, "fcfs"))}),
-                                       args.starvation_quantum, requeue_after_quantum=args.starvation_requeue)
+        starvation = (StarvationConfig(threshold_s=resolve_threshold(args, {"fcfs": done.get((key, "fcfs"))}),
+                                       quantum_s=args.starvation_quantum,
+                                       requeue_after_quantum=args.starvation_requeue,
+                                       preempt_past_cap=args.config_tree.scheduler.starvation.preempt_past_cap)
                       if pol == "ltr+starvation" else None)
         trace, ctrace = traces[key]
         return (ctrace if pol == "classify" else trace, name, params, starvation, args.slots, step_model,

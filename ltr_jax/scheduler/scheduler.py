@@ -48,9 +48,9 @@ class StarvationConfig:
     """Promote a request that waited longer than ``threshold_s`` to the front for ``quantum_s`` seconds (the config
     tree's ``scheduler.starvation`` section)."""
 
-    enabled: bool = setting(True, doc="promote requests that waited too long")
     threshold_s: float = setting(60.0, gt=0, doc="max waiting time (TTFT or inter-token gap) before promotion")
     quantum_s: float = setting(5.0, gt=0, doc="how long a promoted request keeps its priority")
+    enabled: bool = setting(True, doc="promote requests that waited too long")
     # Without this, under a cap of 0 a promoted request waits for a slot to free, and in overload the bound slips.
     preempt_past_cap: bool = setting(True, doc="a promoted request may evict a running one even past the policy's "
                                                "max_preemptions (else it waits for a free slot)")

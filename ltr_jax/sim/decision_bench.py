@@ -124,7 +124,8 @@ def benchmark_decision_time(
         results[name] = {
             "starvation_off": benchmark_policy(name, num_waiting, num_slots, decisions, None),
             "starvation_on": benchmark_policy(
-                name, num_waiting, num_slots, decisions, StarvationConfig(starvation_threshold_s, quantum_s)
+                name, num_waiting, num_slots, decisions,
+                StarvationConfig(threshold_s=starvation_threshold_s, quantum_s=quantum_s)
             ),
         }
     return {
