@@ -161,7 +161,7 @@ def test_fused_warmup_stops_within_the_memory_map_budget_most_common_shapes_firs
     lengths = scorer.pass_lengths(batch)
     with caplog.at_level("WARNING"):
         warmup_ranker(engine, scorer, lengths, fused_shapes=shapes, cache_lens=cache_lens, map_budget=0.5)
-    fused_keys = sorted(k[1:] for k in engine.stats.compiled_shapes if k[0] == "generate_pass")
+    fused_keys = sorted(engine.fused_pass_shapes)
     # looks before step i: 200 + 100 i; the next step is judged at 50 more; 500 allowed: steps 0, 1, 2 compile
     assert fused_keys == [(64, 2, 0, 16), (64, 2, 0, 24), (128, 2, 0, 24)]
     assert engine.stats.fused_variants_skipped == 3

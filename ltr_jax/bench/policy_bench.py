@@ -140,7 +140,7 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
     orch_kwargs = {"ranking": ranking, "max_queue": len(items) + 1, "preempt_mode": args.preempt_mode,
                    "score_per_boundary": args.score_per_boundary,
                    "swap_budget_mb": args.config_tree.engine.swap_budget_mb}
-    shapes_before = set(engine.stats.compiled_shapes)  # a shape first met mid-run compiles inside the timing
+    compiled_before = engine.compiled_variants()  # a shape first met mid-run compiles inside the timing
     budget = None if sequential else args.sdg_budget  # the probes of an unloaded system run to their end
     target = None if sequential else args.sdg_target
     if args.via == "http":
@@ -150,10 +150,7 @@ def run_policy(engine: Engine, tokenizer, ranker, policy: str, items: list[Item]
     obs, wall, stats, reached_s = replay(engine, tokenizer, sched, orch_kwargs, policy, items, arrivals, args, desc,
                                          sequential=sequential, budget=budget, target=target)
     result = summarize_observed(obs, wall, stats, budgeted=bool(budget or target))
-    new_shapes = engine.stats.compiled_shapes - shapes_before
-    result["engine_shapes_compiled_in_run"] = len(new_shapes)
-    if new_shapes:  # which warm-up missed, for whoever fixes it
-        result["engine_shapes_compiled_in_run_keys"] = sorted(map(str, new_shapes))
+    result["engine_shapes_compiled_in_run"] = engine.compiled_variants() - compiled_before
     if budget:  # synthetic data generation: completions within the budget ...
         result["sdg"] = {"budget_s": budget, "completed": result["completed"]}
     elif target:  # ... or the seconds until the target count of completions (None: the run ended short of it)
@@ -227,7 +224,7 @@ def summarize_observed(obs: list[Observed], wall: float, stats: dict, budgeted: 
     busy = max(stats.get("busy_seconds", 0.0), 1e-9)
     out = {
         "requests": len(obs), "completed": len(complete), "wall_s": wall,
-        # the loop's time in batch boundaries: ranker passes, prefills, steps (before 2026-12-01 without the passes)
+        # the loop's time in batch boundaries: ranker passes, prefills, decode steps
         "busy_s": stats.get("busy_seconds"),
         "incomplete_or_wrong_length": len(obs) - len(complete) if not budgeted else None,
         "latency_s": distribution(lat), "normalized_latency_s_per_token":
@@ -299,10 +296,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="while every slot is busy, run a waiting arrival's ranker pass inside the next decode step "
                    "(its rows share the backbone blocks' weight reads with the decode rows) instead of on its own "
                    "at arrival; needs --reuse-ranker-pass. Off by default: warm-up then compiles one such step per "
-                   "prompt length and cache length, about 10 s each on a 2-core CPU (most common lengths first). Each "
-                   "compiled step holds about 500 memory mappings, so warm-up stops before the process holds 75%% of "
-                   "Linux's vm.max_map_count (past it a compile fails) and the lengths left out run their passes on "
-                   "their own; the report counts both (fused_steps_compiled, fused_steps_skipped). On: "
+                   "prompt length and cache length (most common lengths first; compile times in "
+                   "benchmarks/RESULTS.md). Each compiled step holds hundreds of memory mappings, so warm-up stops "
+                   "before the process holds 75%% of Linux's vm.max_map_count (past it a compile fails) and the "
+                   "lengths left out run their passes on their own; the report counts both (fused_steps_compiled, "
+                   "fused_steps_skipped). On: "
                    "ranker.fuse_max_len = engine.max_seq_len (every length); off: 0 (the default)")
     p.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=None,
                    help="cache the K/V of the chat template's fixed header (default system prompt and user-turn "
@@ -452,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "capacity": capacity,
         "reuse_ranker_pass": args.reuse_ranker_pass, "score_per_boundary": args.score_per_boundary,
         "shared_prefix_len": shared, "fuse_ranker_pass": args.fuse_ranker_pass,
-        "fused_steps_compiled": sum(1 for key in engine.stats.compiled_shapes if key[0] == "generate_pass"),
+        "fused_steps_compiled": len(engine.fused_pass_shapes),
         "fused_steps_skipped": engine.stats.fused_variants_skipped,
         "ranker": _shown_path(ranker_path) if ranker is not None else None,
         "classifier": _shown_path(classifier_path) if classifier is not None else None,

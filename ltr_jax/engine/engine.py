@@ -32,9 +32,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -105,8 +106,6 @@ class EngineStats:
     fused_passes: int = 0  # decode steps that also ran a prompt's backbone pass (counted in generate_calls)
     fused_variants_skipped: int = 0  # decode steps with a pass that warm-up left uncompiled (memory-map budget)
     generate_calls: int = 0
-    compile_seconds: float = 0.0
-    compiled_shapes: set = field(default_factory=set)
 
 
 # --------------------------------------------------------------------------------------------- compiled pieces
@@ -226,6 +225,24 @@ _GENERATE = jax.jit(_generate_fn, static_argnums=(0,), donate_argnums=(2,))
 _GENERATE_PASS = jax.jit(_generate_pass_fn, static_argnums=(0, 1), donate_argnums=(3,))
 _RESIZE = jax.jit(_resize_fn, static_argnames=("cache_len",))  # shapes change: nothing to donate
 _EXTRACT = jax.jit(_extract_fn, static_argnames=("bucket",))  # reads the state: the next step still donates it
+JITTED = (_PREFILL, _PREFILL_REST, _INSERT, _GENERATE, _GENERATE_PASS, _RESIZE, _EXTRACT)
+
+
+class _CompileClock:
+    """Seconds XLA has spent compiling in this process, summed from JAX's own compile-duration events."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._lock = threading.Lock()
+        jax.monitoring.register_event_duration_secs_listener(self._record)
+
+    def _record(self, event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            with self._lock:
+                self.seconds += duration
+
+
+_COMPILE_CLOCK = _CompileClock()
 
 
 class Engine:
@@ -264,6 +281,10 @@ class Engine:
         self.host_lengths = np.zeros(config.num_slots, np.int64)
         self.host_active = np.zeros(config.num_slots, bool)
         self.shared_prefix: SharedPrefix | None = None
+        # (cache length, blocks, shared-prefix length, bucket) of each fused step compiled (by warm-up, or a call):
+        # serving fuses a pass only into one of these, so a fused step never compiles mid-traffic
+        self.fused_pass_shapes: set[tuple[int, int, int, int]] = set()
+        self._compile_seconds_at_start = _COMPILE_CLOCK.seconds
 
     # ------------------------------------------------------------------------------------------------ setup
     def _init_decode_state(self) -> DecodeState:
@@ -296,15 +317,15 @@ class Engine:
     def max_seq_len(self) -> int:
         return self.config.max_seq_len
 
-    def _timed(self, key: Any, fn, *args, **kwargs):
-        first = key not in self.stats.compiled_shapes
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        if first:
-            jax.block_until_ready(out)
-            self.stats.compile_seconds += time.perf_counter() - t0
-            self.stats.compiled_shapes.add(key)
-        return out
+    def compiled_variants(self) -> int:
+        """How many executables the engine's jitted functions hold (JAX's own cache count, shared by every engine in
+        the process): unchanged over a stretch of serving means nothing compiled in it."""
+        return sum(fn._cache_size() for fn in JITTED)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds XLA spent compiling in this process since this engine was built (JAX's compile events)."""
+        return _COMPILE_CLOCK.seconds - self._compile_seconds_at_start
 
     def cache_buckets(self, up_to: int | None = None) -> list[int]:
         """Every cache length the engine may use for sequences of up to `up_to` tokens (default: max_seq_len)."""
@@ -341,21 +362,21 @@ class Engine:
             for n in cache_lens:
                 self.resize_cache(n)
                 for b in self.swap_buckets(n):
-                    prefix = self._timed(("extract", n, b), self._extract, self.decode_state, np.int32(0), bucket=b)
+                    prefix = self._extract(self.decode_state, np.int32(0), bucket=b)
                     prefixes.setdefault(b, prefix)
         for n in cache_lens:
             self.resize_cache(n)
-            self.decode_state, _ = self._timed(("generate", n), self._generate, self.params, self.decode_state,
+            self.decode_state, _ = self._generate(self.params, self.decode_state,
                                                self.host_active.copy())
             if transitions:
                 for b, prefix in prefixes.items():
-                    self.decode_state = self._timed(("insert", b, n), self._insert, prefix, self.decode_state,
+                    self.decode_state = self._insert(prefix, self.decode_state,
                                                     np.int32(0))
                 for m in cache_lens:
                     if m != n:
-                        self._timed(("resize", n, m), self._resize, self.decode_state, cache_len=m)
+                        self._resize(self.decode_state, cache_len=m)
         for b, prefix in prefixes.items():  # the insert into the final cache length, at least
-            self.decode_state = self._timed(("insert", b, self.cache_len), self._insert, prefix,
+            self.decode_state = self._insert(prefix,
                                             self.decode_state, np.int32(0))
         self.fit_cache()
         return time.perf_counter() - t0
@@ -413,8 +434,8 @@ class Engine:
         padded = np.zeros(bucket, np.int32)
         padded[:m] = np.asarray(tokens, np.int32)
         past = self.shared_prefix.kv if start else ()
-        return self._timed(
-            ("prefill", start, bucket), self._prefill, self.params, past, padded, np.int32(m),
+        return self._prefill(
+            self.params, past, padded, np.int32(m),
             np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p),
             np.uint32(sampling.seed & 0xFFFFFFFF),
         )
@@ -442,8 +463,8 @@ class Engine:
         self.stats.resumed_prefills += 1
         self.stats.shared_prefix_hits += bool(start)
         self.stats.prefill_tokens += start + n
-        return self._timed(
-            ("prefill_rest", layers, state.hidden.shape[0], start, bucket), self._prefill_rest, bucket, self.params,
+        return self._prefill_rest(
+            bucket, self.params,
             self.shared_prefix.kv if start else (), self._commit(state.hidden), self._commit(state.kv), np.int32(n),
             np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p),
             np.uint32(sampling.seed & 0xFFFFFFFF),
@@ -464,9 +485,7 @@ class Engine:
                 state = BackboneState(jnp.zeros((t, c.dim), dt),
                                       jnp.zeros((n_layers, 2, c.n_kv_heads, t, c.head_dim), dt), t, start)
                 prefix = self.prefill_from_state(state, SlotSampling())
-                key = ("insert", prefix.kv[0][0].shape[2], self.cache_len)
-                if key not in self.stats.compiled_shapes:
-                    self.decode_state = self._timed(key, self._insert, prefix, self.decode_state, np.int32(0))
+                self.decode_state = self._insert(prefix, self.decode_state, np.int32(0))
         for name in ("prefill_calls", "resumed_prefills", "shared_prefix_hits", "prefill_tokens"):
             setattr(self.stats, name, getattr(stats, name))  # warm-up calls are not traffic
         return time.perf_counter() - t0
@@ -485,8 +504,7 @@ class Engine:
         self.host_lengths[slot] = length
         self.host_active[slot] = True
         self.fit_cache()
-        self.decode_state = self._timed(("insert", prefix.kv[0][0].shape[2], self.cache_len), self._insert,
-                                        prefix, self.decode_state, np.int32(slot))
+        self.decode_state = self._insert(prefix, self.decode_state, np.int32(slot))
         self.host_active[slot] = True
 
     def swap_out(self, slot: int) -> Prefix:
@@ -494,7 +512,7 @@ class Engine:
         `insert` of that prefix (into any slot, at any later cache length) resumes the request where it stopped:
         the same next token, nothing recomputed."""
         bucket = self._swap_bucket(slot)
-        prefix = self._timed(("extract", self.cache_len, bucket), self._extract, self.decode_state, np.int32(slot),
+        prefix = self._extract(self.decode_state, np.int32(slot),
                              bucket=bucket)
         self.free(slot)
         return prefix
@@ -522,7 +540,7 @@ class Engine:
     def resize_cache(self, cache_len: int) -> None:
         """Set the cache length axis to `cache_len` (copying the live prefix); normally done by `fit_cache`."""
         if cache_len != self.cache_len:
-            self.decode_state = self._timed(("resize", self.cache_len, cache_len), self._resize, self.decode_state,
+            self.decode_state = self._resize(self.decode_state,
                                             cache_len=cache_len)
             self.cache_len = cache_len
 
@@ -541,20 +559,18 @@ class Engine:
         """One decode step for all active slots. Returns the device array of new tokens [slots] (int32)."""
         self.fit_cache()
         self.stats.generate_calls += 1
-        self.decode_state, tokens = self._timed(("generate", self.cache_len), self._generate, self.params,
+        self.decode_state, tokens = self._generate(self.params,
                                                 self.decode_state, self.host_active.copy())
         self.host_lengths += self.host_active
         return tokens
 
-    def _pass_key(self, cache_len: int, n_layers: int, start: int, bucket: int) -> tuple:
-        return ("generate_pass", cache_len, n_layers, start, bucket)
 
     def pass_compiled(self, tokens, n_layers: int, bucket: int) -> bool:
         """Whether `generate_with_pass` of this prompt (its tokens after the shared prefix padded to ``bucket``) is
         compiled for the cache length the next step uses: serving fuses a pass only then, so it never compiles
         mid-traffic."""
-        key = self._pass_key(self.planned_cache_len(), n_layers, self.shared_prefix_len(tokens), bucket)
-        return key in self.stats.compiled_shapes
+        shape = (self.planned_cache_len(), n_layers, self.shared_prefix_len(tokens), bucket)
+        return shape in self.fused_pass_shapes
 
     def can_run_pass(self, start: int, bucket: int) -> bool:
         """Whether a pass of ``bucket`` padded tokens after ``start`` shared-prefix tokens fits this engine (its
@@ -581,9 +597,10 @@ class Engine:
         self.stats.generate_calls += 1
         self.stats.fused_passes += 1
         past = self.shared_prefix.kv[:n_layers] if start else ()
-        self.decode_state, new, hidden, kv = self._timed(
-            self._pass_key(self.cache_len, n_layers, start, bucket), self._generate_pass, n_layers, self.params,
+        self.decode_state, new, hidden, kv = self._generate_pass(
+            n_layers, self.params,
             self.decode_state, self.host_active.copy(), past, padded, np.int32(m))
+        self.fused_pass_shapes.add((self.cache_len, n_layers, start, bucket))  # compiled now, if it was not
         self.host_lengths += self.host_active
         return new, BackboneState(hidden, kv, m, start)
 
@@ -598,7 +615,8 @@ class Engine:
         self.host_lengths[:] = 0
         self.resize_cache(cache_len)
         past = self.shared_prefix.kv[:n_layers] if start else ()
-        self.decode_state, *_ = self._timed(
-            self._pass_key(cache_len, n_layers, start, bucket), self._generate_pass, n_layers, self.params,
+        self.decode_state, *_ = self._generate_pass(
+            n_layers, self.params,
             self.decode_state, self.host_active.copy(), past, np.zeros(bucket, np.int32), np.int32(1))
+        self.fused_pass_shapes.add((cache_len, n_layers, start, bucket))
         return time.perf_counter() - t0

@@ -47,6 +47,11 @@ from ltr_jax.scheduler.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 
+#: Sampling limits, the one place both the engine loop and the HTTP layer check against (OpenAI's range).
+MAX_TEMPERATURE = 2.0
+SEED_LIMIT = 2**32
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
@@ -62,13 +67,13 @@ class SamplingParams:
         """Raise ValueError naming the first bad field."""
         if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= max_tokens_limit:
             raise ValueError(f"max_tokens must be an integer in [1, {max_tokens_limit}], got {self.max_tokens!r}")
-        if not 0.0 <= float(self.temperature) <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not 0.0 <= float(self.temperature) <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE}], got {self.temperature!r}")
         if not 0.0 < float(self.top_p) <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT):
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
 
 
@@ -93,7 +98,7 @@ class ShuttingDownError(Exception):
 
 
 @dataclass(eq=False)
-class _Job:
+class _Generation:
     """Host-side state of one request: its tokens, streaming decoder, consumer and slot."""
 
     request: Request
@@ -142,12 +147,12 @@ class Orchestrator:
         self.max_prompt_len = engine.max_seq_len - 2
         self.max_tokens_limit = engine.max_seq_len - 1
         self._lock = threading.Condition()
-        self._inbox: list[_Job] = []
+        self._inbox: list[_Generation] = []
         # Arrivals the ranker has not scored yet, oldest first; the scheduler sees a request once it is scored.
-        self._unscored: collections.deque[_Job] = collections.deque()
+        self._unscored: collections.deque[_Generation] = collections.deque()
         self.score_per_boundary = score_per_boundary
         self._cancels: list[str] = []
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, _Generation] = {}
         self._deadlines: list[tuple[float, int, str]] = []
         self._tie = itertools.count()
         self._free_slots = list(range(engine.num_slots - 1, -1, -1))
@@ -198,7 +203,7 @@ class Orchestrator:
             req = Request(request_id=request_id, arrival_time=now, prompt_len=len(prompt_tokens),
                           max_tokens=sampling.max_tokens, true_output_len=true_output_len)
             deadline = now + timeout_s if timeout_s else None
-            job = _Job(req, prompt_tokens, sampling, seed, on_event, deadline, stop_ids,
+            job = _Generation(req, prompt_tokens, sampling, seed, on_event, deadline, stop_ids,
                        self.tokenizer.incremental_decoder())
             req.payload = job
             self._jobs[request_id] = job
@@ -327,7 +332,7 @@ class Orchestrator:
         for job in batch:
             self.scheduler.add(job.request, now)
 
-    def _score(self, jobs: list[_Job]) -> None:
+    def _score(self, jobs: list[_Generation]) -> None:
         if not self.ranks:
             return
         t0 = time.perf_counter()
@@ -351,7 +356,7 @@ class Orchestrator:
             if job is not None and not job.done:
                 self._finish(job, "timeout", now)
 
-    def _evict(self, job: _Job) -> None:
+    def _evict(self, job: _Generation) -> None:
         slot, job.slot = job.slot, None
         self._free_slots.append(slot)
         if (self.preempt_mode == "swap"
@@ -367,13 +372,13 @@ class Orchestrator:
                 return
         self.engine.free(slot)
 
-    def _release_swap(self, job: _Job):
+    def _release_swap(self, job: _Generation):
         prefix, job.swapped = job.swapped, None
         if prefix is not None:
             self.counters["swapped_bytes"] -= prefix.nbytes
         return prefix
 
-    def _admit(self, job: _Job) -> None:
+    def _admit(self, job: _Generation) -> None:
         slot = self._free_slots.pop()
         job.slot = slot
         swapped = self._release_swap(job)
@@ -424,10 +429,10 @@ class Orchestrator:
         if self.observer:
             self.observer.on_step(len(running), time.perf_counter() - t0, len(running))
         for req in running:
-            job: _Job = req.payload
+            job: _Generation = req.payload
             self._on_token(job, int(tokens[job.slot]), now)
 
-    def _next_fused(self) -> _Job | None:
+    def _next_fused(self) -> _Generation | None:
         """The oldest arrival waiting to be scored, when this step can run its pass."""
         if not self.ranks:
             return None
@@ -437,7 +442,7 @@ class Orchestrator:
             return None
         return self._unscored[0]
 
-    def _score_fused(self, job: _Job) -> None:
+    def _score_fused(self, job: _Generation) -> None:
         """Score an arrival from the pass a decode step ran for it and hand it to the scheduler."""
         self._unscored.remove(job)
         t0 = time.perf_counter()
@@ -449,7 +454,7 @@ class Orchestrator:
         self.scheduler.add(job.request, self.clock())
 
     # ------------------------------------------------------------------------------------ per-token work
-    def _on_token(self, job: _Job, token: int, now: float) -> None:
+    def _on_token(self, job: _Generation, token: int, now: float) -> None:
         req = job.request
         first = req.generated == 0
         prev = req.last_token_time
@@ -485,7 +490,7 @@ class Orchestrator:
         except Exception as exc:  # noqa: BLE001
             self._finish(job, "error", now, error=f"detokenization failed: {exc}")
 
-    def _apply_stop_strings(self, job: _Job, delta: str, final: bool) -> tuple[str, bool]:
+    def _apply_stop_strings(self, job: _Generation, delta: str, final: bool) -> tuple[str, bool]:
         """(text to emit now, whether a stop string was hit). Matching runs over the text not emitted yet; a tail
         that could still grow into a stop string is held back until it cannot (or the request ends), so no part
         of a stop string that spans several tokens is ever streamed."""
@@ -501,7 +506,7 @@ class Orchestrator:
         job.held = text[len(text) - keep:] if keep else ""
         return text[: len(text) - keep], False
 
-    def _emit(self, job: _Job, event: StreamEvent) -> None:
+    def _emit(self, job: _Generation, event: StreamEvent) -> None:
         try:
             job.on_event(event)
         except Exception:  # noqa: BLE001 - a broken consumer cancels its own request only
@@ -509,8 +514,8 @@ class Orchestrator:
             if not job.done and event.finished is False:
                 self._finish(job, "cancelled", self.clock(), notify=False)
 
-    def _finish(self, job: _Job, reason: str, now: float, error: str | None = None, last_ids: list[int] | None = None,
-                last_text: str = "", notify: bool = True) -> None:
+    def _finish(self, job: _Generation, reason: str, now: float, error: str | None = None,
+                last_ids: list[int] | None = None, last_text: str = "", notify: bool = True) -> None:
         if job.done:
             return
         job.done = True

@@ -29,7 +29,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ltr_jax.engine.orchestrator import QueueFullError, SamplingParams, ShuttingDownError, StreamEvent
+from ltr_jax.engine.orchestrator import (
+    MAX_TEMPERATURE,
+    SEED_LIMIT,
+    QueueFullError,
+    SamplingParams,
+    ShuttingDownError,
+    StreamEvent,
+)
 from ltr_jax.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ltr_jax.server.runtime import Runtime
 from ltr_jax.server.schemas import (
@@ -46,8 +53,6 @@ from ltr_jax.server.schemas import (
 
 log = logging.getLogger(__name__)
 
-_MAX_TEMPERATURE = 2.0
-_MAX_SEED = 2**32
 _KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -167,7 +172,7 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 @dataclass
-class _Job:
+class _RouteJob:
     """One admitted generation request, as the route sees it."""
 
     request_id: str
@@ -277,25 +282,25 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
                               f"context of {limit} tokens; lower {param} to at most {room} or shorten the prompt",
                               param, "context_length_exceeded")
         temperature = 1.0 if req.temperature is None else req.temperature
-        if not 0.0 <= temperature <= _MAX_TEMPERATURE:
+        if not 0.0 <= temperature <= MAX_TEMPERATURE:
             raise bad_request(f"temperature = {temperature} is out of range: it must be between 0 and "
-                              f"{_MAX_TEMPERATURE}", "temperature")
+                              f"{MAX_TEMPERATURE}", "temperature")
         top_p = 1.0 if req.top_p is None else req.top_p
         if not 0.0 < top_p <= 1.0:
             raise bad_request(f"top_p = {top_p} is out of range: it must be > 0 and <= 1", "top_p")
         top_k = 0 if req.top_k is None else req.top_k
         if top_k < 0:
             raise bad_request(f"top_k = {top_k} must be >= 0 (0 = no top-k filtering)", "top_k")
-        if req.seed is not None and not 0 <= req.seed < _MAX_SEED:
-            raise bad_request(f"seed = {req.seed} is out of range: it must be between 0 and {_MAX_SEED - 1}", "seed")
+        if req.seed is not None and not 0 <= req.seed < SEED_LIMIT:
+            raise bad_request(f"seed = {req.seed} is out of range: it must be between 0 and {SEED_LIMIT - 1}", "seed")
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               seed=req.seed, stop=stop_strings(req.stop), ignore_eos=bool(req.ignore_eos))
 
-    def submit(kind: str, req: SamplingRequest, prompt_tokens: list[int], sampling: SamplingParams) -> _Job:
+    def submit(kind: str, req: SamplingRequest, prompt_tokens: list[int], sampling: SamplingParams) -> _RouteJob:
         accepting()
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        job = _Job(prefix + uuid.uuid4().hex, kind, int(time.time()), runtime.model_name,
+        job = _RouteJob(prefix + uuid.uuid4().hex, kind, int(time.time()), runtime.model_name,
                    _EventBridge(asyncio.get_running_loop()), include_usage, settings.request_timeout_s)
         try:
             orch.submit(prompt_tokens, sampling, job.bridge, request_id=job.request_id,
@@ -313,7 +318,7 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
             state.idle.clear()
         return job
 
-    def close(job: _Job) -> None:
+    def close(job: _RouteJob) -> None:
         """Once per job: cancel it in the orchestrator if it did not finish, and count it out."""
         if getattr(job, "_closed", False):
             return
@@ -323,7 +328,7 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
         state.request_done()
 
     # -------------------------------------------------------------------------------- responses
-    def chunk(job: _Job, text: str | None, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
+    def chunk(job: _RouteJob, text: str | None, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
         if job.kind == "chat":
             delta: dict[str, Any] = {}
             if first:
@@ -337,7 +342,7 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
             obj = "text_completion"
         return {"id": job.request_id, "object": obj, "created": job.created, "model": job.model, "choices": [choice]}
 
-    async def stream_body(job: _Job) -> AsyncIterator[bytes]:
+    async def stream_body(job: _RouteJob) -> AsyncIterator[bytes]:
         if job.kind == "chat":
             yield _sse(chunk(job, "", None, first=True))
         while True:
@@ -365,7 +370,7 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
             yield _sse("[DONE]")
             return
 
-    async def collect(request: Request, job: _Job) -> dict[str, Any]:
+    async def collect(request: Request, job: _RouteJob) -> dict[str, Any]:
         parts: list[str] = []
         getter = asyncio.ensure_future(job.bridge.queue.get())
         hangup = asyncio.ensure_future(_wait_for_disconnect(request))

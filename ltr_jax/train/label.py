@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
                       "seconds": round(elapsed, 1), "generated_tokens": state["tokens"],
                       "tokens_per_s": round(state["tokens"] / max(elapsed, 1e-9), 1),
                       "engine": {"prefill_calls": engine.stats.prefill_calls,
-                                 "compile_seconds": round(engine.stats.compile_seconds, 1)}}))
+                                 "compile_seconds": round(engine.compile_seconds, 1)}}))
 
 
 if __name__ == "__main__":
