@@ -92,8 +92,7 @@ def engine_compile_counts():
     and after serving means nothing compiled mid-traffic."""
     from ltr_jax.engine import engine as m
 
-    functions = (m._PREFILL, m._PREFILL_REST, m._INSERT, m._GENERATE, m._GENERATE_PASS, m._RESIZE, m._EXTRACT)
-    return lambda: [f._cache_size() for f in functions]
+    return lambda: [f._cache_size() for f in m.JITTED]
 
 
 @pytest.fixture(scope="session")
