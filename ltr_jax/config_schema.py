@@ -268,16 +268,18 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: str | Path | None, overrides: Iterable[str], schema: type[T]) -> T:
-    """Read ``path`` (None = only defaults), apply ``overrides`` and build ``schema``.
+def load_config(path: str | Path | None, overrides: Iterable[str], schema: type[T],
+                prepare: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None) -> T:
+    """Read ``path`` (None = only defaults), apply ``overrides`` and build ``schema``; ``prepare`` may rewrite the
+    merged mapping first (e.g. resolve relative paths).
 
-    Raises `ConfigError`; its message starts with the file name when the file is at fault.
+    Raises `ConfigError`; its message starts with the file name (or the ``--set``) at fault.
     """
     raw = read_yaml_mapping(path) if path is not None else {}
     overrides = list(overrides)
     merged = apply_overrides(raw, overrides)
     try:
-        return build_config(schema, merged)
+        return build_config(schema, prepare(merged) if prepare else merged)
     except ConfigError as err:
         origin = _origin_of(err.key, overrides, path)
         raise ConfigError(f"{origin}: {err}" if origin else str(err), err.key) from None

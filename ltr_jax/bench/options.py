@@ -77,15 +77,13 @@ def add_shared_options(p: argparse.ArgumentParser, *, rates: str) -> None:
 
 
 def lookup(tree: Any, key: str) -> Any:
-    """The value at dotted ``key`` of a config tree (a policy parameter left out: the policy's default)."""
+    """The value at dotted ``key`` of a config tree (a policy parameter left out: the configured policy's own)."""
+    section, _, name = key.rpartition(".")
+    if section == "scheduler.policy_params":
+        return getattr(tree.scheduler.make_policy(), name)
     node = tree
     for part in key.split("."):
-        if isinstance(node, dict):
-            if part not in node and key == "scheduler.policy_params.max_preemptions":
-                return DEFAULT_MAX_PREEMPTIONS
-            node = node[part]
-        else:
-            node = getattr(node, part)
+        node = getattr(node, part)
     return node
 
 

@@ -22,14 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ltr_jax.config_schema import (
-    ConfigError,
-    apply_overrides,
-    build_config,
-    check_settings,
-    read_yaml_mapping,
-    setting,
-)
+from ltr_jax.config_schema import ConfigError, build_config, check_settings, load_config, setting
 from ltr_jax.models.ranker import METHODS, POOLINGS, RankerHead, RankerSpec, scores_from_outputs
 from ltr_jax.train import data as train_data
 from ltr_jax.train import losses
@@ -113,16 +106,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], base_dir: Path | None = None) -> TrainConfig:
         """Build from a mapping; relative paths resolve against ``base_dir`` (None: left as given)."""
-        if isinstance(raw, dict) and base_dir is not None:
-            raw = dict(raw)
-            for key in ("export_path", "labels", "prompts", "feature_cache_dir"):
-                value = raw.get(key)
-                if not isinstance(value, str) or not value or value in ("shared", "default") \
-                        or value.startswith("tfds:"):
-                    continue
-                path = Path(value).expanduser()
-                raw[key] = str(path if path.is_absolute() else (base_dir / path).resolve())
-        return build_config(cls, raw)
+        return build_config(cls, _resolve_paths(raw, base_dir) if base_dir is not None else raw)
 
     def to_portable_dict(self) -> dict[str, Any]:
         """The config as plain data, with project paths relative to the project root (for export metadata)."""
@@ -133,15 +117,22 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path | None, overrides: Iterable[str] = ()) -> TrainConfig:
         """``path`` (None = the defaults) plus ``--set`` style ``overrides``; relative paths resolve against the
         project root."""
-        raw = read_yaml_mapping(path) if path is not None else {}
-        overrides = list(overrides)
-        try:
-            return cls.from_dict(apply_overrides(raw, overrides), base_dir=PROJECT_ROOT)
-        except ConfigError as err:
-            origin = next((f"--set {o}" for o in reversed(overrides) if err.key and
-                           (err.key == o.partition("=")[0].strip() or
-                            err.key.startswith(o.partition("=")[0].strip() + "."))), str(path) if path else "")
-            raise ConfigError(f"{origin}: {err}" if origin else str(err), err.key) from None
+        return load_config(path, overrides, cls, prepare=lambda raw: _resolve_paths(raw, PROJECT_ROOT))
+
+
+def _resolve_paths(raw: Any, base_dir: Path) -> Any:
+    """``raw`` with its relative file paths made absolute against ``base_dir`` ('shared', 'default' and tfds: names
+    are not paths)."""
+    if not isinstance(raw, dict):
+        return raw  # build_config names the problem
+    raw = dict(raw)
+    for key in ("export_path", "labels", "prompts", "feature_cache_dir"):
+        value = raw.get(key)
+        if not isinstance(value, str) or not value or value in ("shared", "default") or value.startswith("tfds:"):
+            continue
+        path = Path(value).expanduser()
+        raw[key] = str(path if path.is_absolute() else (base_dir / path).resolve())
+    return raw
 
 
 # ------------------------------------------------------------------------------------------------ head training
