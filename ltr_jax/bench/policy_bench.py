@@ -250,7 +250,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ltr_jax.bench run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="model source (model.source): default the embedded SmolLM2; a "
-                   ".gguf, a HF dir, 'tiny' (random test model)")
+                   ".gguf, a HF dir, 'tiny' (random test model) or preset:<name> (random weights of a published "
+                   "shape)")
     p.add_argument("--prompts", default="shared", help="'shared', a JSON/JSONL file (shared or ShareGPT format)")
     p.add_argument("--labels", default=None, help="label JSONL (serving model's own lengths); default: trace "
                    "lengths from reference answers")
