@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ltr_jax.models.hf_checkpoint import save_hf_checkpoint
@@ -60,6 +60,10 @@ def test_round_trip(chat_tok, text):
 @settings(max_examples=60, deadline=None)
 @given(st.text(max_size=40))
 def test_round_trip_arbitrary_unicode(chat_tok, text):
+    # a special token's text (Hypothesis also draws string constants found in the code, e.g. "<|endoftext|>") is
+    # encoded as its control id, which decoding drops by design (see test_special_tokens_are_single_ids...)
+    specials = [t.content for t in chat_tok.tokenizer.get_added_tokens_decoder().values() if t.special]
+    assume(not any(s in text for s in specials))
     assert chat_tok.decode(chat_tok.encode(text)) == text
 
 
