@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from ltr_jax import config_schema
 from ltr_jax.config_schema import ConfigError, config_to_dict, describe_schema, setting
 from ltr_jax.engine.preemption import PreemptionConfig
-from ltr_jax.engine.settings import EngineConfig, RankingConfig
+from ltr_jax.engine.settings import DEFAULT_MAX_QUEUE, EngineConfig, RankingConfig
 from ltr_jax.scheduler.policies import POLICY_NAMES, make_policy
 from ltr_jax.scheduler.scheduler import StarvationConfig
 
@@ -119,7 +119,7 @@ class RankerSection(RankingConfig):
 class ServerSection:
     host: str = setting("127.0.0.1", doc="interface to listen on (0.0.0.0 = all)")
     port: int = setting(8000, ge=0, le=65535, doc="TCP port (0 = any free port)")
-    max_queue: int = setting(256, ge=1, doc="requests allowed to wait for a slot; more get HTTP 429")
+    max_queue: int = setting(DEFAULT_MAX_QUEUE, ge=1, doc="requests allowed to wait for a slot; more get HTTP 429")
     request_timeout_s: float | None = setting(600.0, gt=0, doc="per-request deadline (null = none)")
     api_key: str | None = setting(None, doc="bearer token clients must send (null = $LTR_JAX_API_KEY if set, "
                                             "else no authentication)")

@@ -40,7 +40,7 @@ import numpy as np
 from ltr_jax.engine.engine import Engine, SlotSampling
 from ltr_jax.engine.preemption import PREEMPT_MODES, PreemptionConfig
 from ltr_jax.engine.ranking import NoRanking, RankingStage
-from ltr_jax.engine.settings import RankingConfig
+from ltr_jax.engine.settings import DEFAULT_MAX_QUEUE, RankingConfig
 from ltr_jax.scheduler.request import Request
 from ltr_jax.scheduler.scheduler import Scheduler
 
@@ -121,7 +121,7 @@ class Orchestrator:
     """Continuous batching over an `Engine`, ordered by a `Scheduler`, streaming to per-request callbacks."""
 
     def __init__(self, engine: Engine, tokenizer, scheduler: Scheduler, ranking: RankingStage | None = None,
-                 max_queue: int = 256, observer=None, clock: Callable[[], float] = time.monotonic,
+                 max_queue: int = DEFAULT_MAX_QUEUE, observer=None, clock: Callable[[], float] = time.monotonic,
                  preempt_mode: str = PreemptionConfig.preempt_mode,
                  swap_budget_mb: float = PreemptionConfig.swap_budget_mb,
                  score_per_boundary: int | None = RankingConfig.score_per_boundary):

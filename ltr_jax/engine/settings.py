@@ -12,8 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ltr_jax.config_schema import ConfigError, setting
+from ltr_jax.config_schema import ConfigError, check_settings, setting
 from ltr_jax.models.padding import length_ladder
+
+#: Requests allowed to wait for a slot (the orchestrator's admission limit; ``server.max_queue`` in the config).
+DEFAULT_MAX_QUEUE = 256
 
 
 def power_of_two(value: int) -> str | None:
@@ -35,14 +38,13 @@ class EngineConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise `ConfigError` (a ValueError) naming the key when a field is out of range."""
-        for name in ("num_slots", "min_prefill_bucket", "cache_bucket_step"):
+        """Raise `ConfigError` (a ValueError) naming the key when a field is out of range (each field's own range
+        is its `setting`'s)."""
+        for name in ("num_slots", "max_seq_len", "min_prefill_bucket", "cache_bucket_step"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError.at(name, value, "must be an integer >= 1")
-        problem = power_of_two(self.max_seq_len)
-        if problem:
-            raise ConfigError.at("max_seq_len", self.max_seq_len, problem)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError.at(name, value, "must be an integer")
+        check_settings(self)
         if self.min_prefill_bucket > self.max_seq_len:
             raise ConfigError.at("min_prefill_bucket", self.min_prefill_bucket,
                                  f"must be <= engine.max_seq_len ({self.max_seq_len})")
