@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from ltr_jax.bench import policy_bench, project, resimulate, simulate
+from ltr_jax.bench import http_replay, policy_bench, project, resimulate, simulate
 
 
 def _prompts_with_lognormal_answers(tmp_path, n: int, seed: int, sigma: float):
@@ -247,11 +247,29 @@ def test_policies_run_through_the_http_server(tmp_path):
     assert "via the HTTP server" in (tmp_path / "out" / "report.md").read_text()
 
 
+class _WholeBurst:
+    """An orchestrator mix-in whose loop starts only once the whole burst is queued: a burst's requests are
+    submitted (or, over HTTP, connect) one by one, and a busy machine could otherwise start the first, long arrivals
+    before the short ones are in."""
+
+    burst = 10
+    whole = False
+
+    def _take_inbox(self):
+        if not self.whole:  # nothing has finished yet, so the unfinished count is the number queued
+            with self._lock:
+                self._lock.wait_for(lambda: self._unfinished >= self.burst or self._stopping, timeout=120)
+            self.whole = True
+        super()._take_inbox()
+
+
 @pytest.mark.parametrize("via", ["engine", "http"])
-def test_sdg_target_reports_the_time_to_that_many_completions(tmp_path, via):
-    # a burst of 10 with short and long answers in mixed order: the oracle finishes the 4 short ones first. The long
-    # ones are 100x longer, so the engine is still busy with the first arrivals while the last HTTP clients connect,
-    # and the oracle's lead is hundreds of decode steps, not a margin a busy machine's timing could erase
+def test_sdg_target_reports_the_time_to_that_many_completions(tmp_path, via, monkeypatch):
+    # a burst of 10 with short and long answers in mixed order, all queued before the first step: the oracle
+    # finishes the 4 short ones first, fcfs waits behind the long ones; the gap is hundreds of decode steps
+    monkeypatch.setattr(policy_bench, "Orchestrator", type("Gated", (_WholeBurst, policy_bench.Orchestrator), {}))
+    monkeypatch.setattr(http_replay, "ReplayOrchestrator",
+                        type("GatedReplay", (_WholeBurst, http_replay.ReplayOrchestrator), {}))
     prompts = _prompts_with_lengths(tmp_path, [500, 4, 480, 460, 5, 440, 6, 420, 7, 400])
     report = policy_bench.main(["--model", "tiny", "--prompts", str(prompts), "--split", "all", "--n", "10",
                                 "--policies", "fcfs,oracle-sjf", "--sdg-target", "4", "--slots", "2", "--via", via,
