@@ -6,7 +6,7 @@ import pytest
 
 from ltr_jax.models.ranker_checkpoint import default_ranker_path, load_ranker, load_scorer
 from ltr_jax.train import data
-from ltr_jax.train.evaluate import ranking_metrics
+from ltr_jax.train.metrics import ranking_metrics
 from ltr_jax.train.trainer import PROJECT_ROOT, TrainConfig
 
 pytestmark = pytest.mark.integration

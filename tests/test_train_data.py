@@ -145,10 +145,33 @@ def test_label_file_parsing_and_errors(tmp_path):
         data.load_label_file(path)
 
 
-def test_trace_labels_count_reference_tokens():
+def test_answer_lengths_count_the_named_answer_tokens(tmp_path):
     tok = byte_level_tokenizer()
-    examples = [data.Example("a", "q", "four"), data.Example("b", "q", None), data.Example("c", "q", "héllo")]
-    assert data.trace_length_labels(examples, tok) == {"a": 4, "c": len("héllo".encode())}
+    examples = [data.Example("a", "q", "four", outputs={"m1": "sixsix", "m2": "x"}),
+                data.Example("b", "q", None, outputs={"m1": "no"}), data.Example("c", "q", "héllo")]
+    assert data.answer_lengths(examples, "reference", tok, "f", every=False) == {"a": 4, "c": len("héllo".encode())}
+    assert data.answer_lengths(examples, "outputs.m1", tok, "f", every=False) == {"a": 6, "b": 2}
+    with pytest.raises(data.DataError, match=r"f: 1 of 3 records have no 'reference' \(first: 'b'\)"):
+        data.answer_lengths(examples, "reference", tok, "f")
+    with pytest.raises(data.DataError, match=r"no record has 'outputs.m3'; its records' outputs are outputs.m1, "
+                                             r"outputs.m2"):
+        data.answer_lengths(examples, "outputs.m3", tok, "f")
+    with pytest.raises(data.DataError, match="not an answer field nor a label file"):
+        data.answer_lengths(examples, "outputs", tok, "f")
+    labels = tmp_path / "labels.jsonl"
+    write_jsonl(labels, [{"id": "a", "prompt_tokens": 1, "output_tokens": 9, "finish_reason": "stop"}])
+    assert data.answer_lengths(examples, str(labels), tok, "f", every=False) == {"a": 9}
+    with pytest.raises(data.DataError, match=r"no row for 2 of the 3 prompts of f \(first: 'b'\)"):
+        data.answer_lengths(examples, str(labels), tok, "f")
+
+
+def test_outputs_of_a_record_are_read_and_checked(tmp_path):
+    path = tmp_path / "p.jsonl"
+    write_jsonl(path, [{"id": "a", "prompt": "q", "outputs": {"llama3-8b": "an answer"}}])
+    assert data.load_examples_file(path)[0].outputs == {"llama3-8b": "an answer"}
+    write_jsonl(path, [{"id": "a", "prompt": "q", "outputs": ["an answer"]}])
+    with pytest.raises(data.DataError, match="p.jsonl:1: 'outputs' must map model names to answer texts"):
+        data.load_examples_file(path)
 
 
 # ------------------------------------------------------------------------------------------------ rendering

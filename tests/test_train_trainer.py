@@ -9,8 +9,8 @@ from ltr_jax.models.ranker import RankerSpec
 from ltr_jax.models.ranker_checkpoint import load_scorer
 from ltr_jax.models.tiny import tiny_model
 from ltr_jax.train import __main__ as cli
-from ltr_jax.train.evaluate import pair_accuracy, per_group_tau, ranking_metrics
 from ltr_jax.train.features import cached_features, compute_features
+from ltr_jax.train.metrics import pair_accuracy, per_group_tau, ranking_metrics
 from ltr_jax.train.trainer import (
     PROJECT_ROOT,
     ConfigError,
@@ -160,7 +160,8 @@ def test_end_to_end_run_exports_a_servable_ranker(tmp_path):
     assert set(report["methods"]) == {"listmle", "regression", "classify"}
     assert report["n_train"] + report["n_val"] == 240
     for method, m in report["methods"].items():
-        assert m["kendall_tau_b"] > 0.5, (method, m)
+        assert m["tau_b"] > 0.5 and m["ci95"][0] <= m["tau_b"] <= m["ci95"][1] and m["n"] == report["n_val"]
+        assert set(m["baselines"]) == {"source_prior", "prompt_length"}, (method, m)
         cv = m["cross_validation"]  # every fold scored by a head that never saw it
         assert cv["folds"] == 3 and len(cv["per_fold"]) == 3 and cv["kendall_tau_b_mean"] > 0.5, (method, cv)
     assert report["exported"] == str(tmp_path / "ranker")

@@ -18,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,12 +49,14 @@ class PromptTokenizer(Protocol):
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt: a stable id, the first user turn, and the reference answer when the source has one."""
+    """One prompt: a stable id, the first user turn, the reference answer when the source has one, and other
+    recorded answers by model name (``outputs`` of the AlpacaEval file: ``{"llama3-8b": "...", ...}``)."""
 
     id: str
     prompt: str
     reference: str | None = None
     source: str = ""
+    outputs: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -116,8 +118,11 @@ def parse_record(record: Any, where: str) -> Example | None:
             raise DataError(f"{where}: 'prompt' must be a string")
         reference = record.get("reference")
         rid = record.get("id") or _stable_id("prompt", prompt)
+        outputs = record.get("outputs") or {}
+        if not isinstance(outputs, dict) or not all(isinstance(v, str) for v in outputs.values()):
+            raise DataError(f"{where}: 'outputs' must map model names to answer texts")
         return Example(str(rid), prompt, reference if isinstance(reference, str) else None,
-                       str(record.get("source", "")))
+                       str(record.get("source", "")), {str(k): v for k, v in outputs.items()})
     turns = _turns(record)
     if turns is None:
         raise DataError(
@@ -232,9 +237,55 @@ def load_label_file(path: str | Path) -> dict[str, LengthLabel]:
     return labels
 
 
-def trace_length_labels(examples: Sequence[Example], tokenizer: PromptTokenizer) -> dict[str, int]:
-    """Fallback labels: the token count of each example's reference answer (examples without one are skipped)."""
-    return {ex.id: len(tokenizer.encode(ex.reference)) for ex in examples if ex.reference}
+LENGTH_FIELDS_HELP = ("'reference' (token count of each record's reference answer), 'outputs.NAME' (of the "
+                      "answer recorded for model NAME, e.g. outputs.llama3-8b) or the path of a label JSONL from "
+                      "the labeling job")
+
+
+def check_length_field(spec: str) -> str | None:
+    """Why ``spec`` names no answer field ('reference' or 'outputs.NAME'), or None when it does."""
+    if spec == "reference" or (spec.startswith("outputs.") and len(spec) > len("outputs.")):
+        return None
+    return f"must be 'reference' or 'outputs.NAME' (e.g. outputs.llama3-8b), got {spec!r}"
+
+
+def answer_lengths(examples: Sequence[Example], spec: str, tokenizer: PromptTokenizer, origin: str,
+                   every: bool = True) -> dict[str, int]:
+    """Output lengths by id: the token count (under ``tokenizer``) of each example's answer named by ``spec``
+    ('reference' or 'outputs.NAME'), or the ``output_tokens`` of a label file when ``spec`` is a path.
+
+    ``every``: an example without that answer is an error naming it (else it is left out). ``origin`` (the
+    prompts' file) goes into messages."""
+    problem = check_length_field(spec)
+    if problem is not None:
+        if Path(spec).expanduser().is_file():
+            rows = load_label_file(Path(spec).expanduser())
+            lengths = {ex.id: rows[ex.id].output_tokens for ex in examples if ex.id in rows}
+            if not lengths:
+                raise DataError(f"label file {spec} has no row for any of the {len(examples)} prompts of {origin}; "
+                                "was it made from these prompts?")
+            if every and len(lengths) < len(examples):
+                missing = [ex.id for ex in examples if ex.id not in rows]
+                raise DataError(f"label file {spec} has no row for {len(missing)} of the {len(examples)} prompts "
+                                f"of {origin} (first: {missing[0]!r}); label them or drop them from the prompts")
+            return lengths
+        raise DataError(f"lengths {spec!r}: not an answer field nor a label file; give {LENGTH_FIELDS_HELP}")
+    name = spec.partition(".")[2]
+
+    def answer(ex: Example) -> str | None:
+        return ex.reference if spec == "reference" else ex.outputs.get(name)
+
+    texts = {ex.id: answer(ex) for ex in examples}
+    missing = [rid for rid, text in texts.items() if not isinstance(text, str)]
+    if len(missing) == len(texts):
+        known = sorted({k for ex in examples for k in ex.outputs})
+        raise DataError(f"{origin}: no record has {spec!r}" + (
+            f"; its records' outputs are {', '.join('outputs.' + k for k in known)}" if known else
+            "; its records carry no 'outputs'") + (" and no 'reference'" if spec == "reference" else ""))
+    if every and missing:
+        raise DataError(f"{origin}: {len(missing)} of {len(texts)} records have no {spec!r} (first: {missing[0]!r}); "
+                        "every prompt needs the answer its length is counted from")
+    return {rid: len(tokenizer.encode(text)) for rid, text in texts.items() if isinstance(text, str)}
 
 
 # ------------------------------------------------------------------------------------------------ split

@@ -1,59 +1,136 @@
-"""Ranking quality of predicted scores against true output lengths.
+"""`python -m ltr_jax.train.evaluate`: scores an exported ranker on a prompt file.
 
-Kendall's tau-b (``scipy.stats.kendalltau``) between the scores and the negated lengths (higher score = shorter
-output, so a perfect ranker has tau = 1), and the share of correctly ordered pairs among pairs whose lengths
-differ (a pair the ranker scores equally counts as half right).
+Lengths come from the reference answers, from a named recorded answer (``--lengths outputs.llama3-8b``: its token
+count under the serving model's tokenizer) or from a label file. It prints one table of the metrics of
+`ltr_jax.train.metrics` (``--json``: and a JSON object as the last line). The source prior is fitted on the
+ranker's training split when its training data can be found (the export records its config), else cross-fitted on
+the file itself (each fold's prior from the other folds).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
-from scipy.stats import kendalltau
+
+from ltr_jax.train.metrics import PRIOR_FOLDS, cross_fitted_source_prior, evaluation, source_prior
 
 
-def pair_accuracy(scores: np.ndarray, lengths: np.ndarray, max_items: int = 6000) -> float:
-    """Share of pairs with different lengths that the scores put in the right order (score ties = 1/2)."""
-    scores = np.asarray(scores, np.float64)
-    lengths = np.asarray(lengths, np.float64)
-    if len(scores) > max_items:  # O(n^2) memory: evaluate a fixed subsample of big sets
-        keep = np.random.default_rng(0).choice(len(scores), max_items, replace=False)
-        scores, lengths = scores[keep], lengths[keep]
-    ds = np.sign(scores[:, None] - scores[None, :])
-    dl = np.sign(lengths[None, :] - lengths[:, None])  # +1 where item i is shorter than item j
-    upper = np.triu(np.ones_like(ds, bool), k=1)
-    counted = upper & (dl != 0)
-    total = counted.sum()
-    if total == 0:
-        return float("nan")
-    agree = (ds * dl)[counted]
-    return float(((agree > 0).sum() + 0.5 * (agree == 0).sum()) / total)
+def _training_prior(meta: dict[str, Any], tokenizer, sources: Sequence[str]) -> tuple[np.ndarray, str] | None:
+    """The source prior fitted on the ranker's own training split, when its export names data found here."""
+    from ltr_jax.config_schema import ConfigError
+    from ltr_jax.train import data as train_data
+    from ltr_jax.train.trainer import PROJECT_ROOT, TrainConfig, prepare_data
+
+    raw = meta.get("train_config")
+    if not isinstance(raw, dict):
+        return None
+    try:
+        cfg = TrainConfig.from_dict({**raw, "extra_lengths": []}, base_dir=PROJECT_ROOT)
+        data, label_source, _ = prepare_data(cfg, tokenizer)
+    except (ConfigError, train_data.DataError, OSError):
+        return None
+    train_ids, _ = train_data.split_ids(data.ids, cfg.val_fraction, cfg.split_salt)
+    train = data.subset(train_ids)
+    return (source_prior(train.sources, train.lengths, sources),
+            f"fitted on the ranker's {len(train)} training prompts ({label_source})")
 
 
-def ranking_metrics(scores: np.ndarray, lengths: np.ndarray) -> dict[str, float]:
-    """Kendall tau-b, its p-value and pair accuracy of scores vs. true output lengths."""
-    scores = np.asarray(scores, np.float64)
-    lengths = np.asarray(lengths, np.float64)
-    if scores.shape != lengths.shape or scores.ndim != 1:
-        raise ValueError(f"scores {scores.shape} and lengths {lengths.shape} must be equal-length vectors")
-    if len(scores) < 2:
-        raise ValueError("ranking metrics need at least two items")
-    result = kendalltau(scores, -lengths)
-    return {
-        "kendall_tau_b": float(result.statistic),
-        "p_value": float(result.pvalue),
-        "pair_accuracy": pair_accuracy(scores, lengths),
-        "n": len(scores),
-    }
+def _fmt(x: float) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.3f}"
 
 
-def per_group_tau(scores: np.ndarray, lengths: np.ndarray, groups: Sequence[str]) -> dict[str, float]:
-    """Kendall tau-b inside each group (e.g. each prompt source): how well the ranker orders within it."""
-    groups = np.asarray(groups)
-    out = {}
-    for g in sorted(set(groups.tolist())):
-        sel = groups == g
-        if sel.sum() >= 2:
-            out[g] = float(kendalltau(np.asarray(scores)[sel], -np.asarray(lengths)[sel]).statistic)
-    return out
+def print_table(result: dict[str, Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    lo, hi = result["ci95"]
+    table.add_row("Kendall tau-b", f"{_fmt(result['tau_b'])}  [{_fmt(lo)}, {_fmt(hi)}] 95% CI")
+    table.add_row("pair accuracy", _fmt(result["pair_accuracy"]))
+    table.add_row("prompts", str(result["n"]))
+    table.add_row("baseline: source prior", _fmt(result["baselines"]["source_prior"]))
+    table.add_row("baseline: prompt length", _fmt(result["baselines"]["prompt_length"]))
+    for src, tau in result["per_source"].items():
+        table.add_row(f"tau-b within {src} ({result['source_counts'][src]})", _fmt(tau))
+    Console(width=120).print(table)
+    print(f"source prior: {result['source_prior_fit']}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from ltr_jax.train.data import LENGTH_FIELDS_HELP
+
+    p = argparse.ArgumentParser(prog="python -m ltr_jax.train.evaluate",
+                                description="Score an exported length ranker on a prompt file: Kendall tau-b with "
+                                            "a bootstrap 95%% CI, pair accuracy, tau-b per source and baselines.")
+    p.add_argument("--ranker", default=None, help="exported ranker directory (default: the packaged default ranker)")
+    p.add_argument("--prompts", required=True, help="prompt file (prompts.jsonl format, ShareGPT JSON/JSONL, "
+                                                    "'shared' or tfds:NAME)")
+    p.add_argument("--lengths", default="reference", help="where each prompt's output length comes from: "
+                                                          + LENGTH_FIELDS_HELP + " (default: reference)")
+    p.add_argument("--model", default=None, help="backbone source (default: the model the ranker was trained on)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the CI (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
+    p.add_argument("--json", action="store_true", help="also print the result as one JSON object, the last line")
+    args = p.parse_args(argv)
+    if args.bootstrap < 10:
+        p.error(f"--bootstrap must be >= 10 resamples, got {args.bootstrap}")
+    return args
+
+
+def evaluate_ranker(args: argparse.Namespace) -> dict[str, Any]:
+    from ltr_jax.models.loading import load_model
+    from ltr_jax.models.ranker_checkpoint import default_ranker_path, load_scorer, read_spec
+    from ltr_jax.train import data as train_data
+
+    ranker = Path(args.ranker) if args.ranker else default_ranker_path()
+    spec, meta = read_spec(ranker)
+    model = load_model(args.model if args.model else spec.model_source)
+    tok = model.tokenizer
+    examples = train_data.load_examples(args.prompts)
+    if not examples:
+        raise train_data.DataError(f"{args.prompts}: no prompts in it")
+    lengths = train_data.answer_lengths(examples, args.lengths, tok, str(args.prompts))
+    data = train_data.build_ranking_data(examples, lengths, tok, spec.max_prompt_len)
+    if len(data) < 2:
+        raise train_data.DataError(f"{args.prompts}: {len(data)} labelled prompt; a ranking needs at least two")
+    scores = load_scorer(ranker, model).score(data.tokens)
+    fitted = _training_prior(meta, tok, data.sources)
+    if fitted is None:
+        prior = cross_fitted_source_prior(data.ids, data.sources, data.lengths)
+        fit_note = f"cross-fitted on this file ({PRIOR_FOLDS} folds by id hash): the ranker's training data is not here"
+    else:
+        prior, fit_note = fitted
+    result = evaluation(scores, data.lengths, data.sources, [len(t) for t in data.tokens], prior,
+                        n_resamples=args.bootstrap, seed=args.seed)
+    counts = {s: data.sources.count(s) for s in result["per_source"]}
+    return {**result, "source_counts": counts, "source_prior_fit": fit_note, "ranker": str(ranker),
+            "prompts": str(args.prompts), "lengths": args.lengths}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ltr_jax.models.ranker_checkpoint import RankerCheckpointError
+    from ltr_jax.train.data import DataError
+
+    args = parse_args(argv)
+    try:
+        result = evaluate_ranker(args)
+    except (DataError, RankerCheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_table(result, f"{result['ranker']} on {result['prompts']} (lengths: {result['lengths']})")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

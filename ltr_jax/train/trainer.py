@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,8 @@ from ltr_jax.config_schema import ConfigError, build_config, check_settings, loa
 from ltr_jax.models.ranker import METHODS, POOLINGS, RankerHead, RankerSpec, scores_from_outputs
 from ltr_jax.train import data as train_data
 from ltr_jax.train import losses
-from ltr_jax.train.evaluate import per_group_tau, ranking_metrics
 from ltr_jax.train.features import FeatureSet, cached_features
+from ltr_jax.train.metrics import evaluation, source_prior, tau_b
 
 # Relative paths in a YAML config resolve against the project root: the folder that holds the ltr_jax package
 # (the repository root in a checkout), wherever the command is run from.
@@ -39,6 +39,10 @@ def _each_method(methods: list[str]) -> str | None:
         return "give at least one of " + ", ".join(METHODS)
     bad = [m for m in methods if m not in METHODS]
     return f"unknown method {bad[0]!r} (choose from {list(METHODS)})" if bad else None
+
+
+def _each_length_field(fields: list[str]) -> str | None:
+    return next((f"{f!r}: {p}" for f in fields if (p := train_data.check_length_field(f))), None)
 
 
 def _positive_dims(dims: list[int]) -> str | None:
@@ -63,7 +67,14 @@ class TrainConfig:
                                           "a Hugging Face directory")
     prompts: str | None = setting(None, doc="null/'shared' = ../shared/data/prompts.jsonl; a JSON/JSONL path; "
                                             "'tfds:NAME'")
-    labels: str | None = setting(None, doc="label JSONL from the labeling job; null = trace lengths of references")
+    labels: str | None = setting(None, doc="label JSONL from the labeling job; null = token counts of the answers "
+                                           "named by `lengths`")
+    lengths: str = setting("reference", check=train_data.check_length_field,
+                           doc="without a label file, the answer whose token count is a prompt's length: "
+                               "'reference' or 'outputs.NAME' (e.g. outputs.llama3-8b)")
+    extra_lengths: list[str] = setting(default_factory=list, check=_each_length_field,
+                                       doc="more answers of the same prompts (e.g. outputs.llama3-70b) whose lengths "
+                                           "train as extra lists; validation and export metrics use `lengths` only")
     methods: list[str] = setting(default_factory=lambda: list(METHODS), check=_each_method,
                                  doc="heads to train: " + ", ".join(METHODS))
     n_layers: int = setting(4, ge=1, doc="backbone layers the ranker's features come from")
@@ -99,6 +110,9 @@ class TrainConfig:
         if self.export_method is not None and self.export_method not in self.methods:
             raise ConfigError.at("export_method", self.export_method,
                                  f"must be one of the trained methods {self.methods} (or null)")
+        if self.labels and (self.lengths != "reference" or self.extra_lengths):
+            raise ConfigError("lengths, extra_lengths: a label file gives the lengths; set `labels: null` to count "
+                              "answer tokens instead", "lengths")
         if self.export_method is not None and not self.export_path:
             raise ConfigError("export_path: required when export_method is set (or set export_method: null)",
                               "export_path")
@@ -172,12 +186,33 @@ def _make_optimizer(opt: OptimizerConfig, total_steps: int) -> optax.GradientTra
     return optax.sgd(lr)
 
 
+def _list_order(groups: Sequence[np.ndarray], size: int, per_step: int, pad: int, rng: np.random.Generator
+                ) -> np.ndarray:
+    """One epoch's [steps, per_step, size] row indices: each group's rows shuffled and cut into lists of ``size``
+    (a list never mixes groups), the lists shuffled; ``pad`` fills the short last list of a group and the last
+    step."""
+    lists = []
+    for rows in groups:
+        perm = rng.permutation(rows)
+        filled = np.full((-(-len(perm) // size) * size,), pad)
+        filled[:len(perm)] = perm
+        lists.append(filled.reshape(-1, size))
+    stacked = np.concatenate(lists)[rng.permutation(sum(len(x) for x in lists))]
+    steps = -(-len(stacked) // per_step)
+    out = np.full((steps * per_step, size), pad)
+    out[:len(stacked)] = stacked
+    return out.reshape(steps, per_step, size)
+
+
 def train_head(method: str, features: np.ndarray, lengths: np.ndarray, spec_base: RankerSpec,
-               cfg: TrainConfig, init_head: RankerHead | None = None) -> HeadResult:
+               cfg: TrainConfig, init_head: RankerHead | None = None, extra: Sequence[np.ndarray] = ()
+               ) -> HeadResult:
     """Train one head on cached features [N, F] and output lengths [N]; returns the head and its spec.
 
-    ``init_head`` (same shape) starts training from a copy of that head, feature statistics included, instead of
-    a fresh initialisation (e.g. a head pre-trained on trace lengths).
+    ``extra``: more length labels of the same prompts ([N] each, -1 where a prompt has none), e.g. other models'
+    answers; each label set trains as lists of its own (a list never mixes two sets), with the targets scaled as
+    the primary lengths are. ``init_head`` (same shape) starts training from a copy of that head, feature
+    statistics included, instead of a fresh initialisation (e.g. a head pre-trained on trace lengths).
     """
     start = time.perf_counter()
     lengths = np.asarray(lengths)
@@ -186,7 +221,7 @@ def train_head(method: str, features: np.ndarray, lengths: np.ndarray, spec_base
         spec_base, method=method, num_outputs=cfg.num_buckets if method == "classify" else 1,
         bucket_edges=tuple(edges.tolist()) if edges is not None else ())
     log_len = np.log1p(lengths)
-    targets = _targets(method, lengths, edges, float(log_len.mean()), float(log_len.std() + 1e-6))
+    log_mean, log_std = float(log_len.mean()), float(log_len.std() + 1e-6)
 
     if init_head is not None:
         head = nnx.clone(init_head)
@@ -195,9 +230,21 @@ def train_head(method: str, features: np.ndarray, lengths: np.ndarray, spec_base
         head.set_feature_stats(features)
     graphdef, params, stats = nnx.split(head, nnx.Param, ...)
 
-    n, size, per_step = len(lengths), cfg.list_size, cfg.lists_per_step
-    num_lists = -(-n // size)
-    steps_per_epoch = -(-num_lists // per_step)
+    # rows: (feature row, target) of every label set; the row after the last is the zero padding
+    n = len(lengths)
+    label_sets = [np.asarray(lengths)] + [np.asarray(e) for e in extra]
+    row_feature = np.concatenate([np.flatnonzero(ls >= 0) for ls in label_sets])
+    row_target = np.concatenate([_targets(method, ls[ls >= 0], edges, log_mean, log_std) for ls in label_sets])
+    groups, at = [], 0
+    for ls in label_sets:
+        groups.append(np.arange(at, at + int((ls >= 0).sum())))
+        at += len(groups[-1])
+    pad = at
+    row_feature = np.concatenate([row_feature, [n]])
+    row_target = np.concatenate([row_target, np.zeros((1,), np.float32)]).astype(np.float32)
+
+    size, per_step = cfg.list_size, cfg.lists_per_step
+    steps_per_epoch = -(-sum(-(-len(g) // size) for g in groups) // per_step)
     tx = _make_optimizer(cfg.optimizer, steps_per_epoch * cfg.epochs)
     opt_state = tx.init(params)
 
@@ -218,17 +265,13 @@ def train_head(method: str, features: np.ndarray, lengths: np.ndarray, spec_base
     rng = np.random.default_rng(cfg.seed)
     key = jax.random.key(cfg.seed)
     feats_padded = np.concatenate([features, np.zeros((1, features.shape[1]), np.float32)])
-    tgt_padded = np.concatenate([targets, np.zeros((1,), np.float32)])
-    slots = steps_per_epoch * per_step * size
     loss = jnp.zeros(())
     for _epoch in range(cfg.epochs):
-        order = np.full((slots,), n)  # index n = the zero padding row
-        order[:n] = rng.permutation(n)
-        order = order.reshape(steps_per_epoch, per_step, size)
-        for s in range(steps_per_epoch):
-            idx = order[s]
+        order = _list_order(groups, size, per_step, pad, rng)
+        for idx in order:
             key, sub = jax.random.split(key)
-            params, opt_state, loss = step(params, opt_state, feats_padded[idx], tgt_padded[idx], idx < n, sub)
+            params, opt_state, loss = step(params, opt_state, feats_padded[row_feature[idx]], row_target[idx],
+                                           idx < pad, sub)
     nnx.update(head, params)
     return HeadResult(method, head, spec, time.perf_counter() - start, float(loss))
 
@@ -239,9 +282,10 @@ def head_scores(head: RankerHead, method: str, features: np.ndarray) -> np.ndarr
 
 # ------------------------------------------------------------------------------------------------ end to end
 def cross_validate(method: str, features: np.ndarray, lengths: np.ndarray, ids: list[str], spec_base: RankerSpec,
-                   cfg: TrainConfig) -> dict[str, Any]:
+                   cfg: TrainConfig, extra: Sequence[np.ndarray] = ()) -> dict[str, Any]:
     """k-fold Kendall tau-b of one method over training rows only (folds from `data.cv_fold_of`): each fold is
-    scored by a head trained on the other folds. The held-out validation split is never touched."""
+    scored by a head trained on the other folds (and their ``extra`` label sets). The held-out validation split is
+    never touched."""
     folds = np.array([train_data.cv_fold_of(rid, cfg.cv_folds, cfg.val_fraction, cfg.split_salt) for rid in ids])
     taus = []
     for k in range(cfg.cv_folds):
@@ -249,8 +293,8 @@ def cross_validate(method: str, features: np.ndarray, lengths: np.ndarray, ids: 
         if fit.sum() < cfg.list_size or score.sum() < 2:
             raise ValueError(f"cv_folds={cfg.cv_folds} leaves fold {k} with {int(score.sum())} prompts and "
                              f"{int(fit.sum())} to train on; use fewer folds or more labels")
-        res = train_head(method, features[fit], lengths[fit], spec_base, cfg)
-        taus.append(ranking_metrics(head_scores(res.head, method, features[score]), lengths[score])["kendall_tau_b"])
+        res = train_head(method, features[fit], lengths[fit], spec_base, cfg, extra=[e[fit] for e in extra])
+        taus.append(tau_b(head_scores(res.head, method, features[score]), lengths[score]))
     return {"folds": cfg.cv_folds, "kendall_tau_b_mean": float(np.mean(taus)),
             "kendall_tau_b_std": float(np.std(taus)), "per_fold": [round(t, 4) for t in taus]}
 
@@ -268,21 +312,30 @@ def load_serving_model(source: str | None):
     return load_model(source)
 
 
-def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[train_data.RankingData, str]:
-    """Examples joined with labels and rendered; returns (data, a description of the label source)."""
+def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[train_data.RankingData, str, list[np.ndarray]]:
+    """Examples joined with labels and rendered; returns (data, a description of the label source, the
+    `extra_lengths` label sets aligned with the data's rows, -1 where a prompt lacks that answer)."""
     examples = train_data.load_examples(cfg.prompts)
+    origin = str(cfg.prompts or "the shared prompts")
     if cfg.labels:
         if not Path(cfg.labels).is_file():
             raise train_data.DataError(
                 f"label file {cfg.labels} does not exist; make it with the labeling job (ltr_jax.train.label), "
-                "point `labels:` at another label JSONL, or set `labels: null` to train on trace lengths")
-        rows = train_data.load_label_file(cfg.labels)
-        labels = {rid: row.output_tokens for rid, row in rows.items()}
+                "point `labels:` at another label JSONL, or set `labels: null` to train on answer lengths")
+        labels = train_data.answer_lengths(examples, cfg.labels, tokenizer, origin, every=False)
         label_source = f"label file {cfg.labels}"
     else:
-        labels = train_data.trace_length_labels(examples, tokenizer)
-        label_source = "trace lengths (token count of each reference)"
-    return train_data.build_ranking_data(examples, labels, tokenizer, cfg.max_prompt_len), label_source
+        labels = train_data.answer_lengths(examples, cfg.lengths, tokenizer, origin, every=False)
+        label_source = ("trace lengths (token count of each reference)" if cfg.lengths == "reference" else
+                        f"token counts of {cfg.lengths}")
+    data = train_data.build_ranking_data(examples, labels, tokenizer, cfg.max_prompt_len)
+    extra = []
+    for spec in cfg.extra_lengths:
+        more = train_data.answer_lengths(examples, spec, tokenizer, origin, every=False)
+        extra.append(np.array([more.get(rid, -1) for rid in data.ids], np.int64))
+    if extra:
+        label_source += " + extra lists of " + ", ".join(cfg.extra_lengths)
+    return data, label_source, extra
 
 
 def run_training(cfg: TrainConfig, model=None, progress: bool = True) -> dict[str, Any]:
@@ -291,7 +344,7 @@ def run_training(cfg: TrainConfig, model=None, progress: bool = True) -> dict[st
 
     t0 = time.perf_counter()
     model = model if model is not None else load_serving_model(cfg.model)
-    data, label_source = prepare_data(cfg, model.tokenizer)
+    data, label_source, extra = prepare_data(cfg, model.tokenizer)
     train_ids, val_ids = train_data.split_ids(data.ids, cfg.val_fraction, cfg.split_salt)
     if len(train_ids) < cfg.list_size or len(val_ids) < 2:
         raise ValueError(f"too little data: {len(train_ids)} training and {len(val_ids)} validation prompts")
@@ -314,27 +367,27 @@ def run_training(cfg: TrainConfig, model=None, progress: bool = True) -> dict[st
                            max_prompt_len=cfg.max_prompt_len)
     results = {}
     exported = None
-    sources = [data.sources[i] for i in val_rows]
+    val_lengths = data.lengths[val_rows]
+    val_sources = [data.sources[i] for i in val_rows]
+    prior = source_prior([data.sources[i] for i in train_rows], data.lengths[train_rows], val_sources)
+    train_extra = [e[train_rows] for e in extra]
     for method in cfg.methods:
-        res = train_head(method, x[train_rows], data.lengths[train_rows], spec_base, cfg)
+        res = train_head(method, x[train_rows], data.lengths[train_rows], spec_base, cfg, extra=train_extra)
         scores = head_scores(res.head, method, x[val_rows])
-        metrics = ranking_metrics(scores, data.lengths[val_rows])
+        metrics = evaluation(scores, val_lengths, val_sources, [len(data.tokens[i]) for i in val_rows], prior,
+                             seed=cfg.seed)
         if method == "classify":  # also the coarse variant: rank by the single most likely bucket (many ties)
             argmax = -np.argmax(np.asarray(res.head(jnp.asarray(x[val_rows]))), axis=-1)
-            metrics["kendall_tau_b_argmax_bucket"] = ranking_metrics(argmax, data.lengths[val_rows])["kendall_tau_b"]
-        results[method] = {
-            **metrics,
-            "per_source_tau": per_group_tau(scores, data.lengths[val_rows], sources),
-            "train_seconds": round(res.train_seconds, 2),
-            "final_loss": res.final_loss,
-        }
+            metrics["tau_b_argmax_bucket"] = tau_b(argmax, val_lengths)
+        results[method] = {**metrics, "train_seconds": round(res.train_seconds, 2), "final_loss": res.final_loss}
         if cfg.cv_folds:
             results[method]["cross_validation"] = cross_validate(
-                method, x[train_rows], data.lengths[train_rows], list(train_ids), spec_base, cfg)
+                method, x[train_rows], data.lengths[train_rows], list(train_ids), spec_base, cfg, extra=train_extra)
         if method == cfg.export_method and cfg.export_path:
             save_ranker(cfg.export_path, res.head, res.spec, extra={
                 "trained_on": _portable(label_source), "train_prompts": len(train_ids),
-                "val_prompts": len(val_ids), "val_kendall_tau_b": metrics["kendall_tau_b"],
+                "val_prompts": len(val_ids), "val_kendall_tau_b": metrics["tau_b"], "val_ci95": metrics["ci95"],
+                "val_source_prior_tau_b": metrics["baselines"]["source_prior"],
                 **({"cv_kendall_tau_b": results[method]["cross_validation"]["kendall_tau_b_mean"]}
                    if cfg.cv_folds else {}),
                 "train_config": cfg.to_portable_dict()})
