@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ltr_jax.train.label import main as label_main
 
 
@@ -52,3 +54,25 @@ def test_trace_length_labels_count_reference_tokens(tmp_path):
     tok = byte_level_tokenizer()
     assert rows["p3"]["output_tokens"] == len(tok.encode("answer " * 4))
     assert all(r["finish_reason"] == "reference" for r in rows.values())
+
+
+def test_label_job_refuses_the_package_data_and_reports_capped_labels(tmp_path, capsys):
+    from ltr_jax.train.label import PACKAGE_DATA
+
+    prompts = _prompts_file(tmp_path, 6)
+    with pytest.raises(SystemExit):
+        label_main(["--model", "tiny", "--prompts", str(prompts), "--out", str(PACKAGE_DATA / "labels" / "x.jsonl")])
+    assert "--overwrite-package-data" in capsys.readouterr().err
+    assert not (PACKAGE_DATA / "labels" / "x.jsonl").exists()
+    out = tmp_path / "labels.jsonl"
+    label_main(["--model", "tiny", "--prompts", str(prompts), "--out", str(out), "--slots", "2", "--max-tokens", "3",
+                "--temperature", "1.0"])
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    rows = _rows(out)
+    capped = sum(r["finish_reason"] == "length" for r in rows)
+    assert report["finish_reasons"].get("length", 0) == capped and sum(report["finish_reasons"].values()) == 6
+    assert report["capped_share"] == round(capped / 6, 4)
+    # the cache is sized to the longest prompt + --max-tokens (a power of two), not the 2048-token default context
+    longest = max(r["prompt_tokens"] for r in rows)
+    assert f"engine.max_seq_len {1 << (longest + 3 + 1).bit_length()}" in captured.err

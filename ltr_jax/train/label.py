@@ -15,6 +15,7 @@ The engine's keys come from the one config tree (`ltr_jax.config.EngineRunConfig
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import json
@@ -26,6 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ltr_jax.config import ConfigError, EngineRunConfig, load_config
+from ltr_jax.config_schema import read_yaml_mapping
 from ltr_jax.engine.engine import Engine
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent
 from ltr_jax.models.llama import Llama
@@ -33,7 +35,7 @@ from ltr_jax.models.loading import load_model
 from ltr_jax.scheduler.scheduler import Scheduler
 from ltr_jax.train.data import load_examples
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "labels" / "smollm2_labels.jsonl"
+PACKAGE_DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def label_order(example_id: str, seed: int) -> str:
@@ -59,6 +61,16 @@ def already_labeled(path: Path) -> set[str]:
     return done
 
 
+def finish_reasons(path: Path) -> dict[str, int]:
+    """How the file's labels ended: "length" ones hit --max-tokens (right-censored), "stop" ones are exact."""
+    counts: dict[str, int] = {}
+    with open(path) as fh:
+        for line in fh:
+            reason = json.loads(line)["finish_reason"]
+            counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
 def write_trace_lengths(out: Path, todo, rendered: dict[str, list[int]], tok, args) -> None:
     """Rows with the reference answer's token count as the output length (finish_reason "reference")."""
     n = 0
@@ -74,7 +86,11 @@ def write_trace_lengths(out: Path, todo, rendered: dict[str, list[int]], tok, ar
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m ltr_jax.train.label", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ltr_jax.train.label", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="The packaged labels (ltr_jax/data/labels/smollm2_labels.jsonl) were made "
+                                "with these defaults and --limit 2500 --slots 64 --max-tokens 384; their "
+                                ".meta.json records the exact command.")
     p.add_argument("--prompts", default="shared", help="'shared' (../shared/data/prompts.jsonl), a JSON/JSONL "
                    "file (shared format or ShareGPT), or tfds:NAME[/SPLIT]")
     p.add_argument("--config", default=None, help="YAML config of the engine keys (the sections `serve` reads; "
@@ -82,15 +98,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set engine.max_seq_len=4096 (repeatable)")
     p.add_argument("--model", default=None, help="model source (model.source; default: the embedded SmolLM2)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="output JSONL (appended to; resumable)")
-    p.add_argument("--max-tokens", type=int, default=384, help="cap on generated tokens per prompt")
+    p.add_argument("--out", required=True, help="output JSONL (appended to; resumable). Writing into the "
+                   "package's own ltr_jax/data/ needs --overwrite-package-data")
+    p.add_argument("--overwrite-package-data", action="store_true",
+                   help="allow --out inside ltr_jax/data/ (the packaged labels the shipped rankers were trained on)")
+    p.add_argument("--max-tokens", type=int, default=1024,
+                   help="cap on generated tokens per prompt; a label that hits it is right-censored (its true "
+                   "length is at least the cap), and the final report gives the share of capped labels")
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are skipped (as the paper)")
-    p.add_argument("--temperature", type=float, default=1.0, help="1.0 as the paper; SmolLM2's model card "
-                   "recommends 0.2 with top-p 0.9")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="base seed; each prompt draws with seed + its index")
-    p.add_argument("--slots", type=int, default=None, help="decode slots, the batch size (engine.num_slots; more "
-                   "slots label faster on a machine with the memory: e.g. --slots 64)")
+    p.add_argument("--temperature", type=float, default=0.2, help="sampling temperature: SmolLM2's model card "
+                   "recommends 0.2 with top-p 0.9 (the packaged labels'); the paper samples Llama-3 at 1.0")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="sets the label order (a SHA-256 of seed:id, so --limit "
+                   "takes the same random sample each run) and each prompt's sampling seed (seed plus a hash of its "
+                   "id), so a prompt's answer does not depend on which other prompts run beside it")
+    p.add_argument("--slots", type=int, default=None, help="decode slots, the batch size (engine.num_slots, "
+                   "default 8; more slots label faster where the KV cache fits: the start line prints its size)")
     p.add_argument("--limit", type=int, default=None, help="label at most this many prompts (in label order)")
     p.add_argument("--trace-lengths", action="store_true", help="write trace lengths instead: the token count of "
                    "each prompt's reference answer under the model's tokenizer (vLLM's replay method; no engine run)")
@@ -109,16 +132,17 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, overrides, EngineRunConfig)
     except ConfigError as err:
         p.error(str(err))
-    if args.max_prompt_tokens + args.max_tokens >= cfg.engine.max_seq_len:
-        p.error(f"--max-prompt-tokens {args.max_prompt_tokens} + --max-tokens {args.max_tokens} do not fit the "
-                f"engine context engine.max_seq_len = {cfg.engine.max_seq_len}: lower them, or raise it with "
-                f"--set engine.max_seq_len={1 << (args.max_prompt_tokens + args.max_tokens).bit_length()}")
+    out = Path(args.out).resolve()
+    if out.is_relative_to(PACKAGE_DATA) and not args.overwrite_package_data:
+        p.error(f"--out {args.out} is inside the package's data ({PACKAGE_DATA}), which holds the labels the "
+                "packaged rankers were trained on: write elsewhere, or pass --overwrite-package-data")
+    seq_len_given = any(o.split("=", 1)[0].strip() == "engine.max_seq_len" for o in overrides) or (
+        args.config is not None and "max_seq_len" in (read_yaml_mapping(args.config).get("engine") or {}))
     args.model, args.slots = cfg.model.source, cfg.engine.num_slots
 
     from ltr_jax.engine.compilation_cache import enable_compilation_cache
 
     enable_compilation_cache(cfg.engine.compilation_cache_dir)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = already_labeled(out)
     loaded = load_model(args.model)
@@ -133,6 +157,16 @@ def main(argv: list[str] | None = None) -> None:
         # sample at chunk granularity, while similar lengths decode together and the cache (and each step) stays short
         todo = [e for i in range(0, len(todo), args.chunk)
                 for e in sorted(todo[i:i + args.chunk], key=lambda e: len(rendered[e.id]))]
+    kept = [len(rendered[e.id]) for e in todo if len(rendered[e.id]) <= args.max_prompt_tokens]
+    needed = max(kept, default=1) + args.max_tokens + 2
+    if not seq_len_given:  # the KV cache sized to these prompts and --max-tokens, not to the model's context
+        seq = min(1 << (needed - 1).bit_length(), loaded.config.max_position_embeddings)
+        cfg.engine = dataclasses.replace(cfg.engine, max_seq_len=seq,
+                                         min_prefill_bucket=min(cfg.engine.min_prefill_bucket, seq))
+    if needed > cfg.engine.max_seq_len:
+        p.error(f"the longest prompt ({max(kept)} tokens) + --max-tokens {args.max_tokens} do not fit "
+                f"engine.max_seq_len = {cfg.engine.max_seq_len}: lower --max-tokens or --max-prompt-tokens, or "
+                f"raise it with --set engine.max_seq_len={1 << (needed - 1).bit_length()}")
     meta = {
         "command": "python -m ltr_jax.train.label " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": loaded.source and Path(loaded.source).name, "model_config": loaded.config.name,
@@ -145,8 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.trace_lengths:
         write_trace_lengths(out, todo, rendered, tok, args)
         return
-    print(f"labeling {len(todo)} prompts ({len(done)} already in {out}) with {loaded.config.name}, "
-          f"{args.slots} slots, max_tokens {args.max_tokens}", file=sys.stderr)
+    c = loaded.config
+    kv_gib = args.slots * cfg.engine.max_seq_len * 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4 / 2**30
+    print(f"labeling {len(todo)} prompts ({len(done)} already in {out}) with {c.name}, {args.slots} slots, "
+          f"max_tokens {args.max_tokens}, engine.max_seq_len {cfg.engine.max_seq_len} (KV cache at most "
+          f"{kv_gib:.2f} GiB)", file=sys.stderr)
     if not todo:
         return
 
@@ -208,7 +245,10 @@ def main(argv: list[str] | None = None) -> None:
         bar.close()
         fh.close()
     elapsed = time.monotonic() - t0
+    reasons = finish_reasons(out)
     print(json.dumps({"labeled": len(already_labeled(out)), "skipped_long_prompts": state["skipped"],
+                      "finish_reasons": reasons,
+                      "capped_share": round(reasons.get("length", 0) / max(1, sum(reasons.values())), 4),
                       "seconds": round(elapsed, 1), "generated_tokens": state["tokens"],
                       "tokens_per_s": round(state["tokens"] / max(elapsed, 1e-9), 1),
                       "engine": {"prefill_calls": engine.stats.prefill_calls,
