@@ -423,3 +423,27 @@ def test_step_model_scales_a_probe_ttft_longer_than_the_busy_time_leaves_for_pre
     assert fits.ttft_s == 1.0 and fits.tpot_full_s == pytest.approx((6.0 - 4) / 8)
     with pytest.raises(SystemExit, match="shorter than its decode steps"):
         resimulate.step_model_of(report, {"fcfs": {"busy_s": 0.5}}, items)
+
+
+def test_run_replays_a_named_recorded_answers_length_on_the_rankers_held_out_prompts(tmp_path, capsys):
+    from ltr_jax.models.loading import load_model
+    from ltr_jax.train.data import is_validation
+
+    tiny = load_model("tiny")
+    prompts = tmp_path / "alpaca.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"a{i}", "prompt": "x " * (i + 1), "reference": "r",
+                                           "outputs": {"llama3-8b": "y " * (2 + i)}}) + "\n" for i in range(40)))
+    items, source = policy_bench.build_items(tiny, str(prompts), "outputs.llama3-8b", 40, 512, 4096, "validation",
+                                             seed=0, held_out=(0.25, "salt"))
+    held = {f"a{i}" for i in range(40) if is_validation(f"a{i}", 0.25, "salt")}
+    assert {it.id for it in items} == held  # 40 draws from the held-out quarter, every one of them met
+    for it in items:
+        assert it.output_len == len(tiny.tokenizer.encode("y " * (2 + int(it.id[1:]))))
+    assert "outputs.llama3-8b" in source
+    args = policy_bench.parse_args(["--prompts", str(prompts), "--lengths", "outputs.llama3-8b"])
+    assert args.lengths == "outputs.llama3-8b"
+    assert policy_bench.workload_rankers(args)[0].endswith("ranker_alpacaeval_llama3_8b")
+    for bad in (["--lengths", "llama3-8b"], ["--lengths", "outputs.x", "--labels", str(prompts)]):
+        with pytest.raises(SystemExit):
+            policy_bench.parse_args(["--prompts", str(prompts), *bad])
+    assert "llama3-8b" in capsys.readouterr().err

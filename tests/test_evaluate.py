@@ -131,3 +131,36 @@ def test_bad_files_and_keys_are_clear_errors(tiny_ranker, tmp_path, capsys):
         assert name == "not a field" or prompts_file.name in err, (name, err)  # the file that is wrong is named
     code, _, err = _run(capsys, ["--ranker", str(tmp_path / "nowhere"), "--prompts", str(prompts_file)])
     assert code == 2 and "nowhere" in err
+
+
+def test_simulate_replays_a_rankers_real_scores_on_the_prompts_it_held_out(tiny_ranker, tmp_path):
+    """`bench simulate --ranker`: the trace draws only the ranker's held-out prompts (its recorded split), each
+    with its own score, and reports that tau; answers in the ranker's own order give tau exactly 1."""
+    from ltr_jax.bench import simulate
+    from ltr_jax.models.loading import load_model
+    from ltr_jax.models.ranker_checkpoint import load_scorer, read_spec, save_ranker
+    from ltr_jax.train.data import is_validation, render_prompt
+
+    path, _, _ = tiny_ranker
+    spec, _ = read_spec(path)
+    head_dir = save_ranker(tmp_path / "split_ranker", load_scorer(path).head, spec,
+                           extra={"train_config": {"val_fraction": 0.5, "split_salt": "s"}})
+    tiny = load_model("tiny")
+    prompts = [f"question {i} " + "w " * (i % 9) for i in range(40)]
+    scores = load_scorer(head_dir, tiny).score([render_prompt(tiny.tokenizer, p, 64) for p in prompts])
+    rank = np.argsort(np.argsort(-scores))
+    rows = [{"id": f"q{i}", "prompt": p, "outputs": {"m": "y" * (4 + 2 * int(rank[i]))}}
+            for i, p in enumerate(prompts)]
+    prompts_file = _write(tmp_path / "p.jsonl", rows)
+    held = sum(is_validation(f"q{i}", 0.5, "s") for i in range(40))
+    report = simulate.main(["--ranker", str(head_dir), "--prompts", str(prompts_file), "--lengths", "outputs.m",
+                            "--n", "200", "--rates", "50", "--slots", "2", "--policies", "fcfs,ltr,oracle-sjf",
+                            "--jobs", "1", "--ranker-cost", "0"])
+    assert report["ranker_tau"] == ONE and f"on the {held} held-out prompts" in report["ranker_tau_source"]
+    assert report["trace_info"]["rate=50"]["achieved_kendall_tau"] == ONE
+    # ranking by true order is oracle-sjf's order: the two policies serve the trace identically
+    run = report["runs"]["rate=50"]
+    assert run["ltr"]["latency_s"]["mean"] == pytest.approx(run["oracle-sjf"]["latency_s"]["mean"], rel=1e-9)
+    assert run["fcfs"]["latency_s"]["mean"] > run["ltr"]["latency_s"]["mean"]
+    with pytest.raises(SystemExit):
+        simulate.main(["--ranker", str(head_dir), "--prompts", str(prompts_file)])  # no --lengths

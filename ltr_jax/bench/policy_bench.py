@@ -20,6 +20,7 @@ import json
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,7 @@ from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEven
 from ltr_jax.engine.ranking import make_ranking_stage, share_prefix, warmup_ranker
 from ltr_jax.machine import machine_info
 from ltr_jax.models.llama import Llama
-from ltr_jax.models.ranker_checkpoint import default_ranker_path, load_scorer
+from ltr_jax.models.ranker_checkpoint import default_ranker_path, load_scorer, read_spec
 from ltr_jax.scheduler.metrics import distribution
 from ltr_jax.scheduler.scheduler import Scheduler, StarvationConfig
 from ltr_jax.sim.trace import make_arrivals
@@ -63,32 +64,72 @@ RUN_SHORTHANDS = SHARED_SHORTHANDS + (
 
 
 # ------------------------------------------------------------------------------------------------ workload
-def prompt_pool(loaded, prompts_spec: str, labels: str | None, split: str) -> tuple[list, dict[str, int], str]:
-    """The examples a workload may draw from (validation split by default: disjoint from the ranker's training
-    prompts), their output lengths, and where those lengths come from."""
-    from ltr_jax.train.data import is_validation, load_examples, load_label_file
+def prompt_pool(loaded, prompts_spec: str, lengths_spec: str, split: str,
+                held_out: tuple[float, str] | None = None) -> tuple[list, dict[str, int], str]:
+    """The examples a workload may draw from, their output lengths and where those lengths come from.
+
+    ``lengths_spec``: 'reference' (the reference answers' token counts), 'outputs.NAME' (the answer recorded for
+    model NAME, e.g. outputs.llama3-8b) or a label file of the serving model's own lengths; every length is
+    replayed with ignore_eos. ``split`` 'validation' (the default) keeps the prompts a ranker trained with
+    ``held_out`` = (val_fraction, split_salt) never saw (default: the packaged rankers' 0.1 and salt)."""
+    from ltr_jax.train.data import DEFAULT_SPLIT_SALT, answer_lengths, is_validation, load_examples
 
     examples = load_examples(prompts_spec)
-    tok = loaded.tokenizer
-    if labels:
-        label_rows = load_label_file(labels)
-        lengths = {k: v.output_tokens for k, v in label_rows.items()}
-        source = f"serving model's own output lengths from {labels}"
-    else:
-        lengths = {e.id: len(tok.encode(e.reference)) for e in examples if e.reference}
+    lengths = answer_lengths(examples, lengths_spec, loaded.tokenizer, str(prompts_spec), every=False)
+    if lengths_spec == "reference":
         source = "trace lengths: reference answers' token counts (replayed with ignore_eos)"
-    pool = [e for e in examples if e.id in lengths and lengths[e.id] >= 1]
+    elif lengths_spec.startswith("outputs."):
+        source = f"trace lengths: token counts of the recorded {lengths_spec} answers (replayed with ignore_eos)"
+    else:
+        source = f"serving model's own output lengths from {lengths_spec}"
+    pool = [e for e in examples if lengths.get(e.id, 0) >= 1]
     if split != "all":
+        fraction, salt = held_out or (0.1, DEFAULT_SPLIT_SALT)
         want_val = split == "validation"
-        pool = [e for e in pool if is_validation(e.id, 0.1) == want_val] or pool
+        pool = [e for e in pool if is_validation(e.id, fraction, salt) == want_val] or pool
     return pool, lengths, source
 
 
-def build_items(loaded, prompts_spec: str, labels: str | None, n: int, max_prompt: int, max_output: int,
-                split: str, seed: int, length_scale: float = 1.0, pool=None) -> tuple[list[Item], str]:
+def held_out_split(ranker_path: str | None) -> tuple[float, str] | None:
+    """(val_fraction, split_salt) the ranker at ``ranker_path`` was trained with, from its export; None when the
+    export does not record them (then `prompt_pool` uses the packaged rankers' split)."""
+    if ranker_path is None:
+        return None
+    trained = read_spec(ranker_path)[1].get("train_config") or {}
+    if "val_fraction" not in trained:
+        return None
+    from ltr_jax.train.data import DEFAULT_SPLIT_SALT
+
+    return float(trained["val_fraction"]), str(trained.get("split_salt", DEFAULT_SPLIT_SALT))
+
+
+#: The packaged ranker (and classifier) for each kind of replayed length on the embedded model.
+PACKAGED_RANKERS = {"reference": ("ranker_smollm2_trace", "ranker_smollm2_trace_classify"),
+                    "labels": ("ranker_smollm2", "ranker_smollm2_classify"),
+                    "outputs.llama3-8b": ("ranker_alpacaeval_llama3_8b", None)}
+
+
+def workload_rankers(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(ranker, classifier) checkpoint paths of a run: the flags, else on the embedded model the packaged ones
+    trained on the kind of lengths the run replays."""
+    ranker, classifier = args.ranker, args.classifier
+    if args.model is None:
+        kind = args.lengths if args.lengths in PACKAGED_RANKERS else (
+            "labels" if not args.lengths.startswith("outputs.") else None)
+        if kind is not None:
+            packaged = default_ranker_path().parent
+            names = PACKAGED_RANKERS[kind]
+            ranker = ranker or str(packaged / names[0])
+            classifier = classifier or (str(packaged / names[1]) if names[1] else None)
+    return ranker, classifier
+
+
+def build_items(loaded, prompts_spec: str, lengths_spec: str, n: int, max_prompt: int, max_output: int,
+                split: str, seed: int, length_scale: float = 1.0, pool=None,
+                held_out: tuple[float, str] | None = None) -> tuple[list[Item], str]:
     """Pick `n` prompts of the `prompt_pool` (or of ``pool``, what it returned for these arguments), in an order
     drawn with `seed`."""
-    pool, lengths, source = pool or prompt_pool(loaded, prompts_spec, labels, split)
+    pool, lengths, source = pool or prompt_pool(loaded, prompts_spec, lengths_spec, split, held_out)
     tok = loaded.tokenizer
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(pool))
@@ -253,12 +294,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    ".gguf, a HF dir, 'tiny' (random test model) or preset:<name> (random weights of a published "
                    "shape)")
     p.add_argument("--prompts", default="shared", help="'shared', a JSON/JSONL file (shared or ShareGPT format)")
-    p.add_argument("--labels", default=None, help="label JSONL (serving model's own lengths); default: trace "
-                   "lengths from reference answers")
+    p.add_argument("--lengths", default="reference", help="each request's output length, replayed with "
+                   "ignore_eos: 'reference' (the reference answer's token count), 'outputs.NAME' (of the answer "
+                   "recorded for model NAME, e.g. outputs.llama3-8b with ../shared/data/alpacaeval_llama3.jsonl) "
+                   "or a label JSONL of the serving model's own lengths")
+    p.add_argument("--labels", default=None, help="shorthand for --lengths LABEL_FILE")
     p.add_argument("--split", default="validation", choices=["validation", "train", "all"],
-                   help="which prompts to draw from (validation = disjoint from the ranker's training split)")
+                   help="which prompts to draw from (validation = disjoint from the ranker's training split: the "
+                   "val_fraction and salt its export records)")
     p.add_argument("--ranker", default=None, help="ranker checkpoint dir for ltr policies (default, embedded model "
-                   "only: the packaged ranker trained on the same kind of lengths the run replays, trace or --labels)")
+                   "only: the packaged ranker trained on the kind of lengths the run replays: reference, a label "
+                   "file, or outputs.llama3-8b)")
     p.add_argument("--classifier", default=None, help="10-bucket classifier checkpoint for the classify policy "
                    "(default, embedded model only: the packaged classifier matching the replayed lengths)")
     p.add_argument("--n", type=int, default=100, help="requests per run")
@@ -317,6 +363,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar (logs, CI)")
     p.set_defaults(fuse_max_len=None)  # set through --fuse-ranker-pass or --set ranker.fuse_max_len
     args = p.parse_args(argv)
+    if args.labels is not None:
+        if args.lengths != "reference":
+            p.error(f"give --lengths or --labels, not both (--labels {args.labels} is --lengths {args.labels})")
+        args.lengths = args.labels
+    from ltr_jax.train.data import check_length_field
+
+    if not (args.lengths.startswith("outputs.") or args.lengths == "reference" or Path(args.lengths).is_file()):
+        p.error(f"--lengths {args.lengths!r}: {check_length_field(args.lengths)}; or give a label file that exists")
     if args.score_per_boundary is not None and args.score_per_boundary < 0:
         p.error(f"--score-per-boundary must be >= 0 (0 = every arrival at once), got {args.score_per_boundary}")
     if args.score_per_boundary == 0:  # 'every arrival at once' is the key's null
@@ -375,17 +429,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loaded = load_serving_model(args.model)
     model = Llama.from_params(loaded.config, loaded.params)
     engine = Engine(model, args.config_tree.engine.to_engine_config())
-    items, length_source = build_items(loaded, args.prompts, args.labels, args.n, args.max_prompt_tokens,
-                                       args.max_output_tokens, args.split, args.seed, args.length_scale)
+    ranker_path, classifier_path = workload_rankers(args)
+    items, length_source = build_items(loaded, args.prompts, args.lengths, args.n, args.max_prompt_tokens,
+                                       args.max_output_tokens, args.split, args.seed, args.length_scale,
+                                       held_out=held_out_split(ranker_path))
     if args.length_scale != 1.0:
         length_source += f", each scaled by {args.length_scale:g} (same order and shape, shorter run)"
     ranker = classifier = None
-    ranker_path, classifier_path = args.ranker, args.classifier
-    if args.model is None:  # the embedded model ships a ranker and a classifier for each kind of length
-        packaged = default_ranker_path().parent
-        kind = "ranker_smollm2" if args.labels else "ranker_smollm2_trace"
-        ranker_path = ranker_path or str(packaged / kind)
-        classifier_path = classifier_path or str(packaged / f"{kind}_classify")
     if any(p in policies for p in ("ltr", "ltr+starvation", "ltr-rescore")):
         if ranker_path is None:
             raise SystemExit(f"the ltr policies on model {args.model!r} need --ranker <checkpoint trained for it>")

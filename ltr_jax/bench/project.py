@@ -97,12 +97,14 @@ def project(args: argparse.Namespace) -> dict[str, Any]:
                          f"{', '.join(runs)} ({STARVATION_POLICY} is never projected: its threshold depends on load)")
     loaded = policy_bench.load_serving_model(run_args.model)
 
-    examples = policy_bench.prompt_pool(loaded, run_args.prompts, run_args.labels, run_args.split)
+    held_out = policy_bench.held_out_split(policy_bench.workload_rankers(run_args)[0])
+    examples = policy_bench.prompt_pool(loaded, run_args.prompts, run_args.lengths, run_args.split,
+                                          held_out)
 
     def items_of(n: int, seed: int):
-        return policy_bench.build_items(loaded, run_args.prompts, run_args.labels, n, run_args.max_prompt_tokens,
+        return policy_bench.build_items(loaded, run_args.prompts, run_args.lengths, n, run_args.max_prompt_tokens,
                                         run_args.max_output_tokens, run_args.split, seed, run_args.length_scale,
-                                        pool=examples)[0]
+                                        pool=examples, held_out=held_out)[0]
 
     model = step_model_of(report, runs, items_of(run_args.n, run_args.seed))
     pool = list({i.id: i for i in items_of(len(examples[0]), 0)}.values())  # every prompt it may draw, once

@@ -162,8 +162,9 @@ def resimulate_run(run_dir: Path, models: dict[str | None, Any], scorers: dict[s
     if args.model not in models:
         models[args.model] = policy_bench.load_serving_model(args.model)
     loaded = models[args.model]
-    items, _ = policy_bench.build_items(loaded, args.prompts, args.labels, args.n, args.max_prompt_tokens,
-                                        args.max_output_tokens, args.split, args.seed, args.length_scale)
+    items, _ = policy_bench.build_items(loaded, args.prompts, args.lengths, args.n, args.max_prompt_tokens,
+                                        args.max_output_tokens, args.split, args.seed, args.length_scale,
+                                        held_out=policy_bench.held_out_split(policy_bench.workload_rankers(args)[0]))
     out: dict[str, Any] = {"run": str(run_dir), "command": report["command"], "rates": {}}
     for key, runs in report["runs"].items():
         rate = report["rates"][key]

@@ -20,6 +20,8 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from typing import Any
 
+import numpy as np
+
 from ltr_jax.bench.options import (
     SHARED_SHORTHANDS,
     add_shared_options,
@@ -50,6 +52,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--labels", default=None, help="label JSONL (output_tokens per id); default: shared prompts' "
                    "reference answers (word count x 1.3)")
     p.add_argument("--prompts", default=None, help="prompts JSONL for reference lengths (default: the shared set)")
+    p.add_argument("--lengths", default=None, help="with --ranker: each prompt's output length, 'reference', "
+                   "'outputs.NAME' (e.g. outputs.llama3-8b with ../shared/data/alpacaeval_llama3.jsonl) or a label "
+                   "file, as token counts under the ranker's model's tokenizer")
+    p.add_argument("--ranker", default=None, help="score with this exported ranker instead of synthetic scores: "
+                   "the trace draws from the --prompts the ranker held out of its training (its recorded split), "
+                   "each with its real score and --lengths length, and the report gives that held-out tau")
     p.add_argument("--n", type=int, default=10000, help="requests per run")
     p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"],
                    help="Poisson arrivals at each rate, or gamma arrivals with --cv")
@@ -77,6 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     resolve_config(p, args, SHARED_SHORTHANDS)
     check_policies(p, args)
+    if (args.ranker is None) != (args.lengths is None):
+        p.error("--ranker and --lengths go together: the ranker's real scores of --prompts with these lengths")
+    if args.ranker is not None and (args.prompts is None or args.labels is not None or args.tau is not None):
+        p.error("--ranker needs --prompts (the file whose held-out prompts it scores) and takes neither --labels "
+                "(give the label file as --lengths) nor --tau (its tau is measured)")
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.ranker_cost is not None and not (math.isfinite(args.ranker_cost) and 0 <= args.ranker_cost <= 1):
@@ -98,10 +111,44 @@ def default_tau() -> tuple[float, str]:
     return 0.55, "0.55 (the packaged ranker's metadata has no tau)"
 
 
+def ranked_held_out_prompts(ranker: str, prompts: str, lengths_spec: str
+                            ) -> tuple[list[tuple[int, int]], list[float], str, dict[str, Any]]:
+    """(prompt_len, output_len) pairs of the ``prompts`` the ``ranker`` held out of its training, the ranker's
+    score of each, where the lengths come from, and the ranker's metrics on them."""
+    from ltr_jax.bench.policy_bench import held_out_split
+    from ltr_jax.models.loading import load_model
+    from ltr_jax.models.ranker_checkpoint import load_scorer, read_spec
+    from ltr_jax.train import data as train_data
+    from ltr_jax.train.metrics import bootstrap_ci, tau_b
+
+    spec, _ = read_spec(ranker)
+    model = load_model(spec.model_source)
+    examples = train_data.load_examples(prompts)
+    fraction, salt = held_out_split(ranker) or (0.1, train_data.DEFAULT_SPLIT_SALT)
+    held_out = [e for e in examples if train_data.is_validation(e.id, fraction, salt)]
+    lengths = train_data.answer_lengths(held_out, lengths_spec, model.tokenizer, prompts, every=False)
+    data = train_data.build_ranking_data(held_out, lengths, model.tokenizer, spec.max_prompt_len)
+    scores = [float(x) for x in load_scorer(ranker, model).score(data.tokens)]
+    measured = {"held_out_prompts": len(data), "kendall_tau_b": tau_b(np.asarray(scores), data.lengths),
+                "ci95": list(bootstrap_ci(np.asarray(scores), data.lengths))}
+    pairs = [(len(t), int(n)) for t, n in zip(data.tokens, data.lengths)]
+    source = (f"{lengths_spec} token counts of the {len(data)} prompts of {prompts} that {ranker} held out "
+              f"(val_fraction {fraction}), prompts tokenized by {spec.model_source or 'the embedded model'}")
+    return pairs, scores, source, measured
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     policies = args.policies.split(",")
-    pairs, length_source = load_lengths(args.labels, args.prompts)
-    tau, tau_source = (args.tau, "--tau") if args.tau is not None else default_tau()
+    pool_scores = None
+    if args.ranker is not None:
+        pairs, pool_scores, length_source, measured = ranked_held_out_prompts(args.ranker, args.prompts,
+                                                                              args.lengths)
+        tau = measured["kendall_tau_b"]
+        tau_source = (f"{args.ranker}'s real scores; its tau-b on the {measured['held_out_prompts']} held-out "
+                      f"prompts, 95% CI [{measured['ci95'][0]:.3f}, {measured['ci95'][1]:.3f}]")
+    else:
+        pairs, length_source = load_lengths(args.labels, args.prompts)
+        tau, tau_source = (args.tau, "--tau") if args.tau is not None else default_tau()
     if args.step_model == "llama3-8b-h100":
         step_model, step_desc = AnalyticStepTime.for_llama3_8b_h100(), "analytic: Llama-3-8B bf16, one H100 SXM"
     else:
@@ -126,7 +173,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     traces = {}
     for rate in [float(r) for r in args.rates.split(",")]:
         key = f"rate={rate:g}"
-        trace, info = make_trace(pairs, args.n, rate, args.arrival, args.cv, tau, args.buckets, args.seed)
+        trace, info = make_trace(pairs, args.n, rate, args.arrival, args.cv, tau, args.buckets, args.seed,
+                                 scores_of_pairs=pool_scores)
         # the classifier sees the same requests through a weaker predictor (paper: ~0.2 tau for 10 buckets)
         ctrace, _ = make_trace(pairs, args.n, rate, args.arrival, args.cv, args.classify_tau, args.buckets,
                                args.seed)

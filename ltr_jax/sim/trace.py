@@ -193,15 +193,26 @@ def make_trace(
     target_tau: float = 0.55,
     num_buckets: int = 8,
     seed: int = 0,
+    scores_of_pairs: Sequence[float] | None = None,
 ) -> tuple[list[TraceEntry], dict]:
-    """Sample ``n`` (prompt_len, output_len) pairs with replacement, give them arrivals and synthetic scores."""
+    """Sample ``n`` (prompt_len, output_len) pairs with replacement and give them arrivals and scores: synthetic
+    ones of ``target_tau``, or with ``scores_of_pairs`` (one per pair, e.g. a real ranker's) each pair's own."""
     if not pairs:
         raise ValueError("make_trace needs at least one (prompt_len, output_len) pair")
+    if scores_of_pairs is not None and len(scores_of_pairs) != len(pairs):
+        raise ValueError(f"scores_of_pairs has {len(scores_of_pairs)} scores for {len(pairs)} pairs")
     rng = np.random.default_rng(seed)
-    chosen = [pairs[i] for i in rng.integers(0, len(pairs), size=n)]
+    picks = rng.integers(0, len(pairs), size=n)
+    chosen = [pairs[i] for i in picks]
     arrivals = make_arrivals(arrival, n, rate, cv, seed=seed + 1)
     outputs = [o for _, o in chosen]
-    scores, tau = synthesize_scores(outputs, target_tau, seed=seed + 2)
+    if scores_of_pairs is None:
+        scores, tau = synthesize_scores(outputs, target_tau, seed=seed + 2)
+        how = f"synthetic: -(log output_len + gaussian noise), noise tuned to Kendall tau {target_tau}"
+    else:
+        scores = np.asarray(scores_of_pairs, dtype=float)[picks]
+        tau = kendall_tau_vs_length(scores, outputs)
+        how = "given: one score per prompt (a ranker's), repeated prompts keep theirs"
     buckets = score_buckets(scores, num_buckets)
     trace = [
         TraceEntry(float(t), int(p), int(o), float(s), int(b))
@@ -212,7 +223,7 @@ def make_trace(
         "arrival": arrival,
         "rate": rate,
         "cv": cv if arrival == "gamma" else None,
-        "scores": f"synthetic: -(log output_len + gaussian noise), noise tuned to Kendall tau {target_tau}",
+        "scores": how,
         "achieved_kendall_tau": round(tau, 4),
         "classify_buckets": f"{num_buckets} quantile classes of the same noisy scores",
         "mean_output_len": float(np.mean(outputs)) if outputs else math.nan,
