@@ -164,3 +164,22 @@ def test_simulate_replays_a_rankers_real_scores_on_the_prompts_it_held_out(tiny_
     assert run["fcfs"]["latency_s"]["mean"] > run["ltr"]["latency_s"]["mean"]
     with pytest.raises(SystemExit):
         simulate.main(["--ranker", str(head_dir), "--prompts", str(prompts_file)])  # no --lengths
+
+
+def test_held_out_scores_only_the_split_the_ranker_never_trained_on(tiny_ranker, tmp_path, capsys):
+    from ltr_jax.models.ranker_checkpoint import load_scorer, read_spec, save_ranker
+    from ltr_jax.train.data import is_validation
+
+    path, prompts, _ = tiny_ranker
+    spec, _ = read_spec(path)
+    split_ranker = save_ranker(tmp_path / "split_ranker", load_scorer(path).head, spec,
+                               extra={"train_config": {"val_fraction": 0.5, "split_salt": "s"}})
+    rows = [{"id": f"q{i}", "prompt": p, "outputs": {"m": "y" * (3 + i)}} for i, p in enumerate(prompts)]
+    prompts_file = _write(tmp_path / "p.jsonl", rows)
+    code, out, _ = _run(capsys, ["--ranker", str(split_ranker), "--prompts", str(prompts_file), "--lengths",
+                                 "outputs.m", "--held-out", "--json", "--bootstrap", "20"])
+    assert code == 0
+    assert json.loads(out.strip().splitlines()[-1])["n"] == sum(is_validation(r["id"], 0.5, "s") for r in rows)
+    code, _, err = _run(capsys, ["--ranker", str(path), "--prompts", str(prompts_file), "--lengths", "outputs.m",
+                                 "--held-out"])
+    assert code == 2 and "does not record its training split" in err

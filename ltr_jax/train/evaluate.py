@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                     "'shared' or tfds:NAME)")
     p.add_argument("--lengths", default="reference", help="where each prompt's output length comes from: "
                                                           + LENGTH_FIELDS_HELP + " (default: reference)")
+    p.add_argument("--held-out", action="store_true", help="score only the prompts the ranker held out of its "
+                   "training (the val_fraction and split salt its export records): its honest number on the file it "
+                   "was trained from")
     p.add_argument("--model", default=None, help="backbone source (default: the model the ranker was trained on)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the CI (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
@@ -98,7 +101,18 @@ def evaluate_ranker(args: argparse.Namespace) -> dict[str, Any]:
     examples = train_data.load_examples(args.prompts)
     if not examples:
         raise train_data.DataError(f"{args.prompts}: no prompts in it")
-    lengths = train_data.answer_lengths(examples, args.lengths, tok, str(args.prompts))
+    if args.held_out:
+        trained = meta.get("train_config") or {}
+        if "val_fraction" not in trained:
+            raise train_data.DataError(f"--held-out: {ranker} does not record its training split (no "
+                                       "train_config.val_fraction in its export); evaluate on a file it never saw")
+        salt = str(trained.get("split_salt", train_data.DEFAULT_SPLIT_SALT))
+        examples = [e for e in examples if train_data.is_validation(e.id, float(trained["val_fraction"]), salt)]
+        if not examples:
+            raise train_data.DataError(f"{args.prompts}: none of its prompts is in {ranker}'s held-out split")
+    # a label file labels a sample of the prompts: score that sample; an answer field must be on every record
+    label_file = train_data.check_length_field(args.lengths) is not None
+    lengths = train_data.answer_lengths(examples, args.lengths, tok, str(args.prompts), every=not label_file)
     data = train_data.build_ranking_data(examples, lengths, tok, spec.max_prompt_len)
     if len(data) < 2:
         raise train_data.DataError(f"{args.prompts}: {len(data)} labelled prompt; a ranking needs at least two")
@@ -113,7 +127,7 @@ def evaluate_ranker(args: argparse.Namespace) -> dict[str, Any]:
                         n_resamples=args.bootstrap, seed=args.seed)
     counts = {s: data.sources.count(s) for s in result["per_source"]}
     return {**result, "source_counts": counts, "source_prior_fit": fit_note, "ranker": str(ranker),
-            "prompts": str(args.prompts), "lengths": args.lengths}
+            "prompts": str(args.prompts), "lengths": args.lengths, "held_out_only": bool(args.held_out)}
 
 
 def main(argv: list[str] | None = None) -> int:
