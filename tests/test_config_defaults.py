@@ -68,9 +68,9 @@ def test_label_reads_the_same_tree(tmp_path, capsys):
     with pytest.raises(SystemExit):  # a bad key is named before any model loads
         label_main(["--set", "engine.num_slots=0", "--out", str(tmp_path / "x.jsonl")])
     assert "engine.num_slots = 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # the caps must fit the tree's default context
-        label_main(["--max-prompt-tokens", "2000", "--max-tokens", "100", "--out", str(tmp_path / "x.jsonl")])
-    assert f"engine.max_seq_len = {EngineConfig.max_seq_len}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a context given explicitly must fit --max-tokens, checked before loading
+        label_main(["--set", "engine.max_seq_len=64", "--max-tokens", "100", "--out", str(tmp_path / "x.jsonl")])
+    assert "engine.max_seq_len = 64" in capsys.readouterr().err
 
 
 def test_train_cli_defaults_are_the_train_config():

@@ -225,7 +225,7 @@ def make_trace(
         "cv": cv if arrival == "gamma" else None,
         "scores": how,
         "achieved_kendall_tau": round(tau, 4),
-        "classify_buckets": f"{num_buckets} quantile classes of the same noisy scores",
+        "classify_buckets": f"{num_buckets} quantile classes of the same scores",
         "mean_output_len": float(np.mean(outputs)) if outputs else math.nan,
         "mean_prompt_len": float(np.mean([p for p, _ in chosen])) if chosen else math.nan,
     }

@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> None:
                 "packaged rankers were trained on: write elsewhere, or pass --overwrite-package-data")
     seq_len_given = any(o.split("=", 1)[0].strip() == "engine.max_seq_len" for o in overrides) or (
         args.config is not None and "max_seq_len" in (read_yaml_mapping(args.config).get("engine") or {}))
+    if seq_len_given and args.max_tokens + 2 > cfg.engine.max_seq_len:  # before any model loads
+        p.error(f"--max-tokens {args.max_tokens} does not fit the engine context engine.max_seq_len = "
+                f"{cfg.engine.max_seq_len} even for a one-token prompt: lower it, or leave engine.max_seq_len "
+                "unset (then it is sized to the prompts and --max-tokens)")
     args.model, args.slots = cfg.model.source, cfg.engine.num_slots
 
     from ltr_jax.engine.compilation_cache import enable_compilation_cache
