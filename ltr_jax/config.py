@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from ltr_jax import config_schema
 from ltr_jax.config_schema import ConfigError, config_to_dict, describe_schema, setting
 from ltr_jax.engine.preemption import PreemptionConfig
-from ltr_jax.engine.settings import DEFAULT_MAX_QUEUE, EngineConfig, RankingConfig
+from ltr_jax.engine.settings import DEFAULT_MAX_QUEUE, EngineConfig, OnlineLearningConfig, RankingConfig
 from ltr_jax.scheduler.policies import POLICY_NAMES, make_policy
 from ltr_jax.scheduler.scheduler import StarvationConfig
 
@@ -113,6 +113,7 @@ class RankerSection(RankingConfig):
     required: bool = setting(False, doc="refuse to start without a ranker (else: log it and schedule with "
                                         "score 0, i.e. arrival order)")
     max_batch: int = setting(32, ge=1, le=1024, doc="prompts per ranker forward pass")
+    online: OnlineLearningConfig = dataclasses.field(default_factory=OnlineLearningConfig)
 
 
 @dataclasses.dataclass

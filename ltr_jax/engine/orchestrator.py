@@ -115,6 +115,7 @@ class _Generation:
     slot: int | None = None
     done: bool = False
     swapped: Any = None  # the K/V of its slot when it was preempted (`Prefix`), until it resumes
+    ended_by_model: bool = False  # it emitted a stop token: its length is exact (any other end cuts it short)
 
 
 class Orchestrator:
@@ -258,7 +259,9 @@ class Orchestrator:
                     break
                 if idle:
                     self._lock.wait(timeout=0.1)
-                    continue
+            if idle:  # an idle loop is a batch boundary too: a head accepted meanwhile is swapped in
+                self.ranking.refresh()
+                continue
             try:
                 self._boundary()
             except Exception:  # noqa: BLE001 - the loop must survive; _boundary already failed the culprits
@@ -312,6 +315,8 @@ class Orchestrator:
         to the scheduler. The bound keeps a burst of arrivals from stalling the running requests' decode for the
         whole burst's ranker passes: the rest wait, unscored, for the next boundaries. While every slot is busy, an
         arrival whose pass can ride on a decode step waits for that step instead."""
+        if self.ranking.refresh():  # a new head came in: the waiting requests were rescored under it
+            self.scheduler.rerank()
         limit = len(self._unscored) if not self.ranks or self.score_per_boundary is None \
             else self.score_per_boundary
         busy = self.scheduler.num_running >= self.engine.num_slots
@@ -470,6 +475,7 @@ class Orchestrator:
             reason = None
             if token in job.stop_ids:
                 reason, delta = "stop", job.decoder.finish()
+                job.ended_by_model = True
             else:
                 delta = job.decoder.push(token)
                 context_full = len(job.prompt_tokens) + len(job.output) >= self.engine.max_seq_len - 1
@@ -520,6 +526,7 @@ class Orchestrator:
             return
         job.done = True
         req = job.request
+        self.ranking.finished(req, len(job.output), exact=job.ended_by_model and reason == "stop")
         self.ranking.forget(req)
         self._release_swap(job)
         if job.slot is not None:

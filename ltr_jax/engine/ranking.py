@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ltr_jax.engine.engine import Engine, Prefix, SlotSampling
+from ltr_jax.engine.online import OnlineLearner
 from ltr_jax.engine.settings import RankingConfig
 from ltr_jax.machine import memory_maps
 from ltr_jax.models.llama import BackboneState
@@ -36,7 +37,7 @@ from ltr_jax.scheduler.request import Request
 log = logging.getLogger(__name__)
 
 COUNTERS = ("ranker_calls", "ranker_requests", "reused_ranker_passes", "ranker_states_dropped",
-            "ranker_state_bytes", "fused_ranker_passes")
+            "ranker_state_bytes", "fused_ranker_passes", "ranker_version")
 
 
 class RankingStage(Protocol):
@@ -62,6 +63,14 @@ class RankingStage(Protocol):
 
     def forget(self, request: Request) -> None:
         """Drop whatever is kept for ``request`` (it finished, was cancelled, or prefilled in full)."""
+
+    def finished(self, request: Request, generated: int, exact: bool) -> None:
+        """``request`` ended after ``generated`` tokens; ``exact``: the model ended it (else its true length is at
+        least that: cut by max_tokens, a stop string, a cancel or a deadline)."""
+
+    def refresh(self) -> bool:
+        """At a batch boundary: swap in a newly accepted head, if any, and rescore every scored request still
+        here under it. True when scores changed (the scheduler must re-sort)."""
 
 
 def shares_ranker_pass(engine: Engine, ranker: Any) -> bool:
@@ -160,13 +169,19 @@ class NoRanking:
     def forget(self, request) -> None:
         return None
 
+    def finished(self, request, generated, exact) -> None:
+        return None
+
+    def refresh(self) -> bool:
+        return False
+
 
 class LearnedRanking:
     """The ranking stage over a trained `RankerScorer` (see the module docstring)."""
 
     def __init__(self, engine: Engine, ranker: RankerScorer, reuse_pass: bool = RankingConfig.reuse_pass,
                  state_budget_mb: float = RankingConfig.state_budget_mb,
-                 fuse_pass: bool = RankingConfig.fuse_max_len > 0):
+                 fuse_pass: bool = RankingConfig.fuse_max_len > 0, online: OnlineLearner | None = None):
         if not state_budget_mb >= 0:
             raise ValueError(f"state_budget_mb must be >= 0 (MiB of kept ranker passes), got {state_budget_mb!r}")
         self.engine = engine
@@ -174,32 +189,38 @@ class LearnedRanking:
         self.reuse_pass = bool(reuse_pass) and shares_ranker_pass(engine, ranker)
         self.fuse_pass = bool(fuse_pass) and self.reuse_pass
         self.state_budget = int(state_budget_mb * 2**20)
-        self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
+        self._counts: dict[str, float] = dict.fromkeys(COUNTERS, 0)
         self._states: dict[str, tuple[Request, BackboneState]] = {}  # request id -> its kept pass
         self._fused: tuple[Request, BackboneState] | None = None  # the pass the last fused step ran
+        if online is not None and ranker.spec.method == "classify":
+            raise ValueError("online learning retrains score heads (listmle, regression), not a classifier")
+        self.online = online  # learns from finished requests: their pooled features are kept until they finish
+        self._features: dict[str, tuple[Request, np.ndarray]] = {}
+        if online is not None:  # the version the ranker starts from (a restart resumes the newest accepted one)
+            self._counts["ranker_version"] = online.version
+
+    @property
+    def counters(self) -> dict[str, float]:
+        """The stage's counters, with the online learner's (``ranker_version``, ``online_*``) read live."""
+        return {**(self.online.stats() if self.online is not None else {}), **self._counts}
 
     @property
     def classifies(self) -> bool:
         return self.ranker.spec.method == "classify"
 
     def rank(self, requests: Sequence[Request], prompts: Sequence[list[int]]) -> None:
-        states: list[BackboneState | None]
-        if self.reuse_pass:
-            scores, outputs, states = self.ranker.raw_with_state(prompts)
-        elif self.classifies:
-            scores, outputs = self.ranker.raw(prompts)
-            states = [None] * len(prompts)
-        else:
-            scores, outputs, states = self.ranker.score(prompts), None, [None] * len(prompts)
-        self._set_scores(requests, scores, outputs, states)
-        self.counters["ranker_calls"] += 1
-        self.counters["ranker_requests"] += len(requests)
+        scores, outputs, features, states = self.ranker.raw_with_features(prompts, keep_state=self.reuse_pass)
+        self._set_scores(requests, scores, outputs, states, features)
+        self._counts["ranker_calls"] += 1
+        self._counts["ranker_requests"] += len(requests)
 
-    def _set_scores(self, requests, scores, outputs, states) -> None:
+    def _set_scores(self, requests, scores, outputs, states, features) -> None:
         # S3-style: a classifier's most likely length class
-        buckets = np.argmax(outputs, axis=-1) if self.classifies and outputs is not None else None
+        buckets = np.argmax(outputs, axis=-1) if self.classifies else None
         for i, req in enumerate(requests):
             req.score = float(scores[i])
+            if self.online is not None:
+                self._features[req.request_id] = (req, np.asarray(features[i]))
             if buckets is not None:
                 req.bucket = int(buckets[i])
             if states[i] is not None:
@@ -209,17 +230,17 @@ class LearnedRanking:
     def _keep(self, req: Request, state: BackboneState) -> None:
         self.forget(req)
         self._states[req.request_id] = (req, state)
-        self.counters["ranker_state_bytes"] += state.nbytes
+        self._counts["ranker_state_bytes"] += state.nbytes
 
     def _trim(self) -> None:
         """Keep the passes within budget: drop those of the lowest-scored (last to run) requests first; they
         simply prefill from the first block when admitted."""
-        if self.counters["ranker_state_bytes"] <= self.state_budget:
+        if self._counts["ranker_state_bytes"] <= self.state_budget:
             return
         for req, _ in sorted(self._states.values(), key=lambda kept: kept[0].score):
             self.forget(req)
-            self.counters["ranker_states_dropped"] += 1
-            if self.counters["ranker_state_bytes"] <= self.state_budget:
+            self._counts["ranker_states_dropped"] += 1
+            if self._counts["ranker_state_bytes"] <= self.state_budget:
                 return
 
     def keeps_pass(self, request: Request) -> bool:
@@ -229,7 +250,7 @@ class LearnedRanking:
     def forget(self, request: Request) -> None:
         kept = self._states.pop(request.request_id, None)
         if kept is not None:
-            self.counters["ranker_state_bytes"] -= kept[1].nbytes
+            self._counts["ranker_state_bytes"] -= kept[1].nbytes
 
     def prefill(self, request: Request, sampling: SlotSampling) -> Prefix | None:
         kept = self._states.get(request.request_id)
@@ -239,7 +260,7 @@ class LearnedRanking:
         if request.generated:  # a resumed request's context is more than the prompt this pass covered
             return None
         prefix = self.engine.prefill_from_state(kept[1], sampling)
-        self.counters["reused_ranker_passes"] += 1
+        self._counts["reused_ranker_passes"] += 1
         return prefix
 
     # ---------------------------------------------------------------------------------------------- fused pass
@@ -270,16 +291,37 @@ class LearnedRanking:
             raise ValueError(f"no fused pass was run for {request.request_id}")
         _, state = self._fused
         self._fused = None
-        self.counters["fused_ranker_passes"] += 1
-        score, outputs = self.ranker.score_state(state)
-        self._set_scores([request], [score], np.asarray(outputs)[None], [state])
+        self._counts["fused_ranker_passes"] += 1
+        score, outputs, features = self.ranker.score_state_with_features(state)
+        self._set_scores([request], [score], np.asarray(outputs)[None], [state], np.asarray(features)[None])
+
+    # ---------------------------------------------------------------------------------------------- online
+    def finished(self, request: Request, generated: int, exact: bool) -> None:
+        kept = self._features.pop(request.request_id, None)
+        if kept is not None and self.online is not None and generated > 0:
+            self.online.observe(request.request_id, kept[1], request.score, generated, censored=not exact)
+
+    def refresh(self) -> bool:
+        accepted = self.online.take_accepted() if self.online is not None else None
+        if accepted is None:
+            return False
+        version, head = accepted
+        self.ranker.swap_head(head)
+        self._counts["ranker_version"] = version
+        if self._features:  # every request still here is ordered by the new head: rescored from its features
+            kept = list(self._features.values())
+            scores = self.ranker.score_features(np.stack([f for _, f in kept]))
+            for (req, _), score in zip(kept, scores):
+                req.score = float(score)
+        return True
 
 
 def make_ranking_stage(engine: Engine, ranker: RankerScorer | None, reuse_pass: bool = RankingConfig.reuse_pass,
                        state_budget_mb: float = RankingConfig.state_budget_mb,
-                       fuse_pass: bool = RankingConfig.fuse_max_len > 0) -> RankingStage:
-    """The stage for ``ranker`` (None: `NoRanking`)."""
+                       fuse_pass: bool = RankingConfig.fuse_max_len > 0,
+                       online: OnlineLearner | None = None) -> RankingStage:
+    """The stage for ``ranker`` (None: `NoRanking`); ``online`` retrains its head from finished requests."""
     if ranker is None:
         return NoRanking()
     return LearnedRanking(engine, ranker, reuse_pass=reuse_pass, state_budget_mb=state_budget_mb,
-                          fuse_pass=fuse_pass)
+                          fuse_pass=fuse_pass, online=online)

@@ -90,3 +90,27 @@ class RankingConfig:
                                              "before their memory mappings fill 75% of Linux's vm.max_map_count and "
                                              "fuses only what it compiled (0 = never: every pass runs on its own at "
                                              "arrival); needs reuse_pass")
+
+
+@dataclass(frozen=True)
+class OnlineLearningConfig:
+    """``ranker.online``: retraining the ranker's head on the requests the server finishes (`engine.online`)."""
+
+    enabled: bool = setting(False, doc="retrain the ranker's head in the background on finished requests and swap "
+                                       "in a candidate that beats the live head on held-back recent traffic")
+    min_new: int = setting(64, ge=1, doc="finished requests since the last round that start a new round")
+    interval_s: float = setting(120.0, gt=0, doc="a round also starts this long after the last one when at least "
+                                                  "one request finished since")
+    max_train_s: float = setting(20.0, gt=0, doc="training time budget of one round (seconds of wall clock)")
+    cpu_share: float = setting(0.25, gt=0, le=1, doc="the trainer's duty cycle: after each step of t seconds it "
+                                                     "sleeps t * (1 - share) / share, so it holds at most this share "
+                                                     "of one core's time")
+    buffer_size: int = setting(4096, ge=16, doc="finished requests kept as training examples (pooled features "
+                                                "and output length, never prompt text); the oldest are dropped")
+    holdout_fraction: float = setting(0.2, gt=0, le=0.9, doc="share of examples (by request-id hash) held back to "
+                                                           "judge candidate against live head")
+    margin: float = setting(0.01, ge=0, doc="a candidate replaces the live head only when its concordance tau on "
+                                            "the held-back examples beats the live head's by more than this")
+    min_examples: int = setting(32, ge=4, doc="examples needed (training and held-back together) before a round")
+    dir: str | None = setting(None, doc="directory of accepted heads, one Orbax export per version; the server "
+                                        "starts from the newest valid one (null = keep them in memory only)")

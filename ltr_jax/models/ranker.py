@@ -199,18 +199,25 @@ def _score_batch(config, pooling, method, graphdef, backbone, head_state, tokens
     outputs = nnx.merge(graphdef, head_state)(features)
     scores = scores_from_outputs(method, outputs)
     if not keep_state:
-        return scores, outputs, ()
+        return scores, outputs, features, ()
     kv = jnp.stack([jnp.stack([k, v]) for k, v in kvs])  # [n_layers, 2, B, KV, T, hd]
     rows = tuple((hidden[r], kv[:, :, r]) for r in range(tokens.shape[0]))  # one buffer pair per prompt
-    return scores, outputs, rows
+    return scores, outputs, features, rows
 
 
 @partial(jax.jit, static_argnames=("pooling", "method", "graphdef", "prefix_len"))
 def _score_hidden(pooling, method, graphdef, head_state, hidden, length, prefix_sum, prefix_len):
-    """Score and head outputs of one prompt from its backbone hidden state [T, D] (``length`` real rows)."""
+    """Score, head outputs and pooled features of one prompt from its backbone hidden state [T, D] (``length``
+    real rows)."""
     features = pool(hidden[None], length[None], pooling, prefix_sum, prefix_len)
     outputs = nnx.merge(graphdef, head_state)(features)
-    return scores_from_outputs(method, outputs)[0], outputs[0]
+    return scores_from_outputs(method, outputs)[0], outputs[0], features[0]
+
+
+@partial(jax.jit, static_argnames=("method", "graphdef"))
+def _score_features(method, graphdef, head_state, features):
+    """Scores of pooled features [N, F] under a head: the head alone, no backbone."""
+    return scores_from_outputs(method, nnx.merge(graphdef, head_state)(features))
 
 
 @partial(jax.jit, static_argnames=("config",))
@@ -235,11 +242,10 @@ class RankerScorer:
             raise ValueError(f"ranker expects a backbone with dim {spec.model_dim} ({spec.model_name}), "
                              f"got {config.name} with dim {config.dim}")
         self.spec = spec
-        self.head = head
         self.max_batch = max_batch
         self.min_bucket = min_bucket
         self.backbone_config, self.backbone = backbone_params(config, params, spec.n_layers)
-        self.graphdef, self.head_state = nnx.split(head)
+        self._head = nnx.split(head)  # (graphdef, state), replaced whole by `swap_head`
         self.shared_prefix: tuple[int, ...] = ()
         self._prefix = None  # (per-block K/V, hidden-state sum) of the shared prefix
 
@@ -282,16 +288,42 @@ class RankerScorer:
                 groups.append((starts[i], bucket, [i]))
         return groups
 
+    @property
+    def head(self) -> RankerHead:
+        """The head scoring now (a fresh module over its arrays)."""
+        return nnx.merge(*self._head)
+
+    def swap_head(self, head: RankerHead) -> None:
+        """Score with ``head`` from now on (same spec: same feature size and outputs). One attribute store, so a
+        pass sees the old head or the new one, never a mix."""
+        graphdef, state = nnx.split(head)
+        old = jax.tree.map(lambda x: x.shape, self._head[1])
+        if jax.tree.map(lambda x: x.shape, state) != old:
+            raise ValueError("the new head's arrays do not match this ranker's spec")
+        self._head = (graphdef, state)
+
+    def score_features(self, features: np.ndarray) -> np.ndarray:
+        """Scores [N] of pooled features [N, F] (what `raw_with_features` returned) under the current head."""
+        graphdef, state = self._head
+        return np.asarray(_score_features(self.spec.method, graphdef, state, jnp.asarray(features, jnp.float32)))
+
     def raw(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """(scores [N], head outputs [N, num_outputs]) for N prompts."""
-        scores, outputs, _ = self._run(prompts, keep_state=False)
+        scores, outputs, _, _ = self._run(prompts, keep_state=False)
         return scores, outputs
 
     def raw_with_state(self, prompts: Sequence[Sequence[int]]
                        ) -> tuple[np.ndarray, np.ndarray, list[BackboneState | None]]:
         """`raw`, plus each prompt's `BackboneState` (None for a prompt the scorer truncated: its backbone pass is
         not the start of that prompt's prefill)."""
-        return self._run(prompts, keep_state=True)
+        scores, outputs, _, states = self._run(prompts, keep_state=True)
+        return scores, outputs, states
+
+    def raw_with_features(self, prompts: Sequence[Sequence[int]], keep_state: bool = False
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[BackboneState | None]]:
+        """`raw`, plus each prompt's pooled features [N, F] (the head's input, e.g. for online training) and, with
+        ``keep_state``, its `BackboneState` as `raw_with_state` gives it."""
+        return self._run(prompts, keep_state=keep_state)
 
     def _run(self, prompts: Sequence[Sequence[int]], keep_state: bool):
         full = [len(p) for p in prompts]
@@ -301,7 +333,9 @@ class RankerScorer:
         starts, rests = zip(*(self._split(p) for p in prompts))
         scores = np.zeros((len(prompts),), np.float32)
         outputs = np.zeros((len(prompts), self.spec.num_outputs), np.float32)
+        features = np.zeros((len(prompts), self.spec.feature_dim), np.float32)
         states: list[BackboneState | None] = [None] * len(prompts)
+        head = self._head  # read once: every prompt of this call is scored by the same head, even mid-swap
         for start, padded_len, idx in self._batches(list(starts), [len(r) for r in rests]):
             batch = 1 << math.ceil(math.log2(len(idx)))
             tokens = np.zeros((batch, padded_len), np.int32)
@@ -309,20 +343,27 @@ class RankerScorer:
             for row, i in enumerate(idx):
                 tokens[row, : len(rests[i])] = rests[i]
                 lengths[row] = len(rests[i])
-            s, o, rows = self._score(tokens, lengths, keep_state, start)
+            s, o, f, rows = self._score(tokens, lengths, keep_state, start, head)
             scores[idx] = np.asarray(s)[: len(idx)]
             outputs[idx] = np.asarray(o)[: len(idx)]
+            features[idx] = np.asarray(f)[: len(idx)]
             for row, i in enumerate(idx):
                 if keep_state and len(prompts[i]) == full[i]:
                     states[i] = BackboneState(rows[row][0], rows[row][1], len(rests[i]), start)
-        return scores, outputs, states
+        return scores, outputs, features, states
 
-    def _score(self, tokens: np.ndarray, lengths: np.ndarray, keep_state: bool, start: int):
-        return _score_batch(self.backbone_config, self.spec.pooling, self.spec.method, self.graphdef, self.backbone,
-                            self.head_state, tokens, lengths, keep_state=keep_state,
+    def _score(self, tokens: np.ndarray, lengths: np.ndarray, keep_state: bool, start: int, head=None):
+        graphdef, head_state = head if head is not None else self._head
+        return _score_batch(self.backbone_config, self.spec.pooling, self.spec.method, graphdef, self.backbone,
+                            head_state, tokens, lengths, keep_state=keep_state,
                             prefix=self._prefix if start else None)
 
     def score_state(self, state: BackboneState) -> tuple[float, np.ndarray]:
+        """(score, head outputs) of a prompt from its pass (see `score_state_with_features`)."""
+        score, outputs, _ = self.score_state_with_features(state)
+        return score, outputs
+
+    def score_state_with_features(self, state: BackboneState) -> tuple[float, np.ndarray, np.ndarray]:
         """(score, head outputs) of a prompt from its pass through this ranker's backbone blocks, run elsewhere
         (`Engine.generate_with_pass`); the same as scoring the prompt, for the cost of the head alone."""
         if state.n_layers != self.spec.n_layers:
@@ -332,10 +373,11 @@ class RankerScorer:
         if start and start != len(self.shared_prefix):
             raise ValueError(f"the pass continues a shared prefix of {start} tokens, but this ranker caches "
                              f"{len(self.shared_prefix)}; give the engine and the ranker the same shared prefix")
-        score, outputs = _score_hidden(self.spec.pooling, self.spec.method, self.graphdef, self.head_state,
-                                       state.hidden, jnp.asarray(state.length, jnp.int32),
-                                       self._prefix[1] if start else None, start)
-        return float(score), np.asarray(outputs)
+        graphdef, head_state = self._head
+        score, outputs, features = _score_hidden(self.spec.pooling, self.spec.method, graphdef, head_state,
+                                                 state.hidden, jnp.asarray(state.length, jnp.int32),
+                                                 self._prefix[1] if start else None, start)
+        return float(score), np.asarray(outputs), np.asarray(features)
 
     def pass_shapes(self, prompts: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
         """(shared-prefix length, padded length) of the pass over each of these prompts, without repeats, the most

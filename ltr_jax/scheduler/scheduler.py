@@ -189,6 +189,10 @@ class Scheduler:
             req._rank = self._rank(req)
 
     # ------------------------------------------------------------------ API
+    def rerank(self) -> None:
+        """Re-sort the waiting requests after their scores changed (e.g. a new ranker head rescored them)."""
+        self._rerank_all()
+
     def add(self, req: Request, now: float) -> None:
         """Queue a new request (its TTFT clock runs from ``req.arrival_time``)."""
         if req.state is not RequestState.NEW:

@@ -199,9 +199,13 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
         state.idle.set()
         if not orch.is_running:
             orch.start()
+        if runtime.online is not None:
+            runtime.online.start()
         try:
             yield
         finally:
+            if runtime.online is not None:
+                await asyncio.to_thread(runtime.online.stop)
             await asyncio.to_thread(orch.stop, False, 10.0)
 
     app = FastAPI(title="ltr-jax", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -469,7 +473,8 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
         stats = orch.stats()
         body = {"status": "ok", "model": runtime.model_name, "policy": runtime.config.scheduler.policy,
                 "queue_len": stats["queue_len"], "running": stats["running"], "free_slots": stats["free_slots"],
-                "num_slots": stats["num_slots"], "inflight_http": state.inflight}
+                "num_slots": stats["num_slots"], "inflight_http": state.inflight,
+                "ranker_version": int(stats.get("ranker_version", 0))}
         if not orch.is_running:
             body["status"] = "error"
             body["detail"] = "the scheduling loop is not running"

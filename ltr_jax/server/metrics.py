@@ -39,7 +39,10 @@ class _StatsCollector:
                   ("free_slots", "free_slots", "Decode slots free"),
                   ("slots", "num_slots", "Decode slots in total"),
                   ("ranker_state_bytes", "ranker_state_bytes", "Memory held by waiting requests' ranker passes"),
-                  ("swapped_kv_bytes", "swapped_bytes", "Memory held by preempted requests' kept K/V"))
+                  ("swapped_kv_bytes", "swapped_bytes", "Memory held by preempted requests' kept K/V"),
+                  ("ranker_version", "ranker_version", "Version of the ranker head scoring now (0 = the loaded one)"),
+                  ("online_live_tau_b", "online_live_tau_b", "Rolling tau-b, scores vs. recent lengths"),
+                  ("online_buffer_examples", "online_buffer_examples", "Training examples buffered (online)"))
         for name, key, doc in gauges:
             yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=s.get(key, 0))
         counters = (("generated_tokens", "tokens_generated", "Tokens generated (tokens/s = rate of this)"),
@@ -51,7 +54,11 @@ class _StatsCollector:
                     ("fused_ranker_passes", "fused_ranker_passes", "Ranker passes run inside a decode step"),
                     ("ranker_states_dropped", "ranker_states_dropped", "Kept ranker passes dropped over budget"),
                     ("resumes_from_kept_kv", "swapped_in", "Preempted requests resumed from their kept K/V"),
-                    ("resumes_recomputed", "recomputed_resumes", "Preempted requests resumed by re-prefilling"))
+                    ("resumes_recomputed", "recomputed_resumes", "Preempted requests resumed by re-prefilling"),
+                    ("online_rounds", "online_rounds", "Online training rounds run"),
+                    ("online_accepted_heads", "online_accepted", "Candidate heads swapped in (online)"),
+                    ("online_rejected_heads", "online_rejected", "Candidate heads rejected (online)"),
+                    ("online_train_seconds", "online_train_seconds", "Seconds spent training heads (online)"))
         for name, key, doc in counters:
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=s.get(key, 0))
 

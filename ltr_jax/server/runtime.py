@@ -42,6 +42,7 @@ class Runtime:
     ranker: Any | None
     ranker_note: str
     timings: dict[str, float] = field(default_factory=dict)
+    online: Any | None = None  # the online learner (`ltr_jax.engine.online`), started and stopped with the app
 
     @property
     def max_seq_len(self) -> int:
@@ -111,6 +112,26 @@ def load_ranker(section: RankerSection, policy: str, model) -> tuple[Any | None,
     return scorer, f"{method} ranker {path} (first {scorer.spec.n_layers} layers, {scorer.spec.pooling} pooling)"
 
 
+def start_online_learning(section: RankerSection, ranker):
+    """The online learner of ``ranker.online`` (None when off or there is no ranker): the ranker scores with the
+    newest valid head accepted in ``ranker.online.dir`` before (the packaged export is never written)."""
+    cfg = section.online
+    if not cfg.enabled or ranker is None:
+        return None
+    from ltr_jax.engine.online import OnlineLearner, newest_accepted_head
+
+    if ranker.spec.method == "classify":
+        raise StartupError("ranker.online.enabled: online learning retrains score heads (listmle, regression); "
+                           f"the ranker is a {ranker.spec.method!r} one: turn it off or serve a listmle ranker")
+    version = 0
+    restored = newest_accepted_head(resolve_path(cfg.dir) if cfg.dir else None, ranker.spec)
+    if restored is not None:
+        version, head, _ = restored
+        ranker.swap_head(head)
+        log.info("online ranker: starting from accepted version %d in %s", version, cfg.dir)
+    return OnlineLearner(cfg, ranker.spec, ranker.head, version=version)
+
+
 def warmup_shapes(engine_config, max_len: int) -> tuple[list[int], list[int]]:
     """(prefill buckets, decode cache lengths) that sequences of up to ``max_len`` tokens use."""
     if max_len <= 0:
@@ -160,9 +181,10 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
         log.info("the chat template's fixed header (%d tokens) is cached: prompts that start with it run only the "
                  "rest", shared)
     metrics = ServerMetrics(model=model_name, policy=sched_cfg.policy)
+    online = start_online_learning(config.ranker, ranker)
     ranking = None if ranker is None else make_ranking_stage(
         engine, ranker, reuse_pass=config.ranker.reuse_pass, state_budget_mb=config.ranker.state_budget_mb,
-        fuse_pass=config.ranker.fuse_max_len > 0)
+        fuse_pass=config.ranker.fuse_max_len > 0, online=online)
     orchestrator = Orchestrator(engine, loaded.tokenizer, scheduler, ranking=ranking,
                                 max_queue=config.server.max_queue, observer=metrics,
                                 score_per_boundary=config.ranker.score_per_boundary,
@@ -189,4 +211,4 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
                  timings["warmup_s"])
     return Runtime(config=config, model_name=model_name, tokenizer=loaded.tokenizer, engine=engine,
                    orchestrator=orchestrator, metrics=metrics, ranker=ranker, ranker_note=ranker_note,
-                   timings=timings)
+                   timings=timings, online=online)
