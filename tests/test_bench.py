@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from ltr_jax.bench import http_replay, policy_bench, project, resimulate, simulate
+from ltr_jax.bench import http_replay, online_bench, policy_bench, project, resimulate, simulate
 
 
 def _prompts_with_lognormal_answers(tmp_path, n: int, seed: int, sigma: float):
@@ -104,12 +104,13 @@ def test_simulate_charges_the_rankers_pass_to_the_ranking_policies(tmp_path):
         simulate.main(common + ["--ranker-cost", "1.5"])
 
 
-@pytest.mark.parametrize("module", [policy_bench, simulate, resimulate, project])
+@pytest.mark.parametrize("module", [policy_bench, simulate, resimulate, project, online_bench])
 def test_help_documents_every_option(module, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         module.parse_args(["--help"])
     text = capsys.readouterr().out
-    expected = {resimulate: ("--out",), project: ("--n", "--load-factors", "--seeds", "--policies", "--out")}.get(
+    expected = {resimulate: ("--out",), project: ("--n", "--load-factors", "--seeds", "--policies", "--out"),
+                online_bench: ("--arms", "--length-scale", "--load", "--window-s", "--json", "--out")}.get(
         module, ("--policies", "--rates", "--out", "--seed", "--preempt-mode"))
     for option in expected:
         assert option in text
@@ -447,3 +448,63 @@ def test_run_replays_a_named_recorded_answers_length_on_the_rankers_held_out_pro
         with pytest.raises(SystemExit):
             policy_bench.parse_args(["--prompts", str(prompts), *bad])
     assert "llama3-8b" in capsys.readouterr().err
+
+
+def test_online_benchmark_replays_one_stream_under_every_arm_and_summarises_it(tmp_path, capsys):
+    """The tiny model end to end: fcfs, a static ranker and the two online starts on one stream; the summary
+    JSON is the last stdout line and the per-window numbers are those of the arm's own requests."""
+    from ltr_jax.models.loading import load_model
+    from ltr_jax.models.ranker import RankerHead, RankerSpec
+    from ltr_jax.models.ranker_checkpoint import save_ranker
+
+    tiny = load_model("tiny")
+    spec = RankerSpec(model_source="tiny", model_name=tiny.config.name, model_dim=tiny.config.dim, n_layers=2,
+                      hidden_dims=(8,), max_prompt_len=64)
+    for name, seed in (("offline", 1), ("other", 2)):
+        save_ranker(tmp_path / name, RankerHead.for_spec(spec, seed=seed), spec,
+                    extra={"train_config": {"val_fraction": 0.5, "split_salt": "s"}})
+    prompts = tmp_path / "alpaca.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"a{i}", "prompt": "x " * (1 + i % 7), "reference": "r",
+                                           "outputs": {"llama3-8b": "y " * (2 + (i * 5) % 13)}}) + "\n"
+                               for i in range(36)))
+    out = tmp_path / "out"
+    report = online_bench.main(["--set", "model.source=tiny", "--set", "ranker.online.min_examples=8",
+                                "--slots", "2", "--prompts", str(prompts), "--ranker", str(tmp_path / "offline"),
+                                "--mismatched-ranker", str(tmp_path / "other"), "--length-scale", "1",
+                                "--rate", "40", "--window-s", "0.5", "--out", str(out), "--json", "--no-progress"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"tau_first_window", "tau_last_window", "offline_tau", "minutes_to_90pct_offline",
+            "train_share_of_busy"} <= set(summary)
+    assert set(report["arms"]) == set(online_bench.ARMS)
+    for arm, res in report["arms"].items():
+        assert res["completed"] == 36
+        assert sum(w["requests"] for w in res["windows"]) == 36
+        assert res["train_share_of_busy"] == pytest.approx(res["train_seconds"] / res["busy_s"], rel=1e-2, abs=1e-3)
+        if arm in online_bench.ONLINE_ARMS:
+            assert res["online"]["online_rounds"] == res["online"]["online_accepted"] + \
+                res["online"]["online_rejected"]
+        else:
+            assert res["train_seconds"] == 0
+    assert report["offline_tau"]["n"] == sum(online_bench.is_validation(f"a{i}", 0.5, "s") for i in range(36))
+    assert {"report.json", "report.md", "online.png"} <= {p.name for p in out.iterdir()}
+    with pytest.raises(SystemExit):
+        online_bench.parse_args(["--arms", "fcfs,lifo"])
+
+
+def test_online_summary_reads_the_first_window_that_reaches_the_offline_target():
+    windows = [{"window": 0, "tau_b": 0.2, "reached_s": 50.0}, {"window": 1, "tau_b": None, "reached_s": 90},
+               {"window": 2, "tau_b": 0.46, "reached_s": 150.0}, {"window": 3, "tau_b": 0.5, "reached_s": 200}]
+    assert online_bench.minutes_to_fraction(windows, 0.45) == 2.5
+    assert online_bench.minutes_to_fraction(windows, 0.6) is None
+    assert online_bench.minutes_to_fraction(windows, None) is None
+    records = [{"arrival_s": a, "finish_s": a + 1, "latency_s": 1.0, "length": 5 + i, "score": -i, "exact": True,
+                "version": v, "complete": True, "held_out": False}
+               for i, (a, v) in enumerate([(0.1, 0)] * 6 + [(1.2, 1)] * 11 + [(1.4, 2)] * 3)]
+    ws = online_bench.windows_of({"records": records, "live_since_s": {0: 0.0, 1: 1.7, 2: 2.5}}, window_s=1.0)
+    assert [(w["requests"], w["head_version"], w["reached_s"]) for w in ws] == [(6, 0, 1.0), (14, 1, 2.0)]
+    assert ws[0]["tau_b"] is None and ws[1]["tau_b"] == pytest.approx(1.0)  # under 10 requests: no tau
+    steps = [(0.010, 2, False), (0.020, 2, True), (0.005, 1, False)]
+    times = online_bench.step_times(steps, slots=2)
+    assert times["full_batch_steps"]["training"]["max"] == 20.0
+    assert times["full_batch_steps"]["not_training"]["max"] == 10.0
+    assert times["all_steps"]["not_training"]["mean"] == 7.5

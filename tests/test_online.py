@@ -76,30 +76,14 @@ def _examples(n: int, sign: float, rng, held: bool | None = None):
 
 
 def _learner(tmp_path, head, **cfg):
-    config = dataclasses.replace(OnlineLearningConfig(enabled=True, holdout_fraction=0.5, min_new=1, min_examples=8,
-                                                      max_train_s=60, cpu_share=1.0, dir=str(tmp_path / "v")), **cfg)
+    # rounds bounded by a step count, not seconds: the outcome does not depend on the machine's speed
+    config = dataclasses.replace(OnlineLearningConfig(
+        enabled=True, holdout_fraction=0.5, min_new=1, min_examples=8, steps_per_round=150, max_train_s=1e9,
+        cpu_share=1.0, dir=str(tmp_path / "v")), **cfg)
     return online.OnlineLearner(config, SPEC, head)
 
 
-def _fast_training(monkeypatch, steps: int = 150):
-    """Rounds bounded by a step count instead of seconds, so the test's outcome does not depend on machine speed."""
-    real = online.train_candidate
-
-    def bounded(live, spec, train, max_seconds, cpu_share, seed, stop=None):
-        counter = {"n": 0}
-
-        class StepStop:
-            def is_set(self):
-                counter["n"] += 1
-                return counter["n"] > steps
-
-        return real(live, spec, train, 1e9, 1.0, seed, StepStop())
-
-    monkeypatch.setattr(online, "train_candidate", bounded)
-
-
 def test_a_better_candidate_is_accepted_exported_and_handed_over_once(tmp_path, monkeypatch):
-    _fast_training(monkeypatch)
     rng = np.random.default_rng(0)
     learner = _learner(tmp_path, RankerHead.for_spec(SPEC, seed=1))
     for rid, ex in _examples(80, +1, rng):
@@ -119,7 +103,6 @@ def test_a_better_candidate_is_accepted_exported_and_handed_over_once(tmp_path, 
 
 
 def test_a_worse_candidate_is_rejected_and_the_live_head_stays(tmp_path, monkeypatch):
-    _fast_training(monkeypatch)
     rng = np.random.default_rng(1)
     good = _learner(tmp_path / "good", RankerHead.for_spec(SPEC, seed=1))
     for rid, ex in _examples(80, +1, rng):  # a live head that orders this traffic well
@@ -152,15 +135,46 @@ def test_restart_takes_the_newest_valid_version_and_skips_a_corrupt_one(tmp_path
     assert online.newest_accepted_head(tmp_path / "missing", SPEC) is None
 
 
-def test_rounds_are_due_after_min_new_or_interval_with_an_injected_clock(tmp_path):
+def test_rounds_are_due_on_a_doubling_then_min_new_schedule_or_interval_within_the_time_share(tmp_path):
     now = {"t": 0.0}
-    learner = online.OnlineLearner(OnlineLearningConfig(enabled=True, min_new=10, interval_s=60, min_examples=4),
-                                   SPEC, RankerHead.for_spec(SPEC), clock=lambda: now["t"])
+    config = OnlineLearningConfig(enabled=True, min_new=10, interval_s=60, min_examples=4, max_train_share=0.05)
+    learner = online.OnlineLearner(config, SPEC, RankerHead.for_spec(SPEC), clock=lambda: now["t"])
     rng = np.random.default_rng(2)
-    for rid, ex in _examples(5, +1, rng):
-        learner.observe(rid, ex.features, 0.0, ex.length, censored=False)
-    assert not learner.due()  # 5 new < min_new and no interval passed
-    now["t"] = 61.0
+    examples = iter(_examples(200, +1, rng))
+
+    def finish(n):
+        for _ in range(n):
+            rid, ex = next(examples)
+            learner.observe(rid, ex.features, 0.0, ex.length, censored=False)
+
+    def round_done(seconds):  # what run_round records, without training
+        learner._added_at_last_round = learner.buffer.added
+        learner._last_round = now["t"]
+        learner.metrics["train_seconds"] += seconds
+
+    finish(3)
+    assert not learner.due()  # fewer than min_examples
+    finish(1)
+    assert learner.due()  # the young buffer's first round comes at min_examples
+    round_done(0.0)
+    finish(3)
+    assert not learner.due()
+    finish(1)
+    assert learner.due()  # then after as many new as it held (4 more: 8)
+    round_done(0.0)
+    finish(7)
+    assert not learner.due()  # min_new (10) caps the doubling: 8 would be due, 10 is the bar
+    finish(3)
+    assert learner.due()
+    round_done(1.0)  # a round that computed 1 s at t=0: the trainer is over its 5% share until t=20
+    finish(10)
+    assert not learner.due()
+    now["t"] = 20.5
+    assert learner.due()
+    round_done(0.0)
+    finish(1)
+    assert not learner.due()  # 1 new < min_new and no interval passed
+    now["t"] = 20.5 + 61.0
     assert learner.due()
 
 

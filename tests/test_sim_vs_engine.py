@@ -109,7 +109,7 @@ def test_simulator_reproduces_ranked_engine_exactly_in_virtual_time(tiny, reuse)
     slots, clock = 2, [0.0]
     engine = Engine(model, EngineConfig(num_slots=slots, max_seq_len=128))
     real_prefill, real_from_state, real_generate = engine.prefill, engine.prefill_from_state, engine.generate
-    real_raw_with_state, real_score = ranker.raw_with_state, ranker.score
+    real_raw = ranker.raw_with_features  # the one entry the ranking stage scores arrivals through
 
     def advancing(fn, seconds):
         def wrapped(*a, **k):
@@ -120,8 +120,7 @@ def test_simulator_reproduces_ranked_engine_exactly_in_virtual_time(tiny, reuse)
     engine.prefill = advancing(real_prefill, PREFILL)
     engine.prefill_from_state = advancing(real_from_state, PREFILL - RANKER)
     engine.generate = advancing(real_generate, DECODE)
-    ranker.raw_with_state = advancing(real_raw_with_state, lambda batch: RANKER * len(batch))
-    ranker.score = advancing(real_score, lambda batch: RANKER * len(batch))
+    ranker.raw_with_features = advancing(real_raw, lambda batch: RANKER * len(batch))
     orch = Orchestrator(engine, loaded.tokenizer, Scheduler("ltr", slots), clock=lambda: clock[0],
                         ranking=make_ranking_stage(engine, ranker, reuse_pass=reuse))
     finished: dict[int, float] = {}

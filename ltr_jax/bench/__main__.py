@@ -4,7 +4,8 @@ Commands: `engine` (decode step time vs matmul roofline), `run` (every policy on
 engine, in-process or through the HTTP server), `simulate` (the same report from the discrete-event simulator at
 paper scale), `combine` (pool runs of one experiment on several seeds), `resimulate` (replay real runs' exact
 traces in the simulator: what ranking errors cost and what the ranker's pass adds), `project` (a real run's
-engine simulated at other workload sizes and loads, over many seeds: what an experiment can expect).
+engine simulated at other workload sizes and loads, over many seeds: what an experiment can expect), `online` (the
+ranker learning from live traffic on a replayed stream, against the static ranker and fcfs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ COMMANDS = {
     "combine": "ltr_jax.bench.combine",
     "resimulate": "ltr_jax.bench.resimulate",
     "project": "ltr_jax.bench.project",
+    "online": "ltr_jax.bench.online_bench",
 }
 
 

@@ -126,9 +126,9 @@ def workload_rankers(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 def build_items(loaded, prompts_spec: str, lengths_spec: str, n: int, max_prompt: int, max_output: int,
                 split: str, seed: int, length_scale: float = 1.0, pool=None,
-                held_out: tuple[float, str] | None = None) -> tuple[list[Item], str]:
+                held_out: tuple[float, str] | None = None, refill: bool = True) -> tuple[list[Item], str]:
     """Pick `n` prompts of the `prompt_pool` (or of ``pool``, what it returned for these arguments), in an order
-    drawn with `seed`."""
+    drawn with `seed`; a pool of fewer is sampled again with replacement (``refill``) or returned whole."""
     pool, lengths, source = pool or prompt_pool(loaded, prompts_spec, lengths_spec, split, held_out)
     tok = loaded.tokenizer
     rng = np.random.default_rng(seed)
@@ -142,7 +142,7 @@ def build_items(loaded, prompts_spec: str, lengths_spec: str, n: int, max_prompt
         items.append(Item(e.id, ids, max(1, min(round(lengths[e.id] * length_scale), max_output))))
         if len(items) == n:
             break
-    if len(items) < n:  # small pools: sample again with replacement
+    if refill and len(items) < n:  # small pools: sample again with replacement
         base = list(items)
         while len(items) < n and base:
             items.append(base[int(rng.integers(len(base)))])
@@ -166,6 +166,25 @@ def make_scheduler(policy: str, slots: int, args, starvation_threshold: float | 
         params["max_preemptions"] = args.max_preemptions
 
     return Scheduler(make_policy(name, **params), slots, starvation=starvation)
+
+
+def warm_up(engine: Engine, items: list[Item], rankers: list, reuse_ranker_pass: bool, fuse_max_len: int,
+            swap: bool) -> float:
+    """Compile every shape the workload's prefills, decode steps and ranker passes will use, so none compiles
+    inside the timing; returns seconds spent."""
+    t0 = time.monotonic()
+    longest = max(len(i.prompt_tokens) + i.output_len for i in items)
+    engine.warmup(prefill_buckets=sorted({engine.config.prefill_bucket(len(i.prompt_tokens) + i.output_len)
+                                          for i in items} | {engine.config.prefill_bucket(len(i.prompt_tokens))
+                                                             for i in items}),
+                  cache_lens=engine.cache_buckets(longest + 1), transitions=True, swap=swap)
+    prompts = [i.prompt_tokens for i in items]
+    for r in rankers:  # every (batch, length) shape arrivals will use
+        warmup_ranker(engine, r, r.pass_lengths(prompts), batch_sizes=RANKER_BATCHES,
+                      reuse_ranker_pass=reuse_ranker_pass,
+                      fused_shapes=[(s, t) for s, t in r.pass_shapes(prompts) if t <= fuse_max_len],
+                      cache_lens=engine.cache_buckets(longest + 1))
+    return time.monotonic() - t0
 
 
 # ------------------------------------------------------------------------------------------------ one run
@@ -446,21 +465,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         classifier = load_scorer(classifier_path, model=loaded, max_batch=max(RANKER_BATCHES))
     shared = share_prefix(loaded.tokenizer.shared_prefix if args.shared_prefix else None, engine, ranker, classifier)
     print(f"warming up the engine ({len(items)} prompts, {args.slots} slots) ...", file=sys.stderr)
-    t_warm = time.monotonic()
-    longest = max(len(i.prompt_tokens) + i.output_len for i in items)
-    engine.warmup(prefill_buckets=sorted({engine.config.prefill_bucket(len(i.prompt_tokens) + i.output_len)
-                                          for i in items} | {engine.config.prefill_bucket(len(i.prompt_tokens))
-                                                             for i in items}),
-                  cache_lens=engine.cache_buckets(longest + 1), transitions=True,
-                  swap=args.preempt_mode == "swap")
-    for r in (ranker, classifier):  # compile every (batch, length) shape arrivals will use, not mid-run
-        if r is not None:
-            prompts = [i.prompt_tokens for i in items]
-            warmup_ranker(engine, r, r.pass_lengths(prompts), batch_sizes=RANKER_BATCHES,
-                          reuse_ranker_pass=args.reuse_ranker_pass,
-                          fused_shapes=[(s, t) for s, t in r.pass_shapes(prompts) if t <= args.fuse_max_len],
-                          cache_lens=engine.cache_buckets(longest + 1))
-    warm_s = time.monotonic() - t_warm
+    warm_s = warm_up(engine, items, [r for r in (ranker, classifier) if r is not None], args.reuse_ranker_pass,
+                     args.fuse_max_len, swap=args.preempt_mode == "swap")
     unloaded = None
     if args.unloaded_probe:
         probe = items[: args.unloaded_probe]

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 VERSION_DIR = re.compile(r"^v(\d{6})$")
 BATCH = 256  # examples per training step
 LEARNING_RATE = 1e-3
+WEIGHT_DECAY = 1e-4
 
 
 @dataclass(frozen=True)
@@ -136,44 +137,62 @@ def _head_scores(head: RankerHead, method: str, features: np.ndarray) -> np.ndar
     return np.asarray(scores_from_outputs(method, head(jnp.asarray(features))))
 
 
-def train_candidate(live: RankerHead, spec: RankerSpec, train: list[Example], max_seconds: float,
-                    cpu_share: float, seed: int, stop: threading.Event | None = None) -> tuple[RankerHead, int]:
-    """A copy of ``live`` trained with `pairwise_loss` on ``train`` for at most ``max_seconds`` (duty cycle
-    ``cpu_share``); returns (candidate, optimizer steps)."""
-    head = nnx.clone(live)
-    feats, lengths, exact = stack(train)
-    graphdef, params, rest = nnx.split(head, nnx.Param, ...)
-    tx = optax.adamw(LEARNING_RATE, weight_decay=1e-4)
-    opt_state = tx.init(params)
-    method = spec.method
+def has_feature_stats(head: RankerHead) -> bool:
+    """False for a head never fitted (feature mean 0, std 1: its inputs are not standardised)."""
+    return not (np.all(np.asarray(head.feature_mean[...]) == 0) and np.all(np.asarray(head.feature_std[...]) == 1))
 
-    @jax.jit
-    def step(params, opt_state, x, lens, ex, valid):
-        def loss_fn(p):
-            scores = scores_from_outputs(method, nnx.merge(graphdef, p, rest)(x))
-            return pairwise_loss(scores, lens, ex, valid)
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+class HeadTrainer:
+    """`pairwise_loss` steps on a head of one structure, compiled once (every round reuses the same shapes:
+    batches of `BATCH` rows, padded with masked-out rows while the buffer holds fewer)."""
 
-    rng = np.random.default_rng(seed)
-    n = len(train)
-    size = min(BATCH, n)
-    deadline = time.monotonic() + max_seconds
-    steps = 0
-    while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
-        t0 = time.monotonic()
-        idx = rng.choice(n, size=size, replace=False)
-        params, opt_state, loss = step(params, opt_state, jnp.asarray(feats[idx]), jnp.asarray(lengths[idx]),
-                                       jnp.asarray(exact[idx]), jnp.ones((size,), bool))
-        jax.block_until_ready(loss)
-        steps += 1
-        spent = time.monotonic() - t0
-        if cpu_share < 1:  # hold at most cpu_share of the time: sleep the rest of each step's share
-            time.sleep(min(spent * (1 - cpu_share) / cpu_share, max(0.0, deadline - time.monotonic())))
-    nnx.update(head, params)
-    return head, steps
+    def __init__(self, spec: RankerSpec, head: RankerHead):
+        self.method = spec.method
+        self.graphdef, _, self.rest = nnx.split(head, nnx.Param, ...)
+        self.tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+        graphdef, tx, method = self.graphdef, self.tx, self.method
+
+        def step(params, opt_state, rest, x, lengths, exact, valid):
+            def loss_fn(p):
+                scores = scores_from_outputs(method, nnx.merge(graphdef, p, rest)(x))
+                return pairwise_loss(scores, lengths, exact, valid)
+
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        self._step = jax.jit(step)
+
+    def train(self, live: RankerHead, train: list[Example], max_steps: int, max_seconds: float, cpu_share: float,
+              seed: int, stop: threading.Event | None = None) -> tuple[RankerHead, int, float]:
+        """A copy of ``live`` after at most ``max_steps`` steps on ``train`` within ``max_seconds`` of wall clock
+        at a duty cycle of ``cpu_share``; returns (candidate, steps, seconds spent computing, sleeps excluded)."""
+        head = nnx.clone(live)
+        feats, lengths, exact = stack(train)
+        if not has_feature_stats(head):  # an untrained head: standardise its inputs by what the buffer holds
+            head.set_feature_stats(feats)
+        _, params, rest = nnx.split(head, nnx.Param, ...)
+        opt_state = self.tx.init(params)
+        rng = np.random.default_rng(seed)
+        n = len(train)
+        take = min(BATCH, n)
+        valid = np.arange(BATCH) < take
+        deadline = time.monotonic() + max_seconds
+        steps, computing = 0, 0.0
+        while steps < max_steps and time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+            t0 = time.monotonic()
+            idx = np.resize(rng.choice(n, size=take, replace=False), BATCH)  # padding rows repeat, masked out
+            params, opt_state, loss = self._step(params, opt_state, rest, jnp.asarray(feats[idx]),
+                                                 jnp.asarray(lengths[idx]), jnp.asarray(exact[idx]),
+                                                 jnp.asarray(valid))
+            jax.block_until_ready(loss)
+            steps += 1
+            spent = time.monotonic() - t0
+            computing += spent
+            if cpu_share < 1:  # hold at most cpu_share of the time: sleep the rest of each step's share
+                time.sleep(min(spent * (1 - cpu_share) / cpu_share, max(0.0, deadline - time.monotonic())))
+        nnx.update(head, params)
+        return head, steps, computing
 
 
 # ------------------------------------------------------------------------------------------------ versions
@@ -223,15 +242,17 @@ class OnlineLearner:
         self.version = version
         self.clock = clock
         self.seed = seed
+        self._trainer: HeadTrainer | None = None  # built at the first round (compiles its step once)
         self._accepted: tuple[int, RankerHead] | None = None  # handed over at the next batch boundary
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last_round = clock()
+        self._started = self._last_round = clock()
         self.training = False  # a round is running in the background thread
         self._added_at_last_round = 0
         self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)  # (score, exact length)
         self.metrics: dict[str, Any] = {"rounds": 0, "accepted": 0, "rejected": 0, "train_seconds": 0.0,
+                                        "train_steps": 0,
                                         "last_candidate_tau": None, "last_live_tau": None}
 
     # -- called from the engine thread
@@ -249,10 +270,18 @@ class OnlineLearner:
 
     # -- state
     def due(self) -> bool:
-        new = self.buffer.added - self._added_at_last_round
+        """Whether a round should start: enough examples, something new, the trainer within its share of time
+        (``max_train_share`` of the seconds since it started), and ``min_new`` new examples (fewer while the
+        buffer is young: as many as it held at the last round, so the first rounds come at ``min_examples``,
+        twice that, four times ...) or ``interval_s`` since the last round."""
+        added = self.buffer.added
+        new = added - self._added_at_last_round
         if len(self.buffer) < self.config.min_examples or new == 0:
             return False
-        return new >= self.config.min_new or self.clock() - self._last_round >= self.config.interval_s
+        if self.metrics["train_seconds"] > self.config.max_train_share * (self.clock() - self._started):
+            return False
+        wanted = min(self.config.min_new, max(self._added_at_last_round, self.config.min_examples))
+        return new >= wanted or self.clock() - self._last_round >= self.config.interval_s
 
     def stats(self) -> dict[str, float]:
         """What `/metrics` shows of online learning (``online_*`` keys; nan live tau before two finished)."""
@@ -274,10 +303,13 @@ class OnlineLearner:
         train, held = self.buffer.snapshot()
         if len(train) < 2 or len(held) < 2:
             return False
-        t0 = time.monotonic()
-        candidate, _ = train_candidate(self._live, self.spec, train, self.config.max_train_s,
-                                       self.config.cpu_share, self.seed + self.metrics["rounds"], self._stop)
-        self.metrics["train_seconds"] += time.monotonic() - t0
+        if self._trainer is None:
+            self._trainer = HeadTrainer(self.spec, self._live)
+        candidate, steps, computing = self._trainer.train(
+            self._live, train, self.config.steps_per_round, self.config.max_train_s, self.config.cpu_share,
+            self.seed + self.metrics["rounds"], self._stop)
+        self.metrics["train_seconds"] += computing
+        self.metrics["train_steps"] += steps
         feats, lengths, exact = stack(held)
         cand_tau = concordance_tau(_head_scores(candidate, self.spec.method, feats), lengths, exact)
         live_tau = concordance_tau(_head_scores(self._live, self.spec.method, feats), lengths, exact)

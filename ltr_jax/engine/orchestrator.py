@@ -175,7 +175,9 @@ class Orchestrator:
                true_output_len: int | None = None) -> str:
         """Queue a request; returns its id. Raises ValueError for bad input, QueueFullError when full.
 
-        `true_output_len` is for benchmarks only: it lets the oracle policies see the replayed length."""
+        `true_output_len` is for benchmarks only: it lets the oracle policies see the replayed length, and a
+        replayed request that reaches it ended where its trace says the model ended (an exact length for online
+        learning, though ``max_tokens`` stopped it)."""
         prompt_tokens = [int(t) for t in prompt_tokens]
         if not prompt_tokens:
             raise ValueError("prompt is empty: it must contain at least one token")
@@ -526,7 +528,9 @@ class Orchestrator:
             return
         job.done = True
         req = job.request
-        self.ranking.finished(req, len(job.output), exact=job.ended_by_model and reason == "stop")
+        replayed_in_full = req.true_output_len is not None and len(job.output) == req.true_output_len
+        self.ranking.finished(req, len(job.output),
+                              exact=(job.ended_by_model and reason == "stop") or replayed_in_full)
         self.ranking.forget(req)
         self._release_swap(job)
         if job.slot is not None:

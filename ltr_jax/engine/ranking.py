@@ -205,6 +205,11 @@ class LearnedRanking:
         return {**(self.online.stats() if self.online is not None else {}), **self._counts}
 
     @property
+    def version(self) -> int:
+        """The version of the head scoring now (0: the one it started with, unless restored from online exports)."""
+        return int(self._counts["ranker_version"])
+
+    @property
     def classifies(self) -> bool:
         return self.ranker.spec.method == "classify"
 

@@ -98,13 +98,19 @@ class OnlineLearningConfig:
 
     enabled: bool = setting(False, doc="retrain the ranker's head in the background on finished requests and swap "
                                        "in a candidate that beats the live head on held-back recent traffic")
-    min_new: int = setting(64, ge=1, doc="finished requests since the last round that start a new round")
+    min_new: int = setting(64, ge=1, doc="finished requests since the last round that start a new round (while the "
+                                         "buffer is young, fewer: as many as it held at the last round)")
     interval_s: float = setting(120.0, gt=0, doc="a round also starts this long after the last one when at least "
                                                   "one request finished since")
-    max_train_s: float = setting(20.0, gt=0, doc="training time budget of one round (seconds of wall clock)")
+    steps_per_round: int = setting(100, ge=1, doc="optimizer steps of one round (batches of 256 examples), "
+                                                  "warm-started from the live head")
+    max_train_s: float = setting(20.0, gt=0, doc="wall-clock limit of one round; it ends at steps_per_round or "
+                                                 "here, whichever comes first")
     cpu_share: float = setting(0.25, gt=0, le=1, doc="the trainer's duty cycle: after each step of t seconds it "
-                                                     "sleeps t * (1 - share) / share, so it holds at most this share "
-                                                     "of one core's time")
+                                                     "sleeps t * (1 - share) / share, so it computes at most this "
+                                                     "share of a round's wall-clock time (a step may use every core)")
+    max_train_share: float = setting(0.05, gt=0, le=1, doc="a round waits while the trainer's compute seconds "
+                                                          "exceed this share of the seconds since it started")
     buffer_size: int = setting(4096, ge=16, doc="finished requests kept as training examples (pooled features "
                                                 "and output length, never prompt text); the oldest are dropped")
     holdout_fraction: float = setting(0.2, gt=0, le=0.9, doc="share of examples (by request-id hash) held back to "

@@ -58,7 +58,7 @@ class _StatsCollector:
                     ("online_rounds", "online_rounds", "Online training rounds run"),
                     ("online_accepted_heads", "online_accepted", "Candidate heads swapped in (online)"),
                     ("online_rejected_heads", "online_rejected", "Candidate heads rejected (online)"),
-                    ("online_train_seconds", "online_train_seconds", "Seconds spent training heads (online)"))
+                    ("online_train_seconds", "online_train_seconds", "Compute seconds of online training"))
         for name, key, doc in counters:
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=s.get(key, 0))
 
