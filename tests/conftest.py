@@ -4,6 +4,7 @@ tokenizer expressed as GGUF tokenizer metadata (for fast unit tests of the loade
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,14 @@ def warm_engine_for():
         return cache_lens
 
     return warm
+
+
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):
+    """Poll ``predicate`` until it returns something truthy or ``timeout`` passes; returns its last value (tests
+    wait on events this way, never on a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)

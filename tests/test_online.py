@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import wait_for
 from flax import nnx
 
 from ltr_jax.engine import online
@@ -283,11 +284,11 @@ def test_the_server_learns_from_what_it_serves_and_reports_it(tmp_path):
                     if line.startswith("ltr_jax_") and " " in line}
 
         learner = srv.runtime.online
-        quiet = wait_for_value(lambda: learner.metrics["rounds"] >= 1 and not learner.training
+        quiet = wait_for(lambda: learner.metrics["rounds"] >= 1 and not learner.training
                                and not learner.due(), timeout=120)
         assert quiet, "no online round ran within 120 s of 12 finished requests"
         # an accepted head is swapped in at the next boundary, idle or not
-        assert wait_for_value(lambda: scraped()["ltr_jax_ranker_version"] == learner.version, timeout=30)
+        assert wait_for(lambda: scraped()["ltr_jax_ranker_version"] == learner.version, timeout=30)
         m = scraped()
         assert m["ltr_jax_online_buffer_examples"] == 12 and m["ltr_jax_online_rounds_total"] >= 1
         assert m["ltr_jax_online_accepted_heads_total"] + m["ltr_jax_online_rejected_heads_total"] \
@@ -300,14 +301,3 @@ def test_the_server_learns_from_what_it_serves_and_reports_it(tmp_path):
     assert sorted(p.name for p in ranker_dir.rglob("*")) == before
     accepted = online.version_dirs(online_dir)
     assert len(accepted) == int(m["ltr_jax_online_accepted_heads_total"])
-
-
-def wait_for_value(predicate, timeout: float, interval: float = 0.1):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from conftest import wait_for
 
 from ltr_jax.config import load_config
 from ltr_jax.server.inprocess import serve_in_thread
@@ -41,14 +42,6 @@ def metrics(url: str) -> dict[str, float]:
     assert resp.headers["content-type"].startswith("text/plain")
     return parse_metrics(resp.text)
 
-
-def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def idle(url: str) -> bool:

@@ -205,7 +205,8 @@ def step_times(steps: list[tuple[float, int, bool]], slots: int) -> dict[str, An
     """Decode step seconds: every step and the full-batch ones, apart by whether a round was training."""
     def dist(sel):
         values = [s for s, _, _ in sel]
-        return {k: round(v * 1e3, 3) for k, v in distribution(values).items()} if values else None
+        return {"steps": len(values), **{k: round(v * 1e3, 3) for k, v in distribution(values).items()}} \
+            if values else None
 
     full = [s for s in steps if s[1] == slots]
     return {"unit": "ms", "slots": slots,
@@ -236,9 +237,11 @@ def plot(report: dict[str, Any], out_dir: Path) -> str:
     for arm, res in report["arms"].items():
         ws = res["windows"]
         mids = [(w["start_s"] + w["end_s"]) / 120 for w in ws]
+        color = f"C{ARMS.index(arm)}"  # one colour per arm in both panels
         if arm != "fcfs":
-            ax_tau.plot(mids, [w["tau_b"] if w["tau_b"] is not None else np.nan for w in ws], marker="o", label=arm)
-        ax_lat.plot(mids, [w["mean_latency_s"] for w in ws], marker="o", label=arm)
+            ax_tau.plot(mids, [w["tau_b"] if w["tau_b"] is not None else np.nan for w in ws], marker="o", label=arm,
+                        color=color)
+        ax_lat.plot(mids, [w["mean_latency_s"] for w in ws], marker="o", label=arm, color=color)
     if report["offline_tau"]["tau_b"] is not None:
         ax_tau.axhline(report["offline_tau"]["tau_b"], color="grey", ls="--", label="offline ranker (held out)")
         ax_tau.axhline(0.9 * report["offline_tau"]["tau_b"], color="grey", ls=":", label="90% of offline")

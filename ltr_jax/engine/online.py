@@ -9,12 +9,13 @@ Owns the loop that keeps a deployed ranker current:
 * `censored_pair_mask` / `pairwise_loss`: the loss only counts pairs whose order is known: ``i`` is known to be
   shorter than ``j`` when ``i`` finished on its own (exact) and ``j`` produced more tokens than ``i`` (exact or
   censored). A censored request is never treated as ending where it was cut.
-* `OnlineLearner`: a background thread. Every ``min_new`` finished requests (or ``interval_s``) it fits a
-  candidate head warm-started from the live one within ``max_train_s``, at a duty cycle of ``cpu_share`` (it
-  sleeps between steps), judges candidate and live head by concordance on the held-back examples and accepts the
-  candidate only when it wins by ``margin``. An accepted head is exported (Orbax, versioned, in ``dir``) and handed
-  to the ranking stage, which swaps it in at the next batch boundary and rescores the waiting requests from
-  their kept features, so every waiting request is ordered by one head.
+* `OnlineLearner`: a background thread. Every ``min_new`` finished requests (sooner while the buffer is young) or
+  ``interval_s`` it fits a candidate head warm-started from the live one: ``steps_per_round`` steps within
+  ``max_train_s``, at a duty cycle of ``cpu_share`` (it sleeps between steps), and no round while its compute
+  time exceeds ``max_train_share`` of the time since it started. It judges candidate and live head by
+  concordance on the held-back examples and accepts the candidate only when it wins by ``margin``. An accepted
+  head is exported (Orbax, versioned, in ``dir``) and handed to the ranking stage, which swaps it in at the next
+  batch boundary and rescores every request still here from its kept features, so one head orders the queue.
 * `newest_accepted_head`: at start-up, the newest valid export in ``dir`` (a corrupt newest one is skipped with
   one log line).
 """
