@@ -167,7 +167,7 @@ def test_rounds_are_due_on_a_doubling_then_min_new_schedule_or_interval_within_t
     assert not learner.due()  # min_new (10) caps the doubling: 8 would be due, 10 is the bar
     finish(3)
     assert learner.due()
-    round_done(1.0)  # a round that computed 1 s at t=0: the trainer is over its 5% share until t=20
+    round_done(1.0)  # one second of compute at t=0: over its 5% share until t=20
     finish(10)
     assert not learner.due()
     now["t"] = 20.5

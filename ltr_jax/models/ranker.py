@@ -364,8 +364,8 @@ class RankerScorer:
         return score, outputs
 
     def score_state_with_features(self, state: BackboneState) -> tuple[float, np.ndarray, np.ndarray]:
-        """(score, head outputs) of a prompt from its pass through this ranker's backbone blocks, run elsewhere
-        (`Engine.generate_with_pass`); the same as scoring the prompt, for the cost of the head alone."""
+        """(score, head outputs, pooled features) of a prompt from its pass through this ranker's backbone blocks, run
+        elsewhere (`Engine.generate_with_pass`); the same as scoring the prompt, for the cost of the head alone."""
         if state.n_layers != self.spec.n_layers:
             raise ValueError(f"a pass through {state.n_layers} blocks cannot be scored by a ranker over "
                              f"{self.spec.n_layers}")
