@@ -148,10 +148,9 @@ class HeadTrainer:
     batches of `BATCH` rows, padded with masked-out rows while the buffer holds fewer)."""
 
     def __init__(self, spec: RankerSpec, head: RankerHead):
-        self.method = spec.method
-        self.graphdef, _, self.rest = nnx.split(head, nnx.Param, ...)
-        self.tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-        graphdef, tx, method = self.graphdef, self.tx, self.method
+        graphdef = nnx.split(head, nnx.Param, ...)[0]  # the arrays come with each round: the live head's
+        self.tx = tx = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+        method = spec.method
 
         def step(params, opt_state, rest, x, lengths, exact, valid):
             def loss_fn(p):
