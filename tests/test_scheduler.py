@@ -216,12 +216,12 @@ def test_invalid_constructor_arguments():
     with pytest.raises(ValueError, match="max_prefill_tokens"):
         Scheduler("fcfs", 1, max_prefill_tokens=0)
     with pytest.raises(ValueError, match="threshold_s"):
-        StarvationConfig(threshold_s=0)
+        StarvationConfig(rule="threshold", threshold_s=0)
 
 
 # ---------------------------------------------------------------------- starvation control
 def test_starved_request_is_promoted_preempts_and_is_demoted_after_quantum():
-    starvation = StarvationConfig(threshold_s=1.0, quantum_s=0.5)
+    starvation = StarvationConfig(rule="threshold", threshold_s=1.0, quantum_s=0.5)
     sched = Scheduler(make_policy("ltr", max_preemptions=None), 1, starvation=starvation)
     long_job = req(0, score=-5.0)
     sched.add(long_job, 0.0)
@@ -254,7 +254,7 @@ def test_starved_request_is_promoted_preempts_and_is_demoted_after_quantum():
 
 @pytest.mark.parametrize("requeue", [False, True])
 def test_under_a_cap_of_zero_an_expired_promotion_is_requeued_only_when_asked(requeue):
-    starvation = StarvationConfig(threshold_s=1.0, quantum_s=0.5, requeue_after_quantum=requeue)
+    starvation = StarvationConfig(rule="threshold", threshold_s=1.0, quantum_s=0.5, requeue_after_quantum=requeue)
     sched = Scheduler(make_policy("ltr", max_preemptions=0), 1, starvation=starvation)
     ranked_last, first = req(0, score=-5.0, out=50), req(1, score=5.0, out=50)
     sched.add(ranked_last, 0.0)
@@ -289,7 +289,7 @@ def test_under_a_cap_of_zero_an_expired_promotion_is_requeued_only_when_asked(re
 
 
 def test_promoted_requests_ordered_by_when_they_starved():
-    sched = Scheduler("ltr", 1, starvation=StarvationConfig(threshold_s=1.0, quantum_s=10.0))
+    sched = Scheduler("ltr", 1, starvation=StarvationConfig(rule="threshold", threshold_s=1.0, quantum_s=10.0))
     runner = req(0, score=9.0)
     sched.add(runner, 0.0)
     sched.schedule(0.0)
@@ -304,7 +304,8 @@ def test_promoted_requests_ordered_by_when_they_starved():
 
 
 def test_starvation_disabled_flag():
-    sched = Scheduler("ltr", 1, starvation=StarvationConfig(threshold_s=0.1, quantum_s=0.1, enabled=False))
+    sched = Scheduler("ltr", 1, starvation=StarvationConfig(rule="threshold", threshold_s=0.1, quantum_s=0.1,
+                                                            enabled=False))
     assert sched.starvation is None
 
 

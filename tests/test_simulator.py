@@ -104,11 +104,16 @@ def build_policy(name, max_preemptions, margin):
     config=policy_configs,
     slots=st.integers(1, 5),
     budget=st.sampled_from([None, 1, 40, 200]),
-    starvation=st.sampled_from([None, (0.05, 0.02), (0.3, 0.1), (1.0, 1.0), (0.3, 0.1, True, True, True)]),
+    starvation=st.sampled_from([
+        None, {"rule": "threshold", "threshold_s": 0.05, "quantum_s": 0.02},
+        {"rule": "threshold", "threshold_s": 0.3, "quantum_s": 0.1},
+        {"rule": "threshold", "threshold_s": 1.0, "quantum_s": 1.0},
+        {"rule": "fcfs-slack", "slack_s": 0.05}, {"rule": "fcfs-slack", "slack_s": 0.3, "max_promoted_share": 1.0},
+        {"rule": "fcfs-slack", "slack_s": 1.0, "max_promoted_share": 0.2}]),
 )
 def test_every_request_finishes_exactly_once_with_its_length(trace, config, slots, budget, starvation):
     policy = build_policy(*config)
-    starv = StarvationConfig(*starvation) if starvation else None
+    starv = StarvationConfig(**starvation) if starvation else None
     sched = Scheduler(policy, slots, starvation=starv, max_prefill_tokens=budget)
     result = checked_simulate(trace, sched, LinearStepTime())
     assert len(result.records) == len(trace)
@@ -145,7 +150,8 @@ def test_starvation_bound_on_max_waiting_time(data, name, slots, threshold, quan
     trace = data.draw(traces(max_n=2 * slots, max_output=150))
     sched = Scheduler(
         build_policy(name, None, 0.0), slots,
-        starvation=StarvationConfig(threshold, quantum, requeue_after_quantum=requeue),
+        starvation=StarvationConfig(rule="threshold", threshold_s=threshold, quantum_s=quantum,
+                                    requeue_after_quantum=requeue),
     )
     result = checked_simulate(trace, sched, LinearStepTime())
     bound = threshold + quantum + result.max_iteration_s + result.max_prefill_phase_s + 1e-9

@@ -98,7 +98,7 @@ def check_same_experiment(runs: list[tuple[str, dict[str, Any]]]) -> None:
 def _within_bound(cost: dict[str, float] | None) -> dict[str, float] | None:
     if cost is None:
         return None
-    bound = cost["threshold_s"] + cost["quantum_s"]
+    bound = cost.get("bound_s", cost.get("threshold_s", 0.0) + cost.get("quantum_s", 0.0))
     return {"max_waiting_time_max_s": cost["max_waiting_time_max_s"], "bound_s": bound,
             "within": cost["max_waiting_time_max_s"] <= bound}
 

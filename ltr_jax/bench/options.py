@@ -12,6 +12,7 @@ So a benchmark's defaults are the server's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 from ltr_jax.config import ConfigError, EngineRunConfig, load_config
 from ltr_jax.engine.preemption import PREEMPT_MODES
 from ltr_jax.scheduler.policies import DEFAULT_MAX_PREEMPTIONS
+from ltr_jax.scheduler.starvation import STARVATION_RULES, StarvationConfig
 
 POLICIES = ("fcfs", "ltr", "ltr+starvation", "ltr-rescore", "classify", "oracle-sjf", "oracle-srtf")
 DEFAULT_POLICIES = "fcfs,ltr,ltr+starvation,classify,oracle-sjf"
@@ -36,6 +38,8 @@ class Shorthand:
 SHARED_SHORTHANDS = (
     Shorthand("max_preemptions", "scheduler.policy_params.max_preemptions"),
     Shorthand("preempt_mode", "engine.preempt_mode"),
+    Shorthand("starvation_rule", "scheduler.starvation.rule"),
+    Shorthand("starvation_slack", "scheduler.starvation.slack_s"),
     Shorthand("starvation_threshold", "scheduler.starvation.threshold_s"),
     Shorthand("starvation_quantum", "scheduler.starvation.quantum_s"),
     Shorthand("starvation_requeue", "scheduler.starvation.requeue_after_quantum"),
@@ -61,17 +65,26 @@ def add_shared_options(p: argparse.ArgumentParser, *, rates: str) -> None:
     p.add_argument("--preempt-mode", default=None, choices=PREEMPT_MODES,
                    help="how a preempted request resumes: 'swap' keeps its K/V and continues where it stopped; "
                    "'recompute' re-prefills its prompt and every token it produced (engine.preempt_mode)")
+    p.add_argument("--starvation-rule", default=None, choices=STARVATION_RULES,
+                   help="ltr+starvation's rule (scheduler.starvation.rule): 'fcfs-slack' promotes a request once "
+                   "work that arrived after it has held the engine --starvation-slack seconds of its wait; "
+                   "'threshold' after --starvation-threshold seconds of waiting, for --starvation-quantum "
+                   "(default: the config's, fcfs-slack; 'threshold' when --starvation-threshold is given)")
+    p.add_argument("--starvation-slack", type=float, default=None,
+                   help="fcfs-slack: engine seconds later arrivals may take from a waiting request before it is "
+                   "promoted (scheduler.starvation.slack_s)")
     p.add_argument("--starvation-threshold", type=threshold_arg, default=None,
-                   help="seconds a request may wait (before its first token, or between tokens) before "
-                   "ltr+starvation promotes it (scheduler.starvation.threshold_s); or 'fcfs': the worst "
-                   "max_waiting_time of this invocation's fcfs run at the same rate (nobody should wait longer "
-                   "than FCFS's worst case)")
+                   help="threshold rule: seconds a request may wait (before its first token, or between tokens) "
+                   "before ltr+starvation promotes it (scheduler.starvation.threshold_s); or 'fcfs': the worst "
+                   "max_waiting_time of this invocation's fcfs run at the same rate (known only after the fact: "
+                   "for comparison)")
     p.add_argument("--starvation-quantum", type=float, default=None,
-                   help="seconds a promoted request keeps its priority (scheduler.starvation.quantum_s)")
+                   help="threshold rule: seconds a promoted request keeps its priority "
+                   "(scheduler.starvation.quantum_s)")
     p.add_argument("--starvation-requeue", action=argparse.BooleanOptionalAction, default=None,
-                   help="when a promoted request's quantum ends it is back in rank order, and a better-ranked "
-                   "waiting request may take its slot (it resumes later); off: a promotion runs it to its end "
-                   "(scheduler.starvation.requeue_after_quantum)")
+                   help="threshold rule: when a promoted request's quantum ends it is back in rank order, and a "
+                   "better-ranked waiting request may take its slot (it resumes later); off: a promotion runs it "
+                   "to its end (scheduler.starvation.requeue_after_quantum)")
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals, prompt sampling and sampling")
     p.add_argument("--out", default=None, help="directory for report.json, report.md and PNG plots")
 
@@ -92,6 +105,8 @@ def resolve_config(p: argparse.ArgumentParser, args: argparse.Namespace,
     """Read ``--config`` and ``--set`` plus every shorthand given into the tree; write each shorthand's resolved
     value back into ``args`` (``args.config_tree`` holds the tree). A bad key or value exits with its message."""
     overrides = list(args.overrides)
+    if getattr(args, "starvation_threshold", None) is not None and getattr(args, "starvation_rule", None) is None:
+        overrides.append("scheduler.starvation.rule=threshold")  # a threshold given asks for the threshold rule
     for sh in shorthands:
         value = getattr(args, sh.dest)
         if value is not None and not (sh.dest == "starvation_threshold" and value == "fcfs"):
@@ -125,6 +140,27 @@ def resolve_threshold(args: argparse.Namespace, results: dict[str, Any]) -> floa
         return float(args.starvation_threshold)
     worst = results["fcfs"]["max_waiting_time_s"]["max"]
     return max(math.ceil(worst * 10) / 10, 0.1)
+
+
+def starvation_config(args: argparse.Namespace, threshold_s: float | None = None) -> StarvationConfig:
+    """ltr+starvation's control: the config tree's section with the shorthands' resolved values (a replayed run
+    may have set them from its report) and the threshold rule's threshold resolved for this rate
+    (`resolve_threshold`)."""
+    values = {"rule": args.starvation_rule, "slack_s": args.starvation_slack, "quantum_s": args.starvation_quantum,
+              "requeue_after_quantum": args.starvation_requeue}
+    if threshold_s is not None:
+        values["threshold_s"] = float(threshold_s)
+    elif args.starvation_threshold != "fcfs":
+        values["threshold_s"] = float(args.starvation_threshold)
+    return dataclasses.replace(args.config_tree.scheduler.starvation, **values)
+
+
+def starvation_report(args: argparse.Namespace) -> dict[str, Any]:
+    """The starvation settings a report records (the threshold as given: a number or 'fcfs')."""
+    described = starvation_config(args).describe()
+    if described["rule"] == "threshold":
+        described["threshold_s"] = args.starvation_threshold
+    return described
 
 
 def check_policies(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -33,6 +33,8 @@ from ltr_jax.bench.options import (
     check_policies,
     resolve_config,
     resolve_threshold,
+    starvation_config,
+    starvation_report,
 )
 from ltr_jax.bench.report import VIA_LABELS, ratios, starvation_cost, write_report
 from ltr_jax.bench.workload import Item, Observed
@@ -43,7 +45,7 @@ from ltr_jax.machine import machine_info
 from ltr_jax.models.llama import Llama
 from ltr_jax.models.ranker_checkpoint import default_ranker_path, load_scorer, read_spec
 from ltr_jax.scheduler.metrics import distribution
-from ltr_jax.scheduler.scheduler import Scheduler, StarvationConfig
+from ltr_jax.scheduler.scheduler import Scheduler
 from ltr_jax.sim.trace import make_arrivals
 
 # Ranker batch sizes compiled before timing; the scorers batch no wider, so a burst of arrivals splits into these
@@ -155,11 +157,9 @@ def make_scheduler(policy: str, slots: int, args, starvation_threshold: float | 
     params: dict[str, Any] = {}
     if policy == "ltr+starvation":
         name = "ltr"
-        if starvation_threshold is None:  # callers resolve 'fcfs' (resolve_threshold) before they get here
-            starvation_threshold = float(args.starvation_threshold)
-        starvation = StarvationConfig(threshold_s=starvation_threshold, quantum_s=args.starvation_quantum,
-                                      requeue_after_quantum=args.starvation_requeue,
-                                      preempt_past_cap=args.config_tree.scheduler.starvation.preempt_past_cap)
+        if starvation_threshold is None and args.starvation_threshold != "fcfs":
+            starvation_threshold = float(args.starvation_threshold)  # callers resolve 'fcfs' (resolve_threshold)
+        starvation = starvation_config(args, starvation_threshold)
     from ltr_jax.scheduler.policies import make_policy, policy_parameters
 
     if "max_preemptions" in policy_parameters(name):  # the same cap for every preemptive policy
@@ -501,8 +501,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python -m ltr_jax.bench run " + " ".join(sys.argv[2:] if argv is None else argv),
         "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "warmup_s": round(warm_s, 1), "rates": {}, "runs": {},
-        "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum,
-                       "requeue_after_quantum": args.starvation_requeue},
+        "starvation": starvation_report(args),
         "max_preemptions": args.max_preemptions, "preempt_mode": args.preempt_mode, "unloaded": unloaded,
         "capacity": capacity,
         "reuse_ranker_pass": args.reuse_ranker_pass, "score_per_boundary": args.score_per_boundary,
@@ -523,7 +522,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             threshold = resolve_threshold(args, report["runs"][key]) if pol == "ltr+starvation" else None
             res = run_policy(engine, loaded.tokenizer, r, pol, items, arrivals, args, desc=f"{key} {pol}",
                              starvation_threshold=threshold)
-            if threshold is not None:
+            if threshold is not None and report["starvation"]["rule"] == "threshold":
                 res["starvation_threshold_s"] = threshold
             report["runs"][key][pol] = res
             print(json.dumps({"run": key, "policy": pol, "mean_latency_s": round(res["latency_s"]["mean"], 3),

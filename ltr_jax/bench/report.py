@@ -56,12 +56,7 @@ def markdown_table(report: dict[str, Any]) -> str:
             lines.append("\nmean-latency ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in mean_ratios.items()))
         kept = starvation_cost(per_policy, report.get("starvation"))
         if kept:
-            share = kept["share_of_ltr_gain_kept"]
-            fcfs_note = " (fcfs's worst wait)" if report["starvation"]["threshold_s"] == "fcfs" else ""
-            lines.append(f"\nltr+starvation keeps {share:.1%} of ltr's mean-latency gain over fcfs (loses "
-                         f"{1 - share:.1%}); max of max_waiting_time {kept['max_waiting_time_max_s']:.2f} s, ltr "
-                         f"alone {kept['ltr_max_waiting_time_max_s']:.2f} s; promotion threshold "
-                         f"{kept['threshold_s']:g} s{fcfs_note} + quantum {kept['quantum_s']:g} s")
+            lines.append("\n" + starvation_line(kept, report["starvation"].get("threshold_s")))
     if report.get("paper"):
         lines.append("\npaper: " + "; ".join(f"{k} {v}x" for k, v in report["paper"].items()))
     return "\n".join(lines) + "\n"
@@ -132,21 +127,48 @@ def ratios(per_policy: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def starvation_cost(per_policy: dict[str, Any], starvation: dict[str, float] | None) -> dict[str, float] | None:
+def starvation_cost(per_policy: dict[str, Any], starvation: dict[str, Any] | None) -> dict[str, Any] | None:
     """How much of ltr's gain starvation control gives back: the share of (fcfs - ltr) mean latency that
-    ltr+starvation keeps, and the worst max_waiting_time of each, beside the configured threshold and quantum.
-    None where ltr gains under 5% over fcfs."""
+    ltr+starvation keeps, the worst max_waiting_time of each beside the rule's bound (fcfs-slack: fcfs's worst
+    + slack; threshold: threshold + quantum) and promotions per request. None where ltr gains under 5% over fcfs."""
     if not starvation or not all(p in per_policy for p in ("fcfs", "ltr", "ltr+starvation")):
         return None
     mean = {p: per_policy[p]["latency_s"]["mean"] for p in ("fcfs", "ltr", "ltr+starvation")}
     gain = mean["fcfs"] - mean["ltr"]
     if not gain > 0.05 * mean["fcfs"]:  # no material gain to keep (an unloaded rate): a share would be noise
         return None
-    return {"share_of_ltr_gain_kept": (mean["fcfs"] - mean["ltr+starvation"]) / gain,
-            "max_waiting_time_max_s": per_policy["ltr+starvation"]["max_waiting_time_s"]["max"],
-            "ltr_max_waiting_time_max_s": per_policy["ltr"]["max_waiting_time_s"]["max"],
-            "threshold_s": per_policy["ltr+starvation"].get("starvation_threshold_s", starvation["threshold_s"]),
-            "quantum_s": starvation["quantum_s"]}
+    guarded = per_policy["ltr+starvation"]
+    worst = {p: per_policy[p]["max_waiting_time_s"]["max"] for p in ("fcfs", "ltr", "ltr+starvation")}
+    out = {"share_of_ltr_gain_kept": (mean["fcfs"] - mean["ltr+starvation"]) / gain,
+           "max_waiting_time_max_s": worst["ltr+starvation"], "ltr_max_waiting_time_max_s": worst["ltr"],
+           "fcfs_max_waiting_time_max_s": worst["fcfs"], "rule": starvation.get("rule", "threshold")}
+    if guarded.get("promotions") is not None and guarded.get("completed"):
+        out["promotions_per_request"] = guarded["promotions"] / guarded["completed"]
+    if out["rule"] == "fcfs-slack":
+        out["slack_s"] = starvation["slack_s"]
+        out["bound_s"] = worst["fcfs"] + starvation["slack_s"]
+    else:
+        out["threshold_s"] = guarded.get("starvation_threshold_s", starvation["threshold_s"])
+        out["quantum_s"] = starvation["quantum_s"]
+        out["bound_s"] = out["threshold_s"] + out["quantum_s"]
+    return out
+
+
+def starvation_line(kept: dict[str, Any], threshold_given: Any = None) -> str:
+    """One sentence of `starvation_cost`'s result for a report."""
+    share = kept["share_of_ltr_gain_kept"]
+    if kept["rule"] == "fcfs-slack":
+        rule = (f"rule fcfs-slack: bound fcfs's worst {kept['fcfs_max_waiting_time_max_s']:.2f} s + slack "
+                f"{kept['slack_s']:g} s")
+    else:
+        fcfs_note = " (fcfs's worst wait)" if threshold_given == "fcfs" else ""
+        rule = f"promotion threshold {kept['threshold_s']:g} s{fcfs_note} + quantum {kept['quantum_s']:g} s"
+    promotions = (f"; {kept['promotions_per_request']:.3f} promotions per request"
+                  if "promotions_per_request" in kept else "")
+    return (f"ltr+starvation keeps {share:.1%} of ltr's mean-latency gain over fcfs (loses {1 - share:.1%}); max of "
+            f"max_waiting_time {kept['max_waiting_time_max_s']:.2f} s "
+            f"({'within' if kept['max_waiting_time_max_s'] <= kept['bound_s'] else 'over'} its bound "
+            f"{kept['bound_s']:.2f} s), ltr alone {kept['ltr_max_waiting_time_max_s']:.2f} s; {rule}{promotions}")
 
 
 def _json_default(x):

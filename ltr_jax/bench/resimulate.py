@@ -77,9 +77,16 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], argparse.Namespace]:
         raise SystemExit(f"{path}: a burst/SDG run; resimulate replays Poisson or gamma runs")
     args = policy_bench.parse_args(shlex.split(report["command"][len(RUN_PREFIX):]))
     # what the run recorded wins over today's defaults for options its command left out
+    starvation = report.get("starvation", {})
+    # reports from before the fcfs-slack rule record a threshold and no rule
+    rule = starvation.get("rule", "threshold" if "threshold_s" in starvation else None)
     recorded = {"max_preemptions": report.get("max_preemptions"), "preempt_mode": report.get("preempt_mode"),
-                "starvation_quantum": report.get("starvation", {}).get("quantum_s"),
-                "starvation_requeue": report.get("starvation", {}).get("requeue_after_quantum")}
+                "starvation_rule": rule}
+    if rule == "fcfs-slack":
+        recorded["starvation_slack"] = starvation.get("slack_s")
+    else:
+        recorded.update(starvation_quantum=starvation.get("quantum_s"),
+                        starvation_requeue=starvation.get("requeue_after_quantum"))
     for name, value in recorded.items():
         if value is not None:
             setattr(args, name, value)

@@ -28,11 +28,12 @@ from ltr_jax.bench.options import (
     check_policies,
     resolve_config,
     resolve_threshold,
+    starvation_config,
+    starvation_report,
 )
 from ltr_jax.bench.report import ratios, starvation_cost, write_report
 from ltr_jax.machine import machine_info
 from ltr_jax.scheduler.policies import policy_parameters
-from ltr_jax.scheduler.scheduler import StarvationConfig
 from ltr_jax.sim.simulator import simulate_policy
 from ltr_jax.sim.step_time import AnalyticStepTime, MeasuredStepTime
 from ltr_jax.sim.trace import load_lengths, make_trace
@@ -165,8 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ranker_cost": {"fraction_of_prefill": ranker_cost, "reused_by_prefill": bool(args.ranker_reuse),
                         "how": "each arrival's ranker pass runs at the boundary where it arrives, before the "
                                "schedule, for the policies that rank"},
-        "starvation": {"threshold_s": args.starvation_threshold, "quantum_s": args.starvation_quantum,
-                       "requeue_after_quantum": args.starvation_requeue},
+        "starvation": starvation_report(args),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(), "paper": PAPER, "rates": {},
         "trace_info": {}, "runs": {}, "jobs": args.jobs,
     }
@@ -186,10 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def task(key: str, pol: str) -> tuple:
         name = "ltr" if pol == "ltr+starvation" else pol
         params = {"max_preemptions": args.max_preemptions} if "max_preemptions" in policy_parameters(name) else {}
-        starvation = (StarvationConfig(threshold_s=resolve_threshold(args, {"fcfs": done.get((key, "fcfs"))}),
-                                       quantum_s=args.starvation_quantum,
-                                       requeue_after_quantum=args.starvation_requeue,
-                                       preempt_past_cap=args.config_tree.scheduler.starvation.preempt_past_cap)
+        starvation = (starvation_config(args, resolve_threshold(args, {"fcfs": done.get((key, "fcfs"))}))
                       if pol == "ltr+starvation" else None)
         trace, ctrace = traces[key]
         return (ctrace if pol == "classify" else trace, name, params, starvation, args.slots, step_model,

@@ -64,6 +64,10 @@ class Request:
     _generated_at_promotion: int = field(default=0, repr=False)
     _admitted_promoted: bool = field(default=False, repr=False)  # holds its slot through a promotion
     _policy_state: Any = field(default=None, repr=False)
+    _share_mark: float = field(default=0.0, repr=False)  # the decode share clock when it last took a slot
+    _prefill_pending: bool = field(default=False, repr=False)  # admitted, its first token not yet produced
+    _work_s: float = field(default=0.0, repr=False)  # engine seconds it has cost (fcfs-slack starvation control)
+    _work_estimate: float = field(default=0.0, repr=False)  # what it was expected to cost when it arrived
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_len, int) or self.prompt_len < 1:

@@ -9,62 +9,45 @@ newcomer is not. Waiting ones that get in are admitted,
 optionally under a ``max_prefill_tokens`` budget (the context each admission must prefill; the first admission
 of a decision is always allowed so nothing starves behind a long prompt).
 
-Starvation control (wall-clock seconds): a waiting request whose wait since its last token (since arrival
-before its first token) exceeds ``threshold_s`` is promoted ahead of every non-promoted request. Its quantum is
-``quantum_s`` counted from the moment it became starved (wait start + threshold); once that has passed and it
-has produced a token since promotion it is demoted (its wait clock restarts with its next wait). Promoted
-requests are ordered among themselves by when they became starved and are never preempted by non-promoted ones.
-With ``requeue_after_quantum`` a demoted request that holds its slot through the promotion is back in rank order:
-a better-ranked waiting request may take that slot even past the cap (the paper's "promoted for a quantum");
-when it is off, a promotion runs the request to its end.
-Guarantee (tested in the simulator): with at most 2 x num_slots requests in the system, no prefill budget and
-no preemption cap, max_waiting_time <= threshold + quantum + one iteration + one boundary's prefill phase. In
-overload no scheduler can bound it (every request needs a token per threshold + quantum).
+Starvation control (`ltr_jax.scheduler.starvation` states both rules and their promises). Under the default
+``fcfs-slack`` rule the scheduler also keeps what each request has cost the engine, from the intervals between its
+calls: the interval that ends with a request's ``add`` is its ranker pass, one that ends with its first token after
+admission is its prefill, and one that ends with a token of a request that was already running is a decode step, a
+1/num_slots share of it to each running request. From those costs and the requests' scores it estimates FCFS's delay
+(`fcfs_delay_s`) and promotes a waiting request once its wait exceeds the largest delay since the oldest waiting
+request began to wait plus ``slack_s`` (`promotion_wait_s`). Under the ``threshold`` rule (wall-clock seconds) a
+waiting request whose wait since its last token (since arrival before its first token) exceeds ``threshold_s`` is
+promoted. Under either, a promoted request is ordered ahead of every ranked one, by when it was promoted; its
+quantum is ``quantum_s`` from then (fcfs-slack) or from the moment it became starved (threshold), and once that has
+passed and it has produced a token since promotion it is demoted. With ``requeue_after_quantum`` a demoted request
+that holds its slot through the promotion is back in rank order: a better-ranked waiting request may take that slot
+even past the cap (the paper's "promoted for a quantum"); when it is off, a promotion runs the request to its end.
+Threshold guarantee (tested in the simulator): with at most 2 x num_slots requests in the system, no prefill budget
+and no preemption cap, max_waiting_time <= threshold + quantum + one iteration + one boundary's prefill phase. In
+overload no fixed threshold can be kept (every request needs a token per threshold + quantum); fcfs-slack's bound
+grows with FCFS's own delay instead.
 
 Data structures, so a decision costs O((admissions + preemptions + promotions) log n + num_slots), not O(n):
-waiting requests sit in a sorted list by rank and, for starvation, in a second sorted list by wait-clock start;
-running requests (at most ``num_slots``) are scanned. Not thread-safe: call it from one thread (the engine loop).
+waiting requests sit in a sorted list by rank and, for starvation, in sorted lists by wait-clock start (threshold)
+or by arrival and by wait start (fcfs-slack); running requests (at most ``num_slots``) are scanned. Not thread-safe:
+call it from one thread (the engine loop).
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from sortedcontainers import SortedList
 
-from ltr_jax.config_schema import setting
-
 from .policies import Policy, make_policy
 from .request import Request, RequestState
+from .starvation import StarvationConfig, WorkModel
 
 _PROMOTED = 0
 _NORMAL = 1
-
-
-@dataclass(frozen=True)
-class StarvationConfig:
-    """Promote a request that waited longer than ``threshold_s`` to the front for ``quantum_s`` seconds (the config
-    tree's ``scheduler.starvation`` section)."""
-
-    threshold_s: float = setting(60.0, gt=0, doc="max waiting time (TTFT or inter-token gap) before promotion")
-    quantum_s: float = setting(5.0, gt=0, doc="how long a promoted request keeps its priority")
-    enabled: bool = setting(True, doc="promote requests that waited too long")
-    # Without this, under a cap of 0 a promoted request waits for a slot to free, and in overload the bound slips.
-    preempt_past_cap: bool = setting(True, doc="a promoted request may evict a running one even past the policy's "
-                                               "max_preemptions (else it waits for a free slot)")
-    # Without this a promotion lets a request the ranker put last run to its end ahead of everyone, and the short
-    # ones behind it pay (see benchmarks/RESULTS.md, starvation control).
-    requeue_after_quantum: bool = setting(True, doc="when a promoted request's quantum ends it is back in rank "
-                                                     "order: a better-ranked waiting request may take its slot (it "
-                                                     "resumes later)")
-
-    def __post_init__(self) -> None:
-        for pname in ("threshold_s", "quantum_s"):
-            value = getattr(self, pname)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"StarvationConfig.{pname} must be a finite number > 0 seconds, got {value!r}")
 
 
 @dataclass
@@ -126,6 +109,18 @@ class Scheduler:
         self._by_id: dict[str, Request] = {}
         self._next_seq = 0
         self._last_now = -math.inf
+        # fcfs-slack starvation control: who took the engine while a request waited (see `starvation`)
+        self._fcfs_slack = self.starvation is not None and self.starvation.rule == "fcfs-slack"
+        self._promoted_slots = self.starvation.promoted_slots(num_slots) if self._fcfs_slack else num_slots
+        self._num_promoted_waiting = 0
+        self._share_clock = 0.0  # engine seconds each slot received from decode steps, summed over time
+        self._event_time: float | None = None  # the last add / schedule / token: where the next interval starts
+        self._by_arrival = SortedList()  # entries (seq, req): waiting requests that never ran, oldest first
+        self._resumes = SortedList()  # entries (wait start, seq, req): preempted requests waiting to resume
+        self._work_model = WorkModel()
+        self._present_estimate = 0.0  # expected engine seconds of the requests here (at their arrival's estimate)
+        self._present_work = 0.0  # engine seconds they have had (running ones: up to their last slot release)
+        self._delay_peaks: deque[tuple[float, float]] = deque()  # (time, FCFS delay), delays decreasing
 
     # ------------------------------------------------------------------ views
     @property
@@ -160,20 +155,32 @@ class Scheduler:
             return (_PROMOTED, req._starved_at, req._seq)
         return (_NORMAL, self.policy.priority(req), self.policy.tiebreak(req), req.arrival_time, req._seq)
 
-    def _push_waiting(self, req: Request) -> None:
+    def _push_waiting(self, req: Request, now: float) -> None:
         req.state = RequestState.WAITING
         req._rank = self._rank(req)
         req._entry = (req._rank, req)
         self._waiting.add(req._entry)
-        if self.starvation is not None and not req.promoted:
+        if req.promoted:
+            self._num_promoted_waiting += 1
+        elif self._fcfs_slack:
+            if req.generated:
+                req._wait_entry = (now, req._seq, req)
+                self._resumes.add(req._wait_entry)
+            else:
+                self._by_arrival.add((req._seq, req))
+        elif self.starvation is not None:
             req._wait_entry = (req.wait_clock_start, req._seq, req)
             self._by_wait_start.add(req._wait_entry)
 
     def _pop_waiting(self, req: Request) -> None:
         self._waiting.remove(req._entry)
         req._entry = None
-        if req._wait_entry is not None:
-            self._by_wait_start.remove(req._wait_entry)
+        if req.promoted:
+            self._num_promoted_waiting -= 1
+        elif self._fcfs_slack and not req.generated:
+            self._by_arrival.remove((req._seq, req))
+        if req._wait_entry is not None:  # the threshold rule's wait clock, or fcfs-slack's resumed requests
+            (self._resumes if self._fcfs_slack else self._by_wait_start).remove(req._wait_entry)
             req._wait_entry = None
 
     def _rerank_all(self) -> None:
@@ -203,14 +210,23 @@ class Scheduler:
         req._seq = self._next_seq
         self._next_seq += 1
         self._by_id[req.request_id] = req
-        self._push_waiting(req)
+        if self._fcfs_slack:
+            self._attribute_interval(req, now, exclusive=True)  # ending with its add: its ranker pass
+            req._work_estimate = self._work_model.estimate(req.score)
+            self._present_estimate += req._work_estimate
+        self._push_waiting(req, now)
 
     def schedule(self, now: float) -> Decision:
         """Decide this boundary's evictions and admissions (and apply them to the queues)."""
         if now < self._last_now:
             raise ValueError(f"schedule(now={now}) went back in time (last call at {self._last_now})")
         self._last_now = now
-        if self.starvation is not None:
+        if self._fcfs_slack:
+            self._event_time = now
+            if self.starvation.requeue_after_quantum:
+                self._demote_expired(now)
+            self._promote_past_fcfs(now)
+        elif self.starvation is not None:
             self._demote_expired(now)
             self._promote_starved(now)
         decision = Decision()
@@ -221,8 +237,10 @@ class Scheduler:
         admitted: set[Request] = set()
 
         # 1) fill free slots, best first
-        while len(self._running) < self.num_slots and waiting:
-            req = waiting[0][1]
+        while len(self._running) < self.num_slots:
+            req = self._next_to_admit()
+            if req is None:
+                break
             if budget is not None:
                 if admitted and req.context_len > budget:
                     return decision
@@ -234,6 +252,9 @@ class Scheduler:
             return decision
 
         # 2) swap the worst running requests for better waiting ones
+        if self._fcfs_slack:
+            self._displace_for_fcfs_slack(decision, admitted, budget)
+            return decision
         best = waiting[0][1]
         if not (best.promoted or self.policy.preemptive):
             return decision
@@ -284,6 +305,11 @@ class Scheduler:
                 f"on_token for request {req.request_id!r} in state {req.state.value}: only running requests "
                 "produce tokens"
             )
+        if self._fcfs_slack:
+            # the interval ending with a request's first token after admission is its prefill; one ending with a
+            # token of a request that was already running is a decode step, shared by the slots
+            self._attribute_interval(req, now, exclusive=req._prefill_pending)
+            req._prefill_pending = False
         req.record_token(now)
         if self.policy.progress_dependent and not req.promoted:
             req._rank = self._rank(req)
@@ -295,11 +321,13 @@ class Scheduler:
                 f"finish for request {req.request_id!r} in state {req.state.value}: only running requests finish "
                 "(use cancel for waiting ones)"
             )
-        del self._running[req]
-        self._running_promoted.pop(req, None)
+        self._release_slot(req)
         del self._by_id[req.request_id]
         req.state = RequestState.FINISHED
         req.finish_time = now
+        if self._fcfs_slack:
+            self._work_model.finished(req.score, req._work_s)
+            self._forget_work(req)
         if self.policy.on_finish(req):
             self._rerank_all()
 
@@ -311,8 +339,9 @@ class Scheduler:
         if req.state is RequestState.WAITING:
             self._pop_waiting(req)
         else:
-            del self._running[req]
-            self._running_promoted.pop(req, None)
+            self._release_slot(req)
+        if self._fcfs_slack:
+            self._forget_work(req)
         req.state = RequestState.CANCELLED
         req.finish_time = now
         return req
@@ -324,22 +353,159 @@ class Scheduler:
             return challenger.promoted and challenger._rank < victim._rank
         return self.policy.may_displace(challenger._rank[1], victim._rank[1], challenger, victim)
 
+    def _next_to_admit(self) -> Request | None:
+        """The best waiting request that may take a free slot: promoted ones first while they hold fewer than
+        their share of the slots (fcfs-slack) or no ranked request waits, else the best ranked one."""
+        waiting = self._waiting
+        if not waiting:
+            return None
+        head = waiting[0][1]
+        k = self._num_promoted_waiting  # promoted entries sort first: the ranked ones start here
+        if head.promoted and len(self._running_promoted) >= self._promoted_slots and k < len(waiting):
+            return waiting[k][1]  # over their share while ranked requests wait (else a slot would stay idle)
+        return head
+
+    def _displace_for_fcfs_slack(self, decision: Decision, admitted: set[Request], budget: int | None) -> None:
+        """fcfs-slack's preemption. First, promoted requests (while under their share of the slots) take the slots
+        of requests whose own promotion's quantum is over, then, with ``preempt_past_cap``, of the worst-ranked
+        running requests; a promoted request is never displaced. Then, once no promoted request waits for a slot,
+        ranked requests displace ranked ones by the policy's rule."""
+        waiting = self._waiting
+        limit = self.policy.max_preemptions
+        requeue = self.starvation.requeue_after_quantum
+        past_cap = self.starvation.preempt_past_cap
+
+        def under_cap(r: Request) -> bool:
+            return limit is None or r.preemptions < limit
+
+        def quantum_spent(r: Request) -> bool:  # in its slot by a promotion whose quantum is over
+            return requeue and r._admitted_promoted and not r.promoted
+
+        def swap(victim: Request, challenger: Request) -> bool:
+            nonlocal budget
+            if budget is not None:
+                if admitted and challenger.context_len > budget:
+                    return False
+                budget -= challenger.context_len
+            if not under_cap(victim):
+                victim.preemptions_past_cap += 1
+            self._preempt(victim)
+            decision.preempt.append(victim)
+            self._admit(challenger)
+            admitted.add(challenger)
+            decision.admit.append(challenger)
+            return True
+
+        movable = [r for r in self._running if not r.promoted and r not in admitted]
+        movable.sort(key=lambda r: (quantum_spent(r), r._rank), reverse=True)  # spent quanta, then worst rank
+        while (self._num_promoted_waiting and len(self._running_promoted) < self._promoted_slots and movable
+               and (past_cap or quantum_spent(movable[0]) or under_cap(movable[0]))):
+            if not swap(movable.pop(0), waiting[0][1]):
+                return
+        if self._num_promoted_waiting and len(self._running_promoted) < self._promoted_slots:
+            return  # the next free slot is theirs: no ranked request jumps them by preemption
+        if not self.policy.preemptive:
+            return
+        first_ranked = self._num_promoted_waiting
+        victims = [r for r in movable if under_cap(r) or quantum_spent(r)]
+        victims.sort(key=_rank_of, reverse=True)
+        preempted: set[Request] = set()
+        for victim in victims:
+            if first_ranked >= len(waiting):
+                break
+            challenger = waiting[first_ranked][1]
+            if challenger in preempted or not self.policy.may_displace(challenger._rank[1], victim._rank[1],
+                                                                       challenger, victim):
+                break
+            if not swap(victim, challenger):
+                break
+            preempted.add(victim)
+
     def _admit(self, req: Request) -> None:
         self._pop_waiting(req)
         req.state = RequestState.RUNNING
         self._running[req] = None
         req._admitted_promoted = req.promoted
+        req._share_mark = self._share_clock
+        req._prefill_pending = True
         if req.promoted:
             self._running_promoted[req] = None
 
-    def _preempt(self, req: Request) -> None:
+    def _release_slot(self, req: Request) -> None:
         del self._running[req]
         self._running_promoted.pop(req, None)
+        if self._fcfs_slack:  # what its slot received while it held it
+            received = self._share_clock - req._share_mark
+            req._work_s += received
+            self._present_work += received
+
+    def _preempt(self, req: Request) -> None:
+        self._release_slot(req)
         req.preemptions += 1
         self.num_preemptions += 1
         if req.promoted and self._quantum_over(req, self._last_now):
             req.promoted = False
-        self._push_waiting(req)
+        self._push_waiting(req, self._last_now)
+
+    # ---------------------------------------------------- fcfs-slack accounting
+    def _attribute_interval(self, req: Request, now: float, exclusive: bool) -> None:
+        """Attribute the engine time since the last event: all of it to ``req`` (``exclusive``: its ranker pass
+        or prefill), or a 1/num_slots share of it to each running request (a decode step)."""
+        if self._event_time is not None and now > self._event_time:
+            dt = now - self._event_time
+            if exclusive:
+                req._work_s += dt
+                self._present_work += dt
+            else:
+                self._share_clock += dt / self.num_slots
+        if self._event_time is None or now > self._event_time:
+            self._event_time = now
+
+    def _forget_work(self, req: Request) -> None:
+        self._present_estimate -= req._work_estimate
+        self._present_work -= req._work_s
+
+    def fcfs_delay_s(self) -> float:
+        """fcfs-slack: how long FCFS would make a request arriving now wait. Under FCFS that depends only on the
+        work ahead of it, and the work in the system is the same under every order that keeps the engine busy:
+        the requests here, each at its expected cost (`WorkModel`) less what it has had, less what FCFS would
+        still have running in the other slots when it starts the newcomer."""
+        backlog = self._present_estimate - self._present_work
+        for r in self._running:
+            backlog -= self._share_clock - r._share_mark
+        return max(0.0, backlog - self._work_model.fcfs_tail(self.num_slots))
+
+    def promotion_wait_s(self, now: float) -> float:
+        """fcfs-slack: the wait after which a request is promoted now: the longest wait FCFS would have imposed on
+        a request arriving since the oldest waiting one began to wait (estimated by `FcfsDelay`), plus slack_s."""
+        delay = self.fcfs_delay_s()
+        peaks = self._delay_peaks  # the running maximum over a window whose start only moves forward
+        while peaks and peaks[-1][1] <= delay:
+            peaks.pop()
+        peaks.append((now, delay))
+        oldest = min(self._resumes[0][0] if self._resumes else now,
+                     self._by_arrival[0][1].arrival_time if self._by_arrival else now)
+        while len(peaks) > 1 and peaks[1][0] <= oldest:
+            peaks.popleft()
+        return peaks[0][1] + self.starvation.slack_s
+
+    def _promote_past_fcfs(self, now: float) -> None:
+        """Promote every waiting request that has waited longer than `promotion_wait_s`: resumed ones by their wait
+        since preemption, the others by their wait since arrival, oldest first (the oldest has waited longest)."""
+        bound = self.promotion_wait_s(now)
+        while self._resumes and now - self._resumes[0][0] > bound:
+            self._promote(self._resumes[0][2], now)
+        while self._by_arrival and now - self._by_arrival[0][1].arrival_time > bound:
+            self._promote(self._by_arrival[0][1], now)
+
+    def _promote(self, req: Request, now: float) -> None:
+        self._pop_waiting(req)
+        req.promoted = True
+        req.promotions += 1
+        req._starved_at = now  # promoted requests are ordered by when they were promoted (oldest first)
+        req._generated_at_promotion = req.generated
+        self.num_promotions += 1
+        self._push_waiting(req, now)
 
     def _quantum_over(self, req: Request, now: float) -> bool:
         return now >= req._starved_at + self.starvation.quantum_s and req.generated > req._generated_at_promotion
@@ -364,7 +530,7 @@ class Scheduler:
             req._starved_at = req.wait_clock_start + threshold
             req._generated_at_promotion = req.generated
             self.num_promotions += 1
-            self._push_waiting(req)
+            self._push_waiting(req, now)
 
 
 def _rank_of(req: Request) -> tuple:

@@ -125,7 +125,7 @@ def benchmark_decision_time(
             "starvation_off": benchmark_policy(name, num_waiting, num_slots, decisions, None),
             "starvation_on": benchmark_policy(
                 name, num_waiting, num_slots, decisions,
-                StarvationConfig(threshold_s=starvation_threshold_s, quantum_s=quantum_s)
+                StarvationConfig(rule="threshold", threshold_s=starvation_threshold_s, quantum_s=quantum_s)
             ),
         }
     return {

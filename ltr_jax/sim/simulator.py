@@ -187,7 +187,7 @@ def simulate_policy(trace: Sequence[TraceEntry], name: str, params: dict, starva
         s["ranker_ms_per_request"] = 1000 * s["ranker_seconds"] / len(result.records)
         s["ranker_share_of_busy_time"] = s["ranker_seconds"] / max(result.extra["busy_s"], 1e-12)
         s["reused_ranker_passes"] = len(result.records) if ranker_reuse else 0
-    if starvation is not None:
+    if starvation is not None and starvation.rule == "threshold":
         s["starvation_threshold_s"] = starvation.threshold_s
     s["latencies_s"] = sorted(round(r.latency, 3) for r in result.records if r.latency is not None)
     return s
