@@ -127,6 +127,20 @@ class ServerSection:
     drain_timeout_s: float = setting(30.0, ge=0, doc="on SIGTERM/SIGINT: how long in-flight requests may finish")
     default_max_tokens: int = setting(256, ge=1, doc="max_tokens when a request does not say")
     retry_after_s: int = setting(1, ge=1, doc="Retry-After header value on HTTP 429")
+    max_body_mb: float = setting(4.0, gt=0, doc="request bodies larger than this are refused with HTTP 413 before "
+                                                 "they are read in full")
+    max_messages: int = setting(1024, ge=1, doc="most messages one chat request may carry")
+    prompt_special_tokens: bool = setting(False, doc="/v1/completions: special-token text in a prompt string (e.g. "
+                                                     "<|im_start|>) becomes the control token; off: it stays text "
+                                                     "(chat message content always stays text)")
+    allowed_hosts: list[str] | None = setting(None, doc="Host / Origin names accepted (null: on a loopback bind "
+                                                        "localhost, 127.0.0.1 and ::1 only, else any; '*' = any); "
+                                                        "guards a keyless local server against DNS rebinding and "
+                                                        "cross-site requests")
+    metrics_require_key: bool = setting(False, doc="/metrics needs the API key too (when one is set)")
+    tokenizer_threads: int = setting(2, ge=1, doc="threads that tokenize requests off the event loop")
+    max_connections: int = setting(1000, ge=1, doc="open connections at once; more are answered 503 at once")
+    keep_alive_timeout_s: float = setting(5.0, gt=0, doc="an idle keep-alive connection is closed after this long")
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 
 import yaml
@@ -51,6 +52,20 @@ def setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (None when it can, or for port 0: any free port)."""
+    if port == 0:
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            return str(err)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.help_config:
@@ -67,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.logging.level)
     api_key = config.server.api_key or os.environ.get(API_KEY_ENV) or None
 
+    busy = port_in_use(config.server.host, config.server.port)
+    if busy:  # said now, not after minutes of loading and compiling
+        print(f"ltr-jax: cannot listen on {config.server.host}:{config.server.port}: {busy}; stop what holds it or "
+              f"choose another port with --set server.port=N", file=sys.stderr)
+        return 2
     import uvicorn  # imported only once the config is known good
 
     from ltr_jax.server.app import create_app
@@ -81,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(runtime, api_key=api_key)
     server_cfg = config.server
     uv_config = uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_level=config.logging.level.lower(),
-                               access_log=config.logging.access_log, lifespan="on", timeout_keep_alive=30)
+                               access_log=config.logging.access_log, lifespan="on",
+                               timeout_keep_alive=server_cfg.keep_alive_timeout_s,
+                               limit_concurrency=server_cfg.max_connections)
     server = GracefulServer(uv_config, app.state.serving, drain_timeout_s=server_cfg.drain_timeout_s,
                             ready_message=ready_line(runtime.model_name, config.scheduler.policy,
                                                      runtime.timings.get("warmup_s"), api_key is not None))

@@ -436,8 +436,8 @@ def test_decision_benchmark_runs_and_keeps_the_backlog(capsys):
     assert bench_main(["--waiting", "300", "--slots", "8", "--decisions", "40", "--policy", "ltr,oracle-srtf"]) == 0
     report = json.loads(capsys.readouterr().out)
     for name in ("ltr", "oracle-srtf"):
-        for mode in ("starvation_off", "starvation_on"):
+        for mode in ("starvation_off", "starvation_threshold", "starvation_fcfs_slack"):
             result = report["policies"][name][mode]
             assert result["decisions"] == 40 and result["waiting_at_end"] == 300
             assert 0 < result["decision_cpu_us"]["p50"] <= result["decision_cpu_us"]["max"]
-        assert report["policies"][name]["starvation_on"]["promotions"] > 0
+        assert report["policies"][name]["starvation_threshold"]["promotions"] > 0

@@ -10,6 +10,7 @@ Chat templates are Jinja2 rendered in a sandbox, with the variables and helpers 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import cached_property
@@ -49,6 +50,10 @@ def _bpe_pre_tokenizer(pre: str, source: str):
     raise ValueError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported (supported: default, gpt2, smollm, "
                      f"starcoder, refact, llama-bpe, qwen2); load the model from a Hugging Face directory with its "
                      f"tokenizer.json instead")
+
+
+_MARK = "\x00\x01"  # stands in for message contents while a chat template renders (no text contains it)
+_MARKED = re.compile(re.escape(_MARK) + r"(\d+)" + re.escape(_MARK))
 
 
 def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str) -> Tokenizer:
@@ -219,15 +224,24 @@ class ChatTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of `text`. Special tokens written in the text (e.g. `<|im_start|>`) become their single ids.
-        BOS is prepended when the model wants it (`add_bos`, default: the tokenizer's setting) and the text does
-        not already start with it (chat templates usually write it themselves)."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        """Token ids of `text`. With ``special`` the special tokens written in the text (e.g. `<|im_start|>`)
+        become their single ids; without, they stay the characters they are (text a user typed). BOS is prepended
+        when the model wants it (`add_bos`, default: the tokenizer's setting) and the text does not already start
+        with it (chat templates usually write it themselves)."""
+        ids = (self.tokenizer if special else self._as_text).encode(text, add_special_tokens=False).ids
         want_bos = self.add_bos if add_bos is None else add_bos
         if want_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]
         return ids
+
+    @cached_property
+    def _as_text(self) -> Tokenizer:
+        """A copy that encodes special-token strings as plain text (a copy: the flag is the tokenizer's state, and
+        tokenizing runs on several threads)."""
+        plain = Tokenizer.from_str(self.tokenizer.to_str())
+        plain.encode_special_tokens = True
+        return plain
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -277,6 +291,37 @@ class ChatTokenizer:
                 eos_token=self.eos_token or "", **extra)
         except TemplateError as exc:
             raise ValueError(f"chat template rejected the messages: {exc}") from exc
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> list[int]:
+        """Token ids of the chat prompt: the template's own text with its special tokens, each message's content
+        as plain text, so a `<|im_end|>` typed inside a message stays those characters and cannot close a turn.
+        The template is rendered with a marker in place of each non-empty content, and the template's pieces are
+        tokenized apart from the contents (the pre-tokenizers split at these places anyway)."""
+        contents = {}
+        marked = []
+        for i, m in enumerate(messages):
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, list):  # OpenAI content parts: their text, as apply_chat_template keeps it
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            if isinstance(content, str) and content:
+                contents[str(i)] = content
+                m = {**m, "content": f"{_MARK}{i}{_MARK}"}
+            marked.append(m)
+        text = self.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, **extra)
+        ids: list[int] = []
+        for k, piece in enumerate(_MARKED.split(text)):  # template text, content index, template text, ...
+            if k % 2:
+                if piece not in contents:
+                    raise ValueError("a message field other than its content holds the chat-content marker")
+                ids += self.encode(contents[piece], add_bos=False, special=False)
+            elif piece:
+                if _MARK in piece:
+                    raise ValueError("the chat template changed a message's content while rendering it, so the "
+                                     "content cannot be kept apart from the template's control tokens")
+                ids += self.encode(piece, add_bos=False)
+        if self.add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id, *ids]
+        return ids
 
     #: user messages whose renders `shared_prefix_tokens` compares: different first characters, so a header token
     #: that merged with the message's start could not survive in all of them

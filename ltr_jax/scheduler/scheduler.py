@@ -109,7 +109,7 @@ class Scheduler:
         self._by_id: dict[str, Request] = {}
         self._next_seq = 0
         self._last_now = -math.inf
-        # fcfs-slack starvation control: who took the engine while a request waited (see `starvation`)
+        # fcfs-slack starvation control: what each request has cost the engine, and FCFS's delay (see `starvation`)
         self._fcfs_slack = self.starvation is not None and self.starvation.rule == "fcfs-slack"
         self._promoted_slots = self.starvation.promoted_slots(num_slots) if self._fcfs_slack else num_slots
         self._num_promoted_waiting = 0
@@ -477,7 +477,7 @@ class Scheduler:
 
     def promotion_wait_s(self, now: float) -> float:
         """fcfs-slack: the wait after which a request is promoted now: the longest wait FCFS would have imposed on
-        a request arriving since the oldest waiting one began to wait (estimated by `FcfsDelay`), plus slack_s."""
+        a request arriving since the oldest waiting one began to wait (`fcfs_delay_s`), plus slack_s."""
         delay = self.fcfs_delay_s()
         peaks = self._delay_peaks  # the running maximum over a window whose start only moves forward
         while peaks and peaks[-1][1] <= delay:

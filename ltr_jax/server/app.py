@@ -15,10 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ltr_jax.engine.orchestrator import (
     MAX_TEMPERATURE,
@@ -165,6 +169,60 @@ class _ResponseCounter:
             self.count(path if path in _KNOWN_ROUTES else "other", status)
 
 
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_host_names(bind_host: str, allowed: list[str] | None) -> frozenset[str] | None:
+    """The Host / Origin names the server answers (None: any). On a loopback bind with nothing configured only
+    the loopback names: a web page's script then cannot reach the server through a rebound DNS name."""
+    if allowed is None:
+        return frozenset(_LOOPBACK_NAMES) if _is_loopback(bind_host) else None
+    if "*" in allowed:
+        return None
+    return frozenset(h.lower().strip("[]") for h in allowed)
+
+
+def _host_name(value: str) -> str:
+    """'example.com:8000' -> 'example.com'; '[::1]:8000' -> '::1'."""
+    return (urlsplit("//" + value).hostname or "").lower()
+
+
+class _HostGuard:
+    """Pure ASGI middleware: refuse requests whose Host, or Origin when sent, is not an allowed name (403)."""
+
+    def __init__(self, app, allowed: frozenset[str] | None):
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or self.allowed is None:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = _host_name(headers.get("host", ""))
+        origin = headers.get("origin")
+        bad = None
+        if host not in self.allowed:
+            bad = f"the Host header {headers.get('host', '')!r}"
+        elif origin is not None and origin != "null" and _host_name(urlsplit(origin).netloc) not in self.allowed:
+            bad = f"the Origin {origin!r}"
+        if bad is None:
+            await self.app(scope, receive, send)
+            return
+        err = APIError(403, f"{bad} is not one this server answers (it accepts {', '.join(sorted(self.allowed))}); "
+                            "add the name to server.allowed_hosts to serve it", code="host_not_allowed")
+        await JSONResponse(err.body(), status_code=403)(scope, receive, send)
+
+
 async def _wait_for_disconnect(request: Request) -> None:
     """Returns once the client has gone away (the request body has been read, so only that can arrive)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -182,6 +240,9 @@ class _RouteJob:
     bridge: _EventBridge
     include_usage: bool
     timeout_s: float | None
+    continuous_usage: bool = False  # usage so far in every streamed chunk
+    prompt_tokens: int = 0
+    generated: int = 0
     finished: bool = False
 
 
@@ -192,6 +253,10 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
     orch = runtime.orchestrator
     settings = runtime.config.server
     metrics = runtime.metrics
+    max_body = int(settings.max_body_mb * 2**20)
+    # a token is rarely longer than this many characters; a longer prompt cannot fit and is refused untokenized
+    max_prompt_chars = 32 * runtime.max_prompt_len
+    tokenizer_pool = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -207,6 +272,7 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
             if runtime.online is not None:
                 await asyncio.to_thread(runtime.online.stop)
             await asyncio.to_thread(orch.stop, False, 10.0)
+            tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="ltr-jax", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -237,6 +303,7 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
         return error_response(APIError(500, f"internal server error: {type(err).__name__}: {err}",
                                        code="internal_error", type="server_error"))
 
+    app.add_middleware(_HostGuard, allowed=allowed_host_names(settings.host, settings.allowed_hosts))
     app.add_middleware(_ResponseCounter, count=metrics.count_response)
 
     # -------------------------------------------------------------------------------- checks
@@ -254,8 +321,42 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
             raise APIError(503, "the server is shutting down and accepts no new requests", code="server_shutting_down",
                            type="server_error", headers={"Connection": "close"})
 
+    async def read_body(request: Request) -> bytes:
+        """The JSON body, refused (415) unless sent as JSON, and (413) once past server.max_body_mb, before it is
+        read in full."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise APIError(415, f"send the request body as JSON with the header 'Content-Type: application/json' "
+                                f"(got {kind or 'none'!r})", code="unsupported_media_type")
+        too_big = APIError(413, f"the request body is larger than this server's limit of {settings.max_body_mb:g} MB "
+                                f"(server.max_body_mb); send a shorter prompt", code="request_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body:
+            raise too_big
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body:
+                    raise too_big
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise APIError(499, "the client went away before sending its whole request body",
+                           code="client_closed_request") from None
+        return b"".join(chunks)
+
+    async def tokenize(fn: Callable[[], list[int]]) -> list[int]:
+        """Run a tokenization off the event loop, so streams and /health keep flowing during a long one."""
+        return await asyncio.get_running_loop().run_in_executor(tokenizer_pool, fn)
+
+    def check_prompt_chars(n_chars: int, param: str) -> None:
+        if n_chars > max_prompt_chars:
+            raise bad_request(f"the prompt has {n_chars} characters, more than this server's limit of "
+                              f"{max_prompt_chars} (what its prompt limit of {runtime.max_prompt_len} tokens can "
+                              f"hold); shorten it", param, "context_length_exceeded")
+
     async def parse(request: Request, schema: type[SamplingRequest]) -> SamplingRequest:
-        body = await request.body()
+        body = await read_body(request)
         if not body.strip():
             raise bad_request("the request body is empty; send a JSON object", None, "missing_body")
         try:
@@ -303,9 +404,11 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
     def submit(kind: str, req: SamplingRequest, prompt_tokens: list[int], sampling: SamplingParams) -> _RouteJob:
         accepting()
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        options = req.stream_options
         job = _RouteJob(prefix + uuid.uuid4().hex, kind, int(time.time()), runtime.model_name,
-                   _EventBridge(asyncio.get_running_loop()), include_usage, settings.request_timeout_s)
+                        _EventBridge(asyncio.get_running_loop()), bool(options and options.include_usage),
+                        settings.request_timeout_s, bool(options and options.continuous_usage_stats),
+                        len(prompt_tokens))
         try:
             orch.submit(prompt_tokens, sampling, job.bridge, request_id=job.request_id,
                         timeout_s=settings.request_timeout_s)
@@ -344,7 +447,11 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
             obj = "text_completion"
-        return {"id": job.request_id, "object": obj, "created": job.created, "model": job.model, "choices": [choice]}
+        out = {"id": job.request_id, "object": obj, "created": job.created, "model": job.model, "choices": [choice]}
+        if job.continuous_usage:
+            out["usage"] = {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.generated,
+                            "total_tokens": job.prompt_tokens + job.generated}
+        return out
 
     async def stream_body(job: _RouteJob) -> AsyncIterator[bytes]:
         if job.kind == "chat":
@@ -352,6 +459,7 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
         while True:
             events = job.bridge.drain_ready(await job.bridge.queue.get())
             last = events[-1]
+            job.generated = last.num_generated
             text = "".join(e.text for e in events)
             if not last.finished:
                 if text:
@@ -426,7 +534,9 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
         if isinstance(req.prompt, str):
             if not req.prompt:
                 raise bad_request("prompt is empty; send at least one character or token id", "prompt")
-            tokens = runtime.tokenizer.encode(req.prompt)
+            check_prompt_chars(len(req.prompt), "prompt")
+            prompt, special = req.prompt, settings.prompt_special_tokens
+            tokens = await tokenize(lambda: runtime.tokenizer.encode(prompt, special=special))
         else:
             tokens = list(req.prompt)
             vocab = runtime.engine.model_config.vocab_size
@@ -442,14 +552,18 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         req: ChatRequest = await parse(request, ChatRequest)  # type: ignore[assignment]
+        if len(req.messages) > settings.max_messages:
+            raise bad_request(f"the request has {len(req.messages)} messages, more than this server's limit of "
+                              f"{settings.max_messages} (server.max_messages)", "messages")
         messages = chat_messages(req)
+        check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         try:
-            text = runtime.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            tokens = await tokenize(lambda: runtime.tokenizer.encode_chat(messages, add_generation_prompt=True))
         except ValueError as err:
             raise bad_request(f"cannot format the messages with the model's chat template: {err}", "messages") \
                 from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return await respond(request, "chat", req, runtime.tokenizer.encode(text), max_tokens)
+        return await respond(request, "chat", req, tokens, max_tokens)
 
     def model_card() -> dict[str, Any]:
         return {"id": runtime.model_name, "object": "model", "created": state.started_at, "owned_by": "ltr-jax",
@@ -468,10 +582,15 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
                            param="model", code="model_not_found")
         return model_card()
 
+    # with no ranker every score is 0: a ranking policy then serves in arrival order, and /health says so
+    ranks = runtime.ranker is None and runtime.config.scheduler.policy in ("ltr", "ltr-rescore")
+    effective_policy = "fcfs" if ranks else runtime.config.scheduler.policy
+
     @app.get("/health")
     async def health() -> JSONResponse:
         stats = orch.stats()
-        body = {"status": "ok", "model": runtime.model_name, "policy": runtime.config.scheduler.policy,
+        body = {"status": "ok", "model": runtime.model_name, "policy": effective_policy,
+                "configured_policy": runtime.config.scheduler.policy, "ranker": runtime.ranker_note,
                 "queue_len": stats["queue_len"], "running": stats["running"], "free_slots": stats["free_slots"],
                 "num_slots": stats["num_slots"], "inflight_http": state.inflight,
                 "ranker_version": int(stats.get("ranker_version", 0))}
@@ -485,7 +604,9 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
         return JSONResponse(body)
 
     @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
+        if settings.metrics_require_key:
+            authorize(request)
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     return app

@@ -43,6 +43,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM's extension: usage so far in every chunk
 
 
 class SamplingRequest(_Strict):
@@ -84,7 +85,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")  # e.g. tool_calls/refusal echoed back by clients
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    # OpenAI's pattern; it also keeps names, which the chat template writes as its own text, free of control tokens
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class ChatRequest(SamplingRequest):
