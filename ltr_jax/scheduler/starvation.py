@@ -43,7 +43,7 @@ class StarvationConfig:
                         doc="fcfs-slack: promote a request once it has waited slack_s longer than first-come-first-"
                             "served would have made a request arriving during its wait wait (estimated online); "
                             "threshold: promote after threshold_s of waiting (the paper's fixed rule)")
-    slack_s: float = setting(15.0, gt=0, doc="fcfs-slack: seconds a request may wait beyond FCFS's delay before "
+    slack_s: float = setting(30.0, gt=0, doc="fcfs-slack: seconds a request may wait beyond FCFS's delay before "
                                              "it is promoted")
     max_promoted_share: float = setting(0.5, gt=0, le=1, doc="fcfs-slack: share of the slots promoted requests "
                                                              "may hold while ranked ones wait (at least one slot)")
