@@ -140,6 +140,8 @@ class ServerSection:
     metrics_require_key: bool = setting(False, doc="/metrics needs the API key too (when one is set)")
     tokenizer_threads: int = setting(2, ge=1, doc="threads that tokenize requests off the event loop")
     max_connections: int = setting(1000, ge=1, doc="open connections at once; more are answered 503 at once")
+    body_timeout_s: float = setting(30.0, gt=0, doc="a request body not received in full within this long gets "
+                                                 "HTTP 408 (a slow client cannot hold a worker)")
     keep_alive_timeout_s: float = setting(5.0, gt=0, doc="an idle keep-alive connection is closed after this long")
 
 

@@ -51,8 +51,9 @@ def idle(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def server():
-    """4 slots, context 1024 (long requests take a while), queue of 16."""
-    with serve_in_thread(tiny_config("engine.max_seq_len=1024", "server.max_queue=16")) as handle:
+    """4 slots, context 1024 (long requests take a while), queue of 16, a body must arrive within 3 s."""
+    with serve_in_thread(tiny_config("engine.max_seq_len=1024", "server.max_queue=16",
+                                     "server.body_timeout_s=3")) as handle:
         yield handle
 
 
@@ -268,24 +269,57 @@ def test_bad_input_is_a_4xx_naming_the_problem(server, case):
     assert fragment in error["message"], error["message"]
 
 
+def raw_post(url: str, headers: dict[str, str], body_chunks, timeout=30.0) -> str:
+    """POST over a bare socket, sending ``body_chunks`` until the server stops reading; the status line back."""
+    import socket
+
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        head = "POST /v1/completions HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        sock.sendall((head + f"Host: {host}:{port}\r\n\r\n").encode())
+        with contextlib.suppress(OSError):  # the server may answer and close before it has read everything
+            for chunk in body_chunks:
+                sock.sendall(chunk)
+        reply = b""
+        while b"\r\n" not in reply:
+            data = sock.recv(4096)
+            if not data:
+                break
+            reply += data
+    return reply.split(b"\r\n", 1)[0].decode()
+
+
 def test_body_must_be_json_and_not_too_big(server):
     body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2})
     plain = httpx.post(f"{server.url}/v1/completions", content=body, headers={"Content-Type": "text/plain"})
     assert plain.status_code == 415 and "Content-Type: application/json" in plain.json()["error"]["message"]
-    huge = json.dumps({"model": MODEL, "prompt": "x" * (5 * 2**20)})  # over the 4 MB default
-    resp = httpx.post(f"{server.url}/v1/completions", content=huge, headers={"Content-Type": "application/json"},
-                      timeout=60)
-    assert resp.status_code == 413 and "server.max_body_mb" in resp.json()["error"]["message"]
-
-    def chunked():  # no Content-Length: refused once the bytes read pass the limit
-        for _ in range(6):
-            yield b"x" * 2**20
-
-    resp = httpx.post(f"{server.url}/v1/completions", content=chunked(), headers={"Content-Type": "application/json"},
-                      timeout=60)
-    assert resp.status_code == 413
+    # declared too big: refused before the body is read (a 50 MB body is never sent)
+    status = raw_post(server.url, {"Content-Type": "application/json", "Content-Length": str(50 * 2**20)},
+                      [b"{" * 1024])
+    assert " 413 " in status
+    # chunked, no length declared: refused once the bytes read pass the 4 MB default
+    chunk = b"x" * 2**20
+    status = raw_post(server.url, {"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+                      [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 6 + [b"0\r\n\r\n"])
+    assert " 413 " in status
     assert httpx.post(f"{server.url}/v1/completions", content=body,
                       headers={"Content-Type": "application/json; charset=utf-8"}).status_code == 200
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"  # and it keeps serving
+
+
+def test_a_body_that_stalls_is_cut_off_while_the_server_keeps_answering(server):
+    got: list[str] = []
+
+    def stall():
+        yield b'{"model": '  # then nothing: the 3 s body timeout of this server cuts it off
+        time.sleep(8)
+
+    worker = threading.Thread(target=lambda: got.append(raw_post(
+        server.url, {"Content-Type": "application/json", "Content-Length": "100"}, stall())))
+    worker.start()
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200  # meanwhile
+    worker.join(timeout=60)
+    assert got and " 408 " in got[0]
 
 
 def test_loopback_server_refuses_foreign_host_and_origin(server):

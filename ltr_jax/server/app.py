@@ -18,13 +18,14 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -170,6 +171,16 @@ class _ResponseCounter:
 
 
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def resident_mb() -> float | None:
+    """This process's resident memory (None where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 def _is_loopback(host: str) -> bool:
@@ -335,14 +346,19 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
             raise too_big
         chunks, size = [], 0
         try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_body:
-                    raise too_big
-                chunks.append(chunk)
+            async with asyncio.timeout(settings.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > max_body:
+                        raise too_big
+                    chunks.append(chunk)
         except ClientDisconnect:
             raise APIError(499, "the client went away before sending its whole request body",
                            code="client_closed_request") from None
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {settings.body_timeout_s:g} s "
+                                f"(server.body_timeout_s)", code="request_timeout",
+                           headers={"Connection": "close"}) from None
         return b"".join(chunks)
 
     async def tokenize(fn: Callable[[], list[int]]) -> list[int]:
@@ -593,7 +609,7 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
                 "configured_policy": runtime.config.scheduler.policy, "ranker": runtime.ranker_note,
                 "queue_len": stats["queue_len"], "running": stats["running"], "free_slots": stats["free_slots"],
                 "num_slots": stats["num_slots"], "inflight_http": state.inflight,
-                "ranker_version": int(stats.get("ranker_version", 0))}
+                "ranker_version": int(stats.get("ranker_version", 0)), "resident_mb": resident_mb()}
         if not orch.is_running:
             body["status"] = "error"
             body["detail"] = "the scheduling loop is not running"
