@@ -49,9 +49,9 @@ def test_fcfs_delay_estimate_matches_an_actual_fcfs_run(rate):
     assert np.abs(err_ltr).mean() < 0.4 * ttft.mean()
 
 
-def overload_trace(n=1500):
-    """Two slots, arrivals 1.7x faster than they can be served for 75 s: short requests the ranker puts first keep
-    coming, and the long ones it puts last wait (FCFS's worst wait: 45 s)."""
+def overload_trace(n=3000):
+    """Two slots, arrivals 1.7x faster than they can be served for 150 s: short requests the ranker puts first keep
+    coming, and the long ones it puts last wait."""
     rng = np.random.default_rng(3)
     trace = []
     for i in range(n):
@@ -92,7 +92,7 @@ def test_fixed_thresholds_thrash_where_fcfs_slack_does_not():
     assert worst_wait(guarded) <= worst_wait(fcfs) + config.slack_s
     gain_kept = (mean_latency(fcfs) - mean_latency(guarded)) / (mean_latency(fcfs) - mean_latency(ltr))
     assert gain_kept > 0.85
-    assert worst_wait(ltr) > 0.9 * worst_wait(fcfs) > worst_wait(guarded)  # and it does cut ltr's worst wait
+    assert worst_wait(guarded) < 0.7 * min(worst_wait(ltr), worst_wait(fcfs))  # and it cuts the worst wait
 
 
 def starve(sched, runners, t, until):
