@@ -56,6 +56,13 @@ _MARK = "\x00\x01"  # stands in for message contents while a chat template rende
 _MARKED = re.compile(re.escape(_MARK) + r"(\d+)" + re.escape(_MARK))
 
 
+def _content_text(content: Any) -> Any:
+    """A message's content as the template sees it: OpenAI content parts keep their text parts, joined."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content
+
+
 def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str) -> Tokenizer:
     """Rebuild a byte-level BPE `tokenizers.Tokenizer` from GGUF `tokenizer.ggml.*` metadata."""
     kind = meta.get("tokenizer.ggml.model")
@@ -278,10 +285,7 @@ class ChatTokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise ValueError(f"messages[{i}] must be a dict with a string 'role', got {m!r}")  # noqa: TRY004
-            content = m.get("content")
-            if isinstance(content, list):  # OpenAI content parts: keep the text parts
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and
-                                  p.get("type") == "text")
+            content = _content_text(m.get("content"))
             if not isinstance(content, str):
                 raise ValueError(f"messages[{i}]['content'] must be a string, got {type(content).__name__}")  # noqa: TRY004
             clean.append({**m, "content": content})
@@ -300,9 +304,7 @@ class ChatTokenizer:
         contents = {}
         marked = []
         for i, m in enumerate(messages):
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):  # OpenAI content parts: their text, as apply_chat_template keeps it
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            content = _content_text(m.get("content")) if isinstance(m, dict) else None
             if isinstance(content, str) and content:
                 contents[str(i)] = content
                 m = {**m, "content": f"{_MARK}{i}{_MARK}"}

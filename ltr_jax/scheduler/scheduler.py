@@ -258,12 +258,9 @@ class Scheduler:
         best = waiting[0][1]
         if not (best.promoted or self.policy.preemptive):
             return decision
-        limit = self.policy.max_preemptions
         past_cap = best.promoted and self.starvation is not None and self.starvation.preempt_past_cap
         requeue = self.starvation is not None and self.starvation.requeue_after_quantum
-
-        def under_cap(r: Request) -> bool:
-            return limit is None or r.preemptions < limit
+        under_cap = self.policy.may_be_preempted
 
         def pass_expired(r: Request) -> bool:  # in its slot by a promotion whose quantum is over
             return requeue and r._admitted_promoted and not r.promoted
@@ -284,18 +281,10 @@ class Scheduler:
                 continue  # past the cap only for a promoted newcomer, or over a request whose promotion expired
             if challenger in preempted or not self._may_displace(challenger, victim):
                 break
-            if budget is not None:
-                if admitted and challenger.context_len > budget:
-                    break
-                budget -= challenger.context_len
-            if not under_cap(victim):
-                victim.preemptions_past_cap += 1
-            self._preempt(victim)
+            swapped, budget = self._swap(victim, challenger, decision, admitted, budget)
+            if not swapped:
+                break
             preempted.add(victim)
-            decision.preempt.append(victim)
-            self._admit(challenger)
-            admitted.add(challenger)
-            decision.admit.append(challenger)
         return decision
 
     def on_token(self, req: Request, now: float) -> None:
@@ -371,38 +360,24 @@ class Scheduler:
         running requests; a promoted request is never displaced. Then, once no promoted request waits for a slot,
         ranked requests displace ranked ones by the policy's rule."""
         waiting = self._waiting
-        limit = self.policy.max_preemptions
         requeue = self.starvation.requeue_after_quantum
         past_cap = self.starvation.preempt_past_cap
-
-        def under_cap(r: Request) -> bool:
-            return limit is None or r.preemptions < limit
+        under_cap = self.policy.may_be_preempted
 
         def quantum_spent(r: Request) -> bool:  # in its slot by a promotion whose quantum is over
             return requeue and r._admitted_promoted and not r.promoted
 
-        def swap(victim: Request, challenger: Request) -> bool:
-            nonlocal budget
-            if budget is not None:
-                if admitted and challenger.context_len > budget:
-                    return False
-                budget -= challenger.context_len
-            if not under_cap(victim):
-                victim.preemptions_past_cap += 1
-            self._preempt(victim)
-            decision.preempt.append(victim)
-            self._admit(challenger)
-            admitted.add(challenger)
-            decision.admit.append(challenger)
-            return True
+        def promoted_may_enter() -> bool:
+            return bool(self._num_promoted_waiting) and len(self._running_promoted) < self._promoted_slots
 
         movable = [r for r in self._running if not r.promoted and r not in admitted]
         movable.sort(key=lambda r: (quantum_spent(r), r._rank), reverse=True)  # spent quanta, then worst rank
-        while (self._num_promoted_waiting and len(self._running_promoted) < self._promoted_slots and movable
+        while (promoted_may_enter() and movable
                and (past_cap or quantum_spent(movable[0]) or under_cap(movable[0]))):
-            if not swap(movable.pop(0), waiting[0][1]):
+            swapped, budget = self._swap(movable.pop(0), waiting[0][1], decision, admitted, budget)
+            if not swapped:
                 return
-        if self._num_promoted_waiting and len(self._running_promoted) < self._promoted_slots:
+        if promoted_may_enter():
             return  # the next free slot is theirs: no ranked request jumps them by preemption
         if not self.policy.preemptive:
             return
@@ -417,9 +392,26 @@ class Scheduler:
             if challenger in preempted or not self.policy.may_displace(challenger._rank[1], victim._rank[1],
                                                                        challenger, victim):
                 break
-            if not swap(victim, challenger):
+            swapped, budget = self._swap(victim, challenger, decision, admitted, budget)
+            if not swapped:
                 break
             preempted.add(victim)
+
+    def _swap(self, victim: Request, challenger: Request, decision: Decision, admitted: set[Request],
+              budget: int | None) -> tuple[bool, int | None]:
+        """Evict ``victim`` for ``challenger`` unless the prefill budget is spent; (whether it did, budget left)."""
+        if budget is not None:
+            if admitted and challenger.context_len > budget:
+                return False, budget
+            budget -= challenger.context_len
+        if not self.policy.may_be_preempted(victim):
+            victim.preemptions_past_cap += 1
+        self._preempt(victim)
+        decision.preempt.append(victim)
+        self._admit(challenger)
+        admitted.add(challenger)
+        decision.admit.append(challenger)
+        return True, budget
 
     def _admit(self, req: Request) -> None:
         self._pop_waiting(req)
