@@ -143,6 +143,9 @@ class ServerSection:
     body_timeout_s: float = setting(30.0, gt=0, doc="a request body not received in full within this long gets "
                                                  "HTTP 408 (a slow client cannot hold a worker)")
     keep_alive_timeout_s: float = setting(5.0, gt=0, doc="an idle keep-alive connection is closed after this long")
+    header_timeout_s: float = setting(10.0, gt=0, doc="a request's headers not received in full within this long "
+                                                      "(from the connection, or from its first byte on a kept-alive "
+                                                      "one) get HTTP 408 and the connection is closed (slow-loris)")
 
 
 @dataclasses.dataclass

@@ -87,10 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ltr-jax: cannot listen on {config.server.host}:{config.server.port}: {busy}; stop what holds it or "
               f"choose another port with --set server.port=N", file=sys.stderr)
         return 2
-    import uvicorn  # imported only once the config is known good
-
     from ltr_jax.server.app import create_app
-    from ltr_jax.server.http_server import GracefulServer, ready_line, run_server
+    from ltr_jax.server.http_server import GracefulServer, ready_line, run_server, uvicorn_config
     from ltr_jax.server.runtime import StartupError, build_runtime
 
     try:
@@ -100,10 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = create_app(runtime, api_key=api_key)
     server_cfg = config.server
-    uv_config = uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_level=config.logging.level.lower(),
-                               access_log=config.logging.access_log, lifespan="on",
-                               timeout_keep_alive=server_cfg.keep_alive_timeout_s,
-                               limit_concurrency=server_cfg.max_connections)
+    uv_config = uvicorn_config(app, config.server, log_level=config.logging.level.lower(),
+                               access_log=config.logging.access_log)
     server = GracefulServer(uv_config, app.state.serving, drain_timeout_s=server_cfg.drain_timeout_s,
                             ready_message=ready_line(runtime.model_name, config.scheduler.policy,
                                                      runtime.timings.get("warmup_s"), api_key is not None))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -51,9 +52,10 @@ def idle(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def server():
-    """4 slots, context 1024 (long requests take a while), queue of 16, a body must arrive within 3 s."""
+    """4 slots, context 1024 (long requests take a while), queue of 16, a body must arrive within 3 s, headers
+    within 2 s."""
     with serve_in_thread(tiny_config("engine.max_seq_len=1024", "server.max_queue=16",
-                                     "server.body_timeout_s=3")) as handle:
+                                     "server.body_timeout_s=3", "server.header_timeout_s=2")) as handle:
         yield handle
 
 
@@ -320,6 +322,53 @@ def test_a_body_that_stalls_is_cut_off_while_the_server_keeps_answering(server):
     assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200  # meanwhile
     worker.join(timeout=60)
     assert got and " 408 " in got[0]
+
+
+def _trickle_headers(url: str, first_request: bytes = b"", give_up_s: float = 90.0) -> bytes:
+    """Open a connection, optionally complete ``first_request`` on it, then send the next request's headers one
+    byte at a time (a slow-loris client) until the server answers or closes (or ``give_up_s`` passes); everything
+    the server sent."""
+    import socket
+
+    host, port = url.split("//")[1].split(":")
+    reply = b""
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        if first_request:
+            sock.sendall(first_request)
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                reply += sock.recv(4096)
+        reply = b""
+        sock.settimeout(0.3)
+        deadline = time.monotonic() + give_up_s
+        for byte in itertools.cycle(b"POST /v1/completions HTTP/1.1\r\nX-Slow: "):
+            if time.monotonic() > deadline:
+                break
+            try:
+                sock.send(bytes([byte]))
+                data = sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            reply += data
+    return reply
+
+
+@pytest.mark.parametrize("kept_alive", [False, True], ids=["new-connection", "kept-alive"])
+def test_slow_loris_headers_are_cut_off_while_the_server_keeps_answering(server, kept_alive):
+    first = b""
+    if kept_alive:  # a complete request first: the header deadline must start again for the next one
+        host = server.url.split("//")[1]
+        first = (f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n").encode()
+    got: list[bytes] = []
+    worker = threading.Thread(target=lambda: got.append(_trickle_headers(server.url, first)))
+    worker.start()
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200  # meanwhile
+    worker.join(timeout=120)
+    assert got and got[0].startswith(b"HTTP/1.1 408 "), got
+    assert b"server.header_timeout_s" in got[0]
 
 
 def test_loopback_server_refuses_foreign_host_and_origin(server):

@@ -1,4 +1,9 @@
-"""The uvicorn server with a graceful drain, and the start-up "ready" line.
+"""The uvicorn server with a graceful drain, its connection-level limits, and the start-up "ready" line.
+
+`uvicorn_config` builds the one uvicorn configuration every entry point serves with: keep-alive timeout and
+connection cap from ``server.*``, and an HTTP protocol that answers 408 and closes a connection whose request
+headers do not arrive in full within ``server.header_timeout_s`` (uvicorn itself waits for headers forever, so a
+slow-loris client could hold connections open; bodies are timed by the app, ``server.body_timeout_s``).
 
 On the first SIGTERM/SIGINT (or `request_drain()` from another thread) the server stops admitting work (new
 generation requests get 503, ``/health`` says ``draining``), waits up to ``drain_timeout_s`` for every admitted
@@ -16,10 +21,69 @@ import sys
 import time
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ltr_jax.config import ServerSection
 from ltr_jax.server.app import ServerState
 
 log = logging.getLogger(__name__)
+
+
+class _HeaderTimedProtocol(H11Protocol):
+    """h11 connection protocol with a deadline on the request line and headers of every request."""
+
+    header_timeout_s: float = 10.0
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._arm_header_timer()
+
+    def _waiting_for_headers(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiting_for_headers():  # the first bytes of a next request on a kept-alive connection
+            self._arm_header_timer()
+        super().data_received(data)
+        if not self._waiting_for_headers():  # its headers are in: the app times the body
+            self._disarm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or not self._waiting_for_headers():
+            return
+        body = json.dumps({"error": {
+            "message": f"the request headers did not arrive within {self.header_timeout_s:g} s "
+                       "(server.header_timeout_s)", "type": "invalid_request_error", "param": None,
+            "code": "request_timeout"}}).encode()
+        head = (f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+        self.transport.write(head + body)
+        self.transport.close()
+
+
+def uvicorn_config(app, server: ServerSection, log_level: str = "info", access_log: bool = False,
+                   **overrides) -> uvicorn.Config:
+    """The uvicorn configuration for ``app`` under the ``server`` section (``overrides``: host, port, ...)."""
+    protocol = type("HeaderTimedProtocol", (_HeaderTimedProtocol,), {"header_timeout_s": server.header_timeout_s})
+    options = {"host": server.host, "port": server.port, "log_level": log_level, "access_log": access_log,
+               "lifespan": "on", "http": protocol, "timeout_keep_alive": server.keep_alive_timeout_s,
+               "limit_concurrency": server.max_connections}
+    return uvicorn.Config(app, **(options | overrides))
 
 
 class GracefulServer(uvicorn.Server):

@@ -14,11 +14,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import uvicorn
-
 from ltr_jax.config import ServeConfig
 from ltr_jax.server.app import ServerState, create_app
-from ltr_jax.server.http_server import GracefulServer
+from ltr_jax.server.http_server import GracefulServer, uvicorn_config
 from ltr_jax.server.runtime import Runtime, build_runtime
 
 
@@ -41,8 +39,7 @@ def serve_in_thread(config: ServeConfig, api_key: str | None = None, start_timeo
     config = dataclasses.replace(config, server=dataclasses.replace(config.server, host="127.0.0.1", port=0))
     runtime = runtime or build_runtime(config)
     app = create_app(runtime, api_key=api_key)
-    uv = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on",
-                        timeout_graceful_shutdown=5)
+    uv = uvicorn_config(app, config.server, log_level="warning", timeout_graceful_shutdown=5)
     server = GracefulServer(uv, app.state.serving, drain_timeout_s=config.server.drain_timeout_s)
     thread = threading.Thread(target=server.run, name="ltr-jax-http", daemon=True)
     thread.start()
