@@ -5,7 +5,8 @@ engine, in-process or through the HTTP server), `simulate` (the same report from
 paper scale), `combine` (pool runs of one experiment on several seeds), `resimulate` (replay real runs' exact
 traces in the simulator: what ranking errors cost and what the ranker's pass adds), `project` (a real run's
 engine simulated at other workload sizes and loads, over many seeds: what an experiment can expect), `online` (the
-ranker learning from live traffic on a replayed stream, against the static ranker and fcfs).
+ranker learning from live traffic on a replayed stream, against the static ranker and fcfs), `server` (the serving
+process: start-up time, resident memory, and hostile clients).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ COMMANDS = {
     "resimulate": "ltr_jax.bench.resimulate",
     "project": "ltr_jax.bench.project",
     "online": "ltr_jax.bench.online_bench",
+    "server": "ltr_jax.bench.server_bench",
 }
 
 
