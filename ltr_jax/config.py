@@ -60,10 +60,14 @@ class ModelSection:
 class EngineSection(PreemptionConfig, EngineConfig):
     """The engine's shapes (`EngineConfig`), how preempted requests resume (`PreemptionConfig`) and start-up keys."""
 
-    warmup_max_len: int = setting(512, ge=0, doc="compile prefill/decode shapes up to this length before serving "
-                                                 "(0 = no warmup)")
-    warmup_transitions: bool = setting(True, doc="also compile every insert and cache resize between the warmed "
-                                                 "shapes (concurrent traffic then meets no compilation)")
+    warmup_max_len: int = setting(128, ge=0, doc="compile prefill/decode/ranker shapes of sequences up to this many "
+                                                 "tokens before serving (0 = none)")
+    idle_warmup_max_len: int = setting(512, ge=0, doc="after start-up, compile the shapes up to this many tokens one "
+                                                      "at a time while no request is in the server; longer ones "
+                                                      "compile when first needed")
+    warmup_transitions: bool = setting(False, doc="also compile every insert and cache resize between the warmed "
+                                                  "shapes before serving (concurrent traffic then meets no "
+                                                  "compilation; slower start, more memory)")
     shared_prefix: bool = setting(True, doc="cache the K/V of the chat template's fixed header (default system "
                                             "prompt and user-turn opening): a prompt that starts with it runs only "
                                             "the tokens after it, in its prefill and in the ranker's pass")

@@ -1,8 +1,11 @@
-"""Facts about the machine: a description recorded beside a benchmark's or training run's numbers, and the
-process's memory mappings against the kernel's limit (each compiled XLA step on a CPU holds some)."""
+"""Facts about the machine: a description recorded beside a benchmark's or training run's numbers, the
+process's memory mappings against the kernel's limit (each compiled XLA step on a CPU holds some), and its
+resident memory (read, and handed back to the system after the allocation bursts of compiling)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import platform
 from typing import Any
@@ -35,6 +38,30 @@ def memory_maps() -> tuple[int, int] | None:
     except (OSError, ValueError):
         return None
     return used, limit
+
+
+def resident_mb() -> float | None:
+    """This process's resident memory in MiB (None where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
+def release_free_memory() -> None:
+    """Hand memory the C allocator holds but no longer uses back to the system (glibc's ``malloc_trim``; nothing
+    elsewhere). Compiling with XLA allocates and frees a lot on many threads; glibc keeps those pages otherwise."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def machine_info() -> dict[str, Any]:

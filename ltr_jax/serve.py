@@ -66,6 +66,14 @@ def port_in_use(host: str, port: int) -> str | None:
     return None
 
 
+def policy_in_force(runtime) -> str:
+    """The scheduling order the server applies, and what was configured when that differs."""
+    configured = runtime.config.scheduler.policy
+    if runtime.effective_policy == configured:
+        return configured
+    return f"{runtime.effective_policy} (configured {configured}, no ranker)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.help_config:
@@ -101,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     uv_config = uvicorn_config(app, config.server, log_level=config.logging.level.lower(),
                                access_log=config.logging.access_log)
     server = GracefulServer(uv_config, app.state.serving, drain_timeout_s=server_cfg.drain_timeout_s,
-                            ready_message=ready_line(runtime.model_name, config.scheduler.policy,
-                                                     runtime.timings.get("warmup_s"), api_key is not None))
+                            ready_message=ready_line(runtime.model_name, policy_in_force(runtime),
+                                                     runtime.timings.get("warmup_s"), api_key is not None,
+                                                     runtime.timings.get("resident_mb")))
     return run_server(server)
 
 

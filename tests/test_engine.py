@@ -11,6 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import wait_for
 
 from ltr_jax.engine.engine import Engine, EngineConfig, SlotSampling
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams
@@ -366,3 +367,42 @@ def test_busy_time_includes_the_arrivals_ranker_passes(tiny):
     ranked = serve(SlowRanker())
     assert ranked["ranker_seconds"] >= 0.5 and ranked["ranker_calls"] == 1
     assert ranked["busy_seconds"] > ranked["ranker_seconds"]  # without the pass it would be those milliseconds
+
+
+def test_idle_tasks_run_on_the_loop_only_while_no_request_is_in(tiny):
+    """`run_when_idle`: tasks run one by one on the loop thread; a request arriving during one gets the loop
+    before the next task runs."""
+    import threading
+
+    loaded, model = tiny
+    orch = Orchestrator(Engine(model, EngineConfig(num_slots=2, max_seq_len=256)), loaded.tokenizer,
+                        Scheduler("fcfs", 2))
+    log: list[str] = []
+    first_running, release = threading.Event(), threading.Event()
+    finished = threading.Event()
+
+    def first():
+        log.append(f"task 1 on {threading.current_thread().name}")
+        first_running.set()
+        assert release.wait(60)
+
+    def second():
+        log.append(f"task 2 (request finished before: {finished.is_set()}, running: {orch.stats()['running']})")
+
+    def on_event(ev):
+        if ev.finished:
+            log.append("request finished")
+            finished.set()
+
+    orch.run_when_idle([first, second])
+    orch.start()
+    try:
+        assert first_running.wait(60)
+        orch.submit(loaded.tokenizer.encode("abc"), SamplingParams(max_tokens=8, ignore_eos=True), on_event)
+        release.set()
+        assert finished.wait(60)
+        assert wait_for(lambda: len(log) == 3, timeout=60)
+    finally:
+        orch.stop(drain=False, timeout_s=30)
+    assert log == ["task 1 on ltr-jax-orchestrator", "request finished",
+                   "task 2 (request finished before: True, running: 0)"]

@@ -686,8 +686,9 @@ def test_cli_serves_prints_ready_line_and_drains_on_sigterm(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     try:
         ready = proc.stdout.readline()
-        match = re.search(r"ready on (http://127\.0\.0\.1:\d+) \(model tiny-random, policy ltr, warmup [\d.]+ s\) "
-                          r"-- try: curl ", ready)
+        # the tiny config asks for ltr without a ranker: the line says the order actually in force
+        match = re.search(r"ready on (http://127\.0\.0\.1:\d+) \(model tiny-random, policy fcfs \(configured ltr, no "
+                          r"ranker\), warmup [\d.]+ s, resident memory \d+ MB\) -- try: curl ", ready)
         assert match, ready + proc.stderr.read() if proc.poll() is not None else ready
         url = match.group(1)
         assert 'Authorization: Bearer $LTR_JAX_API_KEY' in ready and API_KEY not in ready

@@ -31,7 +31,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,6 +149,7 @@ class Orchestrator:
         self.max_tokens_limit = engine.max_seq_len - 1
         self._lock = threading.Condition()
         self._inbox: list[_Generation] = []
+        self._idle_tasks: Iterator[Callable[[], Any]] | None = None  # `run_when_idle`
         # Arrivals the ranker has not scored yet, oldest first; the scheduler sees a request once it is scored.
         self._unscored: collections.deque[_Generation] = collections.deque()
         self.score_per_boundary = score_per_boundary
@@ -220,6 +221,27 @@ class Orchestrator:
             self._cancels.append(request_id)
             self._lock.notify()
 
+    def run_when_idle(self, tasks: Iterable[Callable[[], Any]]) -> None:
+        """Run ``tasks`` one at a time on the loop thread while no request is in the system (e.g. compiling the
+        shapes start-up left out). A request arriving during a task waits for that one task, then has the loop; the
+        rest resume at the next idle moment. Each task may use the engine as if between batches with no slot busy."""
+        with self._lock:
+            self._idle_tasks = iter(tasks)
+            self._lock.notify()
+
+    def _run_one_idle_task(self) -> None:
+        if self._idle_tasks is None:
+            return
+        task = next(self._idle_tasks, None)
+        if task is None:
+            self._idle_tasks = None
+            return
+        try:
+            task()
+        except Exception:  # noqa: BLE001 - idle work is an optimisation: serving goes on without it
+            log.error("idle task failed, dropping the rest:\n%s", traceback.format_exc())
+            self._idle_tasks = None
+
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("orchestrator already started")
@@ -259,10 +281,11 @@ class Orchestrator:
                 idle = not self._inbox and not self._cancels and len(self._jobs) == 0
                 if self._stopping and (idle or not self._drain):
                     break
-                if idle:
+                if idle and self._idle_tasks is None:
                     self._lock.wait(timeout=0.1)
             if idle:  # an idle loop is a batch boundary too: a head accepted meanwhile is swapped in
                 self.ranking.refresh()
+                self._run_one_idle_task()
                 continue
             try:
                 self._boundary()

@@ -168,6 +168,15 @@ class Llama(nnx.Module):
         nnx.replace_by_pure_dict(state, tree)
         return nnx.merge(graphdef, state)
 
+    @staticmethod
+    def state_params(state) -> dict[str, Any]:
+        """A model state's weights (`nnx.split`'s state, e.g. `Engine.params`) in the loader's params layout, as the
+        same device arrays (no copy): a ranker built from it shares the served model's memory."""
+        pure = nnx.to_pure_dict(state)
+        out = {k: v for k, v in pure.items() if k not in ("layers", "inv_freq")}
+        out["layers"] = [pure["layers"][i] for i in sorted(pure["layers"])]
+        return out
+
     def to_params(self) -> dict[str, Any]:
         """The inverse of `from_params`: a params dict of numpy arrays."""
         layers = [{k: np.asarray(getattr(blk, k)[...]) for k in _LAYER_KEYS} for blk in self.layers]

@@ -18,7 +18,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -42,6 +41,7 @@ from ltr_jax.engine.orchestrator import (
     ShuttingDownError,
     StreamEvent,
 )
+from ltr_jax.machine import resident_mb
 from ltr_jax.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ltr_jax.server.runtime import Runtime
 from ltr_jax.server.schemas import (
@@ -171,16 +171,6 @@ class _ResponseCounter:
 
 
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-
-
-def resident_mb() -> float | None:
-    """This process's resident memory (None where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as fh:
-            pages = int(fh.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 def _is_loopback(host: str) -> bool:
@@ -598,14 +588,11 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
                            param="model", code="model_not_found")
         return model_card()
 
-    # with no ranker every score is 0: a ranking policy then serves in arrival order, and /health says so
-    ranks = runtime.ranker is None and runtime.config.scheduler.policy in ("ltr", "ltr-rescore")
-    effective_policy = "fcfs" if ranks else runtime.config.scheduler.policy
 
     @app.get("/health")
     async def health() -> JSONResponse:
         stats = orch.stats()
-        body = {"status": "ok", "model": runtime.model_name, "policy": effective_policy,
+        body = {"status": "ok", "model": runtime.model_name, "policy": runtime.effective_policy,
                 "configured_policy": runtime.config.scheduler.policy, "ranker": runtime.ranker_note,
                 "queue_len": stats["queue_len"], "running": stats["running"], "free_slots": stats["free_slots"],
                 "num_slots": stats["num_slots"], "inflight_http": state.inflight,

@@ -165,11 +165,13 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True
 
 
-def ready_line(model: str, policy: str, warmup_s: float | None, api_key: bool) -> str:
+def ready_line(model: str, policy: str, warmup_s: float | None, api_key: bool, resident_mb: float | None = None
+               ) -> str:
     """The line printed once the server listens (the placeholder {url} is filled in then)."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 32})
     auth = ' -H "Authorization: Bearer $LTR_JAX_API_KEY"' if api_key else ""
     warm = f", warmup {warmup_s:.1f} s" if warmup_s is not None else ""
+    warm += f", resident memory {resident_mb:.0f} MB" if resident_mb else ""
     curl = f"curl -s {{url}}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d {shlex.quote(body)}"
     return f"ltr-jax ready on {{url}} (model {model}, policy {policy}{warm}) -- try: {curl}"
 

@@ -13,6 +13,7 @@ Every failure that a config value causes raises `StartupError` naming that key; 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ltr_jax.config import ModelSection, RankerSection, ServeConfig
+from ltr_jax.machine import release_free_memory, resident_mb
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,12 @@ class Runtime:
     ranker_note: str
     timings: dict[str, float] = field(default_factory=dict)
     online: Any | None = None  # the online learner (`ltr_jax.engine.online`), started and stopped with the app
+
+    @property
+    def effective_policy(self) -> str:
+        """The policy in force: with no ranker every score is 0, so a ranking policy serves in arrival order."""
+        policy = self.config.scheduler.policy
+        return "fcfs" if self.ranker is None and policy in ("ltr", "ltr-rescore") else policy
 
     @property
     def max_seq_len(self) -> int:
@@ -142,6 +150,82 @@ def warmup_shapes(engine_config, max_len: int) -> tuple[list[int], list[int]]:
     return prefill, cache_lens
 
 
+class WarmupPlan:
+    """Which shapes to compile ahead of traffic, in phases with a log line each: before "ready" those of prompts and
+    sequences up to ``engine.warmup_max_len`` tokens; afterwards, one shape at a time while the server is idle
+    (`Orchestrator.run_when_idle`), those up to ``engine.idle_warmup_max_len``. A shape neither covers compiles when
+    a request first needs it (and lands in the persistent compilation cache for the next start)."""
+
+    def __init__(self, engine, ranker, ranking, shared: int, config: ServeConfig):
+        self.engine, self.ranker, self.ranking, self.shared, self.config = engine, ranker, ranking, shared, config
+        self.engine_config = config.engine.to_engine_config()
+
+    def _ranker_lengths(self, prefill: list[int]) -> list[int]:
+        from ltr_jax.models.padding import length_bucket
+
+        if self.ranker is None or not prefill:
+            return []
+        top = length_bucket(max(prefill), self.ranker.spec.max_prompt_len, self.ranker.min_bucket)
+        return [t for t in self.ranker.bucket_lengths() if t <= top]
+
+    def run(self, max_len: int) -> None:
+        """Compile every shape up to ``max_len`` tokens now, logging each phase."""
+        from ltr_jax.engine.ranking import warmup_ranker
+
+        prefill, cache_lens = warmup_shapes(self.engine_config, max_len)
+        if not prefill:
+            log.info("warm-up: none (engine.warmup_max_len = 0): every shape compiles when first needed")
+            return
+        section = self.config.engine
+        t0 = time.perf_counter()
+        log.info("warm-up 1/2: engine, prompts up to %d tokens: %d prefill buckets %s and %d decode cache lengths %s%s",
+                 max_len, len(prefill), prefill, len(cache_lens), cache_lens,
+                 " with every insert and resize between them" if section.warmup_transitions else "")
+        self.engine.warmup(prefill_buckets=prefill, cache_lens=cache_lens, transitions=section.warmup_transitions,
+                           swap=section.preempt_mode == "swap" and section.warmup_transitions)
+        log.info("warm-up 1/2: engine done in %.1f s", time.perf_counter() - t0)
+        lengths = self._ranker_lengths(prefill)
+        if lengths:
+            t0 = time.perf_counter()
+            fused = [(self.shared, t) for t in lengths if t <= self.config.ranker.fuse_max_len] \
+                if self.ranking.fuse_pass else []
+            log.info("warm-up 2/2: ranker, %d prompt lengths %s%s", len(lengths), lengths,
+                     " and the prefills that start from its pass" if self.ranking.reuse_pass else "")
+            warmup_ranker(self.engine, self.ranker, lengths, reuse_ranker_pass=self.ranking.reuse_pass,
+                          fused_shapes=fused, cache_lens=cache_lens)
+            log.info("warm-up 2/2: ranker done in %.1f s", time.perf_counter() - t0)
+
+    def later(self, done_len: int, max_len: int) -> list:
+        """Tasks compiling, one shape each, what lies between ``done_len`` and ``max_len`` tokens."""
+        from ltr_jax.engine.ranking import warmup_ranker
+
+        if max_len <= done_len:
+            return []
+        done_prefill, done_cache = warmup_shapes(self.engine_config, done_len)
+        prefill, cache_lens = warmup_shapes(self.engine_config, max_len)
+        new_prefill = [b for b in prefill if b not in done_prefill]
+        new_cache = [n for n in cache_lens if n not in done_cache]
+        new_ranker = [t for t in self._ranker_lengths(prefill) if t not in self._ranker_lengths(done_prefill)]
+        tasks = [lambda b=b: self.engine.warmup(prefill_buckets=[b]) for b in new_prefill]
+        tasks += [lambda n=n: self.engine.warmup(cache_lens=[n]) for n in new_cache]
+        tasks += [lambda t=t: warmup_ranker(self.engine, self.ranker, [t], reuse_ranker_pass=self.ranking.reuse_pass)
+                  for t in new_ranker]
+        if not tasks:
+            return []
+        t0 = time.perf_counter()
+
+        def announce():
+            log.info("idle warm-up: compiling %d more shapes (prefill buckets %s, decode cache lengths %s, ranker "
+                     "lengths %s) while no request is waiting", len(tasks), new_prefill, new_cache, new_ranker)
+
+        def finish():
+            release_free_memory()
+            log.info("idle warm-up done: %d shapes in %.1f s; resident memory %.0f MB", len(tasks),
+                     time.perf_counter() - t0, resident_mb() or 0.0)
+
+        return [announce, *tasks, finish]
+
+
 def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
     """Load, wire and (optionally) warm up everything; the orchestrator is not started."""
     timings: dict[str, float] = {}
@@ -154,9 +238,8 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
         raise StartupError(str(err)) from None
     from ltr_jax.engine.engine import Engine  # lazy: JAX only once the config is known good
     from ltr_jax.engine.orchestrator import Orchestrator
-    from ltr_jax.engine.ranking import make_ranking_stage, share_prefix, warmup_ranker
+    from ltr_jax.engine.ranking import make_ranking_stage, share_prefix
     from ltr_jax.models.llama import Llama
-    from ltr_jax.models.padding import length_bucket
     from ltr_jax.scheduler.scheduler import Scheduler
     from ltr_jax.server.metrics import ServerMetrics
 
@@ -173,6 +256,8 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
     sched_cfg = config.scheduler
     scheduler = Scheduler(sched_cfg.make_policy(), engine_config.num_slots, starvation=sched_cfg.starvation,
                           max_prefill_tokens=sched_cfg.max_prefill_tokens)
+    if engine.mesh is None:  # the ranker's backbone blocks are the engine's own arrays, not a second copy of them
+        loaded = dataclasses.replace(loaded, params=Llama.state_params(engine.params))
     ranker, ranker_note = load_ranker(config.ranker, sched_cfg.policy, loaded)
     if ranker is not None:
         log.info("scheduling: policy %s, %s", sched_cfg.policy, ranker_note)
@@ -195,20 +280,17 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
                  ranker.spec.n_layers)
     metrics.attach_stats(orchestrator.stats)
 
-    if warmup and config.engine.warmup_max_len > 0:
+    plan = WarmupPlan(engine, ranker, ranking, shared, config)
+    if warmup:
         t1 = time.perf_counter()
-        prefill, cache_lens = warmup_shapes(engine_config, config.engine.warmup_max_len)
-        engine.warmup(prefill_buckets=prefill, cache_lens=cache_lens, transitions=config.engine.warmup_transitions,
-                      swap=config.engine.preempt_mode == "swap")
-        if ranker is not None:  # every padded prompt length up to the warmed one, for a lone arrival
-            top = length_bucket(max(prefill), ranker.spec.max_prompt_len, ranker.min_bucket)
-            fused = [(shared, t) for t in ranker.bucket_lengths() if t <= min(top, config.ranker.fuse_max_len)] \
-                if ranking.fuse_pass else []
-            warmup_ranker(engine, ranker, [t for t in ranker.bucket_lengths() if t <= top],
-                          reuse_ranker_pass=reuse, fused_shapes=fused, cache_lens=cache_lens)
+        plan.run(config.engine.warmup_max_len)
         timings["warmup_s"] = time.perf_counter() - t1
-        log.info("warmed up %d prefill and %d decode shapes in %.1f s", len(prefill), len(cache_lens),
-                 timings["warmup_s"])
+        release_free_memory()
+        timings["resident_mb"] = resident_mb() or 0.0
+        log.info("warm-up done in %.1f s; resident memory %.0f MB", timings["warmup_s"], timings["resident_mb"])
+        later = plan.later(config.engine.warmup_max_len, config.engine.idle_warmup_max_len)
+        if later:
+            orchestrator.run_when_idle(later)
     return Runtime(config=config, model_name=model_name, tokenizer=loaded.tokenizer, engine=engine,
                    orchestrator=orchestrator, metrics=metrics, ranker=ranker, ranker_note=ranker_note,
                    timings=timings, online=online)
