@@ -63,8 +63,8 @@ class EngineSection(PreemptionConfig, EngineConfig):
     warmup_max_len: int = setting(128, ge=0, doc="compile prefill/decode/ranker shapes of sequences up to this many "
                                                  "tokens before serving (0 = none)")
     idle_warmup_max_len: int = setting(512, ge=0, doc="after start-up, compile the shapes up to this many tokens one "
-                                                      "at a time while no request is in the server; longer ones "
-                                                      "compile when first needed")
+                                                      "at a time while no request is in the server (0 = none); "
+                                                      "longer ones compile when first needed")
     warmup_transitions: bool = setting(False, doc="also compile every insert and cache resize between the warmed "
                                                   "shapes before serving (concurrent traffic then meets no "
                                                   "compilation; slower start, more memory)")

@@ -1,7 +1,8 @@
 """`python -m ltr_jax.bench server`: the serving process as a user meets it: start-up, footprint, hostile clients.
 
 Starts ``python -m ltr_jax.serve`` as a child process (the default config plus ``--config`` / ``--set``; with
-``--cold`` on an empty compilation cache), times it to its ready line, reads its resident memory once idle, then
+``--cold`` on an empty compilation cache), times it to its ready line, reads its resident memory then and once its
+idle warm-up is done (``/health``'s ``warmup_pending`` at 0: the idle level the attacks are judged against), then
 runs each attack below while a probe asks ``/health`` every 0.1 s, and reports per attack: the status and message
 the attacker got, the probe's slowest answer, resident memory before and after (against the idle level), and
 whether an ordinary chat request still succeeds afterwards. ``--json`` prints the report as the last line.
@@ -287,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="a serve config override (repeatable)")
     p.add_argument("--cold", action="store_true", help="start on an empty JAX compilation cache")
     p.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated subset of {','.join(ATTACKS)}")
+    p.add_argument("--idle-warmup-timeout-s", type=float, default=900.0,
+                   help="wait this long at most for the server's idle warm-up before the attacks")
     p.add_argument("--out", default=None, help="write the report JSON here")
     p.add_argument("--json", action="store_true", help="print the report as JSON on the last line")
     args = p.parse_args(argv)
@@ -302,6 +305,12 @@ def main(argv: list[str] | None = None) -> None:
         try:
             health = httpx.get(f"{url}/health", timeout=30).json()
             model = health["model"]
+            at_ready = resident_mb(proc.pid)
+            t0 = time.monotonic()
+            while health.get("warmup_pending") and time.monotonic() - t0 < args.idle_warmup_timeout_s:
+                time.sleep(1.0)
+                health = httpx.get(f"{url}/health", timeout=30).json()
+            idle_warmup_s = time.monotonic() - t0
             idle = resident_mb(proc.pid)
             rows = run_attacks(url, model, proc.pid, names)
             served = ordinary_chat_ok(url, model)
@@ -310,8 +319,10 @@ def main(argv: list[str] | None = None) -> None:
             proc.wait(60)
     report = {"command": "python -m ltr_jax.bench server " + " ".join(argv if argv is not None else sys.argv[1:]),
               "cpu": cpu_model(), "cores": os.cpu_count(), "cold_compile_cache": args.cold,
-              "seconds_to_ready": round(ready_s, 1), "resident_mb_idle": idle, "policy": health.get("policy"),
-              "phase_lines": [line for line in lines if "warm" in line or "loaded" in line],
+              "seconds_to_ready": round(ready_s, 1), "resident_mb_at_ready": at_ready,
+              "idle_warmup_seconds": round(idle_warmup_s, 1), "idle_warmup_left": health.get("warmup_pending"),
+              "resident_mb_idle": idle, "policy": health.get("policy"),
+              "phase_lines": [line for line in lines if "warm-up" in line or "loaded" in line],
               "attacks": rows, "serves_after_all": served,
               "ok": served and all(r["status"] is not None and 400 <= r["status"] < 500
                                    and r["resident_mb_after"] - idle <= 100 and r["ordinary_request_ok_after"]

@@ -470,13 +470,14 @@ class Engine:
             np.uint32(sampling.seed & 0xFFFFFFFF),
         )
 
-    def warmup_prefill_from_state(self, n_layers: int, lengths: list[int]) -> float:
+    def warmup_prefill_from_state(self, n_layers: int, lengths: list[int], starts: list[int] | None = None) -> float:
         """Compile `prefill_from_state` for backbone states of ``n_layers`` blocks padded to each of ``lengths``,
-        with and (when one is cached) after the shared prefix, and the inserts of the prefill buckets they map to;
-        returns seconds spent."""
+        with and (when one is cached) after the shared prefix (``starts``: only those of these), and the inserts of
+        the prefill buckets they map to; returns seconds spent."""
         c, t0 = self.model_config, time.perf_counter()
         dt = jnp.dtype(c.dtype)
-        starts = [0] + ([self.shared_prefix.length] if self.shared_prefix is not None else [])
+        starts = [s for s in [0] + ([self.shared_prefix.length] if self.shared_prefix is not None else [])
+                  if starts is None or s in starts]
         stats = dataclasses.replace(self.stats)
         for start in starts:
             for t in lengths:

@@ -31,7 +31,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,7 +149,7 @@ class Orchestrator:
         self.max_tokens_limit = engine.max_seq_len - 1
         self._lock = threading.Condition()
         self._inbox: list[_Generation] = []
-        self._idle_tasks: Iterator[Callable[[], Any]] | None = None  # `run_when_idle`
+        self._idle_tasks: collections.deque[Callable[[], Any]] = collections.deque()  # `run_when_idle`
         # Arrivals the ranker has not scored yet, oldest first; the scheduler sees a request once it is scored.
         self._unscored: collections.deque[_Generation] = collections.deque()
         self.score_per_boundary = score_per_boundary
@@ -224,23 +224,26 @@ class Orchestrator:
     def run_when_idle(self, tasks: Iterable[Callable[[], Any]]) -> None:
         """Run ``tasks`` one at a time on the loop thread while no request is in the system (e.g. compiling the
         shapes start-up left out). A request arriving during a task waits for that one task, then has the loop; the
-        rest resume at the next idle moment. Each task may use the engine as if between batches with no slot busy."""
+        rest resume at the next idle moment. Each task may use the engine as if between batches with no slot busy.
+        `stats()['idle_tasks_left']` counts what is left."""
         with self._lock:
-            self._idle_tasks = iter(tasks)
+            self._idle_tasks.extend(tasks)
             self._lock.notify()
 
     def _run_one_idle_task(self) -> None:
-        if self._idle_tasks is None:
-            return
-        task = next(self._idle_tasks, None)
+        with self._lock:
+            task = self._idle_tasks[0] if self._idle_tasks else None
         if task is None:
-            self._idle_tasks = None
             return
         try:
             task()
         except Exception:  # noqa: BLE001 - idle work is an optimisation: serving goes on without it
             log.error("idle task failed, dropping the rest:\n%s", traceback.format_exc())
-            self._idle_tasks = None
+            with self._lock:
+                self._idle_tasks.clear()
+            return
+        with self._lock:
+            self._idle_tasks.popleft()
 
     def start(self) -> None:
         if self._thread is not None:
@@ -266,6 +269,7 @@ class Orchestrator:
             running = self.scheduler.num_running
             return dict(queue_len=self._unfinished - running, running=running,
                         free_slots=self.engine.num_slots - running, num_slots=self.engine.num_slots,
+                        idle_tasks_left=len(self._idle_tasks),
                         preemptions=self.scheduler.num_preemptions, promotions=self.scheduler.num_promotions,
                         **self.counters, **self.ranking.counters)
 
@@ -281,7 +285,7 @@ class Orchestrator:
                 idle = not self._inbox and not self._cancels and len(self._jobs) == 0
                 if self._stopping and (idle or not self._drain):
                     break
-                if idle and self._idle_tasks is None:
+                if idle and not self._idle_tasks:
                     self._lock.wait(timeout=0.1)
             if idle:  # an idle loop is a batch boundary too: a head accepted meanwhile is swapped in
                 self.ranking.refresh()

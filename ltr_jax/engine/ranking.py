@@ -102,7 +102,8 @@ def share_prefix(tokens, engine: Engine, *rankers: Any) -> int:
 
 
 def warmup_ranker(engine: Engine, ranker: RankerScorer, lengths: list[int], batch_sizes=(1,),
-                  reuse_ranker_pass: bool = True, fused_shapes=(), cache_lens=(), map_budget: float = 0.75) -> float:
+                  reuse_ranker_pass: bool = True, fused_shapes=(), cache_lens=(), map_budget: float = 0.75,
+                  starts: list[int] | None = None) -> float:
     """Compile the ranker for these padded prompt lengths and batch sizes and, when its pass is reused, the engine's
     `prefill_from_state` for the same lengths, ahead of traffic. ``fused_shapes`` ((shared-prefix length, padded
     length) pairs, `RankerScorer.pass_shapes`, most common first) and ``cache_lens``: also the decode steps that run
@@ -111,16 +112,18 @@ def warmup_ranker(engine: Engine, ranker: RankerScorer, lengths: list[int], batc
     On a CPU each compiled fused step holds a few hundred memory mappings (its kernels' code and data), and a
     process past the kernel's ``vm.max_map_count`` fails its next compile however much memory is free. So the
     fused steps stop before this process would hold more than ``map_budget`` of that limit, judging the next step
-    by the largest one compiled so far; the shapes left out run their passes on their own. Returns seconds spent."""
+    by the largest one compiled so far; the shapes left out run their passes on their own. ``starts``: only prompts
+    starting at these positions (0: whole prompts; the shared prefix's length: prompts after it). Returns seconds
+    spent."""
     if not 0 < map_budget <= 1:
         raise ValueError(f"map_budget must be in (0, 1], got {map_budget!r}")
     t0 = time.perf_counter()
     reuse = reuse_ranker_pass and shares_ranker_pass(engine, ranker)
-    ranker.warmup(batch_sizes=batch_sizes, lengths=lengths, keep_state=reuse)
+    ranker.warmup(batch_sizes=batch_sizes, lengths=lengths, keep_state=reuse, starts=starts)
     if not reuse:
         return time.perf_counter() - t0
     n_layers = ranker.spec.n_layers
-    engine.warmup_prefill_from_state(n_layers, lengths)
+    engine.warmup_prefill_from_state(n_layers, lengths, starts=starts)
     todo = [(start, bucket, n) for start, bucket in fused_shapes for n in cache_lens
             if engine.can_run_pass(start, bucket)] if cache_lens else []
     largest, compiled = 0, set()

@@ -419,11 +419,13 @@ class RankerScorer:
         return length_ladder(self.spec.max_prompt_len, self.min_bucket)
 
     def warmup(self, batch_sizes: Sequence[int] = (1, 2, 4), lengths: Sequence[int] | None = None,
-               keep_state: bool = False) -> int:
+               keep_state: bool = False, starts: Sequence[int] | None = None) -> int:
         """Compile the scoring function for these (batch, length) shapes ahead of traffic, for whole prompts and
         (when one is set) for prompts after the shared prefix; returns how many. ``keep_state`` compiles the
-        variant `raw_with_state` uses."""
-        starts = [0] + ([len(self.shared_prefix)] if self.shared_prefix else [])
+        variant `raw_with_state` uses; ``starts`` keeps only those of these starts (0: whole prompts; the shared
+        prefix's length: prompts after it)."""
+        starts = [s for s in [0] + ([len(self.shared_prefix)] if self.shared_prefix else [])
+                  if starts is None or s in starts]
         shapes = [(s, b, t) for s in starts for b in batch_sizes for t in (lengths or self.bucket_lengths())]
         for s, b, t in shapes:
             self._score(np.zeros((b, t), np.int32), np.ones((b,), np.int32), keep_state, s)

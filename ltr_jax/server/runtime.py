@@ -151,14 +151,21 @@ def warmup_shapes(engine_config, max_len: int) -> tuple[list[int], list[int]]:
 
 
 class WarmupPlan:
-    """Which shapes to compile ahead of traffic, in phases with a log line each: before "ready" those of prompts and
-    sequences up to ``engine.warmup_max_len`` tokens; afterwards, one shape at a time while the server is idle
-    (`Orchestrator.run_when_idle`), those up to ``engine.idle_warmup_max_len``. A shape neither covers compiles when
-    a request first needs it (and lands in the persistent compilation cache for the next start)."""
+    """Which shapes to compile ahead of traffic, in phases with a log line each.
+
+    Before "ready", the shapes a chat request of up to ``engine.warmup_max_len`` tokens meets: the decode steps,
+    and either the ranker's pass after the chat template's shared header plus the prefill that continues it (when
+    the pass is reused) or the engine's prefills. Afterwards, one shape at a time while the server is idle
+    (`Orchestrator.run_when_idle`): longer decode steps and ranker passes up to ``engine.idle_warmup_max_len``,
+    whole-prompt passes (completions requests, which lack the header), and the full prefills a request needs when
+    its pass was not kept. A shape neither covers compiles when a request first needs it (then it is in the
+    persistent compilation cache for the next start)."""
 
     def __init__(self, engine, ranker, ranking, shared: int, config: ServeConfig):
         self.engine, self.ranker, self.ranking, self.shared, self.config = engine, ranker, ranking, shared, config
         self.engine_config = config.engine.to_engine_config()
+        self.reuse = ranking is not None and ranking.reuse_pass
+        self.chat_start = shared  # where a chat prompt's ranker pass starts: after the shared header, if cached
 
     def _ranker_lengths(self, prefill: list[int]) -> list[int]:
         from ltr_jax.models.padding import length_bucket
@@ -168,20 +175,26 @@ class WarmupPlan:
         top = length_bucket(max(prefill), self.ranker.spec.max_prompt_len, self.ranker.min_bucket)
         return [t for t in self.ranker.bucket_lengths() if t <= top]
 
-    def run(self, max_len: int) -> None:
-        """Compile every shape up to ``max_len`` tokens now, logging each phase."""
+    def _rank(self, lengths: list[int], starts: list[int], fused=(), cache_lens=()) -> None:
         from ltr_jax.engine.ranking import warmup_ranker
 
+        warmup_ranker(self.engine, self.ranker, lengths, reuse_ranker_pass=self.reuse, fused_shapes=fused,
+                      cache_lens=cache_lens, starts=starts)
+
+    def run(self, max_len: int) -> None:
+        """Compile the shapes of chat requests up to ``max_len`` tokens now, logging each phase."""
         prefill, cache_lens = warmup_shapes(self.engine_config, max_len)
         if not prefill:
             log.info("warm-up: none (engine.warmup_max_len = 0): every shape compiles when first needed")
             return
         section = self.config.engine
+        engine_prefill = [] if self.reuse and not section.warmup_transitions else prefill
         t0 = time.perf_counter()
-        log.info("warm-up 1/2: engine, prompts up to %d tokens: %d prefill buckets %s and %d decode cache lengths %s%s",
-                 max_len, len(prefill), prefill, len(cache_lens), cache_lens,
-                 " with every insert and resize between them" if section.warmup_transitions else "")
-        self.engine.warmup(prefill_buckets=prefill, cache_lens=cache_lens, transitions=section.warmup_transitions,
+        log.info("warm-up 1/2: engine, sequences up to %d tokens: decode cache lengths %s%s%s", max_len, cache_lens,
+                 f", prefill buckets {engine_prefill}" if engine_prefill else "",
+                 ", every insert and resize between them" if section.warmup_transitions else "")
+        self.engine.warmup(prefill_buckets=engine_prefill, cache_lens=cache_lens,
+                           transitions=section.warmup_transitions,
                            swap=section.preempt_mode == "swap" and section.warmup_transitions)
         log.info("warm-up 1/2: engine done in %.1f s", time.perf_counter() - t0)
         lengths = self._ranker_lengths(prefill)
@@ -189,41 +202,44 @@ class WarmupPlan:
             t0 = time.perf_counter()
             fused = [(self.shared, t) for t in lengths if t <= self.config.ranker.fuse_max_len] \
                 if self.ranking.fuse_pass else []
-            log.info("warm-up 2/2: ranker, %d prompt lengths %s%s", len(lengths), lengths,
-                     " and the prefills that start from its pass" if self.ranking.reuse_pass else "")
-            warmup_ranker(self.engine, self.ranker, lengths, reuse_ranker_pass=self.ranking.reuse_pass,
-                          fused_shapes=fused, cache_lens=cache_lens)
+            log.info("warm-up 2/2: ranker, prompt lengths %s%s%s", lengths,
+                     f" after the chat header ({self.shared} tokens)" if self.shared else "",
+                     " and the prefills that continue its pass" if self.reuse else "")
+            self._rank(lengths, [self.chat_start], fused, cache_lens)
             log.info("warm-up 2/2: ranker done in %.1f s", time.perf_counter() - t0)
 
     def later(self, done_len: int, max_len: int) -> list:
-        """Tasks compiling, one shape each, what lies between ``done_len`` and ``max_len`` tokens."""
-        from ltr_jax.engine.ranking import warmup_ranker
-
-        if max_len <= done_len:
+        """Tasks compiling, one shape each, the rest of the shapes up to ``max_len`` tokens (see the class; 0:
+        none)."""
+        if max_len <= 0:
             return []
+        prefill, cache_lens = warmup_shapes(self.engine_config, max(done_len, max_len))
         done_prefill, done_cache = warmup_shapes(self.engine_config, done_len)
-        prefill, cache_lens = warmup_shapes(self.engine_config, max_len)
-        new_prefill = [b for b in prefill if b not in done_prefill]
-        new_cache = [n for n in cache_lens if n not in done_cache]
-        new_ranker = [t for t in self._ranker_lengths(prefill) if t not in self._ranker_lengths(done_prefill)]
-        tasks = [lambda b=b: self.engine.warmup(prefill_buckets=[b]) for b in new_prefill]
-        tasks += [lambda n=n: self.engine.warmup(cache_lens=[n]) for n in new_cache]
-        tasks += [lambda t=t: warmup_ranker(self.engine, self.ranker, [t], reuse_ranker_pass=self.ranking.reuse_pass)
-                  for t in new_ranker]
+        ranker_lengths, done_ranker = self._ranker_lengths(prefill), self._ranker_lengths(done_prefill)
+        other = [0] if self.shared else []
+        tasks: list[tuple[str, Any]] = []
+        tasks += [(f"decode at cache length {n}", lambda n=n: self.engine.warmup(cache_lens=[n]))
+                  for n in cache_lens if n not in done_cache]
+        tasks += [(f"ranker pass of {t} tokens", lambda t=t: self._rank([t], [self.chat_start]))
+                  for t in ranker_lengths if t not in done_ranker]
+        tasks += [(f"ranker pass of {t} tokens, whole prompt", lambda t=t: self._rank([t], other))
+                  for t in ranker_lengths if other]
+        tasks += [(f"prefill of {b} tokens", lambda b=b: self.engine.warmup(prefill_buckets=[b]))
+                  for b in prefill if self.reuse or b not in done_prefill]
         if not tasks:
             return []
         t0 = time.perf_counter()
 
         def announce():
-            log.info("idle warm-up: compiling %d more shapes (prefill buckets %s, decode cache lengths %s, ranker "
-                     "lengths %s) while no request is waiting", len(tasks), new_prefill, new_cache, new_ranker)
+            log.info("idle warm-up: compiling %d more shapes while no request is in: %s", len(tasks),
+                     "; ".join(name for name, _ in tasks))
 
         def finish():
             release_free_memory()
             log.info("idle warm-up done: %d shapes in %.1f s; resident memory %.0f MB", len(tasks),
                      time.perf_counter() - t0, resident_mb() or 0.0)
 
-        return [announce, *tasks, finish]
+        return [announce, *(task for _, task in tasks), finish]
 
 
 def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
