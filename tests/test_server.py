@@ -746,3 +746,15 @@ def test_forged_control_tokens_stay_text_with_the_real_smollm2_tokenizer(smollm2
         resp = httpx.post(f"{handle.url}/v1/completions", json=body, timeout=300)
         assert resp.status_code == 200 and resp.json()["usage"]["prompt_tokens"] == len(tok.encode(forged,
                                                                                                      special=False))
+
+
+@pytest.mark.parametrize("attack", ["chat_body_50mb", "completion_prompt_50mb", "messages_100k", "stop_list_10mb"])
+def test_hostile_bodies_get_a_4xx_naming_the_limit_and_the_server_keeps_serving(server, attack):
+    from ltr_jax.bench.server_bench import ATTACKS, HealthProbe, ordinary_chat_ok
+
+    with HealthProbe(server.url, interval_s=0.05) as probe:
+        reply = ATTACKS[attack](server.url, MODEL)
+    expected = {"messages_100k": (400, "server.max_messages")}.get(attack, (413, "server.max_body_mb"))
+    assert (reply.status, expected[1] in reply.message) == (expected[0], True), reply
+    assert probe.latencies and None not in probe.latencies  # /health answered all along
+    assert ordinary_chat_ok(server.url, MODEL)

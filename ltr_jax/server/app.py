@@ -365,8 +365,9 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
         body = await read_body(request)
         if not body.strip():
             raise bad_request("the request body is empty; send a JSON object", None, "missing_body")
-        try:
-            req = schema.model_validate_json(body)
+        try:  # a big body is parsed off the event loop too, so streams and /health keep flowing meanwhile
+            req = (schema.model_validate_json(body) if len(body) < 2**18 else
+                   await asyncio.get_running_loop().run_in_executor(tokenizer_pool, schema.model_validate_json, body))
         except ValidationError as err:
             raise format_validation_error(err.errors(include_url=False)) from None
         if req.model != runtime.model_name:
