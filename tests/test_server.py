@@ -758,3 +758,19 @@ def test_hostile_bodies_get_a_4xx_naming_the_limit_and_the_server_keeps_serving(
     assert (reply.status, expected[1] in reply.message) == (expected[0], True), reply
     assert probe.latencies and None not in probe.latencies  # /health answered all along
     assert ordinary_chat_ok(server.url, MODEL)
+
+
+def test_a_client_dropping_mid_body_is_a_499_without_a_traceback(server, caplog):
+    import logging
+    import socket
+
+    key = 'ltr_jax_http_responses_total{route="/v1/completions",status="499"}'
+    before = metrics(server.url).get(key, 0)
+    host, port = server.url.split("//")[1].split(":")
+    with caplog.at_level(logging.WARNING):
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                          "Content-Length: 1000\r\n\r\n{\"model\": ").encode())
+        assert wait_for(lambda: metrics(server.url).get(key, 0) == before + 1, timeout=60)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+    assert httpx.get(f"{server.url}/health").status_code == 200
