@@ -62,7 +62,7 @@ class EngineSection(PreemptionConfig, EngineConfig):
 
     warmup_max_len: int = setting(128, ge=0, doc="compile prefill/decode/ranker shapes of sequences up to this many "
                                                  "tokens before serving (0 = none)")
-    idle_warmup_max_len: int = setting(512, ge=0, doc="after start-up, compile the shapes up to this many tokens one "
+    idle_warmup_max_len: int = setting(256, ge=0, doc="after start-up, compile the shapes up to this many tokens one "
                                                       "at a time while no request is in the server (0 = none); "
                                                       "longer ones compile when first needed")
     warmup_transitions: bool = setting(False, doc="also compile every insert and cache resize between the warmed "

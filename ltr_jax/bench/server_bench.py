@@ -2,7 +2,8 @@
 
 Starts ``python -m ltr_jax.serve`` as a child process (the default config plus ``--config`` / ``--set``; with
 ``--cold`` on an empty compilation cache), times it to its ready line, reads its resident memory then and once its
-idle warm-up is done (``/health``'s ``warmup_pending`` at 0: the idle level the attacks are judged against), then
+idle warm-up is done (``/health``'s ``warmup_pending`` at 0) and it has answered one ordinary chat request (the
+idle level the attacks are judged against), then
 runs each attack below while a probe asks ``/health`` every 0.1 s, and reports per attack: the status and message
 the attacker got, the probe's slowest answer, resident memory before and after (against the idle level), and
 whether an ordinary chat request still succeeds afterwards. ``--json`` prints the report as the last line.
@@ -199,6 +200,7 @@ class HealthProbe:
 
     def __post_init__(self):
         self._stop = threading.Event()
+        self._first = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -210,10 +212,13 @@ class HealthProbe:
                 except httpx.HTTPError:
                     ok = False
                 self.latencies.append(time.monotonic() - t0 if ok else None)
+                self._first.set()
                 self._stop.wait(self.interval_s)
 
     def __enter__(self) -> Self:
+        """Starts probing and returns once the first answer is in (the attack then starts with a probe running)."""
         self._thread.start()
+        self._first.wait(60)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -311,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
                 time.sleep(1.0)
                 health = httpx.get(f"{url}/health", timeout=30).json()
             idle_warmup_s = time.monotonic() - t0
+            first_ok = ordinary_chat_ok(url, model)  # the idle level is that of a server that has served
             idle = resident_mb(proc.pid)
             rows = run_attacks(url, model, proc.pid, names)
             served = ordinary_chat_ok(url, model)
@@ -324,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
               "resident_mb_idle": idle, "policy": health.get("policy"),
               "phase_lines": [line for line in lines if "warm-up" in line or "loaded" in line],
               "attacks": rows, "serves_after_all": served,
-              "ok": served and all(r["status"] is not None and 400 <= r["status"] < 500
+              "ok": first_ok and served and all(r["status"] is not None and 400 <= r["status"] < 500
                                    and r["resident_mb_after"] - idle <= 100 and r["ordinary_request_ok_after"]
                                    for r in rows)}
     if args.out:

@@ -301,7 +301,7 @@ def save_hf_checkpoint(directory: str | Path, config: LlamaConfig, params: dict[
         _write_json(directory / INDEX_FILE, index)
     _write_json(directory / "config.json", hf_config_dict(config, torch_dtype=dtype))
     if tokenizer is not None:
-        _save_tokenizer(directory, tokenizer)
+        save_tokenizer(directory, tokenizer)
     return directory
 
 
@@ -311,7 +311,10 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _save_tokenizer(directory: Path, tokenizer: ChatTokenizer | str | Path) -> None:
+def save_tokenizer(directory: Path, tokenizer: ChatTokenizer | str | Path) -> None:
+    """Write ``tokenizer`` into ``directory`` as Hugging Face tokenizer files (`tokenizer.json`, `tokenizer_config.json`
+    with the chat template and special tokens, `generation_config.json` with the stop ids), which
+    `transformers.AutoTokenizer` and `ChatTokenizer.from_hf_dir` read; a path copies an existing tokenizer.json."""
     if isinstance(tokenizer, (str, Path)):
         src = Path(tokenizer)
         if not src.is_file():

@@ -361,10 +361,19 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
                               f"{max_prompt_chars} (what its prompt limit of {runtime.max_prompt_len} tokens can "
                               f"hold); shorten it", param, "context_length_exceeded")
 
+    def too_many_messages(count: int | str) -> APIError:
+        return bad_request(f"the request has {count} messages, more than this server's limit of "
+                           f"{settings.max_messages} (server.max_messages)", "messages")
+
     async def parse(request: Request, schema: type[SamplingRequest]) -> SamplingRequest:
         body = await read_body(request)
         if not body.strip():
             raise bad_request("the request body is empty; send a JSON object", None, "missing_body")
+        # before parsing (which holds the interpreter for a while on a huge list): the key "role" is written once
+        # per message and the same six bytes can stand as at most two more string values in it (content, name)
+        roles = body.count(b'"role"') if schema is ChatRequest else 0
+        if roles > 3 * settings.max_messages:
+            raise too_many_messages(f"at least {-(-roles // 3)}")
         try:  # a big body is parsed off the event loop too, so streams and /health keep flowing meanwhile
             req = (schema.model_validate_json(body) if len(body) < 2**18 else
                    await asyncio.get_running_loop().run_in_executor(tokenizer_pool, schema.model_validate_json, body))
@@ -560,8 +569,7 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
         authorize(request)
         req: ChatRequest = await parse(request, ChatRequest)  # type: ignore[assignment]
         if len(req.messages) > settings.max_messages:
-            raise bad_request(f"the request has {len(req.messages)} messages, more than this server's limit of "
-                              f"{settings.max_messages} (server.max_messages)", "messages")
+            raise too_many_messages(len(req.messages))
         messages = chat_messages(req)
         check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         try:

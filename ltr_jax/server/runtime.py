@@ -156,10 +156,11 @@ class WarmupPlan:
     Before "ready", the shapes a chat request of up to ``engine.warmup_max_len`` tokens meets: the decode steps,
     and either the ranker's pass after the chat template's shared header plus the prefill that continues it (when
     the pass is reused) or the engine's prefills. Afterwards, one shape at a time while the server is idle
-    (`Orchestrator.run_when_idle`): longer decode steps and ranker passes up to ``engine.idle_warmup_max_len``,
-    whole-prompt passes (completions requests, which lack the header), and the full prefills a request needs when
-    its pass was not kept. A shape neither covers compiles when a request first needs it (then it is in the
-    persistent compilation cache for the next start)."""
+    (`Orchestrator.run_when_idle`), the same for sequences up to ``engine.idle_warmup_max_len`` tokens. The rest
+    (whole-prompt ranker passes of completions requests, which lack the chat header; full prefills of requests
+    whose pass was not kept; inserts and resizes) compiles when a request first needs it, and is then in the
+    persistent compilation cache for the next start. On a CPU each compiled 30-block shape holds tens of MB, so
+    what is compiled ahead is what a laptop pays in resident memory."""
 
     def __init__(self, engine, ranker, ranking, shared: int, config: ServeConfig):
         self.engine, self.ranker, self.ranking, self.shared, self.config = engine, ranker, ranking, shared, config
@@ -216,16 +217,14 @@ class WarmupPlan:
         prefill, cache_lens = warmup_shapes(self.engine_config, max(done_len, max_len))
         done_prefill, done_cache = warmup_shapes(self.engine_config, done_len)
         ranker_lengths, done_ranker = self._ranker_lengths(prefill), self._ranker_lengths(done_prefill)
-        other = [0] if self.shared else []
         tasks: list[tuple[str, Any]] = []
         tasks += [(f"decode at cache length {n}", lambda n=n: self.engine.warmup(cache_lens=[n]))
                   for n in cache_lens if n not in done_cache]
         tasks += [(f"ranker pass of {t} tokens", lambda t=t: self._rank([t], [self.chat_start]))
                   for t in ranker_lengths if t not in done_ranker]
-        tasks += [(f"ranker pass of {t} tokens, whole prompt", lambda t=t: self._rank([t], other))
-                  for t in ranker_lengths if other]
-        tasks += [(f"prefill of {b} tokens", lambda b=b: self.engine.warmup(prefill_buckets=[b]))
-                  for b in prefill if self.reuse or b not in done_prefill]
+        if not self.reuse:  # the engine's prefills are the chat path
+            tasks += [(f"prefill of {b} tokens", lambda b=b: self.engine.warmup(prefill_buckets=[b]))
+                      for b in prefill if b not in done_prefill]
         if not tasks:
             return []
         t0 = time.perf_counter()
