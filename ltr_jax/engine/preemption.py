@@ -20,5 +20,5 @@ class PreemptionConfig:
     preempt_mode: str = setting("swap", choices=PREEMPT_MODES, doc="how a preempted request resumes: 'swap' keeps "
                                 "its K/V (within swap_budget_mb) and continues where it stopped; 'recompute' "
                                 "re-prefills its prompt and every token it produced")
-    swap_budget_mb: float = setting(1024.0, ge=0, doc="memory for the K/V of preempted requests (preempt_mode "
+    swap_budget_mb: float = setting(512.0, ge=0, doc="memory for the K/V of preempted requests (preempt_mode "
                                                       "swap); past it a preempted request recomputes")

@@ -76,7 +76,7 @@ class RankingConfig:
     reuse_pass: bool = setting(True, doc="when the ranker's backbone is the served model's own first blocks, keep "
                                          "its pass over each prompt and start that prompt's prefill there "
                                          "(ranking then adds no model compute)")
-    state_budget_mb: float = setting(1024.0, ge=0, doc="memory for kept ranker passes (hidden state + K/V of "
+    state_budget_mb: float = setting(512.0, ge=0, doc="memory for kept ranker passes (hidden state + K/V of "
                                                        "the backbone blocks); past it, the last-ranked requests "
                                                        "drop theirs and prefill in full")
     score_per_boundary: int | None = setting(32, ge=1, doc="arrivals scored per batch boundary, oldest first "
