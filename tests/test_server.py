@@ -774,3 +774,26 @@ def test_a_client_dropping_mid_body_is_a_499_without_a_traceback(server, caplog)
         assert wait_for(lambda: metrics(server.url).get(key, 0) == before + 1, timeout=60)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_warm_up_before_ready_then_the_rest_while_idle(caplog):
+    """Shapes up to engine.warmup_max_len compile before the server is built; those up to idle_warmup_max_len are
+    left to the loop's idle moments, which run them all once started, and serving works meanwhile and after."""
+    import logging
+
+    from ltr_jax.server.runtime import build_runtime
+
+    config = tiny_config("engine.warmup_max_len=16", "engine.idle_warmup_max_len=128", "logging.level=INFO")
+    with caplog.at_level(logging.INFO, logger="ltr_jax.server.runtime"):
+        runtime = build_runtime(config)
+        left = runtime.orchestrator.stats()["idle_tasks_left"]
+        assert left >= 3  # announce, at least one decode length, finish
+        with serve_in_thread(config, runtime=runtime) as handle:
+            assert wait_for(lambda: httpx.get(f"{handle.url}/health").json()["warmup_pending"] == 0, timeout=300)
+            body = {"model": MODEL, "prompt": "x" * 60, "max_tokens": 40, "ignore_eos": True}
+            resp = httpx.post(f"{handle.url}/v1/completions", json=body, timeout=120)
+            assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 40
+    text = caplog.text
+    assert "warm-up 1/2: engine, sequences up to 16 tokens" in text
+    assert "idle warm-up: compiling" in text and "idle warm-up done" in text
+    assert text.index("warm-up done in") < text.index("idle warm-up: compiling")

@@ -315,6 +315,8 @@ def save_tokenizer(directory: Path, tokenizer: ChatTokenizer | str | Path) -> No
     """Write ``tokenizer`` into ``directory`` as Hugging Face tokenizer files (`tokenizer.json`, `tokenizer_config.json`
     with the chat template and special tokens, `generation_config.json` with the stop ids), which
     `transformers.AutoTokenizer` and `ChatTokenizer.from_hf_dir` read; a path copies an existing tokenizer.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     if isinstance(tokenizer, (str, Path)):
         src = Path(tokenizer)
         if not src.is_file():
