@@ -18,7 +18,7 @@ if [ ! -x "$VENV/bin/guidellm" ]; then  # CPU torch first: a bare `torch` requir
   "$VENV/bin/pip" install -q torch==2.13.0 2>/dev/null || "$VENV/bin/pip" install -q torch --index-url https://download.pytorch.org/whl/cpu
   "$VENV/bin/pip" install -q guidellm==0.8.1 "torch==$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
 fi
-TOKENIZER="$OUT/tokenizer"
+TOKENIZER=$(mktemp -d)
 "$PY" - "$TOKENIZER" <<'PYEOF'
 import sys
 from pathlib import Path
@@ -30,7 +30,7 @@ save_tokenizer(Path(sys.argv[1]), load_model(None).tokenizer)
 PYEOF
 "$PY" -m ltr_jax.serve --set server.port="$PORT" "$@" > "$OUT/server.log" 2>&1 &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
+trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; rm -rf "$TOKENIZER"' EXIT
 until grep -q "ltr-jax ready on" "$OUT/server.log"; do
   kill -0 $SERVER 2>/dev/null || { cat "$OUT/server.log"; exit 1; }
   sleep 2
@@ -39,4 +39,3 @@ done
   --backend "kind=openai_http,target=http://127.0.0.1:$PORT,model=smollm2-135m,request_format=/v1/chat/completions,timeout=600" \
   --tokenizer "kind=hf_auto,model=$TOKENIZER" --output "kind=json,path=$OUT/guidellm.json" --disable-progress \
   | tee "$OUT/guidellm_console.txt"
-rm -rf "$TOKENIZER"
