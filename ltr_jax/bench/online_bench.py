@@ -310,6 +310,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "on this machine (a burst of --capacity-probe requests under fcfs)")
     p.add_argument("--rate", type=float, default=None, help="request rate in req/s (replaces --load)")
     p.add_argument("--capacity-probe", type=int, default=64, help="requests of the capacity burst")
+    p.add_argument("--stream", choices=("all", "held-out"), default="all",
+                   help="held-out: only the prompts the offline ranker's training held out, so the static arm never "
+                   "saw any prompt of the stream (train that ranker with a large val_fraction); all: every prompt")
     p.add_argument("--held-out-last", action=argparse.BooleanOptionalAction, default=True,
                    help="order the stream so the prompts the offline ranker's training held out come last (each "
                    "part in seeded order): the last windows compare the static and online heads on prompts "
@@ -358,6 +361,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                        10**6, "all", args.seed, args.length_scale, refill=False)
     fraction, salt = held_out_split(offline_path) or (0.1, DEFAULT_SPLIT_SALT)
     held_out = {i.id for i in items if is_validation(i.id, fraction, salt)}  # prompts the offline ranker never saw
+    if args.stream == "held-out":
+        items = [i for i in items if i.id in held_out]
+        if not items:
+            raise SystemExit(f"--stream held-out: the offline ranker {offline_path} held out none of these prompts")
     if args.held_out_last:  # the last windows then compare every arm on prompts no head was trained on
         items = [i for i in items if i.id not in held_out] + [i for i in items if i.id in held_out]
     length_source += f", each scaled by {args.length_scale:g}"
@@ -385,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "online learning of the ranker on the real engine", "model": loaded.config.name,
         "command": "python -m ltr_jax.bench online " + " ".join(sys.argv[2:] if argv is None else argv),
         "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "length_source": length_source, "n": len(items), "slots": args.slots, "seed": args.seed,
+        "length_source": length_source, "stream": args.stream, "n": len(items), "slots": args.slots, "seed": args.seed,
         "rate_req_s": rate, "load": args.load if args.rate is None else None,
         "capacity_req_s": capacity, "warmup_s": round(warm_s, 1), "window_s": args.window_s,
         "offline_ranker": offline_path, "mismatched_ranker": mismatched_path,
