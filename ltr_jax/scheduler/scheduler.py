@@ -48,6 +48,7 @@ from .starvation import StarvationConfig, WorkModel
 
 _PROMOTED = 0
 _NORMAL = 1
+_REFRESH_EVERY = 64  # fcfs-slack: finished requests between two refreshes of the cost model
 
 
 @dataclass
@@ -118,8 +119,10 @@ class Scheduler:
         self._by_arrival = SortedList()  # entries (seq, req): waiting requests that never ran, oldest first
         self._resumes = SortedList()  # entries (wait start, seq, req): preempted requests waiting to resume
         self._work_model = WorkModel()
-        self._present_estimate = 0.0  # expected engine seconds of the requests here (at their arrival's estimate)
-        self._present_work = 0.0  # engine seconds they have had (running ones: up to their last slot release)
+        self._finishes_since_refresh = 0
+        self._unstarted_scores = SortedList()  # scores of the requests here that never had a slot
+        self._started_waiting: dict[Request, float] = {}  # started, now waiting -> expected engine seconds to go
+        self._started_waiting_s = 0.0  # their sum
         self._delay_peaks: deque[tuple[float, float]] = deque()  # (time, FCFS delay), delays decreasing
 
     # ------------------------------------------------------------------ views
@@ -160,6 +163,10 @@ class Scheduler:
         req._rank = self._rank(req)
         req._entry = (req._rank, req)
         self._waiting.add(req._entry)
+        if self._fcfs_slack and req._started:  # preempted: what it is expected still to cost
+            remaining = self._work_model.remaining(req.score, req._work_s)
+            self._started_waiting[req] = remaining
+            self._started_waiting_s += remaining
         if req.promoted:
             self._num_promoted_waiting += 1
         elif self._fcfs_slack:
@@ -175,6 +182,8 @@ class Scheduler:
     def _pop_waiting(self, req: Request) -> None:
         self._waiting.remove(req._entry)
         req._entry = None
+        if self._fcfs_slack and req._started:
+            self._started_waiting_s -= self._started_waiting.pop(req)
         if req.promoted:
             self._num_promoted_waiting -= 1
         elif self._fcfs_slack and not req.generated:
@@ -212,8 +221,8 @@ class Scheduler:
         self._by_id[req.request_id] = req
         if self._fcfs_slack:
             self._attribute_interval(req, now, exclusive=True)  # ending with its add: its ranker pass
-            req._work_estimate = self._work_model.estimate(req.score)
-            self._present_estimate += req._work_estimate
+            self._work_model.arrived(req.score)
+            self._unstarted_scores.add(req.score)
         self._push_waiting(req, now)
 
     def schedule(self, now: float) -> Decision:
@@ -315,8 +324,9 @@ class Scheduler:
         req.state = RequestState.FINISHED
         req.finish_time = now
         if self._fcfs_slack:
-            self._work_model.finished(req.score, req._work_s)
-            self._forget_work(req)
+            self._finishes_since_refresh += 1
+            if self._finishes_since_refresh >= _REFRESH_EVERY or not self._work_model.ready:
+                self._refresh_work_model()
         if self.policy.on_finish(req):
             self._rerank_all()
 
@@ -329,8 +339,8 @@ class Scheduler:
             self._pop_waiting(req)
         else:
             self._release_slot(req)
-        if self._fcfs_slack:
-            self._forget_work(req)
+        if self._fcfs_slack and not req._started:
+            self._unstarted_scores.remove(req.score)
         req.state = RequestState.CANCELLED
         req.finish_time = now
         return req
@@ -419,6 +429,10 @@ class Scheduler:
         self._running[req] = None
         req._admitted_promoted = req.promoted
         req._share_mark = self._share_clock
+        if self._fcfs_slack and not req._started:
+            self._unstarted_scores.remove(req.score)
+            self._work_model.started(req, req.score)
+        req._started = True
         req._prefill_pending = True
         if req.promoted:
             self._running_promoted[req] = None
@@ -427,9 +441,7 @@ class Scheduler:
         del self._running[req]
         self._running_promoted.pop(req, None)
         if self._fcfs_slack:  # what its slot received while it held it
-            received = self._share_clock - req._share_mark
-            req._work_s += received
-            self._present_work += received
+            req._work_s += self._share_clock - req._share_mark
 
     def _preempt(self, req: Request) -> None:
         self._release_slot(req)
@@ -447,25 +459,44 @@ class Scheduler:
             dt = now - self._event_time
             if exclusive:
                 req._work_s += dt
-                self._present_work += dt
             else:
                 self._share_clock += dt / self.num_slots
         if self._event_time is None or now > self._event_time:
             self._event_time = now
 
-    def _forget_work(self, req: Request) -> None:
-        self._present_estimate -= req._work_estimate
-        self._present_work -= req._work_s
+    def _refresh_work_model(self) -> None:
+        """Re-learn the cost model from the last requests to start (`WorkModel`) and re-estimate the rest of the
+        started requests that wait."""
+        self._finishes_since_refresh = 0
+        model = self._work_model
+        model.refresh(self._observe)
+        self._started_waiting = {r: model.remaining(r.score, r._work_s) for r in self._started_waiting}
+        self._started_waiting_s = sum(self._started_waiting.values())
+
+    def _observe(self, req: Request) -> tuple[float, bool] | None:
+        """A started request as the cost model sees it: (its cost, True) once finished, (what it has had so far,
+        False) before, None if cancelled."""
+        if req.state is RequestState.CANCELLED:
+            return None
+        return self._work_had(req), req.state is RequestState.FINISHED
+
+    def _work_had(self, req: Request) -> float:
+        """Engine seconds a request has had so far (a running one: including its slot's current share)."""
+        if req.state is RequestState.RUNNING:
+            return req._work_s + self._share_clock - req._share_mark
+        return req._work_s
 
     def fcfs_delay_s(self) -> float:
         """fcfs-slack: how long FCFS would make a request arriving now wait. Under FCFS that depends only on the
         work ahead of it, and the work in the system is the same under every order that keeps the engine busy:
-        the requests here, each at its expected cost (`WorkModel`) less what it has had, less what FCFS would
-        still have running in the other slots when it starts the newcomer."""
-        backlog = self._present_estimate - self._present_work
+        the requests here, each at its expected cost (`WorkModel`: the whole of it for one that never started,
+        the expected rest given what it has had for one that did), less what FCFS would still have running in the
+        other slots when it starts the newcomer."""
+        model = self._work_model
+        backlog = model.unstarted_work(self._unstarted_scores) + self._started_waiting_s
         for r in self._running:
-            backlog -= self._share_clock - r._share_mark
-        return max(0.0, backlog - self._work_model.fcfs_tail(self.num_slots))
+            backlog += model.remaining(r.score, r._work_s + self._share_clock - r._share_mark)
+        return max(0.0, backlog - model.fcfs_tail(self.num_slots))
 
     def promotion_wait_s(self, now: float) -> float:
         """fcfs-slack: the wait after which a request is promoted now: the longest wait FCFS would have imposed on
