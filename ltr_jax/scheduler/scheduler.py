@@ -536,7 +536,9 @@ class Scheduler:
     def _demote_expired(self, now: float) -> None:
         if not self._running_promoted:
             return
-        for req in [r for r in self._running_promoted if self._quantum_over(r, now)]:
+        to_end = self.starvation.run_to_end_after if self._fcfs_slack else 0
+        for req in [r for r in self._running_promoted
+                    if self._quantum_over(r, now) and not (to_end and r.promotions >= to_end)]:
             del self._running_promoted[req]
             req.promoted = False
             req._rank = self._rank(req)

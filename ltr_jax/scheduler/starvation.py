@@ -49,8 +49,11 @@ class StarvationConfig:
                                                              "may hold while ranked ones wait (at least one slot)")
     threshold_s: float = setting(60.0, gt=0, doc="threshold: max waiting time (TTFT or inter-token gap) before "
                                                  "promotion")
-    quantum_s: float = setting(1.0, gt=0, doc="how long a promoted request keeps its priority (and at least one "
-                                              "token)")
+    # A promotion's job is a token that ends a wait; whatever else it runs is work out of rank order.
+    quantum_s: float = setting(0.25, gt=0, doc="how long a promoted request keeps its priority (and at least one "
+                                               "token)")
+    run_to_end_after: int = setting(2, ge=0, doc="fcfs-slack: a request promoted this many times keeps its slot "
+                                                 "and priority until it finishes (0: never)")
     # Without this, under a cap of 0 a promoted request waits for a slot to free, and in overload the bound slips.
     preempt_past_cap: bool = setting(True, doc="a promoted request may evict a running one even past the policy's "
                                                "max_preemptions (else it waits for a free slot)")
@@ -68,6 +71,8 @@ class StarvationConfig:
             value = getattr(self, pname)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"StarvationConfig.{pname} must be a finite number > 0 seconds, got {value!r}")
+        if not (isinstance(self.run_to_end_after, int) and self.run_to_end_after >= 0):
+            raise ValueError(f"StarvationConfig.run_to_end_after must be an int >= 0, got {self.run_to_end_after!r}")
         share = self.max_promoted_share
         if not (isinstance(share, (int, float)) and 0 < share <= 1):
             raise ValueError(f"StarvationConfig.max_promoted_share must be in (0, 1], got {share!r}")
@@ -81,7 +86,8 @@ class StarvationConfig:
         common = {"rule": self.rule, "quantum_s": self.quantum_s, "preempt_past_cap": self.preempt_past_cap,
                   "requeue_after_quantum": self.requeue_after_quantum}
         if self.rule == "fcfs-slack":
-            return {**common, "slack_s": self.slack_s, "max_promoted_share": self.max_promoted_share}
+            return {**common, "slack_s": self.slack_s, "max_promoted_share": self.max_promoted_share,
+                    "run_to_end_after": self.run_to_end_after}
         return {**common, "threshold_s": self.threshold_s}
 
 
