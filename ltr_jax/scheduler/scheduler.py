@@ -13,24 +13,28 @@ Starvation control (`ltr_jax.scheduler.starvation` states both rules and their p
 ``fcfs-slack`` rule the scheduler also keeps what each request has cost the engine, from the intervals between its
 calls: the interval that ends with a request's ``add`` is its ranker pass, one that ends with its first token after
 admission is its prefill, and one that ends with a token of a request that was already running is a decode step, a
-1/num_slots share of it to each running request. From those costs and the requests' scores it estimates FCFS's delay
-(`fcfs_delay_s`) and promotes a waiting request once its wait exceeds the largest delay since the oldest waiting
-request began to wait plus ``slack_s`` (`promotion_wait_s`). Under the ``threshold`` rule (wall-clock seconds) a
-waiting request whose wait since its last token (since arrival before its first token) exceeds ``threshold_s`` is
-promoted. Under either, a promoted request is ordered ahead of every ranked one, by when it was promoted; its
-quantum is ``quantum_s`` from then (fcfs-slack) or from the moment it became starved (threshold), and once that has
-passed and it has produced a token since promotion it is demoted. With ``requeue_after_quantum`` a demoted request
-that holds its slot through the promotion is back in rank order: a better-ranked waiting request may take that slot
-even past the cap (the paper's "promoted for a quantum"); when it is off, a promotion runs the request to its end.
-Threshold guarantee (tested in the simulator): with at most 2 x num_slots requests in the system, no prefill budget
-and no preemption cap, max_waiting_time <= threshold + quantum + one iteration + one boundary's prefill phase. In
-overload no fixed threshold can be kept (every request needs a token per threshold + quantum); fcfs-slack's bound
-grows with FCFS's own delay instead.
+1/num_slots share of it to each running request. It hands the cost model (`WorkModel`) each request as it starts
+and, every ``_REFRESH_EVERY`` finishes, what each started one has cost or had so far. From the model and the
+requests' scores it estimates FCFS's delay (`fcfs_delay_s`) and promotes a waiting request once its wait exceeds the
+largest delay since the oldest waiting request began to wait plus ``slack_s`` (`promotion_wait_s`). Under the
+``threshold`` rule (wall-clock seconds) a waiting request whose wait since its last token (since arrival before its
+first token) exceeds ``threshold_s`` is promoted. Under either, a promoted request is ordered ahead of every ranked
+one, by when it was promoted; its quantum is ``quantum_s`` from then (fcfs-slack) or from the moment it became
+starved (threshold), and once that has passed and it has produced a token since promotion it is demoted (under
+fcfs-slack, unless it has been promoted ``run_to_end_after`` times: then it keeps its slot and priority until it
+finishes). With ``requeue_after_quantum`` a demoted request that holds its slot through the promotion is back in
+rank order: a better-ranked waiting request may take that slot even past the cap (the paper's "promoted for a
+quantum"); when it is off, a promotion runs the request to its end. Threshold guarantee (tested in the simulator):
+with at most 2 x num_slots requests in the system, no prefill budget and no preemption cap, max_waiting_time <=
+threshold + quantum + one iteration + one boundary's prefill phase. In overload no fixed threshold can be kept
+(every request needs a token per threshold + quantum); fcfs-slack's bound grows with FCFS's own delay instead.
 
-Data structures, so a decision costs O((admissions + preemptions + promotions) log n + num_slots), not O(n):
-waiting requests sit in a sorted list by rank and, for starvation, in sorted lists by wait-clock start (threshold)
-or by arrival and by wait start (fcfs-slack); running requests (at most ``num_slots``) are scanned. Not thread-safe:
-call it from one thread (the engine loop).
+Data structures, so a decision costs O((admissions + preemptions + promotions) log n + num_slots), not O(n): waiting
+requests sit in a sorted list by rank and, for starvation, in sorted lists by wait-clock start (threshold) or by
+arrival and by wait start (fcfs-slack), and fcfs-slack counts the scores of requests that never started in a sorted
+list (the model's classes by bisection); running requests (at most ``num_slots``) are scanned; a model refresh every
+``_REFRESH_EVERY`` finishes re-reads its bounded sample and the started requests that wait. Not thread-safe: call it
+from one thread (the engine loop).
 """
 
 from __future__ import annotations
