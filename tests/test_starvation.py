@@ -112,7 +112,7 @@ def starve(sched, runners, t, until):
 
 def test_promoted_requests_displace_the_worst_ranked_and_keep_the_slot_for_their_quantum():
     sched = Scheduler(make_policy("ltr", max_preemptions=0), 2,
-                      starvation=StarvationConfig(slack_s=1.0, quantum_s=0.5, max_promoted_share=1.0))
+                      starvation=StarvationConfig(slack_s=1.5, quantum_s=0.5, max_promoted_share=1.0))
     old = Request("old", 0.0, 4, 50, score=-5.0)
     sched.add(old, 0.0)
     runners = [Request(f"run{i}", 0.0, 4, 50, score=5.0 + i) for i in range(2)]
@@ -136,7 +136,7 @@ def test_promoted_requests_displace_the_worst_ranked_and_keep_the_slot_for_their
 
 @pytest.mark.parametrize("run_to_end_after", [2, 0])
 def test_a_request_promoted_twice_keeps_its_slot_until_it_finishes(run_to_end_after):
-    config = StarvationConfig(slack_s=1.0, quantum_s=0.5, max_promoted_share=1.0, run_to_end_after=run_to_end_after)
+    config = StarvationConfig(slack_s=1.5, quantum_s=0.5, max_promoted_share=1.0, run_to_end_after=run_to_end_after)
     sched = Scheduler(make_policy("ltr", max_preemptions=0), 2, starvation=config)
     old = Request("old", 0.0, 4, 500, score=-5.0)
     runners = [Request(f"run{i}", 0.0, 4, 500, score=5.0 + i) for i in range(2)]

@@ -516,7 +516,9 @@ class Scheduler:
 
     def promotion_wait_s(self, now: float) -> float:
         """fcfs-slack: the wait after which a request is promoted now: the longest wait FCFS would have imposed on
-        a request arriving since the oldest waiting one began to wait (`fcfs_delay_s`), plus slack_s."""
+        a request arriving since the oldest waiting one began to wait (`fcfs_delay_s`), plus slack_s, less a
+        quantum: promoted then, its token lands within the slack even if it waits a quantum for a promoted slot or
+        the estimate runs a little ahead of FCFS."""
         delay = self.fcfs_delay_s()
         peaks = self._delay_peaks  # the running maximum over a window whose start only moves forward
         while peaks and peaks[-1][1] <= delay:
@@ -526,7 +528,7 @@ class Scheduler:
                      self._by_arrival[0][1].arrival_time if self._by_arrival else now)
         while len(peaks) > 1 and peaks[1][0] <= oldest:
             peaks.popleft()
-        return peaks[0][1] + self.starvation.slack_s
+        return peaks[0][1] + max(0.0, self.starvation.slack_s - self.starvation.quantum_s)
 
     def _promote_past_fcfs(self, now: float) -> None:
         """Promote every waiting request that has waited longer than `promotion_wait_s`: resumed ones by their wait

@@ -2,24 +2,25 @@
 
 Two rules, chosen by ``rule``:
 
-* ``fcfs-slack`` (the default). Its promise: **no request waits, for its first token or between two tokens,
-  longer than first-come-first-served would have made a request arriving during that wait wait, plus
-  ``slack_s``.** Under FCFS a request's wait depends only on the work ahead of it, and the work in the system is
-  the same under every order that keeps the engine busy, so FCFS's delay can be estimated while another policy
-  runs: the expected engine seconds still to go of the requests here (`WorkModel`, from their ranker scores and
-  what they have had), less what FCFS would still be running in the other slots (the scheduler's
-  ``fcfs_delay_s``). The cost model learns from the requests that started, counting unfinished ones as lower
-  bounds, so it is not fooled by the ranking finishing short requests first; where the ranking lets no request of
-  a score class finish it errs low, which promotes early rather than late. A request that has waited longer than
-  the largest such delay since the oldest waiting request began to wait, plus ``slack_s``, is promoted: it takes
-  the next slot (with ``preempt_past_cap``, the slot of the worst-ranked running request) ahead of every ranked
-  request, for ``quantum_s`` and at least one token. Under overload FCFS makes everyone wait long, so the rule lets
-  everyone wait long and promotes only the requests the ranking keeps waiting beyond that. Hysteresis: a promoted
-  request is never displaced before its quantum ends; after it, with ``requeue_after_quantum``, it is back in rank
-  order, and it is promoted again only once it has waited past the bound again, which is at least ``slack_s``; a
-  request promoted ``run_to_end_after`` times keeps its slot until it finishes (the ranking would starve it
-  again), so no request is promoted more often than that. Promoted requests hold at most ``max_promoted_share``
-  of the slots while ranked requests wait (past that share the promise yields to the ranking).
+* ``fcfs-slack`` (the default). Its promise: **no request waits, for its first token or between two tokens, longer
+  than first-come-first-served would have made a request arriving during that wait wait, plus ``slack_s``.** Under
+  FCFS a request's wait depends only on the work ahead of it, and the work in the system is the same under every
+  order that keeps the engine busy, so FCFS's delay can be estimated while another policy runs: the expected engine
+  seconds still to go of the requests here (`WorkModel`, from their ranker scores and what they have had), less what
+  FCFS would still be running in the other slots (the scheduler's ``fcfs_delay_s``). The cost model learns from the
+  requests that started, counting unfinished ones as lower bounds, so it is not fooled by the ranking finishing
+  short requests first; where the ranking lets no request of a score class finish it errs low, which promotes early
+  rather than late. A request that has waited longer than the largest such delay since the oldest waiting request
+  began to wait, plus ``slack_s`` less ``quantum_s`` (so that its token lands within the slack), is promoted: it
+  takes the next slot (with ``preempt_past_cap``, the slot of the worst-ranked running request) ahead of every
+  ranked request, for ``quantum_s`` and at least one token. Under overload FCFS makes everyone wait long, so the
+  rule lets everyone wait long and promotes only the requests the ranking keeps waiting beyond that. Hysteresis: a
+  promoted request is never displaced before its quantum ends; after it, with ``requeue_after_quantum``, it is back
+  in rank order, and it is promoted again only once it has waited past the bound again, at least ``slack_s`` less
+  ``quantum_s``; a request promoted ``run_to_end_after`` times keeps its slot until it finishes (the ranking would
+  starve it again), so no request is promoted more often than that. Promoted requests hold at most
+  ``max_promoted_share`` of the slots while ranked requests wait (past that share the promise yields to the
+  ranking).
 * ``threshold``: the paper's rule in wall-clock seconds: a request whose wait since its last token (since arrival
   before its first) exceeds ``threshold_s`` is promoted for ``quantum_s``; under overload everyone crosses a fixed
   threshold, so it promotes and preempts in bulk. Kept for comparison.
