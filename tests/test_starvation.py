@@ -261,6 +261,16 @@ def test_work_model_continues_a_censored_tail_with_the_next_shorter_class():
     assert flat.fcfs_tail(3) == pytest.approx(2 * (1 + 9) / (2 * 4))
 
 
+def test_a_momentary_spike_in_the_estimate_does_not_raise_the_bound():
+    sched = Scheduler(make_policy("ltr"), 2, starvation=StarvationConfig(slack_s=10.0, quantum_s=1.0))
+    sched.add(Request("old", 0.0, 4, 50, score=0.0), 0.0)  # waits throughout: the bound's window starts at 0
+    delays = iter([5.0] * 10 + [50.0] + [6.0] * 20)  # a model refresh's spike at t = 5 s
+    sched.fcfs_delay_s = lambda: next(delays)
+    bounds = [sched.promotion_wait_s(0.5 * i) for i in range(31)]
+    assert bounds[0] == pytest.approx(5.0 + 9.0)  # the delay, plus the slack less a quantum
+    assert max(bounds) == pytest.approx(6.0 + 9.0)  # the spike never counts, the steady 6 s does
+
+
 def test_rule_and_share_are_validated():
     with pytest.raises(ValueError, match="rule must be one of fcfs-slack, threshold"):
         StarvationConfig(rule="soon")

@@ -52,7 +52,10 @@ from .starvation import StarvationConfig, WorkModel
 
 _PROMOTED = 0
 _NORMAL = 1
-_REFRESH_EVERY = 64  # fcfs-slack: finished requests between two refreshes of the cost model
+_REFRESH_EVERY = 64
+# fcfs-slack: a refresh of the cost model can move the delay estimate by a lot for a few seconds; the bound keeps its
+# peak, so it reads the least estimate of the last _STEADY_S seconds
+_STEADY_S = 5.0  # fcfs-slack: finished requests between two refreshes of the cost model
 
 
 @dataclass
@@ -129,6 +132,7 @@ class Scheduler:
         self._started_waiting_s = 0.0  # their sum
         self._running_rest_s = 0.0  # sum over running requests of their rest anchors (`_anchor_rest`)
         self._delay_peaks: deque[tuple[float, float]] = deque()  # (time, FCFS delay), delays decreasing
+        self._recent_delays: deque[tuple[float, float]] = deque()  # (time, FCFS delay), delays increasing
 
     # ------------------------------------------------------------------ views
     @property
@@ -516,10 +520,18 @@ class Scheduler:
 
     def promotion_wait_s(self, now: float) -> float:
         """fcfs-slack: the wait after which a request is promoted now: the longest wait FCFS would have imposed on
-        a request arriving since the oldest waiting one began to wait (`fcfs_delay_s`), plus slack_s, less a
+        a request arriving since the oldest waiting one began to wait (`fcfs_delay_s`, at each moment the least
+        estimate of the ``_STEADY_S`` seconds before it), plus slack_s, less a
         quantum: promoted then, its token lands within the slack even if it waits a quantum for a promoted slot or
         the estimate runs a little ahead of FCFS."""
         delay = self.fcfs_delay_s()
+        recent = self._recent_delays  # the least estimate of the last _STEADY_S: a model refresh's spike is dropped
+        while recent and recent[-1][1] >= delay:
+            recent.pop()
+        recent.append((now, delay))
+        while recent[0][0] < now - _STEADY_S:
+            recent.popleft()
+        delay = recent[0][1]
         peaks = self._delay_peaks  # the running maximum over a window whose start only moves forward
         while peaks and peaks[-1][1] <= delay:
             peaks.pop()
