@@ -52,10 +52,10 @@ from .starvation import StarvationConfig, WorkModel
 
 _PROMOTED = 0
 _NORMAL = 1
-_REFRESH_EVERY = 64
+_REFRESH_EVERY = 64  # fcfs-slack: finished requests between two refreshes of the cost model
 # fcfs-slack: a refresh of the cost model can move the delay estimate by a lot for a few seconds; the bound keeps its
 # peak, so it reads the least estimate of the last _STEADY_S seconds
-_STEADY_S = 5.0  # fcfs-slack: finished requests between two refreshes of the cost model
+_STEADY_S = 5.0
 
 
 @dataclass
@@ -521,9 +521,8 @@ class Scheduler:
     def promotion_wait_s(self, now: float) -> float:
         """fcfs-slack: the wait after which a request is promoted now: the longest wait FCFS would have imposed on
         a request arriving since the oldest waiting one began to wait (`fcfs_delay_s`, at each moment the least
-        estimate of the ``_STEADY_S`` seconds before it), plus slack_s, less a
-        quantum: promoted then, its token lands within the slack even if it waits a quantum for a promoted slot or
-        the estimate runs a little ahead of FCFS."""
+        estimate of the ``_STEADY_S`` seconds before it), plus slack_s, less a quantum: promoted then, its token
+        lands within the slack even if it waits a quantum for a promoted slot or the estimate runs a little ahead."""
         delay = self.fcfs_delay_s()
         recent = self._recent_delays  # the least estimate of the last _STEADY_S: a model refresh's spike is dropped
         while recent and recent[-1][1] >= delay:
