@@ -110,7 +110,8 @@ class WorkModel:
     older requests that ran to their end. Within a class (pooled with its neighbours while it holds fewer than
     ``min_events`` finished requests) a Kaplan-Meier estimate of the cost's distribution gives the expected cost
     of a request that has not started and the expected rest of one that has had ``w`` seconds,
-    ``E[C - w | C > w]``; past the largest cost seen in its class the rest counts as 0 (it errs low). With no
+    ``E[C - w | C > w]``. A class whose estimate ends with requests still unfinished continues with the tail of
+    the next shorter class (a lower bound); past the largest cost seen the rest counts as 0 (it errs low). With no
     spread in the scores (no ranker) there is one class.
     """
 
