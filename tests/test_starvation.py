@@ -34,30 +34,33 @@ def estimates_at_arrivals(trace, policy):
 
 @pytest.mark.parametrize("rate", [45.0, 60.0])
 def test_fcfs_delay_estimate_matches_an_actual_fcfs_run(rate):
-    """Stated error (3,000 requests, 64 slots, Llama-3-8B step model, near and past capacity): estimated while
-    fcfs runs, the mean error is under 15% of FCFS's mean TTFT and 95% of requests are within 20% of FCFS's worst;
-    estimated while ltr runs (tau 0.55: its deferred requests' lengths come from their scores), the mean absolute
-    error is under 40% of FCFS's mean TTFT."""
+    """Stated error (3,000 requests, 64 slots, Llama-3-8B step model, near and past capacity; measured: fcfs mean
+    TTFT 12.7 / 20.7 s). Estimated while fcfs runs, the mean absolute error is under 5% of FCFS's mean TTFT
+    (measured 0.35 / 0.54 s) and 95% of requests are within 5% of FCFS's worst. Estimated while ltr runs with no
+    promotions (tau 0.55; the long requests it defers never finish, so their classes' costs are known only as
+    lower bounds), the estimate errs low, never ahead of FCFS by more than 2% of its worst (measured: mean error
+    -2.3 / -6.1 s, never above), and its mean absolute error is under 40% of FCFS's mean TTFT."""
     trace, _ = make_trace(lognormal_pairs(), 3000, rate, "poisson", 1.0, 0.55, 8, 0)
     fcfs = simulate(trace, Scheduler("fcfs", 64), AnalyticStepTime.for_llama3_8b_h100())
     ttft = np.array([r.ttft for r in sorted(fcfs.records, key=lambda r: r.arrival_time)])
     assert ttft.mean() > 5.0  # a queue builds: there is something to estimate
     err = estimates_at_arrivals(trace, "fcfs") - ttft
-    assert abs(err.mean()) < 0.15 * ttft.mean()
-    assert np.percentile(np.abs(err), 95) < 0.2 * ttft.max()
+    assert np.abs(err).mean() < 0.05 * ttft.mean()
+    assert np.percentile(np.abs(err), 95) < 0.05 * ttft.max()
     err_ltr = estimates_at_arrivals(trace, "ltr") - ttft
+    assert err_ltr.max() < 0.02 * ttft.max()  # late promotions would break the promise; early ones cost gain
     assert np.abs(err_ltr).mean() < 0.4 * ttft.mean()
 
 
 def overload_trace(n=3000):
     """Two slots, arrivals 1.7x faster than they can be served for 150 s: short requests the ranker puts first keep
-    coming, and the long ones it puts last wait."""
+    coming, and the long ones it puts last wait, in the order of their scores (not of their arrival)."""
     rng = np.random.default_rng(3)
     trace = []
     for i in range(n):
         long = i % 5 == 0
         trace.append(TraceEntry(arrival_time=0.05 * i, prompt_len=16, output_len=60 if long else 6,
-                                score=-1.0 if long else 1.0 + rng.random(), bucket=0))
+                                score=-1.0 - rng.random() if long else 1.0 + rng.random(), bucket=0))
     return trace
 
 
@@ -85,14 +88,15 @@ def test_fixed_thresholds_thrash_where_fcfs_slack_does_not():
         rule="threshold", threshold_s=5.0, quantum_s=1.0)), ConstantStep())
     assert fixed.num_promotions > 2 * len(trace)  # everyone crosses 5 s: the same requests again and again
     assert max(r.promotions for r in fixed.records) > 10
+    assert worst_wait(ltr) > worst_wait(fcfs) + 60  # the ranking alone breaks the promise
     config = StarvationConfig()  # the default rule and slack
     guarded = simulate(trace, Scheduler(make_policy("ltr"), 2, starvation=config), ConstantStep())
-    assert guarded.num_promotions < 0.3 * len(trace)
-    assert max(r.promotions for r in guarded.records) <= 3
-    assert worst_wait(guarded) <= worst_wait(fcfs) + config.slack_s
+    assert 0 < guarded.num_promotions < 0.1 * len(trace)
+    assert max(r.promotions for r in guarded.records) <= config.run_to_end_after
+    # within the slack, give or take the wait for the one promoted slot (a long request holds it for 0.6 s)
+    assert worst_wait(guarded) <= worst_wait(fcfs) + config.slack_s + 0.6
     gain_kept = (mean_latency(fcfs) - mean_latency(guarded)) / (mean_latency(fcfs) - mean_latency(ltr))
-    assert gain_kept > 0.85
-    assert worst_wait(guarded) < 0.7 * min(worst_wait(ltr), worst_wait(fcfs))  # and it cuts the worst wait
+    assert gain_kept > 0.9
 
 
 def starve(sched, runners, t, until):
@@ -108,7 +112,7 @@ def starve(sched, runners, t, until):
 
 def test_promoted_requests_displace_the_worst_ranked_and_keep_the_slot_for_their_quantum():
     sched = Scheduler(make_policy("ltr", max_preemptions=0), 2,
-                      starvation=StarvationConfig(slack_s=1.0, quantum_s=0.5, max_promoted_share=1.0))
+                      starvation=StarvationConfig(slack_s=1.5, quantum_s=0.5, max_promoted_share=1.0))
     old = Request("old", 0.0, 4, 50, score=-5.0)
     sched.add(old, 0.0)
     runners = [Request(f"run{i}", 0.0, 4, 50, score=5.0 + i) for i in range(2)]
@@ -128,6 +132,34 @@ def test_promoted_requests_displace_the_worst_ranked_and_keep_the_slot_for_their
     t = starve(sched, [old, runners[1]], t, t + 0.3)  # quantum over: back in rank order, the newcomer takes it
     assert not old.promoted and old in sched.waiting and newcomer in sched.running
     assert old.promotions == 1
+
+
+@pytest.mark.parametrize("run_to_end_after", [2, 0])
+def test_a_request_promoted_twice_keeps_its_slot_until_it_finishes(run_to_end_after):
+    config = StarvationConfig(slack_s=1.5, quantum_s=0.5, max_promoted_share=1.0, run_to_end_after=run_to_end_after)
+    sched = Scheduler(make_policy("ltr", max_preemptions=0), 2, starvation=config)
+    old = Request("old", 0.0, 4, 500, score=-5.0)
+    runners = [Request(f"run{i}", 0.0, 4, 500, score=5.0 + i) for i in range(2)]
+    everyone = [old, *runners]
+    for r in everyone:
+        sched.add(r, 0.0)
+    sched.schedule(0.0)
+    t = starve(sched, everyone, 0.0, 1.2)
+    assert old.promotions == 1 and old in sched.running
+    t = starve(sched, everyone, t, t + 1.0)  # quantum over: back in rank order, the runner it displaced returns
+    assert old in sched.waiting and not old.promoted
+    t = starve(sched, everyone, t, t + 1.2)  # waited past the bound again
+    assert old.promotions == 2 and (old in sched.running or not run_to_end_after)
+    newcomer = Request("new", t, 4, 500, score=100.0)
+    sched.add(newcomer, t)
+    everyone.append(newcomer)
+    t = starve(sched, everyone, t, t + 3.0)  # long past its quantum, a better-ranked request waiting
+    if run_to_end_after:
+        assert old in sched.running and old.promoted and old.preemptions == 1
+        sched.finish(old, t)
+        assert newcomer in sched.schedule(t).admit  # its slot goes back to the ranking
+    else:
+        assert old.promotions > 2 and old.preemptions > 2  # promoted and displaced, again and again
 
 
 def test_with_no_eviction_allowed_and_no_requeue_a_promotion_waits_for_a_free_slot_and_runs_to_its_end():
@@ -182,20 +214,61 @@ def test_promoted_share_of_slots_is_capped_but_slots_never_idle():
     assert len(admitted) == 2 and all(r.promoted for r in admitted)
 
 
-def test_work_model_estimates_by_score_rank_and_falls_back_to_the_mean():
-    model = WorkModel(min_samples=4, refresh_every=1)
-    assert not model.ready and model.estimate(0.0) == 0.0
-    for score, cost in [(3.0, 1.0), (2.0, 2.0), (1.0, 3.0), (0.0, 4.0)]:
-        model.finished(score, cost)
-    assert model.estimate(3.0) == pytest.approx(1.0)  # the highest score: the cheapest
-    assert model.estimate(0.0) == pytest.approx(4.0)
-    assert model.estimate(-10.0) == pytest.approx(4.0)
-    flat = WorkModel(min_samples=2, refresh_every=1)
-    flat.finished(0.0, 1.0)
-    flat.finished(0.0, 3.0)
+def learned(observations, **kwargs):
+    """A WorkModel that saw requests ``(score, cost_s, finished)`` arrive and start, in that order, refreshed after
+    each (as the scheduler refreshes it after finishes)."""
+    model = WorkModel(**kwargs)
+    for i, (score, _, _) in enumerate(observations):
+        model.arrived(score)
+        model.started(i, score)
+        model.refresh(lambda j: observations[j][1:])
+    return model
+
+
+def test_work_model_counts_unfinished_requests_as_lower_bounds():
+    # 8 requests of one score started; the 4 cheapest finished (1..4 s), the other 4 have had 4.5 s so far: the
+    # finished ones alone say 2.5 s; Kaplan-Meier: S = 7/8, 6/8, 5/8, 4/8 after 1, 2, 3, 4 s, up to 4.5 s
+    obs = [(0.0, float(c), True) for c in (1, 2, 3, 4)] + [(0.0, 4.5, False)] * 4
+    model = learned(obs, min_events=4)
+    assert model.ready
+    assert model.estimate(0.0) == pytest.approx(1 + 7 / 8 + 6 / 8 + 5 / 8 + 0.5 * 4 / 8)
+    # the expected rest of one that has had 2.5 s: (0.5 x 6/8 + 5/8 + 0.5 x 4/8) / (6/8)
+    assert model.remaining(0.0, 2.5) == pytest.approx((0.375 + 0.625 + 0.25) / 0.75)
+    assert model.remaining(0.0, 9.0) == 0.0  # past anything seen: it errs low
+    assert not learned(obs[:3] + obs[4:], min_events=4).ready  # too few finished
+
+
+def test_work_model_keeps_the_requests_the_ranking_rarely_starts():
+    # 8 requests ranked last (score -1, 10 s each) started early and finished; then 600 ranked first (1 s each):
+    # a window of recent requests would have forgotten the long ones, each score class keeps its own last starts
+    obs = [(-1.0, 10.0, True)] * 8 + [(1.0, 1.0, True)] * 600
+    model = learned(obs, bins=2, per_class=64, min_events=4)
+    assert model.estimate(-1.0) == pytest.approx(10.0)
+    assert model.estimate(1.0) == pytest.approx(1.0)
+    assert model.remaining(-1.0, 4.0) == pytest.approx(6.0)
+
+
+def test_work_model_continues_a_censored_tail_with_the_next_shorter_class():
+    # the long class: 16 finished at 2 s, 16 still running at 3 s (S = 0.5 there); the short class: costs 1..8 s.
+    # Past 3 s the long class follows the short one's tail, capped at its own 0.5
+    obs = [(-1.0, 2.0, True)] * 16 + [(-1.0, 3.0, False)] * 16 + [(1.0, float(c), True) for c in range(1, 9)] * 4
+    model = learned(obs, bins=2, min_events=4)
+    short_tail = sum(min(0.5, 1 - c / 8) for c in range(3, 8))  # the short class's S on [3, 8): 5/8 ... 1/8
+    assert model.estimate(-1.0) == pytest.approx(2 + 0.5 * 1 + short_tail)
+    flat = learned([(0.0, 1.0, True), (0.0, 3.0, True)], min_events=2)
     assert flat.estimate(0.0) == pytest.approx(2.0)
     # what FCFS still runs beside a new request: (slots - 1) x E[w^2] / (2 E[w])
     assert flat.fcfs_tail(3) == pytest.approx(2 * (1 + 9) / (2 * 4))
+
+
+def test_a_momentary_spike_in_the_estimate_does_not_raise_the_bound():
+    sched = Scheduler(make_policy("ltr"), 2, starvation=StarvationConfig(slack_s=10.0, quantum_s=1.0))
+    sched.add(Request("old", 0.0, 4, 50, score=0.0), 0.0)  # waits throughout: the bound's window starts at 0
+    delays = iter([5.0] * 10 + [50.0] + [6.0] * 20)  # a model refresh's spike at t = 5 s
+    sched.fcfs_delay_s = lambda: next(delays)
+    bounds = [sched.promotion_wait_s(0.5 * i) for i in range(31)]
+    assert bounds[0] == pytest.approx(5.0 + 9.0)  # the delay, plus the slack less a quantum
+    assert max(bounds) == pytest.approx(6.0 + 9.0)  # the spike never counts, the steady 6 s does
 
 
 def test_rule_and_share_are_validated():

@@ -67,7 +67,8 @@ class Request:
     _share_mark: float = field(default=0.0, repr=False)  # the decode share clock when it last took a slot
     _prefill_pending: bool = field(default=False, repr=False)  # admitted, its first token not yet produced
     _work_s: float = field(default=0.0, repr=False)  # engine seconds it has cost (fcfs-slack starvation control)
-    _work_estimate: float = field(default=0.0, repr=False)  # what it was expected to cost when it arrived
+    _started: bool = field(default=False, repr=False)  # it has had a slot
+    _rest_anchor: float = field(default=0.0, repr=False)  # running: expected rest + the share clock when estimated
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_len, int) or self.prompt_len < 1:

@@ -13,24 +13,28 @@ Starvation control (`ltr_jax.scheduler.starvation` states both rules and their p
 ``fcfs-slack`` rule the scheduler also keeps what each request has cost the engine, from the intervals between its
 calls: the interval that ends with a request's ``add`` is its ranker pass, one that ends with its first token after
 admission is its prefill, and one that ends with a token of a request that was already running is a decode step, a
-1/num_slots share of it to each running request. From those costs and the requests' scores it estimates FCFS's delay
-(`fcfs_delay_s`) and promotes a waiting request once its wait exceeds the largest delay since the oldest waiting
-request began to wait plus ``slack_s`` (`promotion_wait_s`). Under the ``threshold`` rule (wall-clock seconds) a
-waiting request whose wait since its last token (since arrival before its first token) exceeds ``threshold_s`` is
-promoted. Under either, a promoted request is ordered ahead of every ranked one, by when it was promoted; its
-quantum is ``quantum_s`` from then (fcfs-slack) or from the moment it became starved (threshold), and once that has
-passed and it has produced a token since promotion it is demoted. With ``requeue_after_quantum`` a demoted request
-that holds its slot through the promotion is back in rank order: a better-ranked waiting request may take that slot
-even past the cap (the paper's "promoted for a quantum"); when it is off, a promotion runs the request to its end.
-Threshold guarantee (tested in the simulator): with at most 2 x num_slots requests in the system, no prefill budget
-and no preemption cap, max_waiting_time <= threshold + quantum + one iteration + one boundary's prefill phase. In
-overload no fixed threshold can be kept (every request needs a token per threshold + quantum); fcfs-slack's bound
-grows with FCFS's own delay instead.
+1/num_slots share of it to each running request. It hands the cost model (`WorkModel`) each request as it starts
+and, every ``_REFRESH_EVERY`` finishes, what each started one has cost or had so far. From the model and the
+requests' scores it estimates FCFS's delay (`fcfs_delay_s`) and promotes a waiting request once its wait exceeds the
+largest delay since the oldest waiting request began to wait plus ``slack_s`` (`promotion_wait_s`). Under the
+``threshold`` rule (wall-clock seconds) a waiting request whose wait since its last token (since arrival before its
+first token) exceeds ``threshold_s`` is promoted. Under either, a promoted request is ordered ahead of every ranked
+one, by when it was promoted; its quantum is ``quantum_s`` from then (fcfs-slack) or from the moment it became
+starved (threshold), and once that has passed and it has produced a token since promotion it is demoted (under
+fcfs-slack, unless it has been promoted ``run_to_end_after`` times: then it keeps its slot and priority until it
+finishes). With ``requeue_after_quantum`` a demoted request that holds its slot through the promotion is back in
+rank order: a better-ranked waiting request may take that slot even past the cap (the paper's "promoted for a
+quantum"); when it is off, a promotion runs the request to its end. Threshold guarantee (tested in the simulator):
+with at most 2 x num_slots requests in the system, no prefill budget and no preemption cap, max_waiting_time <=
+threshold + quantum + one iteration + one boundary's prefill phase. In overload no fixed threshold can be kept
+(every request needs a token per threshold + quantum); fcfs-slack's bound grows with FCFS's own delay instead.
 
-Data structures, so a decision costs O((admissions + preemptions + promotions) log n + num_slots), not O(n):
-waiting requests sit in a sorted list by rank and, for starvation, in sorted lists by wait-clock start (threshold)
-or by arrival and by wait start (fcfs-slack); running requests (at most ``num_slots``) are scanned. Not thread-safe:
-call it from one thread (the engine loop).
+Data structures, so a decision costs O((admissions + preemptions + promotions) log n + num_slots), not O(n): waiting
+requests sit in a sorted list by rank and, for starvation, in sorted lists by wait-clock start (threshold) or by
+arrival and by wait start (fcfs-slack), and fcfs-slack counts the scores of requests that never started in a sorted
+list (the model's classes by bisection); running requests (at most ``num_slots``) are scanned; a model refresh every
+``_REFRESH_EVERY`` finishes re-reads its bounded sample and the started requests that wait. Not thread-safe: call it
+from one thread (the engine loop).
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ from .starvation import StarvationConfig, WorkModel
 
 _PROMOTED = 0
 _NORMAL = 1
+_REFRESH_EVERY = 64  # fcfs-slack: finished requests between two refreshes of the cost model
+# fcfs-slack: a refresh of the cost model can move the delay estimate by a lot for a few seconds; the bound keeps its
+# peak, so it reads the least estimate of the last _STEADY_S seconds
+_STEADY_S = 5.0
 
 
 @dataclass
@@ -118,9 +126,13 @@ class Scheduler:
         self._by_arrival = SortedList()  # entries (seq, req): waiting requests that never ran, oldest first
         self._resumes = SortedList()  # entries (wait start, seq, req): preempted requests waiting to resume
         self._work_model = WorkModel()
-        self._present_estimate = 0.0  # expected engine seconds of the requests here (at their arrival's estimate)
-        self._present_work = 0.0  # engine seconds they have had (running ones: up to their last slot release)
+        self._finishes_since_refresh = 0
+        self._unstarted_scores = SortedList()  # scores of the requests here that never had a slot
+        self._started_waiting: dict[Request, float] = {}  # started, now waiting -> expected engine seconds to go
+        self._started_waiting_s = 0.0  # their sum
+        self._running_rest_s = 0.0  # sum over running requests of their rest anchors (`_anchor_rest`)
         self._delay_peaks: deque[tuple[float, float]] = deque()  # (time, FCFS delay), delays decreasing
+        self._recent_delays: deque[tuple[float, float]] = deque()  # (time, FCFS delay), delays increasing
 
     # ------------------------------------------------------------------ views
     @property
@@ -160,6 +172,10 @@ class Scheduler:
         req._rank = self._rank(req)
         req._entry = (req._rank, req)
         self._waiting.add(req._entry)
+        if self._fcfs_slack and req._started:  # preempted: what it is expected still to cost
+            remaining = self._work_model.remaining(req.score, req._work_s)
+            self._started_waiting[req] = remaining
+            self._started_waiting_s += remaining
         if req.promoted:
             self._num_promoted_waiting += 1
         elif self._fcfs_slack:
@@ -175,6 +191,8 @@ class Scheduler:
     def _pop_waiting(self, req: Request) -> None:
         self._waiting.remove(req._entry)
         req._entry = None
+        if self._fcfs_slack and req._started:
+            self._started_waiting_s -= self._started_waiting.pop(req)
         if req.promoted:
             self._num_promoted_waiting -= 1
         elif self._fcfs_slack and not req.generated:
@@ -212,8 +230,8 @@ class Scheduler:
         self._by_id[req.request_id] = req
         if self._fcfs_slack:
             self._attribute_interval(req, now, exclusive=True)  # ending with its add: its ranker pass
-            req._work_estimate = self._work_model.estimate(req.score)
-            self._present_estimate += req._work_estimate
+            self._work_model.arrived(req.score)
+            self._unstarted_scores.add(req.score)
         self._push_waiting(req, now)
 
     def schedule(self, now: float) -> Decision:
@@ -315,8 +333,9 @@ class Scheduler:
         req.state = RequestState.FINISHED
         req.finish_time = now
         if self._fcfs_slack:
-            self._work_model.finished(req.score, req._work_s)
-            self._forget_work(req)
+            self._finishes_since_refresh += 1
+            if self._finishes_since_refresh >= _REFRESH_EVERY or not self._work_model.ready:
+                self._refresh_work_model()
         if self.policy.on_finish(req):
             self._rerank_all()
 
@@ -329,8 +348,8 @@ class Scheduler:
             self._pop_waiting(req)
         else:
             self._release_slot(req)
-        if self._fcfs_slack:
-            self._forget_work(req)
+        if self._fcfs_slack and not req._started:
+            self._unstarted_scores.remove(req.score)
         req.state = RequestState.CANCELLED
         req.finish_time = now
         return req
@@ -419,6 +438,12 @@ class Scheduler:
         self._running[req] = None
         req._admitted_promoted = req.promoted
         req._share_mark = self._share_clock
+        if self._fcfs_slack and not req._started:
+            self._unstarted_scores.remove(req.score)
+            self._work_model.started(req, req.score)
+        req._started = True
+        if self._fcfs_slack:
+            self._anchor_rest(req)
         req._prefill_pending = True
         if req.promoted:
             self._running_promoted[req] = None
@@ -427,9 +452,8 @@ class Scheduler:
         del self._running[req]
         self._running_promoted.pop(req, None)
         if self._fcfs_slack:  # what its slot received while it held it
-            received = self._share_clock - req._share_mark
-            req._work_s += received
-            self._present_work += received
+            req._work_s += self._share_clock - req._share_mark
+            self._running_rest_s -= req._rest_anchor
 
     def _preempt(self, req: Request) -> None:
         self._release_slot(req)
@@ -447,30 +471,66 @@ class Scheduler:
             dt = now - self._event_time
             if exclusive:
                 req._work_s += dt
-                self._present_work += dt
             else:
                 self._share_clock += dt / self.num_slots
         if self._event_time is None or now > self._event_time:
             self._event_time = now
 
-    def _forget_work(self, req: Request) -> None:
-        self._present_estimate -= req._work_estimate
-        self._present_work -= req._work_s
+    def _refresh_work_model(self) -> None:
+        """Re-learn the cost model from the last requests to start (`WorkModel`) and re-estimate the rest of the
+        started requests that wait."""
+        self._finishes_since_refresh = 0
+        model = self._work_model
+        model.refresh(self._observe)
+        self._started_waiting = {r: model.remaining(r.score, r._work_s) for r in self._started_waiting}
+        self._started_waiting_s = sum(self._started_waiting.values())
+        self._running_rest_s = 0.0
+        for r in self._running:
+            self._anchor_rest(r)
+
+    def _anchor_rest(self, req: Request) -> None:
+        """Expect a running request's rest from what it has had now, then count it down with its slot's share of
+        the decode steps (re-anchored at each model refresh)."""
+        req._rest_anchor = self._work_model.remaining(req.score, self._work_had(req)) + self._share_clock
+        self._running_rest_s += req._rest_anchor
+
+    def _observe(self, req: Request) -> tuple[float, bool] | None:
+        """A started request as the cost model sees it: (its cost, True) once finished, (what it has had so far,
+        False) before, None if cancelled."""
+        if req.state is RequestState.CANCELLED:
+            return None
+        return self._work_had(req), req.state is RequestState.FINISHED
+
+    def _work_had(self, req: Request) -> float:
+        """Engine seconds a request has had so far (a running one: including its slot's current share)."""
+        if req.state is RequestState.RUNNING:
+            return req._work_s + self._share_clock - req._share_mark
+        return req._work_s
 
     def fcfs_delay_s(self) -> float:
         """fcfs-slack: how long FCFS would make a request arriving now wait. Under FCFS that depends only on the
         work ahead of it, and the work in the system is the same under every order that keeps the engine busy:
-        the requests here, each at its expected cost (`WorkModel`) less what it has had, less what FCFS would
-        still have running in the other slots when it starts the newcomer."""
-        backlog = self._present_estimate - self._present_work
-        for r in self._running:
-            backlog -= self._share_clock - r._share_mark
-        return max(0.0, backlog - self._work_model.fcfs_tail(self.num_slots))
+        the requests here, each at its expected cost (`WorkModel`: the whole of it for one that never started,
+        the expected rest given what it has had for one that did), less what FCFS would still have running in the
+        other slots when it starts the newcomer."""
+        model = self._work_model
+        backlog = (model.unstarted_work(self._unstarted_scores) + self._started_waiting_s
+                   + self._running_rest_s - len(self._running) * self._share_clock)
+        return max(0.0, backlog - model.fcfs_tail(self.num_slots))
 
     def promotion_wait_s(self, now: float) -> float:
         """fcfs-slack: the wait after which a request is promoted now: the longest wait FCFS would have imposed on
-        a request arriving since the oldest waiting one began to wait (`fcfs_delay_s`), plus slack_s."""
+        a request arriving since the oldest waiting one began to wait (`fcfs_delay_s`, at each moment the least
+        estimate of the ``_STEADY_S`` seconds before it), plus slack_s, less a quantum: promoted then, its token
+        lands within the slack even if it waits a quantum for a promoted slot or the estimate runs a little ahead."""
         delay = self.fcfs_delay_s()
+        recent = self._recent_delays  # the least estimate of the last _STEADY_S: a model refresh's spike is dropped
+        while recent and recent[-1][1] >= delay:
+            recent.pop()
+        recent.append((now, delay))
+        while recent[0][0] < now - _STEADY_S:
+            recent.popleft()
+        delay = recent[0][1]
         peaks = self._delay_peaks  # the running maximum over a window whose start only moves forward
         while peaks and peaks[-1][1] <= delay:
             peaks.pop()
@@ -479,7 +539,7 @@ class Scheduler:
                      self._by_arrival[0][1].arrival_time if self._by_arrival else now)
         while len(peaks) > 1 and peaks[1][0] <= oldest:
             peaks.popleft()
-        return peaks[0][1] + self.starvation.slack_s
+        return peaks[0][1] + max(0.0, self.starvation.slack_s - self.starvation.quantum_s)
 
     def _promote_past_fcfs(self, now: float) -> None:
         """Promote every waiting request that has waited longer than `promotion_wait_s`: resumed ones by their wait
@@ -505,7 +565,9 @@ class Scheduler:
     def _demote_expired(self, now: float) -> None:
         if not self._running_promoted:
             return
-        for req in [r for r in self._running_promoted if self._quantum_over(r, now)]:
+        to_end = self.starvation.run_to_end_after if self._fcfs_slack else 0
+        for req in [r for r in self._running_promoted
+                    if self._quantum_over(r, now) and not (to_end and r.promotions >= to_end)]:
             del self._running_promoted[req]
             req.promoted = False
             req._rank = self._rank(req)

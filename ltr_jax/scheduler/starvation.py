@@ -2,20 +2,25 @@
 
 Two rules, chosen by ``rule``:
 
-* ``fcfs-slack`` (the default). Its promise: **no request waits, for its first token or between two tokens,
-  longer than first-come-first-served would have made a request arriving during that wait wait, plus
-  ``slack_s``.** Under FCFS a request's wait depends only on the work ahead of it, and the work in the system is
-  the same under every order that keeps the engine busy, so FCFS's delay can be estimated while another policy
-  runs: the expected engine seconds of the requests here (`WorkModel`, from their ranker scores) less what they
-  have had, less what FCFS would still be running in the other slots (the scheduler's ``fcfs_delay_s``). A
-  request that has waited longer than the largest such delay since the oldest waiting request began to wait,
-  plus ``slack_s``, is promoted: it takes the next slot (with ``preempt_past_cap``, the slot of the worst-ranked
-  running request) ahead of every ranked request, for ``quantum_s`` and at least one token. Under overload FCFS
-  makes everyone wait long, so the rule lets everyone wait long and promotes only the requests the ranking keeps
-  waiting beyond that. Hysteresis: a promoted request is never displaced before its quantum ends; after it, with
-  ``requeue_after_quantum``, it is back in rank order, and it is promoted again only once it has waited past the
-  bound again, which is at least ``slack_s``. Promoted requests hold at most ``max_promoted_share`` of the slots
-  while ranked requests wait (past that share the promise yields to the ranking).
+* ``fcfs-slack`` (the default). Its promise: **no request waits, for its first token or between two tokens, longer
+  than first-come-first-served would have made a request arriving during that wait wait, plus ``slack_s``.** Under
+  FCFS a request's wait depends only on the work ahead of it, and the work in the system is the same under every
+  order that keeps the engine busy, so FCFS's delay can be estimated while another policy runs: the expected engine
+  seconds still to go of the requests here (`WorkModel`, from their ranker scores and what they have had), less what
+  FCFS would still be running in the other slots (the scheduler's ``fcfs_delay_s``). The cost model learns from the
+  requests that started, counting unfinished ones as lower bounds, so it is not fooled by the ranking finishing
+  short requests first; where the ranking lets no request of a score class finish it errs low, which promotes early
+  rather than late. A request that has waited longer than the largest such delay since the oldest waiting request
+  began to wait, plus ``slack_s`` less ``quantum_s`` (so that its token lands within the slack), is promoted: it
+  takes the next slot (with ``preempt_past_cap``, the slot of the worst-ranked running request) ahead of every
+  ranked request, for ``quantum_s`` and at least one token. Under overload FCFS makes everyone wait long, so the
+  rule lets everyone wait long and promotes only the requests the ranking keeps waiting beyond that. Hysteresis: a
+  promoted request is never displaced before its quantum ends; after it, with ``requeue_after_quantum``, it is back
+  in rank order, and it is promoted again only once it has waited past the bound again, at least ``slack_s`` less
+  ``quantum_s``; a request promoted ``run_to_end_after`` times keeps its slot until it finishes (the ranking would
+  starve it again), so no request is promoted more often than that. Promoted requests hold at most
+  ``max_promoted_share`` of the slots while ranked requests wait (past that share the promise yields to the
+  ranking).
 * ``threshold``: the paper's rule in wall-clock seconds: a request whose wait since its last token (since arrival
   before its first) exceeds ``threshold_s`` is promoted for ``quantum_s``; under overload everyone crosses a fixed
   threshold, so it promotes and preempts in bulk. Kept for comparison.
@@ -26,8 +31,8 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from statistics import NormalDist
 
 from ltr_jax.config_schema import setting
 
@@ -49,8 +54,11 @@ class StarvationConfig:
                                                              "may hold while ranked ones wait (at least one slot)")
     threshold_s: float = setting(60.0, gt=0, doc="threshold: max waiting time (TTFT or inter-token gap) before "
                                                  "promotion")
-    quantum_s: float = setting(1.0, gt=0, doc="how long a promoted request keeps its priority (and at least one "
-                                              "token)")
+    # A promotion's job is a token that ends a wait; whatever else it runs is work out of rank order.
+    quantum_s: float = setting(0.25, gt=0, doc="how long a promoted request keeps its priority (and at least one "
+                                               "token)")
+    run_to_end_after: int = setting(2, ge=0, doc="fcfs-slack: a request promoted this many times keeps its slot "
+                                                 "and priority until it finishes (0: never)")
     # Without this, under a cap of 0 a promoted request waits for a slot to free, and in overload the bound slips.
     preempt_past_cap: bool = setting(True, doc="a promoted request may evict a running one even past the policy's "
                                                "max_preemptions (else it waits for a free slot)")
@@ -68,6 +76,8 @@ class StarvationConfig:
             value = getattr(self, pname)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"StarvationConfig.{pname} must be a finite number > 0 seconds, got {value!r}")
+        if not (isinstance(self.run_to_end_after, int) and self.run_to_end_after >= 0):
+            raise ValueError(f"StarvationConfig.run_to_end_after must be an int >= 0, got {self.run_to_end_after!r}")
         share = self.max_promoted_share
         if not (isinstance(share, (int, float)) and 0 < share <= 1):
             raise ValueError(f"StarvationConfig.max_promoted_share must be in (0, 1], got {share!r}")
@@ -81,102 +91,198 @@ class StarvationConfig:
         common = {"rule": self.rule, "quantum_s": self.quantum_s, "preempt_past_cap": self.preempt_past_cap,
                   "requeue_after_quantum": self.requeue_after_quantum}
         if self.rule == "fcfs-slack":
-            return {**common, "slack_s": self.slack_s, "max_promoted_share": self.max_promoted_share}
+            return {**common, "slack_s": self.slack_s, "max_promoted_share": self.max_promoted_share,
+                    "run_to_end_after": self.run_to_end_after}
         return {**common, "threshold_s": self.threshold_s}
 
 
-_NORMAL = NormalDist()
-_NODES = (-3.75044, -2.366759, -1.154405, 0.0, 1.154405, 2.366759, 3.75044)  # 7-point Gauss-Hermite, N(0, 1)
-_WEIGHTS = (0.00054827, 0.03075712, 0.24012318, 0.45714286, 0.24012318, 0.03075712, 0.00054827)
-
-
-def _normal_correlation(pairs: list[tuple[float, float]]) -> float:
-    """Correlation between "ranked shorter" and "cheaper" as a Gaussian copula's (from Spearman's rho of score
-    against -cost: 2 sin(pi rho_s / 6)), clipped to [0, 1]."""
-    n = len(pairs)
-    if n < 3:
-        return 0.0
-    score_rank = _ranks([-sc for sc, _ in pairs])  # rank 0 = highest score (expected shortest)
-    cost_rank = _ranks([c for _, c in pairs])  # rank 0 = cheapest
-    mean = (n - 1) / 2
-    cov = sum((a - mean) * (b - mean) for a, b in zip(score_rank, cost_rank))
-    var = math.sqrt(sum((a - mean) ** 2 for a in score_rank) * sum((b - mean) ** 2 for b in cost_rank))
-    rho_s = cov / var if var > 0 else 0.0
-    return min(max(2 * math.sin(math.pi * rho_s / 6), 0.0), 1.0)
-
-
-def _ranks(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
-
-
 class WorkModel:
-    """The engine seconds a request costs (its ranker pass, prefill and share of each decode step), learned from
-    the last ``window`` finished requests: an estimate for a new request from its ranker score, and what FCFS
-    leaves running when it starts a request.
+    """The engine seconds a request costs (its ranker pass, prefill and share of each decode step), by ranker
+    score, learned without the bias of the order the engine serves in.
 
-    The estimate is a Gaussian-copula regression on ranks: a score's rank among recent scores (the highest,
-    expected shortest, first) is mapped to a normal quantile ``z``, shrunk by the measured rank correlation ``rho``
-    between score and cost (a ranker with tau 0.55 is far from perfect, so a request it puts last is long, but not
-    the longest), and the expected cost is the mean of recent costs at the quantiles of ``rho z + sqrt(1 - rho^2)
-    u`` over ``u ~ N(0, 1)``. So a request the ranker puts last counts as long even while the ranking keeps such
-    requests from finishing. With no spread in the scores (no ranker) it is the mean.
+    A ranking policy finishes the requests it ranks short first and defers the long ones, so the requests that
+    finished are a sample biased towards short ones, and more so the deeper the overload. What is not biased by
+    length is which requests *started*: a request takes its first slot by its rank and arrival (or by a
+    promotion), never by its true length. So the model learns from started requests, each at its cost if it
+    finished and, if not, at what it has had so far, a lower bound (a right-censored observation). The scores of
+    the last ``window`` arrivals are cut into ``bins`` quantile classes, and each class keeps its last
+    ``per_class`` requests to start: a class the ranking rarely starts (the longest under overload) still has
+    older requests that ran to their end. Within a class (pooled with its neighbours while it holds fewer than
+    ``min_events`` finished requests) a Kaplan-Meier estimate of the cost's distribution gives the expected cost
+    of a request that has not started and the expected rest of one that has had ``w`` seconds,
+    ``E[C - w | C > w]``. A class whose estimate ends with requests still unfinished continues with the tail of
+    the next shorter class (a lower bound); past the largest cost seen the rest counts as 0 (it errs low). With no
+    spread in the scores (no ranker) there is one class.
     """
 
-    def __init__(self, window: int = 2048, refresh_every: int = 64, min_samples: int = 16) -> None:
-        self._recent: deque[tuple[float, float]] = deque(maxlen=window)
-        self._refresh_every = refresh_every
-        self._min_samples = min_samples
-        self._since_refresh = 0
-        self._scores: list[float] = []
-        self._costs: list[float] = []
-        self._mean = 0.0
-        self._rho = 0.0
-        self._random_point_remaining = 0.0
+    def __init__(self, window: int = 4096, bins: int = 16, per_class: int = 512, min_events: int = 16) -> None:
+        if min(window, bins, per_class, min_events) < 1:
+            raise ValueError(f"WorkModel needs window, bins, per_class and min_events >= 1, got {window}, {bins}, "
+                             f"{per_class}, {min_events}")
+        self._arrived: deque[float] = deque(maxlen=window)
+        self._bins = bins
+        self._per_class = per_class
+        self._min_events = min_events
+        self._ready = False
+        self._edges: list[float] = []  # class k holds scores in [edges[k - 1], edges[k]) (open at both ends)
+        self._pools: list[deque[tuple[int, float, object]]] = [deque(maxlen=per_class)]  # (start seq, score, item)
+        self._num_started = 0
+        self._curves: list[_Survival] = []
+        self._tail = 0.0
 
     @property
     def ready(self) -> bool:
-        return len(self._costs) >= self._min_samples
+        return self._ready
 
-    def finished(self, score: float, cost_s: float) -> None:
-        self._recent.append((score, cost_s))
-        self._since_refresh += 1
-        if self._since_refresh >= self._refresh_every or (not self.ready and len(self._recent) >= self._min_samples):
-            self._since_refresh = 0
-            pairs = list(self._recent)
-            self._scores = sorted(sc for sc, _ in pairs)
-            self._costs = sorted(c for _, c in pairs)
-            self._rho = _normal_correlation(pairs)
-            total = sum(self._costs)
-            self._mean = total / len(self._costs)
-            # length-biased: a request caught at a random moment of its run has E[w^2] / (2 E[w]) still to go
-            self._random_point_remaining = sum(c * c for c in self._costs) / (2 * total) if total > 0 else 0.0
+    def arrived(self, score: float) -> None:
+        """A request of this score arrived (the score classes are quantiles of recent arrivals)."""
+        self._arrived.append(score)
+
+    def started(self, item: object, score: float) -> None:
+        """``item`` (a request) of this score took its first slot: it joins its class's sample."""
+        self._num_started += 1
+        self._pools[bisect.bisect_right(self._edges, score)].append((self._num_started, score, item))
+
+    def refresh(self, observe: Callable[[object], tuple[float, bool] | None]) -> None:
+        """Re-learn: ``observe(item)`` gives a started request's ``(cost_s, finished)``, where an unfinished one's
+        ``cost_s`` is what it has had so far, or None to drop it (cancelled). Not ready until ``min_events`` of the
+        sample finished."""
+        kept = []  # ((start seq, score, item), (cost_s, finished)), oldest start first
+        for x in sorted((x for pool in self._pools for x in pool), key=lambda x: x[0]):
+            obs = observe(x[2])
+            if obs is not None:
+                kept.append((x, obs))
+        if sum(done for _, (_, done) in kept) < self._min_events:
+            return
+        self._ready = True
+        arrived = sorted(self._arrived) or sorted(x[1] for x, _ in kept)
+        n = len(arrived)
+        edges = sorted({arrived[(k * n) // self._bins] for k in range(1, self._bins)})
+        self._edges = edges = [e for e in edges if e > arrived[0]]  # no empty class below the lowest score
+        num = len(edges) + 1
+        pools: list[list[tuple[int, float, object]]] = [[] for _ in range(num)]
+        classes: list[list[tuple[float, bool]]] = [[] for _ in range(num)]
+        for x, obs in kept:
+            k = bisect.bisect_right(edges, x[1])
+            pools[k].append(x)
+            classes[k].append(obs)
+        self._pools = [deque(p, maxlen=self._per_class) for p in pools]  # the last per_class of each class
+        classes = [c[-self._per_class:] for c in classes]
+        shares = [0] * num
+        for score in arrived:
+            shares[bisect.bisect_right(edges, score)] += 1
+        self._curves = []
+        for k in range(num):
+            pool, lo, hi = list(classes[k]), k, k
+            while sum(done for _, done in pool) < self._min_events and (lo > 0 or hi < num - 1):
+                if lo > 0:
+                    lo -= 1
+                    pool += classes[lo]
+                if hi < num - 1:
+                    hi += 1
+                    pool += classes[hi]
+            self._curves.append(_Survival(pool))
+        for k in range(num - 2, -1, -1):  # from the shortest class down: tails cut short by censoring
+            self._curves[k].extend_tail(self._curves[k + 1])
+        mean = sum(sh * c.mean for sh, c in zip(shares, self._curves)) / n
+        second = sum(sh * c.second_moment for sh, c in zip(shares, self._curves)) / n
+        # length-biased: a request caught at a random moment of its run has E[C^2] / (2 E[C]) still to go
+        self._tail = second / (2 * mean) if mean > 0 else 0.0
+
+    def _curve(self, score: float) -> _Survival:
+        return self._curves[bisect.bisect_right(self._edges, score)]
 
     def estimate(self, score: float) -> float:
-        """Engine seconds a request of this ranker score is expected to cost (0 before ``min_samples``)."""
-        if not self.ready:
+        """Engine seconds a request of this ranker score is expected to cost (0 until ready)."""
+        return self._curve(score).mean if self._ready else 0.0
+
+    def remaining(self, score: float, had_s: float) -> float:
+        """Expected engine seconds still to go for a request of this score that has had ``had_s``."""
+        return self._curve(score).remaining(had_s) if self._ready else 0.0
+
+    def unstarted_work(self, scores) -> float:
+        """Expected engine seconds of requests that have not started, given their scores sorted ascending
+        (a ``SortedList``: a count per class by bisection, so O(classes log n))."""
+        if not self._ready or not scores:
             return 0.0
-        scores, costs, n = self._scores, self._costs, len(self._scores)
-        if scores[0] == scores[-1]:
-            return self._mean
-        right = bisect.bisect_right(scores, score)
-        ties = right - bisect.bisect_left(scores, score)
-        shorter = (n - right + 0.5 * ties) / n  # share of recent requests ranked shorter than this one
-        z = _NORMAL.inv_cdf(min(max(shorter, 0.5 / n), 1 - 0.5 / n))
-        rho = self._rho
-        spread = math.sqrt(max(0.0, 1 - rho * rho))
-        return sum(weight * costs[min(int(_NORMAL.cdf(rho * z + spread * node) * n), n - 1)]
-                   for node, weight in zip(_NODES, _WEIGHTS))
+        total, below = 0.0, 0
+        for edge, curve in zip(self._edges, self._curves):
+            upto = scores.bisect_left(edge)
+            total += (upto - below) * curve.mean
+            below = upto
+        return total + (len(scores) - below) * self._curves[-1].mean
 
     def fcfs_tail(self, num_slots: int) -> float:
         """Work FCFS still has running in the other slots when it starts a request."""
-        return (num_slots - 1) * self._random_point_remaining
+        return (num_slots - 1) * self._tail
+
+
+class _Survival:
+    """A Kaplan-Meier estimate of a cost's distribution from observations ``(cost, finished)`` (unfinished ones
+    are lower bounds), restricted to the largest cost observed: its mean, second moment and the expected rest
+    ``E[C - w | C > w]``."""
+
+    def __init__(self, observations: list[tuple[float, bool]]) -> None:
+        obs = sorted(observations)
+        at_risk = len(obs)
+        xs: list[float] = []  # distinct observed costs, ascending
+        surv: list[float] = []  # S(t) on [xs[k], xs[k + 1]); past xs[-1] the estimate ends
+        s = 1.0
+        i = 0
+        while i < len(obs):
+            x = obs[i][0]
+            events = leaving = 0
+            while i < len(obs) and obs[i][0] == x:
+                events += obs[i][1]
+                leaving += 1
+                i += 1
+            if at_risk > 0:
+                s *= 1.0 - events / at_risk
+            at_risk -= leaving
+            xs.append(x)
+            surv.append(s)
+        self._set(xs, surv)
+
+    def _set(self, xs: list[float], surv: list[float]) -> None:
+        area = [0.0] * (len(xs) + 1)  # area[k]: the integral of S from xs[k] to the last observed cost
+        for k in range(len(xs) - 2, -1, -1):
+            area[k] = area[k + 1] + surv[k] * (xs[k + 1] - xs[k])
+        self._xs, self._surv, self._area = xs, surv, area
+        self.mean = (xs[0] + area[0]) if xs else 0.0
+        second = xs[0] ** 2 if xs else 0.0
+        for k in range(len(xs) - 1):
+            second += surv[k] * (xs[k + 1] ** 2 - xs[k] ** 2)
+        self.second_moment = second
+
+    def at(self, t: float) -> float:
+        """S(t), 0 past the largest cost observed."""
+        k = bisect.bisect_right(self._xs, t) - 1
+        if k < 0:
+            return 1.0
+        return self._surv[k] if k < len(self._xs) - 1 else 0.0
+
+    def extend_tail(self, shorter: _Survival) -> None:
+        """Where this estimate ends with requests still unfinished (S > 0 at its largest cost), continue it with
+        the tail of a class expected to be ``shorter`` (capped at this class's last level): a class the ranking
+        rarely lets finish is at least as long as the next shorter one."""
+        xs, surv = self._xs, self._surv
+        if not xs or surv[-1] <= 0:
+            return
+        level, end = surv[-1], xs[-1]
+        ext_xs, ext_surv = list(xs), surv[:-1] + [min(level, shorter.at(end))]
+        for x, s in zip(shorter._xs, shorter._surv):
+            if x > end:
+                ext_xs.append(x)
+                ext_surv.append(min(level, s))
+        self._set(ext_xs, ext_surv)
+
+    def remaining(self, had_s: float) -> float:
+        xs = self._xs
+        if not xs:
+            return 0.0
+        k = bisect.bisect_right(xs, had_s) - 1
+        if k < 0:
+            return xs[0] - had_s + self._area[0]
+        if k >= len(xs) - 1 or self._surv[k] <= 0:
+            return 0.0
+        return (self._surv[k] * (xs[k + 1] - had_s) + self._area[k + 1]) / self._surv[k]
