@@ -797,3 +797,16 @@ def test_warm_up_before_ready_then_the_rest_while_idle(caplog):
     assert "warm-up 1/2: engine, sequences up to 16 tokens" in text
     assert "idle warm-up: compiling" in text and "idle warm-up done" in text
     assert text.index("warm-up done in") < text.index("idle warm-up: compiling")
+
+
+def test_the_message_count_is_read_before_parsing_and_text_saying_role_is_not_a_message(server):
+    """A chat of max_messages messages whose contents all say "role" (the key's bytes as text) is served; one more
+    message is refused with the count."""
+    limit = server.runtime.config.server.max_messages
+    messages = [{"role": "user", "content": '"role": "role"'}] * limit
+    body = {"model": MODEL, "messages": messages, "max_tokens": 1}
+    resp = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+    assert resp.status_code != 400 or "server.max_messages" not in resp.text, resp.text
+    body["messages"] = messages + messages[:1]
+    resp = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+    assert resp.status_code == 400 and f"has {limit + 1} messages" in resp.json()["error"]["message"]

@@ -18,6 +18,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -171,6 +172,7 @@ class _ResponseCounter:
 
 
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+_ROLE_KEY = re.compile(rb'"role"\s*:')
 
 
 def _is_loopback(host: str) -> bool:
@@ -361,7 +363,7 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
                               f"{max_prompt_chars} (what its prompt limit of {runtime.max_prompt_len} tokens can "
                               f"hold); shorten it", param, "context_length_exceeded")
 
-    def too_many_messages(count: int | str) -> APIError:
+    def too_many_messages(count: int) -> APIError:
         return bad_request(f"the request has {count} messages, more than this server's limit of "
                            f"{settings.max_messages} (server.max_messages)", "messages")
 
@@ -369,11 +371,11 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
         body = await read_body(request)
         if not body.strip():
             raise bad_request("the request body is empty; send a JSON object", None, "missing_body")
-        # before parsing (which holds the interpreter for a while on a huge list): the key "role" is written once
-        # per message and the same six bytes can stand as at most two more string values in it (content, name)
-        roles = body.count(b'"role"') if schema is ChatRequest else 0
-        if roles > 3 * settings.max_messages:
-            raise too_many_messages(f"at least {-(-roles // 3)}")
+        # counted before parsing, which holds the interpreter for a while on a huge list: each message has one
+        # "role" key (the pattern cannot occur inside a JSON string, whose inner quotes are escaped)
+        roles = len(_ROLE_KEY.findall(body)) if schema is ChatRequest else 0
+        if roles > settings.max_messages:
+            raise too_many_messages(roles)
         try:  # a big body is parsed off the event loop too, so streams and /health keep flowing meanwhile
             req = (schema.model_validate_json(body) if len(body) < 2**18 else
                    await asyncio.get_running_loop().run_in_executor(tokenizer_pool, schema.model_validate_json, body))
