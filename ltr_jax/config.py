@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from ltr_jax import config_schema
 from ltr_jax.config_schema import ConfigError, config_to_dict, describe_schema, setting
 from ltr_jax.engine.preemption import PreemptionConfig
-from ltr_jax.engine.settings import DEFAULT_MAX_QUEUE, EngineConfig, OnlineLearningConfig, RankingConfig
+from ltr_jax.engine.settings import DEFAULT_MAX_QUEUE, EngineConfig, MeshConfig, OnlineLearningConfig, RankingConfig
 from ltr_jax.scheduler.policies import POLICY_NAMES, make_policy
 from ltr_jax.scheduler.scheduler import StarvationConfig
 
@@ -69,6 +69,7 @@ class EngineSection(PreemptionConfig, EngineConfig):
                                             "the tokens after it, in its prefill and in the ranker's pass")
     compilation_cache_dir: str | None = setting("default", doc="JAX persistent compilation cache directory; "
                                                                "'default' = <user cache>/jax_cache; null = off")
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def to_engine_config(self) -> EngineConfig:
         return EngineConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)})

@@ -41,6 +41,7 @@ from ltr_jax.bench.workload import Item, Observed
 from ltr_jax.engine.engine import Engine
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent
 from ltr_jax.engine.ranking import make_ranking_stage, share_prefix, warmup_ranker
+from ltr_jax.engine.sharding import mesh_for
 from ltr_jax.machine import machine_info
 from ltr_jax.models.llama import Llama
 from ltr_jax.models.ranker_checkpoint import default_ranker_path, load_scorer, read_spec
@@ -447,7 +448,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(str(err)) from None
     loaded = load_serving_model(args.model)
     model = Llama.from_params(loaded.config, loaded.params)
-    engine = Engine(model, args.config_tree.engine.to_engine_config())
+    engine = Engine(model, args.config_tree.engine.to_engine_config(),
+                    mesh=mesh_for(args.config_tree.engine.mesh, loaded.config))
     ranker_path, classifier_path = workload_rankers(args)
     items, length_source = build_items(loaded, args.prompts, args.lengths, args.n, args.max_prompt_tokens,
                                        args.max_output_tokens, args.split, args.seed, args.length_scale,

@@ -44,6 +44,7 @@ from flax import nnx
 
 from ltr_jax.engine.sampling import sample_tokens
 from ltr_jax.engine.settings import EngineConfig
+from ltr_jax.engine.sharding import cache_sharding, replicated, shard_state
 from ltr_jax.models.config import LlamaConfig
 from ltr_jax.models.llama import BackboneState, Llama
 
@@ -263,9 +264,7 @@ class Engine:
         # committed from elsewhere, e.g. a ranker restored by Orbax) must agree, or serving compiles mid-run.
         self.device = None if mesh is not None else jax.devices()[0]
         if mesh is not None:
-            from ltr_jax.engine.sharding import shard_params
-
-            self.params = shard_params(self.params, mesh)
+            self.params = shard_state(self.params, mesh)
         else:
             self.params = jax.device_put(self.params, self.device)
         self.stats = EngineStats()
@@ -292,8 +291,6 @@ class Engine:
         shape = (e.num_slots, c.n_kv_heads, self.cache_len, c.head_dim)
         dt = jnp.dtype(c.dtype)
         if self.mesh is not None:
-            from ltr_jax.engine.sharding import cache_sharding
-
             sharding = cache_sharding(self.mesh)
             zeros = jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=sharding)
             cache = [(zeros(), zeros()) for _ in range(c.n_layers)]
@@ -305,13 +302,22 @@ class Engine:
         return state if self.mesh is not None else jax.device_put(state, self.device)
 
     def _commit(self, x: jax.Array) -> jax.Array:
-        """``x`` committed to the engine's device (no copy when it already is), so its jit signature is the one
-        warm-up compiled."""
-        return x if self.device is None else jax.device_put(x, self.device)
+        """``x`` committed to the engine's device, or on a mesh to all its devices (replicated, unless the engine
+        made it there), with no copy when it already is: so its jit signature is the one warm-up compiled, whoever
+        made it (a ranker's pass runs on one device)."""
+        if self.mesh is None:
+            return jax.device_put(x, self.device)
+        on_mesh = isinstance(x, jax.Array) and x.sharding.device_set == set(self.mesh.devices.flat)
+        return x if on_mesh else jax.device_put(x, replicated(self.mesh))
 
     @property
     def num_slots(self) -> int:
         return self.config.num_slots
+
+    @property
+    def num_devices(self) -> int:
+        """Devices the model is split over (1 without a mesh)."""
+        return 1 if self.mesh is None else self.mesh.size
 
     @property
     def max_seq_len(self) -> int:

@@ -4,6 +4,7 @@ They are the config tree's sections themselves (`ltr_jax.config` builds ``engine
 each key has its one default here, beside its bounds and meaning:
 
 * `EngineConfig`: the engine's static shapes (slots, context, the compiled length buckets);
+* `MeshConfig`: the device mesh the engine's weights and KV cache are split over (``engine.mesh``);
 * `RankingConfig`: how the ranking stage and the orchestrator score arrivals (kept and fused passes, their budget,
   arrivals scored per batch boundary).
 """
@@ -67,6 +68,17 @@ class EngineConfig:
         while b < n:
             b = b + step if b < 8 * step else int(b * 1.5) // step * step
         return min(b, self.max_seq_len)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """``engine.mesh``: how many devices the model is split over (`ltr_jax.engine.sharding.mesh_for`)."""
+
+    tensor_parallel: int = setting(1, ge=1, doc="devices the weights and KV cache are split over (attention heads "
+                                                "and MLP width; the KV cache over KV heads); must divide the "
+                                                "model's query and KV heads and MLP width: start-up names the "
+                                                "valid degrees. 1 = one device, no mesh. Multi-host: set "
+                                                "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID")
 
 
 @dataclass(frozen=True)

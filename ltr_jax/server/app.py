@@ -609,7 +609,8 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
                 "configured_policy": runtime.config.scheduler.policy, "ranker": runtime.ranker_note,
                 "queue_len": stats["queue_len"], "running": stats["running"], "free_slots": stats["free_slots"],
                 "num_slots": stats["num_slots"], "inflight_http": state.inflight,
-                "ranker_version": int(stats.get("ranker_version", 0)), "resident_mb": resident_mb()}
+                "ranker_version": int(stats.get("ranker_version", 0)), "resident_mb": resident_mb(),
+                "devices": runtime.engine.num_devices}
         if not orch.is_running:
             body["status"] = "error"
             body["detail"] = "the scheduling loop is not running"
