@@ -51,7 +51,9 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), s
 class ModelSection:
     source: str | None = setting(None, doc="null = embedded SmolLM2-135M-Instruct (downloaded once); 'tiny' = "
                                             "a tiny random model for tests; a .gguf file; a Hugging Face directory")
-    dtype: str = setting("float32", choices=("float32", "bfloat16"), doc="compute dtype")
+    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16"),
+                         doc="weights, activations and KV cache (norms, softmax and logits accumulate in float32); "
+                             "auto = bfloat16 on a GPU/TPU, float32 on a CPU")
     name: str | None = setting(None, doc="model name served by /v1/models (null = the model's own name)")
     seed: int = setting(0, ge=0, doc="weights seed of the 'tiny' random model")
 

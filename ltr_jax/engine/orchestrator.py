@@ -8,11 +8,12 @@ Owns the one thread that touches the engine. At every batch boundary it:
    the scheduler sees a request once it is scored);
 2. expires requests past their deadline;
 3. asks the scheduler (`schedule(now)`) which running requests to evict and which waiting ones to admit;
-4. evicts, prefills + inserts admitted requests (from the ranking stage's kept pass when it has one), emitting the
-   token each prefill yields. An evicted request's tokens stay on the host; with ``preempt_mode="swap"``
-   (default) its K/V is copied out of the slot too (`Engine.swap_out`, within a memory budget) and its resume is
-   a plain insert that continues where it stopped; otherwise (``"recompute"``, or past the budget) its resume
-   re-prefills its prompt plus everything it generated;
+4. evicts, prefills + inserts admitted requests (from the ranking stage's kept pass when it has one; the others
+   of one length bucket together, ``engine.prefill_batch`` per call), emitting the token each prefill yields.
+   An evicted request's tokens stay on the host; with ``preempt_mode="swap"`` (default) its K/V is copied out of
+   the slot too (`Engine.swap_out`, within a memory budget) and its resume is a plain insert that continues
+   where it stopped; otherwise (``"recompute"``, or past the budget) its resume re-prefills its prompt plus
+   everything it generated;
 5. runs one `generate` step over all slots and streams each running request's token and detokenized text. While
    every slot is busy no arrival could start anyway, so when the ranking stage can, the oldest unscored arrival's
    pass rides on this step (`RankingStage.generate_fused`) and is scored after it.
@@ -167,7 +168,13 @@ class Orchestrator:
             "tokens_generated": 0, "requests_finished": 0, "requests_errored": 0, "steps": 0,
             "ranker_seconds": 0.0, "busy_seconds": 0.0,
             "swapped_out": 0, "swapped_in": 0, "recomputed_resumes": 0, "swapped_bytes": 0,
+            # host overhead: seconds from one decode step's tokens reaching the host to the next step being
+            # enqueued (streaming, scheduling, dispatch: the device idles meanwhile), over steady steps (those
+            # with no admission, eviction or ranker pass since the previous step)
+            "host_gap_seconds": 0.0, "host_gap_steps": 0,
         }
+        self._last_ready: float | None = None  # when the last step's tokens reached the host (None: not steady)
+        self._unscored_changed = False  # arrivals were scored at this boundary
 
     # ------------------------------------------------------------------------------------- thread-safe API
     def submit(self, prompt_tokens: list[int], sampling: SamplingParams, on_event: Callable[[StreamEvent], None],
@@ -289,10 +296,12 @@ class Orchestrator:
                 self.observer.on_preempt(len(decision.preempt))
             if sched.num_promotions > promotions_before:
                 self.observer.on_promote(sched.num_promotions - promotions_before)
+        if decision.preempt or decision.admit or self._unscored_changed:
+            self._last_ready = None  # device work between the steps: not a steady gap
+        self._unscored_changed = False
         for req in decision.preempt:
             self._evict(req.payload)
-        for req in decision.admit:
-            self._admit(req.payload)
+        self._admit([req.payload for req in decision.admit])
         if sched.num_running:
             self._step()
         self.counters["busy_seconds"] += time.perf_counter() - t0
@@ -334,6 +343,7 @@ class Orchestrator:
         self._unscored.extendleft(reversed(deferred))
         if not batch:
             return
+        self._unscored_changed = True
         self._score(batch)
         now = self.clock()
         for job in batch:
@@ -385,49 +395,93 @@ class Orchestrator:
             self.counters["swapped_bytes"] -= prefix.nbytes
         return prefix
 
-    def _admit(self, job: _Generation) -> None:
-        slot = self._free_slots.pop()
-        job.slot = slot
-        swapped = self._release_swap(job)
-        if swapped is not None:  # resume where it stopped: its pending token is the next step's input
-            try:
-                self.engine.insert(swapped, slot)
-            except Exception:  # noqa: BLE001 - fall back to recomputing the context below
-                log.error("swap-in of %s failed; recomputing:\n%s", job.request.request_id, traceback.format_exc())
-            else:
-                self.counters["swapped_in"] += 1
-                return
-        try:
+    def _admit(self, jobs: list[_Generation]) -> None:
+        """Start the scheduler's admissions, in its order: a swapped-out request resumes with an insert, one with
+        a kept ranker pass prefills from it, and the rest prefill together, ``engine.prefill_batch`` at a time, per
+        prefill group (shared prefix, length bucket): one device call for a burst of similar prompts."""
+        pending: dict[tuple[int, int], list[tuple[_Generation, SlotSampling]]] = {}
+        for job in jobs:
+            job.slot = self._free_slots.pop()
+            if self._resume_swapped(job):
+                continue
             s = job.sampling
             sampling = SlotSampling(float(s.temperature), int(s.top_k), float(s.top_p), job.seed)
-            prefix = self.ranking.prefill(job.request, sampling)  # from the ranker's pass over the first blocks
-            if prefix is None:
+            try:
+                prefix = self.ranking.prefill(job.request, sampling)  # from the ranker's pass over the first blocks
+                if prefix is not None:
+                    self.engine.insert(prefix, job.slot)
+            except Exception as exc:  # noqa: BLE001
+                self._prefill_failed(job, exc)
+                continue
+            if prefix is not None:
+                self._on_token(job, int(prefix.token), self.clock())
+            else:
                 # a resumed request recomputes its whole context (prompt + every token it produced) and, like a
                 # new one, gets its next token from the prefill; its key depends only on seed and position, so
                 # the token is the one it would have drawn had it never been evicted
-                prefix = self.engine.prefill(job.prompt_tokens + job.output, sampling)
-                if job.output:
-                    self.counters["recomputed_resumes"] += 1
-            self.engine.insert(prefix, slot)
+                key = self.engine.prefill_group(job.prompt_tokens + job.output)
+                pending.setdefault(key, []).append((job, sampling))
+        size = self.engine.config.prefill_batch
+        for group in pending.values():
+            for i in range(0, len(group), size):
+                self._prefill_together(group[i:i + size])
+
+    def _resume_swapped(self, job: _Generation) -> bool:
+        """Insert a swapped-out request's kept K/V into its slot; False when it has none (or the insert failed:
+        it recomputes its context instead)."""
+        swapped = self._release_swap(job)
+        if swapped is None:
+            return False
+        try:
+            self.engine.insert(swapped, job.slot)
+        except Exception:  # noqa: BLE001 - fall back to recomputing the context
+            log.error("swap-in of %s failed; recomputing:\n%s", job.request.request_id, traceback.format_exc())
+            return False
+        self.counters["swapped_in"] += 1
+        return True
+
+    def _prefill_together(self, chunk: list[tuple[_Generation, SlotSampling]]) -> None:
+        """Prefill these admissions of one prefill group in one call, insert each and emit its first token."""
+        try:
+            prefixes = self.engine.prefill_many([job.prompt_tokens + job.output for job, _ in chunk],
+                                                [sampling for _, sampling in chunk])
         except Exception as exc:  # noqa: BLE001
-            log.error("prefill failed for %s:\n%s", job.request.request_id, traceback.format_exc())
-            self._finish(job, "error", self.clock(), error=f"prefill failed: {exc}")
+            for job, _ in chunk:
+                self._prefill_failed(job, exc)
             return
-        self._on_token(job, int(prefix.token), self.clock())
+        for (job, _), prefix in zip(chunk, prefixes):
+            try:
+                self.engine.insert(prefix, job.slot)
+            except Exception as exc:  # noqa: BLE001
+                self._prefill_failed(job, exc)
+                continue
+            if job.output:
+                self.counters["recomputed_resumes"] += 1
+            self._on_token(job, int(prefix.token), self.clock())
+
+    def _prefill_failed(self, job: _Generation, exc: Exception) -> None:
+        log.error("prefill failed for %s:\n%s", job.request.request_id, traceback.format_exc())
+        self._finish(job, "error", self.clock(), error=f"prefill failed: {exc}")
 
     def _step(self) -> None:
         t0 = time.perf_counter()
         fused = self._next_fused()
         try:
             if fused is None:
-                tokens = np.asarray(self.engine.generate())
+                new = self.engine.generate()
             else:
-                tokens = np.asarray(self.ranking.generate_fused(fused.request, fused.prompt_tokens))
+                new = self.ranking.generate_fused(fused.request, fused.prompt_tokens)
+            enqueued = time.perf_counter()  # JAX dispatch is asynchronous: the step runs from here on
+            tokens = np.asarray(new)
         except Exception as exc:  # noqa: BLE001 - fail the running requests, keep serving the rest
             log.error("generate failed:\n%s", traceback.format_exc())
             for req in list(self.scheduler.running):
                 self._finish(req.payload, "error", self.clock(), error=f"decode step failed: {exc}")
             return
+        if self._last_ready is not None and fused is None:
+            self.counters["host_gap_seconds"] += enqueued - self._last_ready
+            self.counters["host_gap_steps"] += 1
+        self._last_ready = time.perf_counter() if fused is None else None
         if fused is not None:
             self._score_fused(fused)
         now = self.clock()

@@ -34,6 +34,9 @@ class EngineConfig:
     min_prefill_bucket: int = setting(16, ge=1, doc="smallest compiled prefill length")
     cache_bucket_step: int = setting(64, ge=1, doc="decode KV-cache length granularity: the cache length is a "
                                                    "bucket built from this step, capped at max_seq_len")
+    prefill_batch: int = setting(4, ge=1, le=64, doc="admitted prompts of one length bucket prefilled in one "
+                                                     "[rows, bucket] call, at most this many (rows padded to a "
+                                                     "power of two or this; 1 = one prompt per call)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -41,7 +44,7 @@ class EngineConfig:
     def validate(self) -> None:
         """Raise `ConfigError` (a ValueError) naming the key when a field is out of range (each field's own range
         is its `setting`'s)."""
-        for name in ("num_slots", "max_seq_len", "min_prefill_bucket", "cache_bucket_step"):
+        for name in ("num_slots", "max_seq_len", "min_prefill_bucket", "cache_bucket_step", "prefill_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError.at(name, value, "must be an integer")
@@ -60,6 +63,18 @@ class EngineConfig:
             if n <= b:
                 return b
         raise ValueError(f"a sequence of {n} tokens exceeds engine.max_seq_len={self.max_seq_len}")
+
+    def prefill_rows(self) -> list[int]:
+        """Row counts a batched prefill is compiled for: powers of two from 2 up to ``prefill_batch``, then it."""
+        rows, r = [], 2
+        while r < self.prefill_batch:
+            rows.append(r)
+            r *= 2
+        return rows + [self.prefill_batch] if self.prefill_batch > 1 else []
+
+    def prefill_row_bucket(self, n: int) -> int:
+        """The compiled row count a batch of ``n`` (2..prefill_batch) prompts is padded to."""
+        return next(r for r in self.prefill_rows() if n <= r)
 
     def cache_bucket(self, n: int) -> int:
         """Smallest cache length >= n: multiples of `cache_bucket_step` up to 8 steps, then growing by ~1.5x."""

@@ -50,6 +50,8 @@ class _StatsCollector:
                     ("starvation_promotions", "promotions", "Waiting requests promoted by starvation control"),
                     ("decode_steps", "steps", "Batched decode steps run"),
                     ("busy_seconds", "busy_seconds", "Seconds the loop spent on batch boundaries"),
+                    ("host_gap_seconds", "host_gap_seconds", "Host seconds between steady decode steps"),
+                    ("host_gap_steps", "host_gap_steps", "Steady decode steps counted in host_gap_seconds"),
                     ("reused_ranker_passes", "reused_ranker_passes", "Prefills started from the ranker's pass"),
                     ("fused_ranker_passes", "fused_ranker_passes", "Ranker passes run inside a decode step"),
                     ("ranker_states_dropped", "ranker_states_dropped", "Kept ranker passes dropped over budget"),

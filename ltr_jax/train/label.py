@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     init_distributed()  # a multi-host job joins before anything touches a device
     out.parent.mkdir(parents=True, exist_ok=True)
     done = already_labeled(out)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype=cfg.model.dtype)
     tok = loaded.tokenizer
     examples = sorted(load_examples(args.prompts), key=lambda e: label_order(e.id, args.seed))
     if args.limit is not None:
