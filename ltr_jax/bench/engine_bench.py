@@ -9,8 +9,9 @@ roofline, the time to read every weight a step reads (all layers and the LM head
 bandwidth (``--hbm-gbps``, else a table of known devices, else measured here by a large array reduction). Then it
 serves ``batch`` one-token requests through the real orchestrator for ``--host-steps`` steady steps and reports its
 host overhead: the time from one step's tokens reaching the host to the next step's dispatch (streaming, scheduling,
-dispatch), while the device waits. Compile seconds are XLA's own compile events for that engine. Dummy-weight
-presets have no tokenizer: their requests stream through the tiny model's byte-level one.
+dispatch), and how much of it the decode pipeline leaves exposed. Compile seconds are XLA's own compile events
+for that engine. Dummy-weight presets have no tokenizer: their requests stream through the tiny model's byte-level
+one. The report's ``decode`` and ``prefill`` lists are what `bench simulate --step-model REPORT.json` fits.
 """
 
 from __future__ import annotations
@@ -110,30 +111,31 @@ def hbm_bandwidth(given: float | None) -> tuple[float, str]:
     return round(x.nbytes / seconds / 1e9, 2), f"measured (a 256 MiB float32 sum on {kind})"
 
 
-def host_overhead(engine: Engine, tokenizer, steps: int) -> dict[str, float]:
-    """Serve one one-token request per slot through the orchestrator for ``steps`` steady decode steps; the mean
-    host gap per step (see `Orchestrator` counters ``host_gap_*``) and the whole loop's seconds per step."""
+def host_overhead(engine: Engine, tokenizer, prompt: list[int], steps: int, step_s: float) -> dict[str, Any]:
+    """Serve one request per slot (``prompt``, so the cache is as long as in the timed steps; its first tokens are
+    the engine's cached shared prefix, so each prefill runs one token) through the real orchestrator for ``steps``
+    steady decode steps. Host time per step: dispatch-to-dispatch seconds minus those blocked reading tokens
+    (streaming, scheduling, dispatch); exposed: how much longer a serving step takes than the bare step
+    ``step_s`` (what pipelining leaves of the host time)."""
     slots = engine.num_slots
     for slot in range(slots):
         if engine.host_active[slot]:
             engine.free(slot)
+    engine.set_shared_prefix(prompt[:-1])
+    cache_len = engine.cache_len
+    engine.warmup(prefill_buckets=[engine.config.prefill_bucket(1)], cache_lens=[cache_len], transitions=True)
     orch = Orchestrator(engine, tokenizer, Scheduler("fcfs", slots), max_queue=slots + 1)
-    sampling = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
-    streamed = [0]
-
-    def on_event(ev):
-        streamed[0] += len(ev.token_ids)
-
-    for i in range(slots):
-        orch.submit([1 + i % 200], sampling, on_event)
-    t0 = time.perf_counter()
+    sampling = SamplingParams(max_tokens=steps + 3, temperature=0.0, ignore_eos=True)
+    for _ in range(slots):
+        orch.submit(prompt, sampling, lambda ev: None)
+    engine.resize_cache(cache_len)  # the timed steps' cache length (it holds the whole run)
     orch.run_until_idle()
-    wall = time.perf_counter() - t0
-    stats = orch.stats()
-    gaps = max(1, stats["host_gap_steps"])
-    return {"host_overhead_ms": round(stats["host_gap_seconds"] / gaps * 1e3, 4),
-            "host_overhead_steps": int(stats["host_gap_steps"]),
-            "serving_ms_per_step": round(wall / max(1, stats["steps"]) * 1e3, 3), "streamed_tokens": streamed[0]}
+    s = orch.stats()
+    n = max(1, s["steady_steps"])
+    per_step = s["steady_step_seconds"] / n
+    return {"host_overhead_ms": round((s["steady_step_seconds"] - s["steady_wait_seconds"]) / n * 1e3, 4),
+            "serving_step_ms": round(per_step * 1e3, 3), "exposed_host_ms": round((per_step - step_s) * 1e3, 4),
+            "host_steps": int(s["steady_steps"]), "decode_pipeline": engine.config.decode_pipeline}
 
 
 def prefill_rate(model: Llama, context: int, max_len: int, mesh) -> dict[str, float]:
@@ -150,14 +152,16 @@ def prefill_rate(model: Llama, context: int, max_len: int, mesh) -> dict[str, fl
 def bench_point(model: Llama, tokenizer, batch: int, context: int, args, bandwidth: float, mesh,
                 prefill: dict[str, float]) -> dict[str, Any]:
     c = model.config
-    max_len = 1 << max(8, (context + args.steps + 4).bit_length())
+    longest = context + max(args.steps, args.host_steps) + 4
+    max_len = 1 << max(8, longest.bit_length())
     engine = Engine(model, EngineConfig(num_slots=batch, max_seq_len=max_len, min_prefill_bucket=4,
-                                        prefill_batch=args.prefill_batch), mesh=mesh)
+                                        prefill_batch=args.prefill_batch, decode_pipeline=args.decode_pipeline),
+                    mesh=mesh)
     prompt = np.random.default_rng(batch).integers(0, c.vocab_size, size=context).tolist()
     prefix = engine.prefill(prompt, SlotSampling())
     for slot in range(batch):
         engine.insert(prefix, slot)
-    attend = engine.config.cache_bucket(context + args.steps + 2)  # one cache length for the whole timed run
+    attend = engine.config.cache_bucket(longest)  # one cache length for every timed step
     engine.resize_cache(attend)
     engine.generate().block_until_ready()  # compile
     compile_s = engine.compile_seconds
@@ -172,7 +176,7 @@ def bench_point(model: Llama, tokenizer, batch: int, context: int, args, bandwid
         "compile_s": round(compile_s, 2), **prefill,
     }
     if args.host_steps:
-        row.update(host_overhead(engine, tokenizer, args.host_steps))
+        row.update(host_overhead(engine, tokenizer, prompt, args.host_steps, step_s))
     return row
 
 
@@ -204,6 +208,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--steps must be >= 1 and --host-steps >= 0")
     resolve_config(p, args, ())
     args.prefill_batch = args.config_tree.engine.prefill_batch
+    args.decode_pipeline = args.config_tree.engine.decode_pipeline
     return args
 
 
@@ -241,6 +246,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "devices": 1 if mesh is None else mesh.size, "hbm_gbps": bandwidth, "bandwidth_source": bandwidth_source,
         "prefill_batch": args.prefill_batch, "model_init_s": round(init_s, 2), "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results,
+        # the measured step times in the form `bench simulate --step-model THIS_FILE` fits (`MeasuredStepTime`)
+        "decode": [{"batch": r["batch"], "tokens_in_cache": r["batch"] * r["context"], "seconds": r["step_ms"] / 1e3}
+                   for r in results],
+        "prefill": [{"tokens": n, "seconds": r["prefill_ms"] / 1e3}
+                    for n, r in {r["context"]: r for r in results}.items()],
         "note": "roofline_ms = (weight_bytes + kv_bytes_read) / hbm_gbps; host_overhead_ms = time from a steady "
                 "step's tokens reaching the host to the next step's dispatch, through the real orchestrator",
     }

@@ -168,13 +168,16 @@ class Orchestrator:
             "tokens_generated": 0, "requests_finished": 0, "requests_errored": 0, "steps": 0,
             "ranker_seconds": 0.0, "busy_seconds": 0.0,
             "swapped_out": 0, "swapped_in": 0, "recomputed_resumes": 0, "swapped_bytes": 0,
-            # host overhead: seconds from one decode step's tokens reaching the host to the next step being
-            # enqueued (streaming, scheduling, dispatch: the device idles meanwhile), over steady steps (those
-            # with no admission, eviction or ranker pass since the previous step)
-            "host_gap_seconds": 0.0, "host_gap_steps": 0,
+            # steady decode steps (no admission, eviction or ranker pass since the step before): seconds from one
+            # step's dispatch to the next's, and of those, seconds blocked reading a step's tokens; the rest is
+            # host time (streaming, scheduling, dispatch), hidden behind the device step when pipelined
+            "steady_steps": 0, "steady_step_seconds": 0.0, "steady_wait_seconds": 0.0,
         }
-        self._last_ready: float | None = None  # when the last step's tokens reached the host (None: not steady)
+        self._last_dispatch: float | None = None  # when the last steady-eligible step was dispatched
         self._unscored_changed = False  # arrivals were scored at this boundary
+        # the decode step dispatched and not read yet (``engine.decode_pipeline``), as (tokens on the device, the
+        # (job, slot) pairs it ran, when it was dispatched)
+        self._inflight: tuple[Any, list[tuple[_Generation, int]], float] | None = None
 
     # ------------------------------------------------------------------------------------- thread-safe API
     def submit(self, prompt_tokens: list[int], sampling: SamplingParams, on_event: Callable[[StreamEvent], None],
@@ -287,6 +290,8 @@ class Orchestrator:
         now = self.clock()
         self._expire(now)
         sched = self.scheduler
+        if self._inflight is not None and (sched.num_waiting or self._unscored or not sched.num_running):
+            self._collect()  # someone may be admitted or evicted: decide on every token produced so far
         if sched.num_waiting == 0 and sched.num_running == 0 and not self._unscored:
             return False
         promotions_before = sched.num_promotions
@@ -297,7 +302,7 @@ class Orchestrator:
             if sched.num_promotions > promotions_before:
                 self.observer.on_promote(sched.num_promotions - promotions_before)
         if decision.preempt or decision.admit or self._unscored_changed:
-            self._last_ready = None  # device work between the steps: not a steady gap
+            self._last_dispatch = None  # device work between the steps: not a steady interval
         self._unscored_changed = False
         for req in decision.preempt:
             self._evict(req.payload)
@@ -464,34 +469,75 @@ class Orchestrator:
         self._finish(job, "error", self.clock(), error=f"prefill failed: {exc}")
 
     def _step(self) -> None:
-        t0 = time.perf_counter()
+        """One decode step over the running slots. Pipelined (``engine.decode_pipeline``, while nobody waits and
+        no arrival is unscored): the step is dispatched before the previous step's tokens are read and streamed,
+        so that host work overlaps the device step (JAX dispatch is asynchronous; the step's input tokens are
+        already on the device); a request that ends in the previous step has one token computed for nothing,
+        dropped. Otherwise the step is read at once, as the next boundary's decisions need every token."""
         fused = self._next_fused()
+        pipelined = fused is None and self.engine.config.decode_pipeline and not self._all_ending()
+        previous, self._inflight = self._inflight, None
+        if previous is not None and not pipelined:
+            self._collect(previous)
+            previous = None
+            if not self.scheduler.num_running:
+                return
+        t0 = time.perf_counter()
         try:
             if fused is None:
                 new = self.engine.generate()
             else:
                 new = self.ranking.generate_fused(fused.request, fused.prompt_tokens)
-            enqueued = time.perf_counter()  # JAX dispatch is asynchronous: the step runs from here on
-            tokens = np.asarray(new)
         except Exception as exc:  # noqa: BLE001 - fail the running requests, keep serving the rest
             log.error("generate failed:\n%s", traceback.format_exc())
             for req in list(self.scheduler.running):
                 self._finish(req.payload, "error", self.clock(), error=f"decode step failed: {exc}")
             return
-        if self._last_ready is not None and fused is None:
-            self.counters["host_gap_seconds"] += enqueued - self._last_ready
-            self.counters["host_gap_steps"] += 1
-        self._last_ready = time.perf_counter() if fused is None else None
-        if fused is not None:
-            self._score_fused(fused)
+        dispatched = time.perf_counter()
+        if self._last_dispatch is not None and fused is None:
+            self.counters["steady_steps"] += 1
+            self.counters["steady_step_seconds"] += dispatched - self._last_dispatch
+        self._last_dispatch = dispatched if fused is None else None
+        step = (new, [(req.payload, req.payload.slot) for req in self.scheduler.running], t0)
+        if pipelined:
+            self._inflight = step
+            if previous is not None:
+                self._collect(previous)
+            return
+        self._collect(step, before_streaming=None if fused is None else lambda: self._score_fused(fused))
+
+    def _all_ending(self) -> bool:
+        """Whether every running request reaches max_tokens with the step in flight (no next step is needed)."""
+        if self._inflight is None:
+            return False
+        return all(len(job.output) + 1 >= job.sampling.max_tokens for job, _ in self._inflight[1])
+
+    def _collect(self, step=None, before_streaming: Callable[[], None] | None = None) -> None:
+        """Read a dispatched decode step's tokens (default: the one in flight) and stream each to its request,
+        unless the request ended (or was cancelled) while the step ran (``before_streaming`` runs in between)."""
+        if step is None:
+            step, self._inflight = self._inflight, None
+        new, jobs, t0 = step
+        t_read = time.perf_counter()
+        try:
+            tokens = np.asarray(new)
+        except Exception as exc:  # noqa: BLE001 - fail the requests of that step, keep serving the rest
+            log.error("generate failed:\n%s", traceback.format_exc())
+            for job, _ in jobs:
+                self._finish(job, "error", self.clock(), error=f"decode step failed: {exc}")
+            return
+        ready = time.perf_counter()
+        if self._last_dispatch is not None:
+            self.counters["steady_wait_seconds"] += ready - t_read
+        if before_streaming is not None:
+            before_streaming()
         now = self.clock()
-        running = list(self.scheduler.running)
         self.counters["steps"] += 1
         if self.observer:
-            self.observer.on_step(len(running), time.perf_counter() - t0, len(running))
-        for req in running:
-            job: _Generation = req.payload
-            self._on_token(job, int(tokens[job.slot]), now)
+            self.observer.on_step(len(jobs), ready - t0, len(jobs))
+        for job, slot in jobs:
+            if not job.done and job.slot == slot:
+                self._on_token(job, int(tokens[slot]), now)
 
     def _next_fused(self) -> _Generation | None:
         """The oldest arrival waiting to be scored, when this step can run its pass."""

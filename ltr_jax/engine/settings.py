@@ -34,6 +34,9 @@ class EngineConfig:
     min_prefill_bucket: int = setting(16, ge=1, doc="smallest compiled prefill length")
     cache_bucket_step: int = setting(64, ge=1, doc="decode KV-cache length granularity: the cache length is a "
                                                    "bucket built from this step, capped at max_seq_len")
+    decode_pipeline: bool = setting(True, doc="while no request waits, dispatch each decode step before reading "
+                                              "the previous step's tokens, so streaming and scheduling overlap "
+                                              "the device step (a request that ends costs one wasted slot-step)")
     prefill_batch: int = setting(4, ge=1, le=64, doc="admitted prompts of one length bucket prefilled in one "
                                                      "[rows, bucket] call, at most this many (rows padded to a "
                                                      "power of two or this; 1 = one prompt per call)")
