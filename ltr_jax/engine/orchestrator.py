@@ -174,6 +174,7 @@ class Orchestrator:
             "steady_steps": 0, "steady_step_seconds": 0.0, "steady_wait_seconds": 0.0,
         }
         self._last_dispatch: float | None = None  # when the last steady-eligible step was dispatched
+        self._waited = 0.0  # seconds blocked reading tokens since that dispatch
         self._unscored_changed = False  # arrivals were scored at this boundary
         # the decode step dispatched and not read yet (``engine.decode_pipeline``), as (tokens on the device, the
         # (job, slot) pairs it ran, when it was dispatched)
@@ -446,13 +447,19 @@ class Orchestrator:
         return True
 
     def _prefill_together(self, chunk: list[tuple[_Generation, SlotSampling]]) -> None:
-        """Prefill these admissions of one prefill group in one call, insert each and emit its first token."""
+        """Prefill these admissions of one prefill group in one call, insert each and emit its first token. When
+        the joint call fails, each prefills alone, so that only a request whose own prefill fails is failed."""
         try:
             prefixes = self.engine.prefill_many([job.prompt_tokens + job.output for job, _ in chunk],
                                                 [sampling for _, sampling in chunk])
         except Exception as exc:  # noqa: BLE001
-            for job, _ in chunk:
-                self._prefill_failed(job, exc)
+            if len(chunk) > 1:
+                log.error("a joint prefill of %d requests failed; prefilling them one by one:\n%s", len(chunk),
+                          traceback.format_exc())
+                for one in chunk:
+                    self._prefill_together([one])
+                return
+            self._prefill_failed(chunk[0][0], exc)
             return
         for (job, _), prefix in zip(chunk, prefixes):
             try:
@@ -494,10 +501,12 @@ class Orchestrator:
                 self._finish(req.payload, "error", self.clock(), error=f"decode step failed: {exc}")
             return
         dispatched = time.perf_counter()
-        if self._last_dispatch is not None and fused is None:
+        if self._last_dispatch is not None and fused is None:  # one interval, holding one read of a step
             self.counters["steady_steps"] += 1
             self.counters["steady_step_seconds"] += dispatched - self._last_dispatch
+            self.counters["steady_wait_seconds"] += self._waited
         self._last_dispatch = dispatched if fused is None else None
+        self._waited = 0.0
         step = (new, [(req.payload, req.payload.slot) for req in self.scheduler.running], t0)
         if pipelined:
             self._inflight = step
@@ -527,8 +536,7 @@ class Orchestrator:
                 self._finish(job, "error", self.clock(), error=f"decode step failed: {exc}")
             return
         ready = time.perf_counter()
-        if self._last_dispatch is not None:
-            self.counters["steady_wait_seconds"] += ready - t_read
+        self._waited += ready - t_read
         if before_streaming is not None:
             before_streaming()
         now = self.clock()

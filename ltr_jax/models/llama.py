@@ -146,7 +146,9 @@ class Block(nnx.Module):
         scores = scores * (1.0 / math.sqrt(c.head_dim))
         scores = jnp.where(mask[:, None, None, :, :], scores, -1e30)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
+        # the output is rounded to the model dtype anyway: the matmul accumulates in float32 on accelerators
+        # (asking XLA:CPU for a bf16 x bf16 = f32 product here fails for several rows after a cached prefix)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
         return out.reshape(b, t, c.n_heads * c.head_dim).astype(q.dtype)
 
 
