@@ -2,7 +2,7 @@
 
     python scripts/dtype_agreement.py --out benchmarks/results/bf16_vs_f32_smollm2.json
 
-Serves ``--n`` chat prompts (from ``../shared/data/prompts.jsonl``, the same number from each source) greedily for
+Serves ``--n`` chat prompts (from ``../shared/data/prompts.jsonl``, taking each source in turn) greedily for
 ``--tokens`` tokens with the engine in each dtype, and reports the share of prompts whose continuations are
 identical, where the others first differ, and the largest |logit difference| (and the share of equal argmaxes)
 when both models read the float32 continuation (teacher forcing: the same inputs at every position).
@@ -27,14 +27,24 @@ from ltr_jax.models.loading import load_model
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prompts.jsonl"
 
 
-def pick_prompts(path: Path, n: int) -> list[dict]:
+def pick_prompts(path: Path, n: int, tok, max_tokens: int) -> list[tuple[str, list[int]]]:
+    """(id, chat-templated token ids) of ``n`` prompts of at most ``max_tokens`` tokens, taken from each source in
+    turn (in file order)."""
     if not path.is_file():
         raise SystemExit(f"{path} is missing: this script reads the shared prompts beside the checkout (../shared)")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    sources = sorted({r["source"] for r in rows})
-    per = -(-n // len(sources))
-    picked = [r for s in sources for r in [r for r in rows if r["source"] == s][:per]]
-    return picked[:n]
+    queues = {s: [r for r in rows if r["source"] == s] for s in sorted({r["source"] for r in rows})}
+    picked: list[tuple[str, list[int]]] = []
+    while len(picked) < n and any(queues.values()):
+        for queue in queues.values():
+            while queue and len(picked) < n:
+                r = queue.pop(0)
+                ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": r["prompt"]}],
+                                                         add_generation_prompt=True))
+                if len(ids) <= max_tokens:
+                    picked.append((r["id"], ids))
+                    break
+    return picked
 
 
 def greedy(model: Llama, prompts: list[list[int]], tokens: int, max_seq_len: int) -> list[list[int]]:
@@ -82,14 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     base = load_model(args.model, dtype="float32")
     tok = base.tokenizer
-    rows = pick_prompts(SHARED, 4 * args.n)
-    prompts, ids = [], []
-    for r in rows:
-        ids_ = tok.encode(tok.apply_chat_template([{"role": "user", "content": r["prompt"]}],
-                                                  add_generation_prompt=True))
-        if len(ids_) <= args.max_prompt_tokens and len(prompts) < args.n:
-            prompts.append(ids_)
-            ids.append(r["id"])
+    picked = pick_prompts(SHARED, args.n, tok, args.max_prompt_tokens)
+    ids, prompts = [i for i, _ in picked], [p for _, p in picked]
     max_seq_len = 1 << (args.max_prompt_tokens + args.tokens + 1).bit_length()
     conts, logits = {}, {}
     for dtype in ("float32", "bfloat16"):

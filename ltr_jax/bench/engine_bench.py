@@ -112,23 +112,24 @@ def hbm_bandwidth(given: float | None) -> tuple[float, str]:
 
 
 def host_overhead(engine: Engine, tokenizer, prompt: list[int], steps: int, step_s: float) -> dict[str, Any]:
-    """Serve one request per slot (``prompt``, so the cache is as long as in the timed steps; its first tokens are
+    """Serve one request per slot (``prompt``, so the cache starts as long as in the timed steps; its first tokens are
     the engine's cached shared prefix, so each prefill runs one token) through the real orchestrator for ``steps``
     steady decode steps. Host time per step: dispatch-to-dispatch seconds minus those blocked reading tokens
     (streaming, scheduling, dispatch); exposed: how much longer a serving step takes than the bare step
-    ``step_s`` (what pipelining leaves of the host time)."""
+    ``step_s`` (what pipelining leaves of the host time; the serving run's cache grows past the timed one's when
+    ``steps`` is long)."""
     slots = engine.num_slots
     for slot in range(slots):
         if engine.host_active[slot]:
             engine.free(slot)
     engine.set_shared_prefix(prompt[:-1])
-    cache_len = engine.cache_len
-    engine.warmup(prefill_buckets=[engine.config.prefill_bucket(1)], cache_lens=[cache_len], transitions=True)
+    cfg = engine.config  # compile every cache length (and resize) the run passes through, so none compiles in it
+    lens = [n for n in engine.cache_buckets(len(prompt) + steps + 4) if n >= cfg.cache_bucket(len(prompt) + 1)]
+    engine.warmup(prefill_buckets=[cfg.prefill_bucket(1)], cache_lens=lens, transitions=True)
     orch = Orchestrator(engine, tokenizer, Scheduler("fcfs", slots), max_queue=slots + 1)
     sampling = SamplingParams(max_tokens=steps + 3, temperature=0.0, ignore_eos=True)
     for _ in range(slots):
         orch.submit(prompt, sampling, lambda ev: None)
-    engine.resize_cache(cache_len)  # the timed steps' cache length (it holds the whole run)
     orch.run_until_idle()
     s = orch.stats()
     n = max(1, s["steady_steps"])
@@ -161,7 +162,7 @@ def bench_point(model: Llama, tokenizer, batch: int, context: int, args, bandwid
     prefix = engine.prefill(prompt, SlotSampling())
     for slot in range(batch):
         engine.insert(prefix, slot)
-    attend = engine.config.cache_bucket(longest)  # one cache length for every timed step
+    attend = engine.config.cache_bucket(context + args.steps + 2)  # one cache length for every timed step
     engine.resize_cache(attend)
     engine.generate().block_until_ready()  # compile
     compile_s = engine.compile_seconds
