@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -111,7 +112,19 @@ def hbm_bandwidth(given: float | None) -> tuple[float, str]:
     return round(x.nbytes / seconds / 1e9, 2), f"measured (a 256 MiB float32 sum on {kind})"
 
 
-def host_overhead(engine: Engine, tokenizer, prompt: list[int], steps: int, step_s: float) -> dict[str, Any]:
+def profile_rows(profile, steps: int, top: int) -> list[dict[str, Any]]:
+    """The ``top`` functions by own time in a cProfile of the serving run, per decode step."""
+    import pstats
+
+    stats = pstats.Stats(profile).stats
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return [{"function": f"{Path(f).name}:{line}({name})", "calls_per_step": round(nc / steps, 2),
+             "own_us_per_step": round(tt / steps * 1e6, 1), "cumulative_us_per_step": round(ct / steps * 1e6, 1)}
+            for (f, line, name), (_, nc, tt, ct, _) in rows]
+
+
+def host_overhead(engine: Engine, tokenizer, prompt: list[int], steps: int, step_s: float,
+                  profile_top: int = 0) -> dict[str, Any]:
     """Serve one request per slot (``prompt``, so the cache starts as long as in the timed steps; its first tokens are
     the engine's cached shared prefix, so each prefill runs one token) through the real orchestrator for ``steps``
     steady decode steps. Host time per step: dispatch-to-dispatch seconds minus those blocked reading tokens
@@ -130,13 +143,22 @@ def host_overhead(engine: Engine, tokenizer, prompt: list[int], steps: int, step
     sampling = SamplingParams(max_tokens=steps + 3, temperature=0.0, ignore_eos=True)
     for _ in range(slots):
         orch.submit(prompt, sampling, lambda ev: None)
+    profile = None
+    if profile_top:
+        import cProfile
+
+        profile = cProfile.Profile()
+        profile.enable()
     orch.run_until_idle()
+    if profile is not None:
+        profile.disable()
     s = orch.stats()
     n = max(1, s["steady_steps"])
     per_step = s["steady_step_seconds"] / n
     return {"host_overhead_ms": round((s["steady_step_seconds"] - s["steady_wait_seconds"]) / n * 1e3, 4),
             "serving_step_ms": round(per_step * 1e3, 3), "exposed_host_ms": round((per_step - step_s) * 1e3, 4),
-            "host_steps": int(s["steady_steps"]), "decode_pipeline": engine.config.decode_pipeline}
+            "host_steps": int(s["steady_steps"]), "decode_pipeline": engine.config.decode_pipeline,
+            **({"host_profile": profile_rows(profile, int(s["steps"]), profile_top)} if profile else {})}
 
 
 def prefill_rate(model: Llama, context: int, max_len: int, mesh) -> dict[str, float]:
@@ -177,7 +199,7 @@ def bench_point(model: Llama, tokenizer, batch: int, context: int, args, bandwid
         "compile_s": round(compile_s, 2), **prefill,
     }
     if args.host_steps:
-        row.update(host_overhead(engine, tokenizer, prompt, args.host_steps, step_s))
+        row.update(host_overhead(engine, tokenizer, prompt, args.host_steps, step_s, args.profile_host))
     return row
 
 
@@ -196,6 +218,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed decode steps per point (median reported)")
     p.add_argument("--host-steps", type=int, default=8, help="steady orchestrator steps measuring host overhead "
                    "(0 = skip)")
+    p.add_argument("--profile-host", type=int, default=0, metavar="N", help="cProfile the serving run and report "
+                   "its N functions with the most own time, per step (profiling slows it: the host times then "
+                   "overstate)")
     p.add_argument("--hbm-gbps", type=float, default=None, help="memory bandwidth for the roofline (default: the "
                    "device's data-sheet figure if known, else measured)")
     p.add_argument("--seed", type=int, default=0, help="random weights' seed")
