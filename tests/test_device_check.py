@@ -49,7 +49,10 @@ def test_device_check_cpu_smoke(tmp_path):
         assert r["step_over_roofline"] == pytest.approx(r["step_ms"] / r["roofline_ms"], rel=0.02)
         assert r["weight_bytes"] == report["weight_bytes_per_step"]
         assert r["kv_bytes_read"] > 0 and r["prefill_tokens_per_s"] > 0 and r["compile_s"] >= 0
-        assert r["host_steps"] >= 4 and r["host_overhead_ms"] >= 0 and r["decode_pipeline"] is True
+        if r["context"] == 32:  # host overhead is measured at the first context
+            assert r["host_steps"] >= 4 and r["host_overhead_ms"] >= 0 and r["decode_pipeline"] is True
+        else:
+            assert "host_overhead_ms" not in r
     MeasuredStepTime.from_json(out / "engine.json")  # the step times simulate fits
     simulated = json.loads((out / "simulate" / "report.json").read_text())
     assert "engine.json" in json.dumps(simulated)

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ltr_jax.config import load_config
+from ltr_jax.config import ConfigError, EngineRunConfig, ServeConfig, describe_schema, load_config
 from ltr_jax.engine.sharding import RULES, spec_of, valid_degrees
 from ltr_jax.models.config import tiny_config
 from ltr_jax.models.hf_checkpoint import save_hf_checkpoint
@@ -42,6 +42,15 @@ def test_every_weight_declares_its_logical_axes():
     assert specs == {P(None), P(None, None), P(None, "tp"), P("tp", None)}  # split: heads, MLP width only
     assert spec_of(KV_CACHE_AXES) == P(None, "tp", None, None)
     assert set(RULES) <= set(LOGICAL_AXES)
+
+
+def test_the_mesh_key_is_one_documented_config_key_of_every_command():
+    lines = [line for line in describe_schema(ServeConfig) if line.startswith("engine.mesh.")]
+    assert len(lines) == 1 and lines[0].startswith("engine.mesh.tensor_parallel (an integer, default 1)")
+    assert EngineRunConfig().engine.mesh.tensor_parallel == 1  # bench and train.label read the same section
+    assert load_config(None, ["engine.mesh.tensor_parallel=3"]).engine.mesh.tensor_parallel == 3
+    with pytest.raises(ConfigError, match="engine.mesh.tensor_parallel = 0"):
+        load_config(None, ["engine.mesh.tensor_parallel=0"])
 
 
 def test_valid_degrees_are_the_common_divisors_of_the_split_axes():
