@@ -234,7 +234,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.steps < 1 or args.host_steps < 0:
         p.error("--steps must be >= 1 and --host-steps >= 0")
     resolve_config(p, args, ())
-    args.prefill_batch = args.config_tree.engine.prefill_batch
+    args.prefill_batch = args.config_tree.engine.for_backend(jax.default_backend()).prefill_batch
     args.decode_pipeline = args.config_tree.engine.decode_pipeline
     return args
 

@@ -269,7 +269,7 @@ class Engine:
 
     def __init__(self, model: Llama, config: EngineConfig, mesh: jax.sharding.Mesh | None = None):
         self.model_config: LlamaConfig = model.config
-        self.config = config
+        self.config = config = config.for_backend(jax.default_backend())
         if config.max_seq_len > self.model_config.max_position_embeddings:
             raise ValueError(
                 f"engine.max_seq_len={config.max_seq_len} exceeds the model's context "

@@ -11,6 +11,7 @@ each key has its one default here, beside its bounds and meaning:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ltr_jax.config_schema import ConfigError, check_settings, setting
@@ -37,9 +38,11 @@ class EngineConfig:
     decode_pipeline: bool = setting(True, doc="while no request waits, dispatch each decode step before reading "
                                               "the previous step's tokens, so streaming and scheduling overlap "
                                               "the device step (a request that ends costs one wasted slot-step)")
-    prefill_batch: int = setting(4, ge=1, le=64, doc="admitted prompts of one length bucket prefilled in one "
-                                                     "[rows, bucket] call, at most this many (rows padded to a "
-                                                     "power of two or this; 1 = one prompt per call)")
+    prefill_batch: int | None = setting(None, ge=1, le=64, doc="admitted prompts of one length bucket prefilled "
+                                        "in one [rows, bucket] call, at most this many (rows padded to a power of "
+                                        "two or this; 1 = one prompt per call); null = 4 on a GPU/TPU, 1 on a CPU "
+                                        "(where prefill is compute-bound and compiling the batched shapes doubles "
+                                        "warm-up)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -49,7 +52,8 @@ class EngineConfig:
         is its `setting`'s)."""
         for name in ("num_slots", "max_seq_len", "min_prefill_bucket", "cache_bucket_step", "prefill_batch"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if (isinstance(value, bool) or not isinstance(value, int)) and not (name == "prefill_batch"
+                                                                             and value is None):
                 raise ConfigError.at(name, value, "must be an integer")
         check_settings(self)
         if self.min_prefill_bucket > self.max_seq_len:
@@ -67,8 +71,16 @@ class EngineConfig:
                 return b
         raise ValueError(f"a sequence of {n} tokens exceeds engine.max_seq_len={self.max_seq_len}")
 
+    def for_backend(self, backend: str) -> EngineConfig:
+        """This config with ``prefill_batch`` resolved for ``backend`` (jax.default_backend()) when it is null."""
+        if self.prefill_batch is not None:
+            return self
+        return dataclasses.replace(self, prefill_batch=1 if backend == "cpu" else 4)
+
     def prefill_rows(self) -> list[int]:
         """Row counts a batched prefill is compiled for: powers of two from 2 up to ``prefill_batch``, then it."""
+        if self.prefill_batch is None:
+            raise ValueError("prefill_batch is not resolved: use EngineConfig.for_backend first")
         rows, r = [], 2
         while r < self.prefill_batch:
             rows.append(r)
