@@ -281,6 +281,7 @@ class Engine:
         # each argument is committed, so warm-up (on the engine's own arrays) and serving (on arrays that may come
         # committed from elsewhere, e.g. a ranker restored by Orbax) must agree, or serving compiles mid-run.
         self.device = None if mesh is not None else jax.devices()[0]
+        self._mesh_devices = set(mesh.devices.flat) if mesh is not None else set()
         if mesh is not None:
             self.params = shard_state(self.params, mesh)
         else:
@@ -326,7 +327,7 @@ class Engine:
         made it (a ranker's pass runs on one device)."""
         if self.mesh is None:
             return jax.device_put(x, self.device)
-        on_mesh = isinstance(x, jax.Array) and x.sharding.device_set == set(self.mesh.devices.flat)
+        on_mesh = isinstance(x, jax.Array) and x.sharding.device_set == self._mesh_devices
         return x if on_mesh else jax.device_put(x, replicated(self.mesh))
 
     @property
