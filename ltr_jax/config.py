@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from ltr_jax import config_schema
 from ltr_jax.config_schema import ConfigError, config_to_dict, describe_schema, setting
 from ltr_jax.engine.preemption import PreemptionConfig
-from ltr_jax.engine.settings import DEFAULT_MAX_QUEUE, EngineConfig, OnlineLearningConfig, RankingConfig
+from ltr_jax.engine.settings import DEFAULT_MAX_QUEUE, EngineConfig, MeshConfig, OnlineLearningConfig, RankingConfig
 from ltr_jax.scheduler.policies import POLICY_NAMES, make_policy
 from ltr_jax.scheduler.scheduler import StarvationConfig
 
@@ -51,7 +51,9 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), s
 class ModelSection:
     source: str | None = setting(None, doc="null = embedded SmolLM2-135M-Instruct (downloaded once); 'tiny' = "
                                             "a tiny random model for tests; a .gguf file; a Hugging Face directory")
-    dtype: str = setting("float32", choices=("float32", "bfloat16"), doc="compute dtype")
+    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16"),
+                         doc="weights, activations and KV cache (norms, softmax and logits accumulate in float32); "
+                             "auto = bfloat16 on a GPU/TPU, float32 on a CPU")
     name: str | None = setting(None, doc="model name served by /v1/models (null = the model's own name)")
     seed: int = setting(0, ge=0, doc="weights seed of the 'tiny' random model")
 
@@ -73,6 +75,7 @@ class EngineSection(PreemptionConfig, EngineConfig):
                                             "the tokens after it, in its prefill and in the ranker's pass")
     compilation_cache_dir: str | None = setting("default", doc="JAX persistent compilation cache directory; "
                                                                "'default' = <user cache>/jax_cache; null = off")
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def to_engine_config(self) -> EngineConfig:
         return EngineConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)})

@@ -35,10 +35,11 @@ def smollm2_gguf_path() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_model(smollm2_gguf_path):
-    """SmolLM2-135M-Instruct loaded once per session with our loader."""
+    """SmolLM2-135M-Instruct loaded once per session with our loader, in float32 on every backend (the reference
+    logits are float32; bfloat16 is measured by scripts/dtype_agreement.py)."""
     from ltr_jax.models.loading import load_model
 
-    return load_model(str(smollm2_gguf_path))
+    return load_model(str(smollm2_gguf_path), dtype="float32")
 
 
 def _train_tiny_bpe(pre: str):

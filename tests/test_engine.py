@@ -255,7 +255,18 @@ SHARDED_SCRIPT = textwrap.dedent("""
         return outs, str(e.decode_state.cache[0][0].sharding)
     single, _ = run(None)
     sharded, spec = run(make_mesh(4))
-    print(json.dumps({"single": single, "sharded": sharded, "spec": spec}))
+    # the ranker's kept pass (one device) starts a prefill on the mesh: the same first token as a full prefill
+    from ltr_jax.engine.ranking import shares_ranker_pass
+    from ltr_jax.models.ranker import RankerHead, RankerScorer, RankerSpec
+    spec_r = RankerSpec(model_name="tiny", model_dim=64, n_layers=1, hidden_dims=(8,), max_prompt_len=32)
+    scorer = RankerScorer(spec_r, RankerHead.for_spec(spec_r), loaded.config, loaded.params, max_batch=2)
+    e = Engine(model, EngineConfig(num_slots=2, max_seq_len=128), mesh=make_mesh(4))
+    prompt = [3, 9, 27, 81, 11]
+    state = scorer.raw_with_state([prompt])[2][0]
+    resumed, full = e.prefill_from_state(state, SlotSampling()), e.prefill(prompt, SlotSampling())
+    e.insert(resumed, 0)
+    reuse = [shares_ranker_pass(e, scorer), int(resumed.token) == int(full.token), e.stats.resumed_prefills]
+    print(json.dumps({"single": single, "sharded": sharded, "spec": spec, "reuse": reuse}))
 """)
 
 
@@ -269,6 +280,7 @@ def test_tensor_parallel_on_four_cpu_devices_matches_single_device():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["sharded"] == result["single"]
     assert "tp" in result["spec"]
+    assert result["reuse"] == [True, True, 1]
 
 
 def test_decode_step_updates_the_donated_cache_in_place(tiny):

@@ -435,12 +435,20 @@ def test_internal_error_fails_only_its_request(server, client, monkeypatch):
     real_prefill = engine.prefill
     marker = server.runtime.tokenizer.encode("\a\a\a")
 
+    real_prefill_many = engine.prefill_many
+
     def faulty_prefill(tokens, sampling, bucket=None):
         if list(tokens[: len(marker)]) == marker:
             raise RuntimeError("injected fault")
         return real_prefill(tokens, sampling, bucket)
 
+    def faulty_prefill_many(sequences, samplings):  # a joint prefill with the bad prompt fails as a whole
+        if any(list(tokens[: len(marker)]) == marker for tokens in sequences):
+            raise RuntimeError("injected fault")
+        return real_prefill_many(sequences, samplings)
+
     monkeypatch.setattr(engine, "prefill", faulty_prefill)
+    monkeypatch.setattr(engine, "prefill_many", faulty_prefill_many)
 
     async def scenario():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:

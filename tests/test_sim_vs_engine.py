@@ -24,6 +24,13 @@ from ltr_jax.sim.trace import TraceEntry
 PREFILL, DECODE = 0.25, 1.0
 
 
+def simulated_engine(**shape) -> EngineConfig:
+    """The engine loop the simulator models: one prompt per prefill call, and each decode step read before the
+    next is dispatched (the virtual clock here advances when a step is dispatched, so a pipelined loop, which reads
+    step k after dispatching k+1, would stream every token one step later in this clock, not in real time)."""
+    return EngineConfig(prefill_batch=1, decode_pipeline=False, **shape)
+
+
 class FixedSteps:
     def prefill_time(self, n_tokens: int) -> float:
         return PREFILL
@@ -57,7 +64,7 @@ def test_simulator_reproduces_engine_exactly_in_virtual_time(tiny, policy, preem
     trace = _trace(14, seed=1, spread=40.0)
     slots = 3
     clock = [0.0]
-    engine = Engine(model, EngineConfig(num_slots=slots, max_seq_len=128))
+    engine = Engine(model, simulated_engine(num_slots=slots, max_seq_len=128))
     real_prefill, real_generate = engine.prefill, engine.generate
 
     def prefill(*a, **k):
@@ -107,7 +114,7 @@ def test_simulator_reproduces_ranked_engine_exactly_in_virtual_time(tiny, reuse)
     scores = ranker.score(prompts)
     trace = [TraceEntry(e.arrival_time, e.prompt_len, e.output_len, float(sc)) for e, sc in zip(base, scores)]
     slots, clock = 2, [0.0]
-    engine = Engine(model, EngineConfig(num_slots=slots, max_seq_len=128))
+    engine = Engine(model, simulated_engine(num_slots=slots, max_seq_len=128))
     real_prefill, real_from_state, real_generate = engine.prefill, engine.prefill_from_state, engine.generate
     real_raw = ranker.raw_with_features  # the one entry the ranking stage scores arrivals through
 

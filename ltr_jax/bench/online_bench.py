@@ -49,6 +49,7 @@ from ltr_jax.config import ConfigError, EngineRunConfig, load_config
 from ltr_jax.engine.engine import Engine
 from ltr_jax.engine.online import OnlineLearner
 from ltr_jax.engine.ranking import make_ranking_stage, warmup_ranker
+from ltr_jax.engine.sharding import mesh_for
 from ltr_jax.machine import machine_info
 from ltr_jax.models.llama import Llama
 from ltr_jax.models.ranker import RankerHead
@@ -354,9 +355,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     offline_path = args.ranker or str(packaged / "ranker_alpacaeval_llama3_8b")
     mismatched_path = args.mismatched_ranker or str(packaged / "ranker_smollm2_trace")
     prompts = args.prompts or str(shared_dir() / "data" / "alpacaeval_llama3.jsonl")
-    loaded = load_serving_model(args.config_tree.model.source)
+    loaded = load_serving_model(args.config_tree.model.source, args.config_tree.model.dtype)
     model = Llama.from_params(loaded.config, loaded.params)
-    engine = Engine(model, args.config_tree.engine.to_engine_config())
+    engine = Engine(model, args.config_tree.engine.to_engine_config(),
+                    mesh=mesh_for(args.config_tree.engine.mesh, loaded.config))
     items, length_source = build_items(loaded, prompts, args.lengths, args.n or 10**9, args.max_prompt_tokens,
                                        10**6, "all", args.seed, args.length_scale, refill=False)
     fraction, salt = held_out_split(offline_path) or (0.1, DEFAULT_SPLIT_SALT)

@@ -41,6 +41,7 @@ from ltr_jax.bench.workload import Item, Observed
 from ltr_jax.engine.engine import Engine
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent
 from ltr_jax.engine.ranking import make_ranking_stage, share_prefix, warmup_ranker
+from ltr_jax.engine.sharding import mesh_for
 from ltr_jax.machine import machine_info
 from ltr_jax.models.llama import Llama
 from ltr_jax.models.ranker_checkpoint import default_ranker_path, load_scorer, read_spec
@@ -428,12 +429,12 @@ def _shown_path(path: str) -> str:
     return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
 
 
-def load_serving_model(source: str | None):
+def load_serving_model(source: str | None, dtype: str = "auto"):
     if source and source.startswith("preset:"):
         raise SystemExit("preset models have no tokenizer; use the `simulate` command or a real checkpoint")
     from ltr_jax.models.loading import load_model
 
-    return load_model(source)
+    return load_model(source, dtype=dtype)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -445,9 +446,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         enable_compilation_cache(args.compilation_cache, key="--compilation-cache", off="'none'")
     except CompilationCacheError as err:
         raise SystemExit(str(err)) from None
-    loaded = load_serving_model(args.model)
+    loaded = load_serving_model(args.model, args.config_tree.model.dtype)
     model = Llama.from_params(loaded.config, loaded.params)
-    engine = Engine(model, args.config_tree.engine.to_engine_config())
+    engine = Engine(model, args.config_tree.engine.to_engine_config(),
+                    mesh=mesh_for(args.config_tree.engine.mesh, loaded.config))
     ranker_path, classifier_path = workload_rankers(args)
     items, length_source = build_items(loaded, args.prompts, args.lengths, args.n, args.max_prompt_tokens,
                                        args.max_output_tokens, args.split, args.seed, args.length_scale,

@@ -4,6 +4,9 @@ Owns the device side of serving. Every call is one `jax.jit`-compiled pure funct
 
 * `prefill(tokens, sampling)`      -> `Prefix`: the prompt (padded to a length bucket) run causally; its K/V and its
                                       first sampled token stay on the device.
+* `prefill_many(prompts, ...)`      -> one `Prefix` per prompt for up to ``engine.prefill_batch`` prompts of one
+                                      length bucket, run as one [rows, bucket] call (the same result per prompt as
+                                      `prefill` one by one; each `Prefix` has a single prefill's shapes).
 * `prefill_from_state(state, ...)`  -> the same `Prefix` for a prompt whose first blocks the ranker already ran
                                       when it scored the prompt: only the remaining blocks run.
 * `set_shared_prefix(tokens)`      -> caches the K/V of a token prefix many prompts start with (the chat
@@ -44,6 +47,7 @@ from flax import nnx
 
 from ltr_jax.engine.sampling import sample_tokens
 from ltr_jax.engine.settings import EngineConfig
+from ltr_jax.engine.sharding import cache_sharding, replicated, shard_state
 from ltr_jax.models.config import LlamaConfig
 from ltr_jax.models.llama import BackboneState, Llama
 
@@ -103,6 +107,8 @@ class EngineStats:
     prefill_tokens: int = 0
     resumed_prefills: int = 0  # prefills that started from a ranker's backbone pass (counted in prefill_calls)
     shared_prefix_hits: int = 0  # prefills that started after the cached shared prefix (counted in prefill_calls)
+    batched_prefills: int = 0  # prompts prefilled in a call with others (counted in prefill_calls)
+    prefill_batches: int = 0  # those calls
     fused_passes: int = 0  # decode steps that also ran a prompt's backbone pass (counted in generate_calls)
     fused_variants_skipped: int = 0  # decode steps with a pass that warm-up left uncompiled (memory-map budget)
     generate_calls: int = 0
@@ -124,6 +130,18 @@ def _prefill_fn(graphdef, state, past, tokens, n_new, temperature, top_k, top_p,
     length = n_new + (past[0][0].shape[2] if past else 0)
     token = sample_tokens(logits, temperature[None], top_k[None], top_p[None], seed[None], length[None])[0]
     return Prefix(_joined_kv(past, kv), length, token, temperature, top_k, top_p, seed)
+
+
+def _prefill_batch_fn(graphdef, state, past, tokens, n_new, temperature, top_k, top_p, seed):
+    """`_prefill_fn` for rows of prompts: ``tokens`` [R, T] with ``n_new`` [R] real tokens each (and per-row
+    sampling settings [R]) after the cached prefix ``past``. Returns one `Prefix` per row, each shaped exactly as
+    `_prefill_fn`'s, so the inserts compiled for single prefills take them."""
+    model = nnx.merge(graphdef, state)
+    logits, kv = model.prefill(tokens, n_new, list(past) or None)
+    lengths = n_new + (past[0][0].shape[2] if past else 0)
+    new = sample_tokens(logits, temperature, top_k, top_p, seed, lengths)
+    return tuple(Prefix(_joined_kv(past, [(k[i:i + 1], v[i:i + 1]) for k, v in kv]), lengths[i], new[i],
+                        temperature[i], top_k[i], top_p[i], seed[i]) for i in range(tokens.shape[0]))
 
 
 def _fit_length(x: jax.Array, axis: int, n: int) -> jax.Array:
@@ -219,13 +237,14 @@ def _generate_pass_fn(graphdef, n_pass, state, decode_state: DecodeState, active
 # Module-level compiled functions (the graph definition is a static argument), so every engine over the same model
 # architecture shares one compilation cache.
 _PREFILL = jax.jit(_prefill_fn, static_argnums=(0,))
+_PREFILL_BATCH = jax.jit(_prefill_batch_fn, static_argnums=(0,))
 _PREFILL_REST = jax.jit(_prefill_rest_fn, static_argnums=(0, 1))
 _INSERT = jax.jit(_insert_fn, donate_argnums=(1,))
 _GENERATE = jax.jit(_generate_fn, static_argnums=(0,), donate_argnums=(2,))
 _GENERATE_PASS = jax.jit(_generate_pass_fn, static_argnums=(0, 1), donate_argnums=(3,))
 _RESIZE = jax.jit(_resize_fn, static_argnames=("cache_len",))  # shapes change: nothing to donate
 _EXTRACT = jax.jit(_extract_fn, static_argnames=("bucket",))  # reads the state: the next step still donates it
-JITTED = (_PREFILL, _PREFILL_REST, _INSERT, _GENERATE, _GENERATE_PASS, _RESIZE, _EXTRACT)
+JITTED = (_PREFILL, _PREFILL_BATCH, _PREFILL_REST, _INSERT, _GENERATE, _GENERATE_PASS, _RESIZE, _EXTRACT)
 
 
 class _CompileClock:
@@ -250,7 +269,7 @@ class Engine:
 
     def __init__(self, model: Llama, config: EngineConfig, mesh: jax.sharding.Mesh | None = None):
         self.model_config: LlamaConfig = model.config
-        self.config = config
+        self.config = config = config.for_backend(jax.default_backend())
         if config.max_seq_len > self.model_config.max_position_embeddings:
             raise ValueError(
                 f"engine.max_seq_len={config.max_seq_len} exceeds the model's context "
@@ -262,14 +281,14 @@ class Engine:
         # each argument is committed, so warm-up (on the engine's own arrays) and serving (on arrays that may come
         # committed from elsewhere, e.g. a ranker restored by Orbax) must agree, or serving compiles mid-run.
         self.device = None if mesh is not None else jax.devices()[0]
+        self._mesh_devices = set(mesh.devices.flat) if mesh is not None else set()
         if mesh is not None:
-            from ltr_jax.engine.sharding import shard_params
-
-            self.params = shard_params(self.params, mesh)
+            self.params = shard_state(self.params, mesh)
         else:
             self.params = jax.device_put(self.params, self.device)
         self.stats = EngineStats()
         self._prefill = functools.partial(_PREFILL, self.graphdef)
+        self._prefill_batch = functools.partial(_PREFILL_BATCH, self.graphdef)
         self._prefill_rest = functools.partial(_PREFILL_REST, self.graphdef)
         self._insert = _INSERT
         self._generate = functools.partial(_GENERATE, self.graphdef)
@@ -292,8 +311,6 @@ class Engine:
         shape = (e.num_slots, c.n_kv_heads, self.cache_len, c.head_dim)
         dt = jnp.dtype(c.dtype)
         if self.mesh is not None:
-            from ltr_jax.engine.sharding import cache_sharding
-
             sharding = cache_sharding(self.mesh)
             zeros = jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=sharding)
             cache = [(zeros(), zeros()) for _ in range(c.n_layers)]
@@ -305,13 +322,22 @@ class Engine:
         return state if self.mesh is not None else jax.device_put(state, self.device)
 
     def _commit(self, x: jax.Array) -> jax.Array:
-        """``x`` committed to the engine's device (no copy when it already is), so its jit signature is the one
-        warm-up compiled."""
-        return x if self.device is None else jax.device_put(x, self.device)
+        """``x`` committed to the engine's device, or on a mesh to all its devices (replicated, unless the engine
+        made it there), with no copy when it already is: so its jit signature is the one warm-up compiled, whoever
+        made it (a ranker's pass runs on one device)."""
+        if self.mesh is None:
+            return jax.device_put(x, self.device)
+        on_mesh = isinstance(x, jax.Array) and x.sharding.device_set == self._mesh_devices
+        return x if on_mesh else jax.device_put(x, replicated(self.mesh))
 
     @property
     def num_slots(self) -> int:
         return self.config.num_slots
+
+    @property
+    def num_devices(self) -> int:
+        """Devices the model is split over (1 without a mesh)."""
+        return 1 if self.mesh is None else self.mesh.size
 
     @property
     def max_seq_len(self) -> int:
@@ -352,12 +378,17 @@ class Engine:
         prefill_buckets = prefill_buckets or []
         cache_lens = cache_lens or []
         prefixes = {b: self._prefill_new([0] * min(b, 2), 0, SlotSampling(), b) for b in prefill_buckets}
+        groups = [(0, b) for b in prefill_buckets]
         shared = self.shared_prefix.length if self.shared_prefix is not None else 0
         if shared and prefill_buckets:  # after the shared prefix a prompt needs a smaller bucket, any of them up to
             # the largest given; their K/V rows are shared + bucket
             top = max(prefill_buckets)
             prefixes.update({shared + b: self._prefill_new([0] * min(b, 2), shared, SlotSampling(), b)
                              for b in self.config.prefill_buckets() if b <= top})
+            groups += [(shared, b) for b in self.config.prefill_buckets() if b <= top]
+        for rows in self.config.prefill_rows():  # batched prefills: their prefixes have the single ones' shapes
+            for start, b in groups:
+                self._prefill_rows([[0]] * rows, start, [SlotSampling()] * rows, b)
         if swap:  # a swapped-out slot of n cache rows holds < n tokens: its prefix is any bucket up to that
             for n in cache_lens:
                 self.resize_cache(n)
@@ -413,6 +444,11 @@ class Engine:
     def prefill(self, tokens: list[int] | np.ndarray, sampling: SlotSampling, bucket: int | None = None) -> Prefix:
         """Run a prompt (or prompt + already generated tokens, for a resume). Returns the device-side Prefix.
         A prompt that starts with the shared prefix runs only its tokens after it (``bucket``: of those)."""
+        start = self._count_prefill(tokens)
+        return self._prefill_new(tokens[start:], start, sampling, bucket)
+
+    def _count_prefill(self, tokens) -> int:
+        """Check a sequence to prefill and count it; returns how many shared-prefix tokens it starts with."""
         n = len(tokens)
         if n < 1:
             raise ValueError("prefill needs at least one token")
@@ -425,7 +461,52 @@ class Engine:
         self.stats.prefill_calls += 1
         self.stats.prefill_tokens += n
         self.stats.shared_prefix_hits += bool(start)
-        return self._prefill_new(tokens[start:], start, sampling, bucket)
+        return start
+
+    def prefill_group(self, tokens) -> tuple[int, int]:
+        """(shared-prefix tokens ``tokens`` starts with, the prefill bucket of the rest): sequences with the same
+        group can be prefilled together by `prefill_many`."""
+        start = self.shared_prefix_len(tokens)
+        return start, self.config.prefill_bucket(max(1, len(tokens) - start))
+
+    def prefill_many(self, sequences: list, samplings: list[SlotSampling]) -> list[Prefix]:
+        """Prefill up to ``engine.prefill_batch`` sequences of one `prefill_group` in one call of [rows, bucket]
+        tokens (rows padded to a compiled count with one-token dummy rows). Each row is computed as `prefill`
+        computes it alone, so each `Prefix` (same shapes as a single prefill's) yields the same tokens."""
+        n = len(sequences)
+        if n != len(samplings) or not 1 <= n <= self.config.prefill_batch:
+            raise ValueError(f"prefill_many takes 1..{self.config.prefill_batch} (engine.prefill_batch) sequences, "
+                             f"one sampling each; got {n} and {len(samplings)}")
+        if n == 1:
+            return [self.prefill(sequences[0], samplings[0])]
+        groups = {self.prefill_group(t) for t in sequences}
+        if len(groups) != 1:
+            raise ValueError(f"prefill_many needs sequences of one prefill group (shared prefix, bucket); got "
+                             f"{sorted(groups)}")
+        (start, bucket), = groups
+        for t in sequences:
+            self._count_prefill(t)
+        self.stats.batched_prefills += n
+        self.stats.prefill_batches += 1
+        rows = self.config.prefill_row_bucket(n)
+        pad = rows - n  # dummy one-token rows complete the compiled row count; their results are dropped
+        prefixes = self._prefill_rows([t[start:] for t in sequences] + [[0]] * pad, start,
+                                      list(samplings) + [SlotSampling()] * pad, bucket)
+        return list(prefixes[:n])
+
+    def _prefill_rows(self, sequences, start: int, samplings: list[SlotSampling], bucket: int) -> tuple:
+        """The batched prefill of ``sequences`` (each after the first ``start`` tokens, the shared prefix)."""
+        padded = np.zeros((len(sequences), bucket), np.int32)
+        for i, t in enumerate(sequences):
+            padded[i, :len(t)] = np.asarray(t, np.int32)
+        past = self.shared_prefix.kv if start else ()
+        return self._prefill_batch(
+            self.params, past, padded, np.asarray([len(t) for t in sequences], np.int32),
+            np.asarray([s.temperature for s in samplings], np.float32),
+            np.asarray([s.top_k for s in samplings], np.int32),
+            np.asarray([s.top_p for s in samplings], np.float32),
+            np.asarray([s.seed & 0xFFFFFFFF for s in samplings], np.uint32),
+        )
 
     def _prefill_new(self, tokens, start: int, sampling: SlotSampling, bucket: int | None) -> Prefix:
         """The prefill of ``tokens`` after the first ``start`` tokens, which are the shared prefix (0: none)."""

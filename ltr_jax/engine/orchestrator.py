@@ -8,11 +8,12 @@ Owns the one thread that touches the engine. At every batch boundary it:
    the scheduler sees a request once it is scored);
 2. expires requests past their deadline;
 3. asks the scheduler (`schedule(now)`) which running requests to evict and which waiting ones to admit;
-4. evicts, prefills + inserts admitted requests (from the ranking stage's kept pass when it has one), emitting the
-   token each prefill yields. An evicted request's tokens stay on the host; with ``preempt_mode="swap"``
-   (default) its K/V is copied out of the slot too (`Engine.swap_out`, within a memory budget) and its resume is
-   a plain insert that continues where it stopped; otherwise (``"recompute"``, or past the budget) its resume
-   re-prefills its prompt plus everything it generated;
+4. evicts, prefills + inserts admitted requests (from the ranking stage's kept pass when it has one; the others
+   of one length bucket together, ``engine.prefill_batch`` per call), emitting the token each prefill yields.
+   An evicted request's tokens stay on the host; with ``preempt_mode="swap"`` (default) its K/V is copied out of
+   the slot too (`Engine.swap_out`, within a memory budget) and its resume is a plain insert that continues
+   where it stopped; otherwise (``"recompute"``, or past the budget) its resume re-prefills its prompt plus
+   everything it generated;
 5. runs one `generate` step over all slots and streams each running request's token and detokenized text. While
    every slot is busy no arrival could start anyway, so when the ranking stage can, the oldest unscored arrival's
    pass rides on this step (`RankingStage.generate_fused`) and is scored after it.
@@ -168,7 +169,17 @@ class Orchestrator:
             "tokens_generated": 0, "requests_finished": 0, "requests_errored": 0, "steps": 0,
             "ranker_seconds": 0.0, "busy_seconds": 0.0,
             "swapped_out": 0, "swapped_in": 0, "recomputed_resumes": 0, "swapped_bytes": 0,
+            # steady decode steps (no admission, eviction or ranker pass since the step before): seconds from one
+            # step's dispatch to the next's, and of those, seconds blocked reading a step's tokens; the rest is
+            # host time (streaming, scheduling, dispatch), hidden behind the device step when pipelined
+            "steady_steps": 0, "steady_step_seconds": 0.0, "steady_wait_seconds": 0.0,
         }
+        self._last_dispatch: float | None = None  # when the last steady-eligible step was dispatched
+        self._waited = 0.0  # seconds blocked reading tokens since that dispatch
+        self._unscored_changed = False  # arrivals were scored at this boundary
+        # the decode step dispatched and not read yet (``engine.decode_pipeline``), as (tokens on the device, the
+        # (job, slot) pairs it ran, when it was dispatched)
+        self._inflight: tuple[Any, list[tuple[_Generation, int]], float] | None = None
 
     # ------------------------------------------------------------------------------------- thread-safe API
     def submit(self, prompt_tokens: list[int], sampling: SamplingParams, on_event: Callable[[StreamEvent], None],
@@ -235,6 +246,8 @@ class Orchestrator:
             task = self._idle_tasks[0] if self._idle_tasks else None
         if task is None:
             return
+        if self._inflight is not None:  # a pipelined step still unread: read it, so the task finds no step running
+            self._collect()
         try:
             task()
         except Exception:  # noqa: BLE001 - idle work is an optimisation: serving goes on without it
@@ -307,6 +320,8 @@ class Orchestrator:
         now = self.clock()
         self._expire(now)
         sched = self.scheduler
+        if self._inflight is not None and (sched.num_waiting or self._unscored or not sched.num_running):
+            self._collect()  # someone may be admitted or evicted: decide on every token produced so far
         if sched.num_waiting == 0 and sched.num_running == 0 and not self._unscored:
             return False
         promotions_before = sched.num_promotions
@@ -316,10 +331,12 @@ class Orchestrator:
                 self.observer.on_preempt(len(decision.preempt))
             if sched.num_promotions > promotions_before:
                 self.observer.on_promote(sched.num_promotions - promotions_before)
+        if decision.preempt or decision.admit or self._unscored_changed:
+            self._last_dispatch = None  # device work between the steps: not a steady interval
+        self._unscored_changed = False
         for req in decision.preempt:
             self._evict(req.payload)
-        for req in decision.admit:
-            self._admit(req.payload)
+        self._admit([req.payload for req in decision.admit])
         if sched.num_running:
             self._step()
         self.counters["busy_seconds"] += time.perf_counter() - t0
@@ -361,6 +378,7 @@ class Orchestrator:
         self._unscored.extendleft(reversed(deferred))
         if not batch:
             return
+        self._unscored_changed = True
         self._score(batch)
         now = self.clock()
         for job in batch:
@@ -412,59 +430,151 @@ class Orchestrator:
             self.counters["swapped_bytes"] -= prefix.nbytes
         return prefix
 
-    def _admit(self, job: _Generation) -> None:
-        slot = self._free_slots.pop()
-        job.slot = slot
-        swapped = self._release_swap(job)
-        if swapped is not None:  # resume where it stopped: its pending token is the next step's input
-            try:
-                self.engine.insert(swapped, slot)
-            except Exception:  # noqa: BLE001 - fall back to recomputing the context below
-                log.error("swap-in of %s failed; recomputing:\n%s", job.request.request_id, traceback.format_exc())
-            else:
-                self.counters["swapped_in"] += 1
-                return
-        try:
+    def _admit(self, jobs: list[_Generation]) -> None:
+        """Start the scheduler's admissions, in its order: a swapped-out request resumes with an insert, one with
+        a kept ranker pass prefills from it, and the rest prefill together, ``engine.prefill_batch`` at a time, per
+        prefill group (shared prefix, length bucket): one device call for a burst of similar prompts."""
+        pending: dict[tuple[int, int], list[tuple[_Generation, SlotSampling]]] = {}
+        for job in jobs:
+            job.slot = self._free_slots.pop()
+            if self._resume_swapped(job):
+                continue
             s = job.sampling
             sampling = SlotSampling(float(s.temperature), int(s.top_k), float(s.top_p), job.seed)
-            prefix = self.ranking.prefill(job.request, sampling)  # from the ranker's pass over the first blocks
-            if prefix is None:
+            try:
+                prefix = self.ranking.prefill(job.request, sampling)  # from the ranker's pass over the first blocks
+                if prefix is not None:
+                    self.engine.insert(prefix, job.slot)
+            except Exception as exc:  # noqa: BLE001
+                self._prefill_failed(job, exc)
+                continue
+            if prefix is not None:
+                self._on_token(job, int(prefix.token), self.clock())
+            else:
                 # a resumed request recomputes its whole context (prompt + every token it produced) and, like a
                 # new one, gets its next token from the prefill; its key depends only on seed and position, so
                 # the token is the one it would have drawn had it never been evicted
-                prefix = self.engine.prefill(job.prompt_tokens + job.output, sampling)
-                if job.output:
-                    self.counters["recomputed_resumes"] += 1
-            self.engine.insert(prefix, slot)
+                key = self.engine.prefill_group(job.prompt_tokens + job.output)
+                pending.setdefault(key, []).append((job, sampling))
+        size = self.engine.config.prefill_batch
+        for group in pending.values():
+            for i in range(0, len(group), size):
+                self._prefill_together(group[i:i + size])
+
+    def _resume_swapped(self, job: _Generation) -> bool:
+        """Insert a swapped-out request's kept K/V into its slot; False when it has none (or the insert failed:
+        it recomputes its context instead)."""
+        swapped = self._release_swap(job)
+        if swapped is None:
+            return False
+        try:
+            self.engine.insert(swapped, job.slot)
+        except Exception:  # noqa: BLE001 - fall back to recomputing the context
+            log.error("swap-in of %s failed; recomputing:\n%s", job.request.request_id, traceback.format_exc())
+            return False
+        self.counters["swapped_in"] += 1
+        return True
+
+    def _prefill_together(self, chunk: list[tuple[_Generation, SlotSampling]]) -> None:
+        """Prefill these admissions of one prefill group in one call, insert each and emit its first token. When
+        the joint call fails, each prefills alone, so that only a request whose own prefill fails is failed."""
+        try:
+            prefixes = self.engine.prefill_many([job.prompt_tokens + job.output for job, _ in chunk],
+                                                [sampling for _, sampling in chunk])
         except Exception as exc:  # noqa: BLE001
-            log.error("prefill failed for %s:\n%s", job.request.request_id, traceback.format_exc())
-            self._finish(job, "error", self.clock(), error=f"prefill failed: {exc}")
+            if len(chunk) > 1:
+                log.error("a joint prefill of %d requests failed; prefilling them one by one:\n%s", len(chunk),
+                          traceback.format_exc())
+                for one in chunk:
+                    self._prefill_together([one])
+                return
+            self._prefill_failed(chunk[0][0], exc)
             return
-        self._on_token(job, int(prefix.token), self.clock())
+        for (job, _), prefix in zip(chunk, prefixes):
+            try:
+                self.engine.insert(prefix, job.slot)
+            except Exception as exc:  # noqa: BLE001
+                self._prefill_failed(job, exc)
+                continue
+            if job.output:
+                self.counters["recomputed_resumes"] += 1
+            self._on_token(job, int(prefix.token), self.clock())
+
+    def _prefill_failed(self, job: _Generation, exc: Exception) -> None:
+        log.error("prefill failed for %s:\n%s", job.request.request_id, traceback.format_exc())
+        self._finish(job, "error", self.clock(), error=f"prefill failed: {exc}")
 
     def _step(self) -> None:
-        t0 = time.perf_counter()
+        """One decode step over the running slots. Pipelined (``engine.decode_pipeline``, while nobody waits and
+        no arrival is unscored): the step is dispatched before the previous step's tokens are read and streamed,
+        so that host work overlaps the device step (JAX dispatch is asynchronous; the step's input tokens are
+        already on the device); a request that ends in the previous step has one token computed for nothing,
+        dropped. Otherwise the step is read at once, as the next boundary's decisions need every token."""
         fused = self._next_fused()
+        pipelined = fused is None and self.engine.config.decode_pipeline and not self._all_ending()
+        previous, self._inflight = self._inflight, None
+        if previous is not None and not pipelined:
+            self._collect(previous)
+            previous = None
+            if not self.scheduler.num_running:
+                return
+        t0 = time.perf_counter()
         try:
             if fused is None:
-                tokens = np.asarray(self.engine.generate())
+                new = self.engine.generate()
             else:
-                tokens = np.asarray(self.ranking.generate_fused(fused.request, fused.prompt_tokens))
+                new = self.ranking.generate_fused(fused.request, fused.prompt_tokens)
         except Exception as exc:  # noqa: BLE001 - fail the running requests, keep serving the rest
             log.error("generate failed:\n%s", traceback.format_exc())
             for req in list(self.scheduler.running):
                 self._finish(req.payload, "error", self.clock(), error=f"decode step failed: {exc}")
             return
-        if fused is not None:
-            self._score_fused(fused)
+        dispatched = time.perf_counter()
+        if self._last_dispatch is not None and fused is None:  # one interval, holding one read of a step
+            self.counters["steady_steps"] += 1
+            self.counters["steady_step_seconds"] += dispatched - self._last_dispatch
+            self.counters["steady_wait_seconds"] += self._waited
+        self._last_dispatch = dispatched if fused is None else None
+        self._waited = 0.0
+        step = (new, [(req.payload, req.payload.slot) for req in self.scheduler.running], t0)
+        if pipelined:
+            self._inflight = step
+            if previous is not None:
+                self._collect(previous)
+            return
+        self._collect(step, before_streaming=None if fused is None else lambda: self._score_fused(fused))
+
+    def _all_ending(self) -> bool:
+        """Whether every running request reaches max_tokens with the step in flight (no next step is needed)."""
+        if self._inflight is None:
+            return False
+        return all(len(job.output) + 1 >= job.sampling.max_tokens for job, _ in self._inflight[1])
+
+    def _collect(self, step=None, before_streaming: Callable[[], None] | None = None) -> None:
+        """Read a dispatched decode step's tokens (default: the one in flight) and stream each to its request,
+        unless the request ended (or was cancelled) while the step ran (``before_streaming`` runs in between)."""
+        if step is None:
+            step, self._inflight = self._inflight, None
+        new, jobs, t0 = step
+        t_read = time.perf_counter()
+        try:
+            tokens = np.asarray(new)
+        except Exception as exc:  # noqa: BLE001 - fail the requests of that step, keep serving the rest
+            log.error("generate failed:\n%s", traceback.format_exc())
+            for job, _ in jobs:
+                self._finish(job, "error", self.clock(), error=f"decode step failed: {exc}")
+            return
+        ready = time.perf_counter()
+        self._waited += ready - t_read
+        if before_streaming is not None:
+            before_streaming()
         now = self.clock()
-        running = list(self.scheduler.running)
         self.counters["steps"] += 1
         if self.observer:
-            self.observer.on_step(len(running), time.perf_counter() - t0, len(running))
-        for req in running:
-            job: _Generation = req.payload
-            self._on_token(job, int(tokens[job.slot]), now)
+            self.observer.on_step(len(jobs), ready - t0, len(jobs))
+        for job, slot in jobs:
+            if not job.done and job.slot == slot:
+                self._on_token(job, int(tokens[slot]), now)
 
     def _next_fused(self) -> _Generation | None:
         """The oldest arrival waiting to be scored, when this step can run its pass."""

@@ -75,9 +75,9 @@ class RankingStage(Protocol):
 
 def shares_ranker_pass(engine: Engine, ranker: Any) -> bool:
     """Whether ``ranker``'s backbone is the engine's own first blocks, so its pass over a prompt can start that
-    prompt's prefill (`Engine.prefill_from_state`). Not over a mesh: the ranker runs unsharded on one device, and
-    its passes would reach the engine's sharded functions with a placement warm-up never compiled for."""
-    if engine.mesh is not None or not isinstance(ranker, RankerScorer):
+    prompt's prefill (`Engine.prefill_from_state`). On a mesh too: the ranker runs on one device and the engine
+    places its pass on the mesh (replicated) before the rest of the prefill, as its warm-up does."""
+    if not isinstance(ranker, RankerScorer):
         return False
     engine_prefix = engine.shared_prefix.tokens if engine.shared_prefix is not None else ()
     if ranker.shared_prefix and ranker.shared_prefix != engine_prefix:  # it would start after a prefix the engine

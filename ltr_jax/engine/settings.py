@@ -4,12 +4,14 @@ They are the config tree's sections themselves (`ltr_jax.config` builds ``engine
 each key has its one default here, beside its bounds and meaning:
 
 * `EngineConfig`: the engine's static shapes (slots, context, the compiled length buckets);
+* `MeshConfig`: the device mesh the engine's weights and KV cache are split over (``engine.mesh``);
 * `RankingConfig`: how the ranking stage and the orchestrator score arrivals (kept and fused passes, their budget,
   arrivals scored per batch boundary).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ltr_jax.config_schema import ConfigError, check_settings, setting
@@ -33,6 +35,14 @@ class EngineConfig:
     min_prefill_bucket: int = setting(16, ge=1, doc="smallest compiled prefill length")
     cache_bucket_step: int = setting(64, ge=1, doc="decode KV-cache length granularity: the cache length is a "
                                                    "bucket built from this step, capped at max_seq_len")
+    decode_pipeline: bool = setting(True, doc="while no request waits, dispatch each decode step before reading "
+                                              "the previous step's tokens, so streaming and scheduling overlap "
+                                              "the device step (a request that ends costs one wasted slot-step)")
+    prefill_batch: int | None = setting(None, ge=1, le=64, doc="admitted prompts of one length bucket prefilled "
+                                        "in one [rows, bucket] call, at most this many (rows padded to a power of "
+                                        "two or this; 1 = one prompt per call); null = 4 on a GPU/TPU, 1 on a CPU "
+                                        "(where prefill is compute-bound and compiling the batched shapes doubles "
+                                        "warm-up)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -40,9 +50,10 @@ class EngineConfig:
     def validate(self) -> None:
         """Raise `ConfigError` (a ValueError) naming the key when a field is out of range (each field's own range
         is its `setting`'s)."""
-        for name in ("num_slots", "max_seq_len", "min_prefill_bucket", "cache_bucket_step"):
+        for name in ("num_slots", "max_seq_len", "min_prefill_bucket", "cache_bucket_step", "prefill_batch"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if (isinstance(value, bool) or not isinstance(value, int)) and not (name == "prefill_batch"
+                                                                             and value is None):
                 raise ConfigError.at(name, value, "must be an integer")
         check_settings(self)
         if self.min_prefill_bucket > self.max_seq_len:
@@ -60,6 +71,26 @@ class EngineConfig:
                 return b
         raise ValueError(f"a sequence of {n} tokens exceeds engine.max_seq_len={self.max_seq_len}")
 
+    def for_backend(self, backend: str) -> EngineConfig:
+        """This config with ``prefill_batch`` resolved for ``backend`` (jax.default_backend()) when it is null."""
+        if self.prefill_batch is not None:
+            return self
+        return dataclasses.replace(self, prefill_batch=1 if backend == "cpu" else 4)
+
+    def prefill_rows(self) -> list[int]:
+        """Row counts a batched prefill is compiled for: powers of two from 2 up to ``prefill_batch``, then it."""
+        if self.prefill_batch is None:
+            raise ValueError("prefill_batch is not resolved: use EngineConfig.for_backend first")
+        rows, r = [], 2
+        while r < self.prefill_batch:
+            rows.append(r)
+            r *= 2
+        return rows + [self.prefill_batch] if self.prefill_batch > 1 else []
+
+    def prefill_row_bucket(self, n: int) -> int:
+        """The compiled row count a batch of ``n`` (2..prefill_batch) prompts is padded to."""
+        return next(r for r in self.prefill_rows() if n <= r)
+
     def cache_bucket(self, n: int) -> int:
         """Smallest cache length >= n: multiples of `cache_bucket_step` up to 8 steps, then growing by ~1.5x."""
         step = self.cache_bucket_step
@@ -67,6 +98,17 @@ class EngineConfig:
         while b < n:
             b = b + step if b < 8 * step else int(b * 1.5) // step * step
         return min(b, self.max_seq_len)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """``engine.mesh``: how many devices the model is split over (`ltr_jax.engine.sharding.mesh_for`)."""
+
+    tensor_parallel: int = setting(1, ge=1, doc="devices the weights and KV cache are split over (attention heads "
+                                                "and MLP width; the KV cache over KV heads); must divide the "
+                                                "model's query and KV heads and MLP width: start-up names the "
+                                                "valid degrees. 1 = one device, no mesh. Multi-host: set "
+                                                "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID")
 
 
 @dataclass(frozen=True)

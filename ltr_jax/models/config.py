@@ -109,6 +109,21 @@ PRESETS: dict[str, LlamaConfig] = {
 }
 
 
+PRESET_ALIASES = {"llama3-8b": "llama-3-8b", "llama3.1-8b": "llama-3.1-8b", "llama3-70b": "llama-3-70b",
+                  "llama3.2-1b": "llama-3.2-1b"}
+
+
+def preset(name: str) -> LlamaConfig:
+    """A published shape by name (``llama3-8b`` or ``llama-3-8b``; ``tiny``: `tiny_config`), for random weights."""
+    if name == "tiny":
+        return tiny_config()
+    key = PRESET_ALIASES.get(name, name)
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of tiny, {', '.join(sorted(PRESETS))} "
+                         f"(or {', '.join(PRESET_ALIASES)})")
+    return PRESETS[key]
+
+
 def tiny_config(**overrides: Any) -> LlamaConfig:
     """A few-layer GQA model for unit tests (random weights)."""
     base: dict[str, Any] = {

@@ -19,6 +19,10 @@ so XLA inserts no transposing copy). The engine keeps `cache_len` at a bucket ju
 sequence, growing or shrinking the buffers between steps, so a step's cost follows the real context length rather
 than the model's maximum.
 
+Sharding is declared here, once, beside each weight: every `nnx.Param` carries its logical axes (metadata
+``logical_axes``, e.g. ``("embed", "q_heads")`` for wq) and `KV_CACHE_AXES` names the cache's; the engine's mesh
+(`ltr_jax.engine.sharding`) maps logical axes to mesh axes.
+
 Weights enter as a plain params dict of arrays (see `ltr_jax.models.loading`) with (in, out) matrices and Q/K in
 Hugging Face rotate-half order.
 """
@@ -38,6 +42,17 @@ from ltr_jax.models.config import LlamaConfig
 KVCache = list  # list[tuple[jax.Array, jax.Array]]: per layer (k, v), each [slots, kv_heads, cache_len, head_dim]
 
 _LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+AXES = "logical_axes"  # the nnx.Param metadata key holding a weight's logical axes (one name, or None, per dim)
+# Logical axis names: "vocab", "embed" (model width), "q_heads" / "kv_heads" (a projection's heads x head_dim),
+# "ffn" (MLP width), "slots", "seq", "head_dim".
+LOGICAL_AXES = ("vocab", "embed", "q_heads", "kv_heads", "ffn", "slots", "seq", "head_dim")
+KV_CACHE_AXES = ("slots", "kv_heads", "seq", "head_dim")  # each layer's k and v [slots, kv_heads, cache_len, hd]
+
+
+def _param(value: jax.Array, *axes: str | None) -> nnx.Param:
+    """A weight with its logical axes (how a mesh may split it)."""
+    return nnx.Param(value, **{AXES: axes})
 
 
 def dtype_of(config: LlamaConfig) -> jnp.dtype:
@@ -88,15 +103,15 @@ class Block(nnx.Module):
         init = nnx.initializers.normal(0.02)
         hd = c.head_dim
         self.config = c
-        self.attn_norm = nnx.Param(jnp.ones((c.dim,), dt))
-        self.wq = nnx.Param(init(rngs.params(), (c.dim, c.n_heads * hd), dt))
-        self.wk = nnx.Param(init(rngs.params(), (c.dim, c.n_kv_heads * hd), dt))
-        self.wv = nnx.Param(init(rngs.params(), (c.dim, c.n_kv_heads * hd), dt))
-        self.wo = nnx.Param(init(rngs.params(), (c.n_heads * hd, c.dim), dt))
-        self.mlp_norm = nnx.Param(jnp.ones((c.dim,), dt))
-        self.w_gate = nnx.Param(init(rngs.params(), (c.dim, c.ffn_dim), dt))
-        self.w_up = nnx.Param(init(rngs.params(), (c.dim, c.ffn_dim), dt))
-        self.w_down = nnx.Param(init(rngs.params(), (c.ffn_dim, c.dim), dt))
+        self.attn_norm = _param(jnp.ones((c.dim,), dt), "embed")
+        self.wq = _param(init(rngs.params(), (c.dim, c.n_heads * hd), dt), "embed", "q_heads")
+        self.wk = _param(init(rngs.params(), (c.dim, c.n_kv_heads * hd), dt), "embed", "kv_heads")
+        self.wv = _param(init(rngs.params(), (c.dim, c.n_kv_heads * hd), dt), "embed", "kv_heads")
+        self.wo = _param(init(rngs.params(), (c.n_heads * hd, c.dim), dt), "q_heads", "embed")
+        self.mlp_norm = _param(jnp.ones((c.dim,), dt), "embed")
+        self.w_gate = _param(init(rngs.params(), (c.dim, c.ffn_dim), dt), "embed", "ffn")
+        self.w_up = _param(init(rngs.params(), (c.dim, c.ffn_dim), dt), "embed", "ffn")
+        self.w_down = _param(init(rngs.params(), (c.ffn_dim, c.dim), dt), "ffn", "embed")
 
     def qkv(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array):
         c = self.config
@@ -131,7 +146,9 @@ class Block(nnx.Module):
         scores = scores * (1.0 / math.sqrt(c.head_dim))
         scores = jnp.where(mask[:, None, None, :, :], scores, -1e30)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
+        # the output is rounded to the model dtype anyway: the matmul accumulates in float32 on accelerators
+        # (asking XLA:CPU for a bf16 x bf16 = f32 product here fails for several rows after a cached prefix)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
         return out.reshape(b, t, c.n_heads * c.head_dim).astype(q.dtype)
 
 
@@ -141,11 +158,12 @@ class Llama(nnx.Module):
     def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
         c, dt = config, dtype_of(config)
         self.config = c
-        self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (c.vocab_size, c.dim), dt))
+        self.embed = _param(nnx.initializers.normal(0.02)(rngs.params(), (c.vocab_size, c.dim), dt), "vocab", "embed")
         self.layers = nnx.List([Block(c, rngs) for _ in range(c.n_layers)])
-        self.final_norm = nnx.Param(jnp.ones((c.dim,), dt))
+        self.final_norm = _param(jnp.ones((c.dim,), dt), "embed")
         if not c.tie_embeddings:
-            self.lm_head = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (c.dim, c.vocab_size), dt))
+            self.lm_head = _param(nnx.initializers.normal(0.02)(rngs.params(), (c.dim, c.vocab_size), dt),
+                                  "embed", "vocab")
         self.inv_freq = nnx.Variable(jnp.asarray(rope_frequencies(c)))
 
     # -------------------------------------------------------------------------------------------- construction

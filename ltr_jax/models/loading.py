@@ -17,7 +17,7 @@ from ltr_jax.models.gguf_loader import GGUFError, load_gguf
 from ltr_jax.models.hf_checkpoint import CheckpointError, load_hf_checkpoint
 from ltr_jax.models.tokenizer import ChatTokenizer
 
-__all__ = ["CheckpointError", "GGUFError", "LoadedModel", "load_model", "resolve_source"]
+__all__ = ["CheckpointError", "GGUFError", "LoadedModel", "load_model", "resolve_dtype", "resolve_source"]
 
 
 def resolve_source(source: str | os.PathLike[str] | None) -> Path:
@@ -36,13 +36,24 @@ def resolve_source(source: str | os.PathLike[str] | None) -> Path:
 TINY_SOURCE = "tiny"  # a random 2-layer test model with a byte-level tokenizer (ltr_jax.models.tiny)
 
 
-def load_model(source: str | os.PathLike[str] | None = None, dtype: str = "float32", seed: int = 0) -> LoadedModel:
+def resolve_dtype(dtype: str) -> str:
+    """``model.dtype``: "auto" is bfloat16 on an accelerator (GPU, TPU) and float32 on a CPU (where XLA's bfloat16
+    matmuls are several times slower than float32); any other value as given."""
+    if dtype != "auto":
+        return dtype
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def load_model(source: str | os.PathLike[str] | None = None, dtype: str = "auto", seed: int = 0) -> LoadedModel:
     """Load config, float32 params and tokenizer from a GGUF file or a Hugging Face checkpoint directory
     (or the random test model for source "tiny").
 
-    `dtype` sets `config.dtype` (the compute dtype the model will cast to); the params stay float32 numpy.
-    `seed` only matters for "tiny" (its random weights).
+    `dtype` sets `config.dtype` (weights, activations and KV cache; "auto": `resolve_dtype`); the params stay
+    float32 numpy until the model is built. `seed` only matters for "tiny" (its random weights).
     """
+    dtype = resolve_dtype(dtype)
     if source is not None and str(source) == TINY_SOURCE:
         from ltr_jax.models.tiny import tiny_model
 

@@ -608,7 +608,7 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
                 "queue_len": stats["queue_len"], "running": stats["running"], "free_slots": stats["free_slots"],
                 "num_slots": stats["num_slots"], "inflight_http": state.inflight,
                 "ranker_version": int(stats.get("ranker_version", 0)), "resident_mb": resident_mb(),
-                "warmup_pending": stats["idle_tasks_left"]}
+                "warmup_pending": stats["idle_tasks_left"], "devices": runtime.engine.num_devices}
         if not orch.is_running:
             body["status"] = "error"
             body["detail"] = "the scheduling loop is not running"

@@ -251,7 +251,10 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
         enable_compilation_cache(config.engine.compilation_cache_dir)
     except CompilationCacheError as err:
         raise StartupError(str(err)) from None
-    from ltr_jax.engine.engine import Engine  # lazy: JAX only once the config is known good
+    from ltr_jax.engine.sharding import init_distributed, mesh_for  # lazy: JAX only once the config is good
+
+    init_distributed()  # a multi-host job joins before anything touches a device
+    from ltr_jax.engine.engine import Engine
     from ltr_jax.engine.orchestrator import Orchestrator
     from ltr_jax.engine.ranking import make_ranking_stage, share_prefix
     from ltr_jax.models.llama import Llama
@@ -265,9 +268,12 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
 
     engine_config = config.engine.to_engine_config()
     try:
-        engine = Engine(Llama.from_params(loaded.config, loaded.params), engine_config)
+        mesh = mesh_for(config.engine.mesh, loaded.config)
+        engine = Engine(Llama.from_params(loaded.config, loaded.params), engine_config, mesh=mesh)
     except ValueError as err:
         raise StartupError(str(err)) from None
+    if mesh is not None:
+        log.info("model split over %d devices (engine.mesh.tensor_parallel)", mesh.size)
     sched_cfg = config.scheduler
     scheduler = Scheduler(sched_cfg.make_policy(), engine_config.num_slots, starvation=sched_cfg.starvation,
                           max_prefill_tokens=sched_cfg.max_prefill_tokens)

@@ -30,6 +30,7 @@ from ltr_jax.config import ConfigError, EngineRunConfig, load_config
 from ltr_jax.config_schema import read_yaml_mapping
 from ltr_jax.engine.engine import Engine
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent
+from ltr_jax.engine.sharding import init_distributed, mesh_for
 from ltr_jax.models.llama import Llama
 from ltr_jax.models.loading import load_model
 from ltr_jax.scheduler.scheduler import Scheduler
@@ -147,9 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     from ltr_jax.engine.compilation_cache import enable_compilation_cache
 
     enable_compilation_cache(cfg.engine.compilation_cache_dir)
+    init_distributed()  # a multi-host job joins before anything touches a device
     out.parent.mkdir(parents=True, exist_ok=True)
     done = already_labeled(out)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype=cfg.model.dtype)
     tok = loaded.tokenizer
     examples = sorted(load_examples(args.prompts), key=lambda e: label_order(e.id, args.seed))
     if args.limit is not None:
@@ -191,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     if not todo:
         return
 
-    engine = Engine(Llama.from_params(loaded.config, loaded.params), cfg.engine.to_engine_config())
+    engine = Engine(Llama.from_params(loaded.config, loaded.params), cfg.engine.to_engine_config(),
+                    mesh=mesh_for(cfg.engine.mesh, loaded.config))
     orch = Orchestrator(engine, tok, Scheduler("fcfs", args.slots), max_queue=len(todo) + 1)
     lock = threading.Lock()
     finished = threading.Event()
