@@ -133,8 +133,8 @@ def big_stop_list(url: str, model: str, mb: float = 10) -> Reply:
 
 
 def slow_loris(url: str, model: str, seconds: float = 30.0, connections: int = 50) -> Reply:
-    """``connections`` clients trickle request-header bytes (one a second) and one trickles a body (10 bytes a
-    second) for up to ``seconds``; the reply is the status most of them got, with how many were cut off."""
+    """``connections`` clients trickle request-header bytes and one trickles its body, about 10 bytes a second each,
+    for up to ``seconds``; the reply is the status most of them got, with how many were cut off."""
     host, port = _address(url)
     head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
     results: list[Reply] = []
