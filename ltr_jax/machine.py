@@ -40,10 +40,10 @@ def memory_maps() -> tuple[int, int] | None:
     return used, limit
 
 
-def resident_mb() -> float | None:
-    """This process's resident memory in MiB (None where /proc is missing)."""
+def resident_mb(pid: int | None = None) -> float | None:
+    """Resident memory in MiB of this process (or of process ``pid``); None where /proc does not say."""
     try:
-        with open("/proc/self/statm") as fh:
+        with open(f"/proc/{pid or 'self'}/statm") as fh:
             pages = int(fh.read().split()[1])
     except (OSError, ValueError, IndexError):
         return None

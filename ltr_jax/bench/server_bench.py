@@ -33,7 +33,7 @@ from typing import Self
 
 import httpx
 
-from ltr_jax.machine import cpu_model
+from ltr_jax.machine import cpu_model, resident_mb
 
 MB = 2**20
 
@@ -231,12 +231,6 @@ class HealthProbe:
         if not self.latencies:
             return None
         return float("inf") if any(x is None for x in self.latencies) else max(self.latencies)
-
-
-def resident_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        kb = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
-    return round(kb / 1024, 1)
 
 
 def ordinary_chat_ok(url: str, model: str) -> bool:

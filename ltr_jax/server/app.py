@@ -599,7 +599,6 @@ def create_app(runtime: Runtime, api_key: str | None = None) -> FastAPI:
                            param="model", code="model_not_found")
         return model_card()
 
-
     @app.get("/health")
     async def health() -> JSONResponse:
         stats = orch.stats()

@@ -163,10 +163,10 @@ class WarmupPlan:
     what is compiled ahead is what a laptop pays in resident memory."""
 
     def __init__(self, engine, ranker, ranking, shared: int, config: ServeConfig):
+        # ``shared``: the cached chat header's length, where a chat prompt's ranker pass starts (0: none cached)
         self.engine, self.ranker, self.ranking, self.shared, self.config = engine, ranker, ranking, shared, config
         self.engine_config = config.engine.to_engine_config()
         self.reuse = ranking is not None and ranking.reuse_pass
-        self.chat_start = shared  # where a chat prompt's ranker pass starts: after the shared header, if cached
 
     def _ranker_lengths(self, prefill: list[int]) -> list[int]:
         from ltr_jax.models.padding import length_bucket
@@ -206,7 +206,7 @@ class WarmupPlan:
             log.info("warm-up 2/2: ranker, prompt lengths %s%s%s", lengths,
                      f" after the chat header ({self.shared} tokens)" if self.shared else "",
                      " and the prefills that continue its pass" if self.reuse else "")
-            self._rank(lengths, [self.chat_start], fused, cache_lens)
+            self._rank(lengths, [self.shared], fused, cache_lens)
             log.info("warm-up 2/2: ranker done in %.1f s", time.perf_counter() - t0)
 
     def later(self, done_len: int, max_len: int) -> list:
@@ -220,7 +220,7 @@ class WarmupPlan:
         tasks: list[tuple[str, Any]] = []
         tasks += [(f"decode at cache length {n}", lambda n=n: self.engine.warmup(cache_lens=[n]))
                   for n in cache_lens if n not in done_cache]
-        tasks += [(f"ranker pass of {t} tokens", lambda t=t: self._rank([t], [self.chat_start]))
+        tasks += [(f"ranker pass of {t} tokens", lambda t=t: self._rank([t], [self.shared]))
                   for t in ranker_lengths if t not in done_ranker]
         if not self.reuse:  # the engine's prefills are the chat path
             tasks += [(f"prefill of {b} tokens", lambda b=b: self.engine.warmup(prefill_buckets=[b]))
@@ -301,8 +301,8 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
                  ranker.spec.n_layers)
     metrics.attach_stats(orchestrator.stats)
 
-    plan = WarmupPlan(engine, ranker, ranking, shared, config)
     if warmup:
+        plan = WarmupPlan(engine, ranker, ranking, shared, config)
         t1 = time.perf_counter()
         plan.run(config.engine.warmup_max_len)
         timings["warmup_s"] = time.perf_counter() - t1
