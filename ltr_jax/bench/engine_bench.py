@@ -97,19 +97,30 @@ def kv_bytes_per_token(config: LlamaConfig) -> int:
     return 2 * config.n_layers * config.n_kv_heads * config.head_dim * jnp.dtype(config.dtype).itemsize
 
 
-def hbm_bandwidth(given: float | None) -> tuple[float, str]:
-    """(GB/s, where it came from): ``--hbm-gbps``, the device's data-sheet figure, or measured here."""
+def read_bandwidth(probes: int = 5) -> float:
+    """GB/s this device reads at, measured: the fastest of ``probes`` sums of a 256 MiB float32 array (far past any
+    cache). The fastest, so that background load on a shared machine lowers no floor computed from it."""
+    x = jnp.ones((64 * 2**20,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    seconds = []
+    for _ in range(probes):
+        t0 = time.perf_counter()
+        total(x).block_until_ready()
+        seconds.append(time.perf_counter() - t0)
+    return round(x.nbytes / min(seconds) / 1e9, 2)
+
+
+def hbm_bandwidth(given: float | None, measured: float) -> tuple[float, str]:
+    """(GB/s, where it came from) for the roofline: ``--hbm-gbps``, the device's data-sheet figure, or ``measured``
+    (`read_bandwidth`)."""
     if given:
         return given, "--hbm-gbps"
     kind = jax.devices()[0].device_kind
     for name, gbps in KNOWN_BANDWIDTH_GBPS:
         if name in kind:
             return gbps, f"data sheet ({kind})"
-    x = jnp.ones((64 * 2**20,), jnp.float32)  # 256 MiB: far past any cache
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    seconds = _median_time(lambda: total(x), 5)
-    return round(x.nbytes / seconds / 1e9, 2), f"measured (a 256 MiB float32 sum on {kind})"
+    return measured, f"measured (the fastest of 256 MiB float32 sums on {kind})"
 
 
 def profile_rows(profile, steps: int, top: int) -> list[dict[str, Any]]:
@@ -172,7 +183,7 @@ def prefill_rate(model: Llama, context: int, max_len: int, mesh) -> dict[str, fl
             "prefill_compile_s": round(compile_s, 2)}
 
 
-def bench_point(model: Llama, tokenizer, batch: int, context: int, args, bandwidth: float, mesh,
+def bench_point(model: Llama, tokenizer, batch: int, context: int, args, bandwidth: float, read_gbps: float, mesh,
                 prefill: dict[str, float]) -> dict[str, Any]:
     c = model.config
     longest = context + max(args.steps, args.host_steps) + 4
@@ -192,10 +203,16 @@ def bench_point(model: Llama, tokenizer, batch: int, context: int, args, bandwid
     assert engine.cache_len == attend
     weights, kv = step_weight_bytes(c), batch * (context + args.steps // 2) * kv_bytes_per_token(c)
     roofline_s = (weights + kv) / (bandwidth * 1e9)
+    floor_tokens_per_s = batch / ((weights + kv) / (read_gbps * 1e9))
     row = {
         "batch": batch, "context": context, "cache_len": attend, "step_ms": round(step_s * 1e3, 3),
         "tokens_per_s": round(batch / step_s, 1), "roofline_ms": round(roofline_s * 1e3, 4),
         "step_over_roofline": round(step_s / roofline_s, 2), "weight_bytes": weights, "kv_bytes_read": kv,
+        # what one token costs in weight reads, the rate the step read its weights and K/V at, and the tokens/s
+        # that reading them at the measured bandwidth would allow
+        "weight_bytes_per_token": weights // batch, "achieved_gbps": round((weights + kv) / step_s / 1e9, 2),
+        "bandwidth_floor_tokens_per_s": round(floor_tokens_per_s, 1),
+        "share_of_floor": round(batch / step_s / floor_tokens_per_s, 3),
         "compile_s": round(compile_s, 2), **prefill,
     }
     if args.host_steps and context == args.host_context:  # host work does not depend on the context: measured
@@ -251,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokenizer = byte_level_tokenizer()
     init_s = time.perf_counter() - t0
     mesh = mesh_for(tree.engine.mesh, model.config)
-    bandwidth, bandwidth_source = hbm_bandwidth(args.hbm_gbps)
+    read_gbps = read_bandwidth()
+    bandwidth, bandwidth_source = hbm_bandwidth(args.hbm_gbps, read_gbps)
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(n) for n in args.contexts.split(",")]
     args.host_context = contexts[0]
@@ -259,11 +277,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for context in contexts:
         prefill = prefill_rate(model, context, 1 << max(8, (context + 1).bit_length()), mesh)
         for batch in batches:
-            results.append(bench_point(model, tokenizer, batch, context, args, bandwidth, mesh, prefill))
+            results.append(bench_point(model, tokenizer, batch, context, args, bandwidth, read_gbps, mesh, prefill))
             if not args.json:
                 r = results[-1]
-                print(f"batch {batch:4d} context {context:6d}: step {r['step_ms']:9.3f} ms, roofline "
-                      f"{r['roofline_ms']:9.4f} ms (x{r['step_over_roofline']}), prefill "
+                print(f"batch {batch:4d} context {context:6d}: step {r['step_ms']:9.3f} ms ({r['tokens_per_s']:.1f} "
+                      f"tok/s, {r['share_of_floor']:.0%} of the {r['bandwidth_floor_tokens_per_s']:.0f} tok/s that "
+                      f"{read_gbps} GB/s allows), roofline {r['roofline_ms']:9.4f} ms (x{r['step_over_roofline']}), "
+                      "prefill "
                       f"{r['prefill_tokens_per_s']:.0f} tok/s, compile {r['compile_s']} s, host "
                       f"{r.get('host_overhead_ms', '-')} ms/step", flush=True)
     c = model.config
@@ -272,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "params": c.num_params(), "weight_bytes_per_step": step_weight_bytes(c),
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "devices": 1 if mesh is None else mesh.size, "hbm_gbps": bandwidth, "bandwidth_source": bandwidth_source,
+        "bandwidth_gbps": read_gbps,
         "prefill_batch": args.prefill_batch, "model_init_s": round(init_s, 2), "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results,
         # the measured step times in the form `bench simulate --step-model THIS_FILE` fits (`MeasuredStepTime`)
@@ -279,8 +300,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    for r in results],
         "prefill": [{"tokens": n, "seconds": r["prefill_ms"] / 1e3}
                     for n, r in {r["context"]: r for r in results}.items()],
-        "note": "roofline_ms = (weight_bytes + kv_bytes_read) / hbm_gbps; host_overhead_ms = time from a steady "
-                "step's tokens reaching the host to the next step's dispatch, through the real orchestrator",
+        "note": "roofline_ms = (weight_bytes + kv_bytes_read) / hbm_gbps; bandwidth_gbps: read bandwidth measured "
+                "in this run (fastest 256 MiB sum); bandwidth_floor_tokens_per_s = batch * bandwidth_gbps / "
+                "(weight_bytes + kv_bytes_read), the most tokens/s reading them allows; achieved_gbps = (weight_bytes "
+                "+ kv_bytes_read) / step; host_overhead_ms = time from a steady step's tokens reaching the host to "
+                "the next step's dispatch, through the real orchestrator",
     }
     text = json.dumps(report, indent=2)
     if args.json or not args.out:

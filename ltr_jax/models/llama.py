@@ -122,15 +122,25 @@ class Block(nnx.Module):
         v = (h @ self.wv[...]).reshape(b, t, c.n_kv_heads, c.head_dim)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
-    def attend_one(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        """Decode attention, one query per slot. q [B, H, hd]; k, v [B, KV, S, hd]; mask [B, S]. -> [B, H*hd]."""
+    def attend_one(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                   own: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """Decode attention, one query per slot. q [B, H, hd]; k, v [B, KV, S, hd]; mask [B, S] (the cached positions
+        it may attend to). ``own``: the slot's new key and value [B, KV, hd] when the cache does not hold them yet.
+        -> [B, H*hd]."""
         c = self.config
         b = q.shape[0]
         qg = q.reshape(b, c.n_kv_heads, c.q_per_kv, c.head_dim)
+        scale = 1.0 / math.sqrt(c.head_dim)
         scores = jnp.einsum("bkgd,bksd->bkgs", qg, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[:, None, None, :], scores * (1.0 / math.sqrt(c.head_dim)), -1e30)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgs,bksd->bkgd", probs, v, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, None, :], scores * scale, -1e30)
+        if own is not None:
+            own_score = jnp.einsum("bkgd,bkd->bkg", qg, own[0], preferred_element_type=jnp.float32) * scale
+            scores = jnp.concatenate([scores, own_score[..., None]], axis=-1)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bkgs,bksd->bkgd", probs[..., : k.shape[2]].astype(v.dtype), v,
+                         preferred_element_type=jnp.float32)
+        if own is not None:
+            out = out + probs[..., -1:] * own[1][:, :, None, :].astype(jnp.float32)
         return out.reshape(b, c.n_heads * c.head_dim).astype(q.dtype)
 
     def mlp(self, x: jax.Array) -> jax.Array:
@@ -207,8 +217,9 @@ class Llama(nnx.Module):
     # ---------------------------------------------------------------------------------------------- pieces
     def logits(self, x: jax.Array) -> jax.Array:
         x = rms_norm(x, self.final_norm[...], self.config.norm_eps)
-        head = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
-        return jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
+        if self.config.tie_embeddings:  # contract the table's own minor axis: a transposed view would be copied
+            return jnp.einsum("...d,vd->...v", x, self.embed[...], preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", x, self.lm_head[...], preferred_element_type=jnp.float32)
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embed[...], tokens, axis=0)
@@ -280,9 +291,12 @@ class Llama(nnx.Module):
         Returns (logits [B, V], cache, the pass's hidden state [1, T, D] after block n_pass, its (k, v)
         [1, KV, T, hd] per block); without a pass the last two are None and []."""
         b = tokens.shape[0]
-        rows = jnp.arange(b)
         x = self._embed(tokens)[:, None, :]
-        mask = jnp.arange(cache[0][0].shape[2])[None, :] <= positions[:, None]  # [B, S]
+        cache_len = cache[0][0].shape[2]
+        mask = jnp.arange(cache_len)[None, :] <= positions[:, None]  # [B, S]
+        # A slot past the cache's end is free (the engine grows the cache before a running sequence reaches it):
+        # its write lands on its own last row instead of being dropped, so every write is in bounds (`_write_rows`).
+        write_at = jnp.minimum(positions, cache_len - 1)
         xp, pass_kvs = None, []
         if pass_tokens is not None:
             t, p = pass_tokens.shape[1], _past_len(past)
@@ -298,8 +312,7 @@ class Llama(nnx.Module):
                 qd, kd, vd = q[0, :b, None], k[0, :b, None], v[0, :b, None]
             else:
                 qd, kd, vd = blk.qkv(x, positions[:, None], self.inv_freq[...])
-            kc = kc.at[rows, :, positions].set(kd[:, 0].astype(kc.dtype), mode="drop")
-            vc = vc.at[rows, :, positions].set(vd[:, 0].astype(vc.dtype), mode="drop")
+            kc, vc = _write_rows(kc, kd[:, 0], write_at), _write_rows(vc, vd[:, 0], write_at)
             attn = blk.attend_one(qd[:, 0], kc, vc, mask)
             if joint:
                 kp, vp = k[:, b:].transpose(0, 2, 1, 3), v[:, b:].transpose(0, 2, 1, 3)
@@ -313,6 +326,19 @@ class Llama(nnx.Module):
                 x = x + blk.mlp(x)
             new_cache.append((kc, vc))
         return self.logits(x[:, 0]), new_cache, xp, pass_kvs
+
+
+def _write_rows(cache: jax.Array, rows: jax.Array, at: jax.Array) -> jax.Array:
+    """cache [B, KV, S, hd] with each slot's row [B, KV, hd] written at its position ``at`` [B] (in bounds).
+
+    One scatter of B x KV rows into the cache viewed as [B * KV, S, hd], which XLA:CPU does in place when the step
+    donates the cache. (Written per slot, one slot's write is a single row, which XLA turns into a
+    dynamic-update-slice and fuses into each reader of the cache, each on its own copy of it.)"""
+    b, kv, s, hd = cache.shape
+    flat_rows = jnp.arange(b * kv)
+    flat = cache.reshape(b * kv, s, hd).at[flat_rows, jnp.repeat(at, kv)].set(
+        rows.reshape(b * kv, hd).astype(cache.dtype), mode="promise_in_bounds")
+    return flat.reshape(b, kv, s, hd)
 
 
 def _past_len(past: KVCache | None) -> int:
