@@ -299,7 +299,9 @@ def test_decode_step_updates_the_donated_cache_in_place(tiny, slots):
     hlo = _GENERATE.lower(engine.graphdef, engine.params, engine.decode_state,
                           engine.host_active.copy()).compile().as_text()
     c = model.config
-    cache_shapes = (f"f32[{slots},{c.n_kv_heads},128,{c.head_dim}]", f"f32[{slots * c.n_kv_heads},128,{c.head_dim}]")
+    kv, hd = c.n_kv_heads, c.head_dim
+    cache_shapes = (f"f32[{slots},{kv},128,{hd}]", f"f32[{slots * kv},128,{hd}]",  # values
+                    f"f32[{slots},{kv},{hd},128]", f"f32[{slots * kv},{hd},128]")  # keys
     producers = [line.split("=", 1)[1].strip() for line in hlo.splitlines()
                  if "=" in line and line.split("=", 1)[1].strip().startswith(cache_shapes)]
     kinds = {re.match(r"\S+\s+(\S+?)\(", p).group(1) for p in producers}

@@ -43,8 +43,9 @@ def prompts(lengths, seed=0, header=HEADER):
 def test_a_decode_step_with_a_pass_computes_both_as_if_apart(served, with_prefix):
     _, model = served
     rng, c = np.random.default_rng(1), model.config
-    shape = (3, c.n_kv_heads, 32, c.head_dim)  # three slots' caches, filled with noise
-    cache = [tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in "kv") for _ in range(c.n_layers)]
+    shapes = ((3, c.n_kv_heads, c.head_dim, 32), (3, c.n_kv_heads, 32, c.head_dim))  # three slots' k, v: noise
+    cache = [tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in shapes)
+             for _ in range(c.n_layers)]
     tokens, positions = jnp.asarray([3, 7, 11]), jnp.asarray([4, 20, 9])
     (prompt,) = prompts([13], seed=2)
     start = len(HEADER) if with_prefix else 0

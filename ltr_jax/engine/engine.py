@@ -67,7 +67,7 @@ class SlotSampling:
 class Prefix(NamedTuple):
     """The result of a prefill (or of `Engine.swap_out`), still on the device."""
 
-    kv: list  # per layer (k, v) [1, kv_heads, bucket, head_dim]
+    kv: list  # per layer (k, v) [1, kv_heads, bucket, head_dim] (keys too: `insert` transposes them)
     length: jax.Array  # int32 scalar: tokens in the prefix
     token: jax.Array  # int32 scalar: the token sampled after the prefix
     temperature: jax.Array
@@ -81,7 +81,7 @@ class Prefix(NamedTuple):
 
 
 class DecodeState(NamedTuple):
-    cache: list  # per layer (k, v) [slots, kv_heads, cache_len, head_dim]
+    cache: list  # per layer (k [slots, kv_heads, head_dim, cache_len], v [slots, kv_heads, cache_len, head_dim])
     tokens: jax.Array  # int32 [slots]: last token of each slot (input of the next step)
     lengths: jax.Array  # int32 [slots]: tokens in each slot's cache = position of the next input token
     temperature: jax.Array  # float32 [slots]
@@ -168,13 +168,13 @@ def _prefill_rest_fn(graphdef, bucket, state, past, hidden, lower_kv, length, te
 
 
 def _insert_fn(prefix: Prefix, decode_state: DecodeState, slot):
-    cache_len = decode_state.cache[0][0].shape[2]
+    cache_len = decode_state.cache[0][1].shape[2]
 
     def fit(x):  # the prefix bucket may be longer than the cache; its real length is not (the engine grows first)
         return x[:, :, :cache_len]
 
     cache = [
-        (jax.lax.dynamic_update_slice(kc, fit(pk).astype(kc.dtype), (slot, 0, 0, 0)),
+        (jax.lax.dynamic_update_slice(kc, fit(pk).swapaxes(2, 3).astype(kc.dtype), (slot, 0, 0, 0)),
          jax.lax.dynamic_update_slice(vc, fit(pv).astype(vc.dtype), (slot, 0, 0, 0)))
         for (kc, vc), (pk, pv) in zip(decode_state.cache, prefix.kv)
     ]
@@ -196,12 +196,12 @@ def _extract_fn(decode_state: DecodeState, slot, bucket: int) -> Prefix:
         return _fit_length(jax.lax.dynamic_index_in_dim(x, slot, axis=0, keepdims=True), 2, bucket)
 
     d = decode_state
-    return Prefix([(rows(k), rows(v)) for k, v in d.cache], d.lengths[slot], d.tokens[slot], d.temperature[slot],
+    return Prefix([(rows(k.swapaxes(2, 3)), rows(v)) for k, v in d.cache], d.lengths[slot], d.tokens[slot], d.temperature[slot],
                   d.top_k[slot], d.top_p[slot], d.seed[slot])
 
 
 def _resize_fn(decode_state: DecodeState, cache_len: int):
-    cache = [(_fit_length(k, 2, cache_len), _fit_length(v, 2, cache_len)) for k, v in decode_state.cache]
+    cache = [(_fit_length(k, 3, cache_len), _fit_length(v, 2, cache_len)) for k, v in decode_state.cache]
     return decode_state._replace(cache=cache)
 
 
@@ -308,14 +308,16 @@ class Engine:
     # ------------------------------------------------------------------------------------------------ setup
     def _init_decode_state(self) -> DecodeState:
         c, e = self.model_config, self.config
-        shape = (e.num_slots, c.n_kv_heads, self.cache_len, c.head_dim)
+        v_shape = (e.num_slots, c.n_kv_heads, self.cache_len, c.head_dim)
+        k_shape = (e.num_slots, c.n_kv_heads, c.head_dim, self.cache_len)
         dt = jnp.dtype(c.dtype)
         if self.mesh is not None:
             sharding = cache_sharding(self.mesh)
-            zeros = jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=sharding)
-            cache = [(zeros(), zeros()) for _ in range(c.n_layers)]
+            zeros = {shape: jax.jit(lambda shape=shape: jnp.zeros(shape, dt), out_shardings=sharding)
+                     for shape in (k_shape, v_shape)}
+            cache = [(zeros[k_shape](), zeros[v_shape]()) for _ in range(c.n_layers)]
         else:
-            cache = [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(c.n_layers)]
+            cache = [(jnp.zeros(k_shape, dt), jnp.zeros(v_shape, dt)) for _ in range(c.n_layers)]
         n = e.num_slots
         state = DecodeState(cache, jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.float32),
                             jnp.zeros(n, jnp.int32), jnp.ones(n, jnp.float32), jnp.zeros(n, jnp.uint32))

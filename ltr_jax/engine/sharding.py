@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from ltr_jax.engine.settings import MeshConfig
 from ltr_jax.models.config import LlamaConfig
-from ltr_jax.models.llama import AXES, KV_CACHE_AXES
+from ltr_jax.models.llama import AXES, K_CACHE_AXES, KV_CACHE_AXES
 
 AXIS = "tp"
 
@@ -85,7 +85,9 @@ def shard_state(state, mesh: Mesh):
 
 
 def cache_sharding(mesh: Mesh) -> NamedSharding:
-    """The KV cache's placement: split over KV heads (`KV_CACHE_AXES`)."""
+    """The decode KV cache's placement: split over KV heads (`KV_CACHE_AXES`; keys' `K_CACHE_AXES` differ only in
+    axes no mesh splits, so one placement serves both)."""
+    assert spec_of(K_CACHE_AXES) == spec_of(KV_CACHE_AXES)
     return NamedSharding(mesh, spec_of(KV_CACHE_AXES))
 
 

@@ -13,11 +13,14 @@ optional tied embeddings, and the three forward passes the rest of the stack nee
   the chat template's fixed header runs only the tokens after it;
 * `reference_forward` / `hidden_states` - plain full-sequence passes for tests and the ranker backbone.
 
-KV cache layout: a list with one `(k, v)` pair per layer, each `[slots, kv_heads, cache_len, head_dim]`. Decode
-attends over the whole cache with a per-slot length mask, reading it in place (the layout the batched matmul wants,
-so XLA inserts no transposing copy). The engine keeps `cache_len` at a bucket just above the longest running
-sequence, growing or shrinking the buffers between steps, so a step's cost follows the real context length rather
-than the model's maximum.
+Decode KV cache layout: a list with one `(k, v)` pair per layer, k `[slots, kv_heads, head_dim, cache_len]` and v
+`[slots, kv_heads, cache_len, head_dim]`: each is the layout its product in decode attention wants (scores = q . k
+runs along the cache, the output = probs . v along head_dim), so XLA streams both with no transposing copy; keys
+stored like values make the score product about 1.5x slower on a CPU at 64 slots. Prompt passes (prefill, `past`,
+`run_blocks`) keep their K/V as `[B, kv_heads, T, head_dim]`; the engine transposes keys when it inserts a prefix
+into a slot. Decode attends over the whole cache with a per-slot length mask, reading it in place. The engine keeps
+`cache_len` at a bucket just above the longest running sequence, growing or shrinking the buffers between steps,
+so a step's cost follows the real context length rather than the model's maximum.
 
 Sharding is declared here, once, beside each weight: every `nnx.Param` carries its logical axes (metadata
 ``logical_axes``, e.g. ``("embed", "q_heads")`` for wq) and `KV_CACHE_AXES` names the cache's; the engine's mesh
@@ -39,7 +42,8 @@ from flax import nnx
 
 from ltr_jax.models.config import LlamaConfig
 
-KVCache = list  # list[tuple[jax.Array, jax.Array]]: per layer (k, v), each [slots, kv_heads, cache_len, head_dim]
+KVCache = list  # list[tuple[jax.Array, jax.Array]]: per layer (k, v); decode: k [slots, kv_heads, head_dim, cache_len],
+# v [slots, kv_heads, cache_len, head_dim]; prompt passes: both [B, kv_heads, T, head_dim]
 
 _LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 
@@ -47,7 +51,8 @@ AXES = "logical_axes"  # the nnx.Param metadata key holding a weight's logical a
 # Logical axis names: "vocab", "embed" (model width), "q_heads" / "kv_heads" (a projection's heads x head_dim),
 # "ffn" (MLP width), "slots", "seq", "head_dim".
 LOGICAL_AXES = ("vocab", "embed", "q_heads", "kv_heads", "ffn", "slots", "seq", "head_dim")
-KV_CACHE_AXES = ("slots", "kv_heads", "seq", "head_dim")  # each layer's k and v [slots, kv_heads, cache_len, hd]
+KV_CACHE_AXES = ("slots", "kv_heads", "seq", "head_dim")  # each layer's decode v [slots, kv_heads, cache_len, hd]
+K_CACHE_AXES = ("slots", "kv_heads", "head_dim", "seq")  # each layer's decode k [slots, kv_heads, hd, cache_len]
 
 
 def _param(value: jax.Array, *axes: str | None) -> nnx.Param:
@@ -122,25 +127,16 @@ class Block(nnx.Module):
         v = (h @ self.wv[...]).reshape(b, t, c.n_kv_heads, c.head_dim)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
-    def attend_one(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                   own: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-        """Decode attention, one query per slot. q [B, H, hd]; k, v [B, KV, S, hd]; mask [B, S] (the cached positions
-        it may attend to). ``own``: the slot's new key and value [B, KV, hd] when the cache does not hold them yet.
-        -> [B, H*hd]."""
+    def attend_one(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """Decode attention, one query per slot. q [B, H, hd]; k [B, KV, hd, S], v [B, KV, S, hd] (the decode
+        cache's layout); mask [B, S] (the positions it may attend to). -> [B, H*hd]."""
         c = self.config
         b = q.shape[0]
         qg = q.reshape(b, c.n_kv_heads, c.q_per_kv, c.head_dim)
-        scale = 1.0 / math.sqrt(c.head_dim)
-        scores = jnp.einsum("bkgd,bksd->bkgs", qg, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[:, None, None, :], scores * scale, -1e30)
-        if own is not None:
-            own_score = jnp.einsum("bkgd,bkd->bkg", qg, own[0], preferred_element_type=jnp.float32) * scale
-            scores = jnp.concatenate([scores, own_score[..., None]], axis=-1)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bkgs,bksd->bkgd", probs[..., : k.shape[2]].astype(v.dtype), v,
-                         preferred_element_type=jnp.float32)
-        if own is not None:
-            out = out + probs[..., -1:] * own[1][:, :, None, :].astype(jnp.float32)
+        scores = jnp.einsum("bkgd,bkds->bkgs", qg, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, None, :], scores * (1.0 / math.sqrt(c.head_dim)), -1e30)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgs,bksd->bkgd", probs, v, preferred_element_type=jnp.float32)
         return out.reshape(b, c.n_heads * c.head_dim).astype(q.dtype)
 
     def mlp(self, x: jax.Array) -> jax.Array:
@@ -292,7 +288,7 @@ class Llama(nnx.Module):
         [1, KV, T, hd] per block); without a pass the last two are None and []."""
         b = tokens.shape[0]
         x = self._embed(tokens)[:, None, :]
-        cache_len = cache[0][0].shape[2]
+        cache_len = cache[0][1].shape[2]
         mask = jnp.arange(cache_len)[None, :] <= positions[:, None]  # [B, S]
         # A slot past the cache's end is free (the engine grows the cache before a running sequence reaches it):
         # its write lands on its own last row instead of being dropped, so every write is in bounds (`_write_rows`).
@@ -312,7 +308,7 @@ class Llama(nnx.Module):
                 qd, kd, vd = q[0, :b, None], k[0, :b, None], v[0, :b, None]
             else:
                 qd, kd, vd = blk.qkv(x, positions[:, None], self.inv_freq[...])
-            kc, vc = _write_rows(kc, kd[:, 0], write_at), _write_rows(vc, vd[:, 0], write_at)
+            kc, vc = _write_rows(kc, kd[:, 0], write_at, keys=True), _write_rows(vc, vd[:, 0], write_at)
             attn = blk.attend_one(qd[:, 0], kc, vc, mask)
             if joint:
                 kp, vp = k[:, b:].transpose(0, 2, 1, 3), v[:, b:].transpose(0, 2, 1, 3)
@@ -328,17 +324,18 @@ class Llama(nnx.Module):
         return self.logits(x[:, 0]), new_cache, xp, pass_kvs
 
 
-def _write_rows(cache: jax.Array, rows: jax.Array, at: jax.Array) -> jax.Array:
-    """cache [B, KV, S, hd] with each slot's row [B, KV, hd] written at its position ``at`` [B] (in bounds).
+def _write_rows(cache: jax.Array, rows: jax.Array, at: jax.Array, keys: bool = False) -> jax.Array:
+    """A decode cache with each slot's new key or value [B, KV, hd] written at its position ``at`` [B] (in bounds):
+    v [B, KV, S, hd], or with ``keys`` k [B, KV, hd, S].
 
-    One scatter of B x KV rows into the cache viewed as [B * KV, S, hd], which XLA:CPU does in place when the step
+    One scatter of B x KV rows into the cache viewed as [B * KV, ...], which XLA:CPU does in place when the step
     donates the cache. (Written per slot, one slot's write is a single row, which XLA turns into a
     dynamic-update-slice and fuses into each reader of the cache, each on its own copy of it.)"""
-    b, kv, s, hd = cache.shape
-    flat_rows = jnp.arange(b * kv)
-    flat = cache.reshape(b * kv, s, hd).at[flat_rows, jnp.repeat(at, kv)].set(
-        rows.reshape(b * kv, hd).astype(cache.dtype), mode="promise_in_bounds")
-    return flat.reshape(b, kv, s, hd)
+    b, kv = cache.shape[:2]
+    flat = cache.reshape(b * kv, *cache.shape[2:])
+    index = (jnp.arange(b * kv), slice(None), jnp.repeat(at, kv)) if keys else (jnp.arange(b * kv), jnp.repeat(at, kv))
+    flat = flat.at[index].set(rows.reshape(b * kv, -1).astype(cache.dtype), mode="promise_in_bounds")
+    return flat.reshape(cache.shape)
 
 
 def _past_len(past: KVCache | None) -> int:
