@@ -54,6 +54,10 @@ class ModelSection:
     dtype: str = setting("auto", choices=("auto", "float32", "bfloat16"),
                          doc="weights, activations and KV cache (norms, softmax and logits accumulate in float32); "
                              "auto = bfloat16 on a GPU/TPU, float32 on a CPU")
+    weight_dtype: str = setting("auto", choices=("auto", "float32", "bfloat16"),
+                                doc="the weights' dtype when it differs from dtype (matmul inputs are rounded to it, "
+                                    "products accumulate in dtype); auto = bfloat16 on a CPU with bfloat16 matrix "
+                                    "instructions (AMX, AVX-512 BF16) for engines of 4 or more slots, else dtype")
     name: str | None = setting(None, doc="model name served by /v1/models (null = the model's own name)")
     seed: int = setting(0, ge=0, doc="weights seed of the 'tiny' random model")
 

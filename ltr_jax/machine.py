@@ -26,6 +26,24 @@ def cpu_model() -> str | None:
     return None
 
 
+# CPU features with bfloat16 matrix instructions (Intel AMX, AVX-512 BF16): XLA:CPU's bfloat16 matmuls of many rows
+# then run ~2.5x faster than float32 ones (without them, several times slower)
+BF16_MATMUL_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), e.g. 'avx2', 'amx_bf16'; empty where not readable."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def memory_maps() -> tuple[int, int] | None:
     """(memory mappings this process holds, the kernel's per-process limit ``vm.max_map_count``), or None where
     /proc does not say (not Linux). Each program XLA compiles for a CPU maps its code and data; past the limit
@@ -71,6 +89,7 @@ def machine_info() -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_bf16_matmul": bool(cpu_flags() & BF16_MATMUL_FLAGS),
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
         "jax": jax.__version__,

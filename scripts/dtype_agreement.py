@@ -1,6 +1,10 @@
 """bfloat16 against float32 on the same model: greedy agreement and the largest logit difference.
 
     python scripts/dtype_agreement.py --out benchmarks/results/bf16_vs_f32_smollm2.json
+    python scripts/dtype_agreement.py --candidate bfloat16-weights  # float32 activations, bfloat16 weights
+
+The candidate is ``bfloat16`` (weights, activations and KV cache: `model.dtype`) or ``bfloat16-weights``
+(`model.weight_dtype`: bfloat16 weights, float32 activations and cache, what a CPU engine of several slots picks).
 
 Serves ``--n`` chat prompts (from ``../shared/data/prompts.jsonl``, taking each source in turn) greedily for
 ``--tokens`` tokens with the engine in each dtype, and reports the share of prompts whose continuations are
@@ -87,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n", type=int, default=20, help="prompts")
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt")
     p.add_argument("--max-prompt-tokens", type=int, default=256, help="longer prompts are skipped")
+    p.add_argument("--candidate", default="bfloat16", choices=("bfloat16", "bfloat16-weights"),
+                   help="what runs against float32 (see above)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -96,8 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
     ids, prompts = [i for i, _ in picked], [p for _, p in picked]
     max_seq_len = 1 << (args.max_prompt_tokens + args.tokens + 1).bit_length()
     conts, logits = {}, {}
-    for dtype in ("float32", "bfloat16"):
-        model = Llama.from_params(base.config.replace(dtype=dtype), base.params)
+    candidate = (base.config.replace(dtype="bfloat16") if args.candidate == "bfloat16"
+                 else base.config.replace(dtype="float32", weight_dtype="bfloat16"))
+    for dtype, config in (("float32", base.config.replace(dtype="float32")), ("bfloat16", candidate)):
+        model = Llama.from_params(config, base.params)
         conts[dtype] = greedy(model, prompts, args.tokens, max_seq_len)
         logits[dtype] = forced_logits(model, prompts, conts["float32"])
     same = [a == b for a, b in zip(conts["float32"], conts["bfloat16"])]
@@ -105,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
                   for a, b in zip(conts["float32"], conts["bfloat16"])]
     diff = np.abs(logits["float32"] - logits["bfloat16"])
     report = {
-        "benchmark": "bf16 vs f32 greedy agreement", "model": base.config.name, "prompts": len(prompts),
+        "benchmark": "bf16 vs f32 greedy agreement", "candidate": args.candidate, "model": base.config.name,
+        "prompts": len(prompts),
         "tokens": args.tokens, "backend": jax.default_backend(), "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "identical_continuations": int(sum(same)), "identical_share": round(sum(same) / len(same), 3),

@@ -25,6 +25,23 @@ TINY_CHATML_TEMPLATE = (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_executables():
+    """Drop every compiled executable after each test module. Each XLA:CPU executable holds memory mappings, and
+    the whole suite in one process would otherwise pass the kernel's per-process limit (vm.max_map_count, 65,530
+    here), where XLA crashes (seen while serializing an executable for the persistent cache)."""
+    yield
+    import gc
+
+    import jax
+
+    from ltr_jax.machine import release_free_memory
+
+    jax.clear_caches()
+    gc.collect()
+    release_free_memory()
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf_path() -> Path:
     """The embedded default model file, fetched on first use (integration tests only)."""

@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import pytest
 
 from ltr_jax.bench.engine_bench import KNOWN_BANDWIDTH_GBPS, kv_bytes_per_token, step_weight_bytes
 from ltr_jax.models.config import preset
+from ltr_jax.models.loading import resolve_weight_dtype
 from ltr_jax.sim.step_time import MeasuredStepTime
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +49,15 @@ def test_device_check_cpu_smoke(tmp_path):
         expected = (r["weight_bytes"] + r["kv_bytes_read"]) / (report["hbm_gbps"] * 1e9) * 1e3
         assert r["roofline_ms"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
         assert r["step_over_roofline"] == pytest.approx(r["step_ms"] / r["roofline_ms"], rel=0.02)
-        assert r["weight_bytes"] == report["weight_bytes_per_step"]
+        # each batch runs in the weights' dtype `model.weight_dtype: auto` picks for it on this CPU
+        assert r["weight_dtype"] == (resolve_weight_dtype("auto", "float32", r["batch"]) or "float32")
+        assert r["weight_bytes"] == report["weight_bytes_per_step"] * jnp.dtype(r["weight_dtype"]).itemsize // 4
+        assert r["weight_bytes_per_token"] == r["weight_bytes"] // r["batch"]
+        read = r["weight_bytes"] + r["kv_bytes_read"]
+        assert r["achieved_gbps"] == pytest.approx(read / (r["step_ms"] / 1e3) / 1e9, rel=0.02)
+        floor = r["batch"] * report["bandwidth_gbps"] * 1e9 / read
+        assert r["bandwidth_floor_tokens_per_s"] == pytest.approx(floor, rel=1e-3)
+        assert r["share_of_floor"] == pytest.approx(r["tokens_per_s"] / floor, rel=0.02)
         assert r["kv_bytes_read"] > 0 and r["prefill_tokens_per_s"] > 0 and r["compile_s"] >= 0
         if r["context"] == 32:  # host overhead is measured at the first context
             assert r["host_steps"] >= 4 and r["host_overhead_ms"] >= 0 and r["decode_pipeline"] is True

@@ -25,7 +25,7 @@ def test_auto_dtype_resolves_per_backend():
 def test_a_bfloat16_engine_keeps_bf16_weights_and_cache_and_f32_logits():
     loaded = load_model("tiny", dtype="bfloat16", seed=2)
     model = Llama.from_params(loaded.config, loaded.params)
-    assert model.layers[0].wq[...].dtype == jnp.bfloat16
+    assert model.layers[0].wqkv[...].dtype == jnp.bfloat16
     x, _ = model.hidden(jnp.asarray([[5, 6, 7]]), jnp.asarray([3]))
     assert model.logits(x).dtype == jnp.float32
     engine = Engine(model, EngineConfig(num_slots=2, max_seq_len=128))

@@ -20,7 +20,7 @@ from ltr_jax.config import ConfigError, EngineRunConfig, ServeConfig, describe_s
 from ltr_jax.engine.sharding import RULES, spec_of, valid_degrees
 from ltr_jax.models.config import tiny_config
 from ltr_jax.models.hf_checkpoint import save_hf_checkpoint
-from ltr_jax.models.llama import AXES, KV_CACHE_AXES, LOGICAL_AXES, Llama
+from ltr_jax.models.llama import AXES, K_CACHE_AXES, KV_CACHE_AXES, LOGICAL_AXES, Llama
 from ltr_jax.models.tiny import tiny_model
 from ltr_jax.server.inprocess import serve_in_thread
 from ltr_jax.server.runtime import StartupError, build_runtime
@@ -34,13 +34,14 @@ def test_every_weight_declares_its_logical_axes():
     _, state = nnx.split(Llama(tiny_config(), nnx.Rngs(0)))
     variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     params = [v for v in variables if isinstance(v, nnx.Param)]
-    assert len(params) == 2 + 9 * 2 + 1  # embed, final_norm, 9 per block, lm_head
+    assert len(params) == 2 + 6 * 2 + 1  # embed, final_norm, 6 per block, lm_head
     for v in params:
         axes = v.get_metadata()[AXES]
-        assert len(axes) == v[...].ndim and set(axes) <= set(LOGICAL_AXES)
+        assert len(axes) == v[...].ndim and set(axes) <= set(LOGICAL_AXES) | {None}
     specs = {spec_of(v.get_metadata()[AXES]) for v in params}
-    assert specs == {P(None), P(None, None), P(None, "tp"), P("tp", None)}  # split: heads, MLP width only
-    assert spec_of(KV_CACHE_AXES) == P(None, "tp", None, None)
+    # split: heads (wqkv by KV head, wo by query head), MLP width only
+    assert specs == {P(None), P(None, None), P(None, "tp", None), P(None, None, "tp"), P("tp", None)}
+    assert spec_of(KV_CACHE_AXES) == spec_of(K_CACHE_AXES) == P(None, "tp", None, None)
     assert set(RULES) <= set(LOGICAL_AXES)
 
 
@@ -111,3 +112,29 @@ def test_server_on_three_devices_serves_the_same_greedy_tokens(three_head_checkp
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_fused_projections_round_trip_and_keep_each_kv_group_together():
+    """`fuse_layer` puts each KV head's query heads, key and value side by side (so splitting the KV-head axis gives
+    every device whole groups) and `split_layer` undoes it exactly; a fused layer passes through unchanged."""
+    import numpy as np
+
+    from ltr_jax.models.llama import fuse_layer, init_random_params, split_layer
+
+    c = tiny_config()
+    layer = init_random_params(c)["layers"][0]
+    fused = fuse_layer(c, layer)
+    assert fused["wqkv"].shape == (c.dim, c.n_kv_heads, (c.q_per_kv + 2) * c.head_dim)
+    hd, g = c.head_dim, c.q_per_kv
+    for kv in range(c.n_kv_heads):  # query head h belongs to KV head h // q_per_kv (Hugging Face GQA)
+        for j in range(g):
+            h = kv * g + j
+            np.testing.assert_array_equal(fused["wqkv"][:, kv, j * hd:(j + 1) * hd],
+                                          layer["wq"][:, h * hd:(h + 1) * hd])
+        np.testing.assert_array_equal(fused["wqkv"][:, kv, g * hd:(g + 1) * hd], layer["wk"][:, kv * hd:(kv + 1) * hd])
+        np.testing.assert_array_equal(fused["wqkv"][:, kv, (g + 1) * hd:], layer["wv"][:, kv * hd:(kv + 1) * hd])
+    back = split_layer(c, fused)
+    assert set(back) == set(layer)
+    for key in layer:
+        np.testing.assert_array_equal(back[key], layer[key])
+    assert all(fuse_layer(c, fused)[k] is fused[k] for k in fused)

@@ -6,7 +6,10 @@ and host overhead, per batch size and context.
 For each context it times the prefill of one prompt of that many tokens; for each (batch, context) it fills every
 decode slot with that prompt, times ``--steps`` decode steps of the real engine (median) and compares them with the
 roofline, the time to read every weight a step reads (all layers and the LM head) plus the batch's K/V once at HBM
-bandwidth (``--hbm-gbps``, else a table of known devices, else measured here by a large array reduction). Then it
+bandwidth (``--hbm-gbps``, else a table of known devices, else measured here by a large array reduction). Each
+batch runs with the weights' dtype ``model.weight_dtype`` picks for an engine of that many slots. Beside each row:
+the weight bytes one token costs, the GB/s the step read its weights and K/V at, and the bandwidth floor: the
+tokens/s that reading them at ``bandwidth_gbps``, the read bandwidth measured in the same run, would allow. Then it
 serves ``batch`` one-token requests through the real orchestrator for ``--host-steps`` steady steps and reports its
 host overhead: the time from one step's tokens reaching the host to the next step's dispatch (streaming, scheduling,
 dispatch), and how much of it the decode pipeline leaves exposed. Compile seconds are XLA's own compile events
@@ -26,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from ltr_jax.bench.options import add_config_options, resolve_config
 from ltr_jax.engine.engine import Engine, EngineConfig, SlotSampling
@@ -34,7 +38,7 @@ from ltr_jax.engine.sharding import mesh_for
 from ltr_jax.machine import machine_info
 from ltr_jax.models.config import PRESET_ALIASES, PRESETS, LlamaConfig, preset
 from ltr_jax.models.llama import Llama, init_random_params
-from ltr_jax.models.loading import resolve_dtype
+from ltr_jax.models.loading import resolve_dtype, resolve_weight_dtype
 from ltr_jax.scheduler.scheduler import Scheduler
 
 # HBM bandwidth (GB/s) by a substring of `jax.Device.device_kind`, most specific first (vendor data sheets)
@@ -90,7 +94,7 @@ def step_weight_bytes(config: LlamaConfig) -> int:
     """Bytes of weights a decode step reads: every block, the final norm and the LM head (an untied embedding
     table is only gathered, a row per slot)."""
     unread = 0 if config.tie_embeddings else config.vocab_size * config.dim
-    return (config.num_params() - unread) * jnp.dtype(config.dtype).itemsize
+    return (config.num_params() - unread) * jnp.dtype(config.param_dtype).itemsize
 
 
 def kv_bytes_per_token(config: LlamaConfig) -> int:
@@ -205,7 +209,8 @@ def bench_point(model: Llama, tokenizer, batch: int, context: int, args, bandwid
     roofline_s = (weights + kv) / (bandwidth * 1e9)
     floor_tokens_per_s = batch / ((weights + kv) / (read_gbps * 1e9))
     row = {
-        "batch": batch, "context": context, "cache_len": attend, "step_ms": round(step_s * 1e3, 3),
+        "batch": batch, "context": context, "weight_dtype": c.param_dtype, "cache_len": attend,
+        "step_ms": round(step_s * 1e3, 3),
         "tokens_per_s": round(batch / step_s, 1), "roofline_ms": round(roofline_s * 1e3, 4),
         "step_over_roofline": round(step_s / roofline_s, 2), "weight_bytes": weights, "kv_bytes_read": kv,
         # what one token costs in weight reads, the rate the step read its weights and K/V at, and the tokens/s
@@ -231,6 +236,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (CPU smoke runs)")
     p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16"),
                    help="model.dtype (default: the config's, auto = bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--weight-dtype", default=None, choices=("auto", "float32", "bfloat16"),
+                   help="model.weight_dtype (default: the config's)")
     p.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes (decode slots)")
     p.add_argument("--contexts", default="128", help="comma-separated tokens already in each slot's cache")
     p.add_argument("--steps", type=int, default=3, help="timed decode steps per point (median reported)")
@@ -248,6 +255,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.dtype is not None:
         args.overrides = [*args.overrides, f"model.dtype={args.dtype}"]
+    if args.weight_dtype is not None:
+        args.overrides = [*args.overrides, f"model.weight_dtype={args.weight_dtype}"]
     if args.steps < 1 or args.host_steps < 0:
         p.error("--steps must be >= 1 and --host-steps >= 0")
     resolve_config(p, args, ())
@@ -274,10 +283,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     contexts = [int(n) for n in args.contexts.split(",")]
     args.host_context = contexts[0]
     results = []
+    models = {model.config.weight_dtype: model}  # by weights' dtype, which `model.weight_dtype` picks per batch
+
+    def model_for(batch: int) -> Llama:
+        weight_dtype = resolve_weight_dtype(tree.model.weight_dtype, dtype, batch)
+        if weight_dtype not in models:
+            config = model.config.replace(weight_dtype=weight_dtype)
+            models[weight_dtype] = Llama.from_params(config, Llama.state_params(nnx.state(model)))
+        return models[weight_dtype]
+
     for context in contexts:
         prefill = prefill_rate(model, context, 1 << max(8, (context + 1).bit_length()), mesh)
         for batch in batches:
-            results.append(bench_point(model, tokenizer, batch, context, args, bandwidth, read_gbps, mesh, prefill))
+            results.append(bench_point(model_for(batch), tokenizer, batch, context, args, bandwidth, read_gbps,
+                                       mesh, prefill))
             if not args.json:
                 r = results[-1]
                 print(f"batch {batch:4d} context {context:6d}: step {r['step_ms']:9.3f} ms ({r['tokens_per_s']:.1f} "

@@ -158,7 +158,7 @@ def _prefill_rest_fn(graphdef, bucket, state, past, hidden, lower_kv, length, te
     ``length`` tokens, which continue the cached prefix ``past`` (per-layer K/V of every block; empty for none)."""
     model = nnx.merge(graphdef, state)
     n_low = lower_kv.shape[0]
-    x = _fit_length(hidden, 0, bucket)[None].astype(model.embed[...].dtype)
+    x = _fit_length(hidden, 0, bucket)[None].astype(model.config.dtype)
     logits, upper = model.prefill_from(x, length[None], n_low, list(past[n_low:]) or None)
     lower_kv = _fit_length(lower_kv, 3, bucket)
     lower = [(lower_kv[i, 0][None], lower_kv[i, 1][None]) for i in range(n_low)]
@@ -196,8 +196,8 @@ def _extract_fn(decode_state: DecodeState, slot, bucket: int) -> Prefix:
         return _fit_length(jax.lax.dynamic_index_in_dim(x, slot, axis=0, keepdims=True), 2, bucket)
 
     d = decode_state
-    return Prefix([(rows(k.swapaxes(2, 3)), rows(v)) for k, v in d.cache], d.lengths[slot], d.tokens[slot], d.temperature[slot],
-                  d.top_k[slot], d.top_p[slot], d.seed[slot])
+    return Prefix([(rows(k.swapaxes(2, 3)), rows(v)) for k, v in d.cache], d.lengths[slot], d.tokens[slot],
+                  d.temperature[slot], d.top_k[slot], d.top_p[slot], d.seed[slot])
 
 
 def _resize_fn(decode_state: DecodeState, cache_len: int):

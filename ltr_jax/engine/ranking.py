@@ -87,7 +87,7 @@ def shares_ranker_pass(engine: Engine, ranker: Any) -> bool:
         return False
     layers = engine.params["layers"]
     return all(np.array_equal(np.asarray(ranker.backbone["layers"][i][key]), np.asarray(layers[i][key][...]))
-               for i in {0, n - 1} for key in ("wq", "w_down"))
+               for i in {0, n - 1} for key in ("wqkv", "w_down"))
 
 
 def share_prefix(tokens, engine: Engine, *rankers: Any) -> int:

@@ -38,7 +38,8 @@ class LlamaConfig:
     rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = False
     max_position_embeddings: int = 8192
-    dtype: str = "float32"  # compute/param dtype: "float32" on CPU, "bfloat16" on GPU
+    dtype: str = "float32"  # activations and KV cache: "float32" on CPU, "bfloat16" on GPU
+    weight_dtype: str = ""  # the weights' storage and matmul input dtype; "" = dtype (see `param_dtype`)
     name: str = "llama"
 
     def __post_init__(self) -> None:
@@ -52,8 +53,18 @@ class LlamaConfig:
             problems.append(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"dtype={self.dtype!r} must be one of float32, bfloat16, float16")
+        if self.weight_dtype not in ("", "float32", "bfloat16", "float16"):
+            problems.append(f"weight_dtype={self.weight_dtype!r} must be empty (= dtype) or one of float32, "
+                            "bfloat16, float16")
         if problems:
             raise ValueError("invalid LlamaConfig: " + "; ".join(problems))
+
+    @property
+    def param_dtype(self) -> str:
+        """The weights' dtype: ``weight_dtype``, else ``dtype``. Weights narrower than the activations (bfloat16
+        weights, float32 activations: where bfloat16 matmul units make large batches faster) feed each matmul
+        their inputs rounded to the weights' dtype, accumulating in the activations' dtype."""
+        return self.weight_dtype or self.dtype
 
     @property
     def q_per_kv(self) -> int:

@@ -8,6 +8,7 @@ in Hugging Face rotate-half order (see `gguf_loader` and `hf_checkpoint` for the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from ltr_jax.models.gguf_loader import GGUFError, load_gguf
 from ltr_jax.models.hf_checkpoint import CheckpointError, load_hf_checkpoint
 from ltr_jax.models.tokenizer import ChatTokenizer
 
-__all__ = ["CheckpointError", "GGUFError", "LoadedModel", "load_model", "resolve_dtype", "resolve_source"]
+__all__ = ["CheckpointError", "GGUFError", "LoadedModel", "load_model", "resolve_dtype", "resolve_source",
+           "resolve_weight_dtype"]
 
 
 def resolve_source(source: str | os.PathLike[str] | None) -> Path:
@@ -46,14 +48,43 @@ def resolve_dtype(dtype: str) -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def load_model(source: str | os.PathLike[str] | None = None, dtype: str = "auto", seed: int = 0) -> LoadedModel:
+# decode slots from which bfloat16 weights beat float32 ones on a CPU with bfloat16 matrix instructions: a step's
+# matmuls then have that many rows (measured in benchmarks/RESULTS.md, "CPU engine")
+BF16_WEIGHTS_MIN_SLOTS = 4
+
+
+def resolve_weight_dtype(weight_dtype: str, dtype: str, num_slots: int) -> str:
+    """``model.weight_dtype`` for an engine of ``num_slots`` decode slots and activations of ``dtype`` (resolved):
+    "auto" is bfloat16 on a CPU with bfloat16 matrix instructions (`machine.BF16_MATMUL_FLAGS`) when float32
+    activations meet at least `BF16_WEIGHTS_MIN_SLOTS` rows per matmul, else "" (the activations' dtype): a
+    decode step of a few rows is bound by reading the weights, which XLA:CPU does fastest in float32."""
+    if weight_dtype != "auto":
+        return "" if weight_dtype == dtype else weight_dtype
+    import jax
+
+    from ltr_jax.machine import BF16_MATMUL_FLAGS, cpu_flags
+
+    cpu_bf16 = jax.default_backend() == "cpu" and bool(cpu_flags() & BF16_MATMUL_FLAGS)
+    return "bfloat16" if cpu_bf16 and dtype == "float32" and num_slots >= BF16_WEIGHTS_MIN_SLOTS else ""
+
+
+def load_model(source: str | os.PathLike[str] | None = None, dtype: str = "auto", seed: int = 0,
+               weight_dtype: str = "") -> LoadedModel:
     """Load config, float32 params and tokenizer from a GGUF file or a Hugging Face checkpoint directory
     (or the random test model for source "tiny").
 
-    `dtype` sets `config.dtype` (weights, activations and KV cache; "auto": `resolve_dtype`); the params stay
-    float32 numpy until the model is built. `seed` only matters for "tiny" (its random weights).
+    `dtype` sets `config.dtype` (activations, KV cache and, unless `weight_dtype` says otherwise, weights;
+    "auto": `resolve_dtype`), `weight_dtype` sets `config.weight_dtype` (resolved: `resolve_weight_dtype`); the
+    params stay float32 numpy until the model is built. `seed` only matters for "tiny" (its random weights).
     """
     dtype = resolve_dtype(dtype)
+    loaded = _load(source, dtype, seed)
+    if weight_dtype:
+        loaded = dataclasses.replace(loaded, config=loaded.config.replace(weight_dtype=weight_dtype))
+    return loaded
+
+
+def _load(source: str | os.PathLike[str] | None, dtype: str, seed: int) -> LoadedModel:
     if source is not None and str(source) == TINY_SOURCE:
         from ltr_jax.models.tiny import tiny_model
 

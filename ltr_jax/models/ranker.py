@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from ltr_jax.models.config import LlamaConfig
-from ltr_jax.models.llama import BackboneState, hidden_states
+from ltr_jax.models.llama import BackboneState, fuse_layer, hidden_states
 from ltr_jax.models.padding import length_bucket, length_ladder
 
 POOLINGS = ("mean", "last", "mean+last")
@@ -112,11 +112,12 @@ def truncate_prompt_tokens(tokens: Sequence[int], max_len: int, keep_tail: int =
 
 def backbone_params(config: LlamaConfig, params: dict[str, Any], n_layers: int
                     ) -> tuple[LlamaConfig, dict[str, Any]]:
-    """The (config, params) of the model's first ``n_layers`` blocks, as device arrays (no copy when already)."""
+    """The (config, params) of the model's first ``n_layers`` blocks, as device arrays in the model's fused layout
+    (no copy when they already are: `Llama.state_params`)."""
     if not 0 < n_layers <= config.n_layers:
         raise ValueError(f"ranker backbone n_layers={n_layers} must be in 1..{config.n_layers} for {config.name}")
     sub = {k: v for k, v in params.items() if k != "layers"}
-    sub["layers"] = list(params["layers"][:n_layers])
+    sub["layers"] = [fuse_layer(config, layer) for layer in params["layers"][:n_layers]]
     return config.replace(n_layers=n_layers), jax.tree.map(jnp.asarray, sub)
 
 
@@ -393,7 +394,7 @@ class RankerScorer:
 
     def warmup_score_state(self, shapes: Sequence[tuple[int, int]]) -> None:
         """Compile `score_state` for these (shared-prefix length, padded length) shapes."""
-        dt = self.backbone["embed"].dtype
+        dt = jnp.dtype(self.backbone_config.dtype)  # the activations' (the weights' may be narrower)
         device = jax.devices()[0]  # committed, as the engine's passes arrive: a jit signature includes it
         for start, t in shapes:
             if start and start != len(self.shared_prefix):
@@ -401,18 +402,6 @@ class RankerScorer:
             hidden = jax.device_put(jnp.zeros((t, self.spec.model_dim), dt), device)
             kv = jnp.zeros((self.spec.n_layers, 2, 1, t, 1), dt)  # only its first axis is read
             self.score_state(BackboneState(hidden, kv, 1, start))
-
-    def shares_backbone_with(self, config: LlamaConfig, layer_weights: Sequence[dict[str, Any]]) -> bool:
-        """Whether this scorer's backbone is exactly the first ``n_layers`` blocks of the model given by ``config``
-        and its per-layer weights (so a `BackboneState` is the start of that model's prefill)."""
-        n = self.spec.n_layers
-        if config.n_layers < n or len(layer_weights) < n or config.replace(n_layers=n) != self.backbone_config:
-            return False
-        for i in {0, self.spec.n_layers - 1}:
-            for key in ("wq", "w_down"):
-                if not np.array_equal(np.asarray(self.backbone["layers"][i][key]), np.asarray(layer_weights[i][key])):
-                    return False
-        return True
 
     def bucket_lengths(self) -> list[int]:
         """Every padded prompt length the scorer uses."""

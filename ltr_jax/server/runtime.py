@@ -61,13 +61,14 @@ class Runtime:
         return self.orchestrator.max_prompt_len
 
 
-def load_serving_model(section: ModelSection):
-    """A `LoadedModel` for ``model.source``."""
+def load_serving_model(section: ModelSection, num_slots: int):
+    """A `LoadedModel` for ``model.source``, its weights' dtype chosen for an engine of ``num_slots`` slots."""
     from ltr_jax.models.default_model import DefaultModelError
-    from ltr_jax.models.loading import CheckpointError, GGUFError, load_model
+    from ltr_jax.models.loading import CheckpointError, GGUFError, load_model, resolve_dtype, resolve_weight_dtype
 
     try:
-        return load_model(section.source, dtype=section.dtype, seed=section.seed)
+        weight_dtype = resolve_weight_dtype(section.weight_dtype, resolve_dtype(section.dtype), num_slots)
+        return load_model(section.source, dtype=section.dtype, seed=section.seed, weight_dtype=weight_dtype)
     except (FileNotFoundError, GGUFError, CheckpointError, DefaultModelError, ValueError) as err:
         shown = "null (embedded default)" if section.source is None else repr(section.source)
         raise StartupError(f"model.source = {shown}: cannot load the model: {err}") from None
@@ -261,7 +262,7 @@ def build_runtime(config: ServeConfig, warmup: bool = True) -> Runtime:
     from ltr_jax.scheduler.scheduler import Scheduler
     from ltr_jax.server.metrics import ServerMetrics
 
-    loaded = load_serving_model(config.model)
+    loaded = load_serving_model(config.model, config.engine.num_slots)
     model_name = config.model.name or loaded.config.name
     timings["load_s"] = time.perf_counter() - t0
     log.info("model %s loaded from %s in %.1f s", model_name, loaded.source, timings["load_s"])
