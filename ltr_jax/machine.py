@@ -26,8 +26,8 @@ def cpu_model() -> str | None:
     return None
 
 
-# CPU features with bfloat16 matrix instructions (Intel AMX, AVX-512 BF16): XLA:CPU's bfloat16 matmuls of many rows
-# then run ~2.5x faster than float32 ones (without them, several times slower)
+# CPU features with bfloat16 matrix instructions (Intel AMX, AVX-512 BF16): with them XLA:CPU's bfloat16 matmuls of
+# several rows beat float32 ones; without them they are far slower
 BF16_MATMUL_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 

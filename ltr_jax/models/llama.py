@@ -5,8 +5,8 @@ optional tied embeddings, and the three forward passes the rest of the stack nee
 
 * `Llama.prefill`  - one padded prompt, causal attention, returns logits and that prompt's K/V per layer;
 * `Llama.decode`   - one new token for each of B decode slots, reading and writing a per-layer KV cache
-                     in place (a scatter of B rows; the cache buffers are donated by the engine, so no step copies
-                     the cache);
+                     in place (one scatter of B x kv_heads rows; the cache buffers are donated by the engine, so
+                     no step copies the cache);
 * `Llama.prefill_from` - the rest of a prefill from the hidden state after its first blocks (the ranker runs
                      those blocks when it scores a prompt, so admission need not run them again);
   every prompt pass can also continue a cached shared prefix (``past``: its K/V), so a prompt that starts with
@@ -15,12 +15,12 @@ optional tied embeddings, and the three forward passes the rest of the stack nee
 
 Decode KV cache layout: a list with one `(k, v)` pair per layer, k `[slots, kv_heads, head_dim, cache_len]` and v
 `[slots, kv_heads, cache_len, head_dim]`: each is the layout its product in decode attention wants (scores = q . k
-runs along the cache, the output = probs . v along head_dim), so XLA streams both with no transposing copy; keys
-stored like values make the score product about 1.5x slower on a CPU at 64 slots. Prompt passes (prefill, `past`,
-`run_blocks`) keep their K/V as `[B, kv_heads, T, head_dim]`; the engine transposes keys when it inserts a prefix
-into a slot. Decode attends over the whole cache with a per-slot length mask, reading it in place. The engine keeps
-`cache_len` at a bucket just above the longest running sequence, growing or shrinking the buffers between steps,
-so a step's cost follows the real context length rather than the model's maximum.
+runs along the cache, the output = probs . v along head_dim), so XLA streams both with no transposing copy (keys
+stored like values make the score product markedly slower on a CPU; benchmarks/RESULTS.md). Prompt passes
+(prefill, `past`, `run_blocks`) keep their K/V as `[B, kv_heads, T, head_dim]`; the engine transposes keys when it
+inserts a prefix into a slot. Decode attends over the whole cache with a per-slot length mask, reading it in
+place. The engine keeps `cache_len` at a bucket just above the longest running sequence, growing or shrinking the
+buffers between steps, so a step's cost follows the real context length rather than the model's maximum.
 
 Sharding is declared here, once, beside each weight: every `nnx.Param` carries its logical axes (metadata
 ``logical_axes``, e.g. ``("q_heads", "embed")`` for wo) and `KV_CACHE_AXES` / `K_CACHE_AXES` name the decode
