@@ -42,6 +42,7 @@ from ltr_jax.bench.policy_bench import (
     held_out_split,
     load_serving_model,
     run_in_process,
+    share_engine_weights,
     warm_up,
 )
 from ltr_jax.bench.report import write_summary
@@ -355,10 +356,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     offline_path = args.ranker or str(packaged / "ranker_alpacaeval_llama3_8b")
     mismatched_path = args.mismatched_ranker or str(packaged / "ranker_smollm2_trace")
     prompts = args.prompts or str(shared_dir() / "data" / "alpacaeval_llama3.jsonl")
-    loaded = load_serving_model(args.config_tree.model.source, args.config_tree.model.dtype)
+    tree = args.config_tree
+    loaded = load_serving_model(tree.model.source, tree.model.dtype, tree.model.weight_dtype, tree.engine.num_slots)
     model = Llama.from_params(loaded.config, loaded.params)
-    engine = Engine(model, args.config_tree.engine.to_engine_config(),
-                    mesh=mesh_for(args.config_tree.engine.mesh, loaded.config))
+    engine = Engine(model, tree.engine.to_engine_config(), mesh=mesh_for(tree.engine.mesh, loaded.config))
+    loaded = share_engine_weights(loaded, engine)
     items, length_source = build_items(loaded, prompts, args.lengths, args.n or 10**9, args.max_prompt_tokens,
                                        10**6, "all", args.seed, args.length_scale, refill=False)
     fraction, salt = held_out_split(offline_path) or (0.1, DEFAULT_SPLIT_SALT)

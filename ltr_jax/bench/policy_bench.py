@@ -16,6 +16,7 @@ Policy names: fcfs, ltr, ltr+starvation, ltr-rescore, classify, oracle-sjf, orac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import threading
@@ -429,12 +430,23 @@ def _shown_path(path: str) -> str:
     return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
 
 
-def load_serving_model(source: str | None, dtype: str = "auto"):
+def load_serving_model(source: str | None, dtype: str = "auto", weight_dtype: str = "auto", num_slots: int = 1):
+    """The model as `serve` loads it: ``model.dtype``, and the weights' dtype ``model.weight_dtype`` picks for an
+    engine of ``num_slots`` slots."""
     if source and source.startswith("preset:"):
         raise SystemExit("preset models have no tokenizer; use the `simulate` command or a real checkpoint")
-    from ltr_jax.models.loading import load_model
+    from ltr_jax.models.loading import load_model, resolve_dtype, resolve_weight_dtype
 
-    return load_model(source, dtype=dtype)
+    return load_model(source, dtype=dtype,
+                      weight_dtype=resolve_weight_dtype(weight_dtype, resolve_dtype(dtype), num_slots))
+
+
+def share_engine_weights(loaded, engine: Engine):
+    """``loaded`` with the engine's own weight arrays (one copy, in the engine's dtype), as `serve` builds its
+    rankers: their backbone blocks are then the engine's, so a ranker's pass can be the start of a prefill."""
+    if engine.mesh is not None:
+        return loaded
+    return dataclasses.replace(loaded, params=Llama.state_params(engine.params))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -446,10 +458,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         enable_compilation_cache(args.compilation_cache, key="--compilation-cache", off="'none'")
     except CompilationCacheError as err:
         raise SystemExit(str(err)) from None
-    loaded = load_serving_model(args.model, args.config_tree.model.dtype)
+    tree = args.config_tree
+    loaded = load_serving_model(args.model, tree.model.dtype, tree.model.weight_dtype, tree.engine.num_slots)
     model = Llama.from_params(loaded.config, loaded.params)
-    engine = Engine(model, args.config_tree.engine.to_engine_config(),
-                    mesh=mesh_for(args.config_tree.engine.mesh, loaded.config))
+    engine = Engine(model, tree.engine.to_engine_config(), mesh=mesh_for(tree.engine.mesh, loaded.config))
+    loaded = share_engine_weights(loaded, engine)
     ranker_path, classifier_path = workload_rankers(args)
     items, length_source = build_items(loaded, args.prompts, args.lengths, args.n, args.max_prompt_tokens,
                                        args.max_output_tokens, args.split, args.seed, args.length_scale,

@@ -56,7 +56,7 @@ def model_fingerprint(config: LlamaConfig, params: dict[str, Any]) -> str:
     """A short hash of the model's config and a sample of its weights (distinguishes checkpoints of one shape)."""
     h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
     h.update(np.ascontiguousarray(np.asarray(params["embed"])[:8]).tobytes())
-    h.update(np.ascontiguousarray(np.asarray(params["layers"][0]["wq"])[:8]).tobytes())
+    h.update(np.ascontiguousarray(np.asarray(params["layers"][0]["wo"])[:8]).tobytes())  # in either layer layout
     h.update(np.ascontiguousarray(np.asarray(params["layers"][-1]["w_down"])[:8]).tobytes())
     return h.hexdigest()[:16]
 
