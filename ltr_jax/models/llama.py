@@ -309,9 +309,6 @@ class Llama(nnx.Module):
         x = self._embed(tokens)[:, None, :]
         cache_len = cache[0][1].shape[2]
         mask = jnp.arange(cache_len)[None, :] <= positions[:, None]  # [B, S]
-        # A slot past the cache's end is free (the engine grows the cache before a running sequence reaches it):
-        # its write lands on its own last row instead of being dropped, so every write is in bounds (`_write_rows`).
-        write_at = jnp.minimum(positions, cache_len - 1)
         xp, pass_kvs = None, []
         if pass_tokens is not None:
             t, p = pass_tokens.shape[1], _past_len(past)
@@ -327,7 +324,7 @@ class Llama(nnx.Module):
                 qd, kd, vd = q[0, :b, None], k[0, :b, None], v[0, :b, None]
             else:
                 qd, kd, vd = blk.qkv(x, positions[:, None], self.inv_freq[...])
-            kc, vc = _write_rows(kc, kd[:, 0], write_at, keys=True), _write_rows(vc, vd[:, 0], write_at)
+            kc, vc = _write_rows(kc, kd[:, 0], positions, keys=True), _write_rows(vc, vd[:, 0], positions)
             attn = blk.attend_one(qd[:, 0], kc, vc, mask)
             if joint:
                 kp, vp = k[:, b:].transpose(0, 2, 1, 3), v[:, b:].transpose(0, 2, 1, 3)
@@ -344,12 +341,14 @@ class Llama(nnx.Module):
 
 
 def _write_rows(cache: jax.Array, rows: jax.Array, at: jax.Array, keys: bool = False) -> jax.Array:
-    """A decode cache with each slot's new key or value [B, KV, hd] written at its position ``at`` [B] (in bounds):
-    v [B, KV, S, hd], or with ``keys`` k [B, KV, hd, S].
+    """A decode cache with each slot's new key or value [B, KV, hd] written at its position ``at`` [B]: v
+    [B, KV, S, hd], or with ``keys`` k [B, KV, hd, S].
 
     One scatter of B x KV rows into the cache viewed as [B * KV, ...], which XLA:CPU does in place when the step
     donates the cache. (Written per slot, one slot's write is a single row, which XLA turns into a
-    dynamic-update-slice and fuses into each reader of the cache, each on its own copy of it.)"""
+    dynamic-update-slice and fuses into each reader of the cache, each on its own copy of it.) A position past the
+    cache's end is clamped to its last row: only a free slot has one (the engine grows the cache before a running
+    sequence reaches its end), and a clamped write, unlike a dropped one, needs no read of the old row."""
     b, kv = cache.shape[:2]
     flat = cache.reshape(b * kv, *cache.shape[2:])
     index = (jnp.arange(b * kv), slice(None), jnp.repeat(at, kv)) if keys else (jnp.arange(b * kv), jnp.repeat(at, kv))
