@@ -126,6 +126,7 @@ class Scheduler:
         self._by_arrival = SortedList()  # entries (seq, req): waiting requests that never ran, oldest first
         self._resumes = SortedList()  # entries (wait start, seq, req): preempted requests waiting to resume
         self._work_model = WorkModel()
+        self._learners: dict[Request, None] = {}  # promoted to run to their end for the model, since its refresh
         self._finishes_since_refresh = 0
         self._unstarted_scores = SortedList()  # scores of the requests here that never had a slot
         self._started_waiting: dict[Request, float] = {}  # started, now waiting -> expected engine seconds to go
@@ -482,6 +483,7 @@ class Scheduler:
         self._finishes_since_refresh = 0
         model = self._work_model
         model.refresh(self._observe)
+        self._learners = {r: None for r in self._learners if r.state in (RequestState.RUNNING, RequestState.WAITING)}
         self._started_waiting = {r: model.remaining(r.score, r._work_s) for r in self._started_waiting}
         self._started_waiting_s = sum(self._started_waiting.values())
         self._running_rest_s = 0.0
@@ -557,6 +559,13 @@ class Scheduler:
         req._starved_at = now  # promoted requests are ordered by when they were promoted (oldest first)
         req._generated_at_promotion = req.generated
         self.num_promotions += 1
+        if self.starvation.learn_thin_classes and not req._learner:
+            model = self._work_model
+            k = model.score_class(req.score)
+            learning = sum(model.score_class(r.score) == k for r in self._learners)
+            if model.finished_in_class(k) + learning < model.min_events:
+                req._learner = True
+                self._learners[req] = None
         self._push_waiting(req, now)
 
     def _quantum_over(self, req: Request, now: float) -> bool:
@@ -567,7 +576,7 @@ class Scheduler:
             return
         to_end = self.starvation.run_to_end_after if self._fcfs_slack else 0
         for req in [r for r in self._running_promoted
-                    if self._quantum_over(r, now) and not (to_end and r.promotions >= to_end)]:
+                    if self._quantum_over(r, now) and not (to_end and r.promotions >= to_end) and not r._learner]:
             del self._running_promoted[req]
             req.promoted = False
             req._rank = self._rank(req)

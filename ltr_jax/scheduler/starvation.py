@@ -68,6 +68,10 @@ class StarvationConfig:
                                                      "order: a better-ranked waiting request may take its slot (it "
                                                      "resumes later)")
 
+    learn_thin_classes: bool = setting(True, doc="fcfs-slack: a promoted request whose score class has fewer than "
+                                                 "the cost model's min_events finished requests runs to its end, so "
+                                                 "the classes the ranking defers are learned from their own requests")
+
     def __post_init__(self) -> None:
         if self.rule not in STARVATION_RULES:
             raise ValueError(f"StarvationConfig.rule must be one of {', '.join(STARVATION_RULES)}, got "
@@ -128,6 +132,7 @@ class WorkModel:
         self._pools: list[deque[tuple[int, float, object]]] = [deque(maxlen=per_class)]  # (start seq, score, item)
         self._num_started = 0
         self._curves: list[_Survival] = []
+        self._finished: list[int] = [0]  # finished requests of each class in the sample at the last refresh
         self._tail = 0.0
 
     @property
@@ -168,6 +173,7 @@ class WorkModel:
             classes[k].append(obs)
         self._pools = [deque(p, maxlen=self._per_class) for p in pools]  # the last per_class of each class
         classes = [c[-self._per_class:] for c in classes]
+        self._finished = [sum(done for _, done in c) for c in classes]
         shares = [0] * num
         for score in arrived:
             shares[bisect.bisect_right(edges, score)] += 1
@@ -188,6 +194,17 @@ class WorkModel:
         second = sum(sh * c.second_moment for sh, c in zip(shares, self._curves)) / n
         # length-biased: a request caught at a random moment of its run has E[C^2] / (2 E[C]) still to go
         self._tail = second / (2 * mean) if mean > 0 else 0.0
+
+    def score_class(self, score: float) -> int:
+        return bisect.bisect_right(self._edges, score)
+
+    def finished_in_class(self, k: int) -> int:
+        """Finished requests of class ``k`` in the sample at the last refresh (0 before the first)."""
+        return self._finished[k] if self._ready else 0
+
+    @property
+    def min_events(self) -> int:
+        return self._min_events
 
     def _curve(self, score: float) -> _Survival:
         return self._curves[bisect.bisect_right(self._edges, score)]
