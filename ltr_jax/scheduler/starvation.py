@@ -96,7 +96,7 @@ class StarvationConfig:
                   "requeue_after_quantum": self.requeue_after_quantum}
         if self.rule == "fcfs-slack":
             return {**common, "slack_s": self.slack_s, "max_promoted_share": self.max_promoted_share,
-                    "run_to_end_after": self.run_to_end_after}
+                    "run_to_end_after": self.run_to_end_after, "learn_thin_classes": self.learn_thin_classes}
         return {**common, "threshold_s": self.threshold_s}
 
 
