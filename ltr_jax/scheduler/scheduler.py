@@ -21,7 +21,8 @@ largest delay since the oldest waiting request began to wait plus ``slack_s`` (`
 first token) exceeds ``threshold_s`` is promoted. Under either, a promoted request is ordered ahead of every ranked
 one, by when it was promoted; its quantum is ``quantum_s`` from then (fcfs-slack) or from the moment it became
 starved (threshold), and once that has passed and it has produced a token since promotion it is demoted (under
-fcfs-slack, unless it has been promoted ``run_to_end_after`` times: then it keeps its slot and priority until it
+fcfs-slack, unless it has been promoted ``run_to_end_after`` times, or was promoted from a score class the cost
+model has too few finished requests of (``learn_thin_classes``): then it keeps its slot and priority until it
 finishes). With ``requeue_after_quantum`` a demoted request that holds its slot through the promotion is back in
 rank order: a better-ranked waiting request may take that slot even past the cap (the paper's "promoted for a
 quantum"); when it is off, a promotion runs the request to its end. Threshold guarantee (tested in the simulator):

@@ -18,7 +18,12 @@ Two rules, chosen by ``rule``:
   promoted request is never displaced before its quantum ends; after it, with ``requeue_after_quantum``, it is back
   in rank order, and it is promoted again only once it has waited past the bound again, at least ``slack_s`` less
   ``quantum_s``; a request promoted ``run_to_end_after`` times keeps its slot until it finishes (the ranking would
-  starve it again), so no request is promoted more often than that. Promoted requests hold at most
+  starve it again), so no request is promoted more often than that. A promoted request whose score class has fewer
+  than the cost model's ``min_events`` finished requests (counting the ones already running to their end for this)
+  also keeps its slot until it finishes (``learn_thin_classes``): the ranking lets the classes it defers finish only
+  through promotions, so without these their costs are known only as lower bounds, the estimate runs low and the
+  rule promotes early and often; a request promoted by its age, not its length, is a fair sample of its class.
+  Promoted requests hold at most
   ``max_promoted_share`` of the slots while ranked requests wait (past that share the promise yields to the
   ranking).
 * ``threshold``: the paper's rule in wall-clock seconds: a request whose wait since its last token (since arrival
