@@ -194,6 +194,21 @@ def test_a_promoted_request_of_a_class_with_too_few_finished_requests_runs_to_it
     assert model.finished_in_class(model.score_class(-5.0)) == 4
 
 
+def test_no_more_requests_of_a_class_run_to_their_end_for_the_model_than_it_needs():
+    config = StarvationConfig(slack_s=0.5, max_promoted_share=1.0)
+    sched = Scheduler(make_policy("ltr", max_preemptions=0), 2, starvation=config)
+    busy = [Request(f"b{i}", 0.0, 4, 500, score=5.0) for i in range(2)]
+    starved = [Request(f"s{i}", 0.0, 4, 500, score=-5.0) for i in range(40)]
+    for r in busy + starved:
+        sched.add(r, 0.0)
+    sched.schedule(0.0)
+    starve(sched, busy, 0.0, 1.0)
+    assert all(r.promoted for r in starved)
+    learners = [r for r in starved if r._learner]
+    assert len(learners) == sched._work_model.min_events  # the rest get a quantum, as usual
+    assert learners == starved[:len(learners)]  # the first promoted, i.e. the oldest
+
+
 def test_with_no_eviction_allowed_and_no_requeue_a_promotion_waits_for_a_free_slot_and_runs_to_its_end():
     config = StarvationConfig(slack_s=1.0, max_promoted_share=1.0, preempt_past_cap=False,
                               requeue_after_quantum=False)
