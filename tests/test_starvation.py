@@ -209,6 +209,30 @@ def test_no_more_requests_of_a_class_run_to_their_end_for_the_model_than_it_need
     assert learners == starved[:len(learners)]  # the first promoted, i.e. the oldest
 
 
+
+def test_learning_runs_stop_at_their_share_of_the_engine_time():
+    """learn_share: a request runs to its end for the model only while those have taken at most this share of the
+    engine's time so far (on an engine of a few slots each one is a large share of it)."""
+    def learners(share):
+        sched = Scheduler(make_policy("ltr", max_preemptions=0), 2,
+                          starvation=StarvationConfig(slack_s=0.5, max_promoted_share=1.0, learn_share=share))
+        busy = [Request(f"b{i}", 0.0, 4, 500, score=5.0) for i in range(2)]
+        old = [Request(f"s{i}", 0.0, 4, 500, score=-5.0) for i in range(2)]
+        for r in busy + old:
+            sched.add(r, 0.0)
+        sched.schedule(0.0)
+        t = starve(sched, busy, 0.0, 0.8)  # the first one is promoted: a learner (none has run yet)
+        late = Request("late", t, 4, 500, score=-5.0)
+        sched.add(late, t)
+        t = starve(sched, [*busy, *old], t, t + 2.0)  # it runs; then the late one is promoted
+        assert late.promoted
+        return [r._learner for r in (*old, late)]
+
+    assert learners(1.0) == [True, True, True]
+    assert learners(0.25) == [True, True, False]  # the first two took half the engine's time by then
+    assert learners(0.0) == [False, False, False]
+
+
 def test_with_no_eviction_allowed_and_no_requeue_a_promotion_waits_for_a_free_slot_and_runs_to_its_end():
     config = StarvationConfig(slack_s=1.0, max_promoted_share=1.0, preempt_past_cap=False,
                               requeue_after_quantum=False)

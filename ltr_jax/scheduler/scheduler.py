@@ -128,6 +128,9 @@ class Scheduler:
         self._resumes = SortedList()  # entries (wait start, seq, req): preempted requests waiting to resume
         self._work_model = WorkModel()
         self._learners: dict[Request, None] = {}  # promoted to run to their end for the model, since its refresh
+        self._live_learners: dict[Request, None] = {}  # those not finished yet
+        self._learned_s = 0.0  # engine seconds of the learners that finished
+        self._engine_s = 0.0  # engine seconds attributed so far
         self._finishes_since_refresh = 0
         self._unstarted_scores = SortedList()  # scores of the requests here that never had a slot
         self._started_waiting: dict[Request, float] = {}  # started, now waiting -> expected engine seconds to go
@@ -334,6 +337,8 @@ class Scheduler:
         del self._by_id[req.request_id]
         req.state = RequestState.FINISHED
         req.finish_time = now
+        if req._learner and self._live_learners.pop(req, 0) is None:
+            self._learned_s += self._work_had(req)
         if self._fcfs_slack:
             self._finishes_since_refresh += 1
             if self._finishes_since_refresh >= _REFRESH_EVERY or not self._work_model.ready:
@@ -352,6 +357,8 @@ class Scheduler:
             self._release_slot(req)
         if self._fcfs_slack and not req._started:
             self._unstarted_scores.remove(req.score)
+        if req._learner and self._live_learners.pop(req, 0) is None:
+            self._learned_s += self._work_had(req)
         req.state = RequestState.CANCELLED
         req.finish_time = now
         return req
@@ -471,6 +478,7 @@ class Scheduler:
         or prefill), or a 1/num_slots share of it to each running request (a decode step)."""
         if self._event_time is not None and now > self._event_time:
             dt = now - self._event_time
+            self._engine_s += dt
             if exclusive:
                 req._work_s += dt
             else:
@@ -564,9 +572,12 @@ class Scheduler:
             model = self._work_model
             k = model.score_class(req.score)
             learning = sum(model.score_class(r.score) == k for r in self._learners)
-            if model.finished_in_class(k) + learning < model.min_events:
+            spent = self._learned_s + sum(self._work_had(r) for r in self._live_learners)
+            if (model.finished_in_class(k) + learning < model.min_events
+                    and 0 < self.starvation.learn_share and spent <= self.starvation.learn_share * self._engine_s):
                 req._learner = True
                 self._learners[req] = None
+                self._live_learners[req] = None
         self._push_waiting(req, now)
 
     def _quantum_over(self, req: Request, now: float) -> bool:

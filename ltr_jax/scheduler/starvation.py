@@ -23,6 +23,8 @@ Two rules, chosen by ``rule``:
   also keeps its slot until it finishes (``learn_thin_classes``): the ranking lets the classes it defers finish only
   through promotions, so without these their costs are known only as lower bounds, the estimate runs low and the
   rule promotes early and often; a request promoted by its age, not its length, is a fair sample of its class.
+  Such runs are out of rank order, so a new one starts only while they have taken at most ``learn_share`` of the
+  engine's time so far.
   Promoted requests hold at most
   ``max_promoted_share`` of the slots while ranked requests wait (past that share the promise yields to the
   ranking).
@@ -76,6 +78,11 @@ class StarvationConfig:
     learn_thin_classes: bool = setting(True, doc="fcfs-slack: a promoted request whose score class has fewer than "
                                                  "the cost model's min_events finished requests runs to its end, so "
                                                  "the classes the ranking defers are learned from their own requests")
+    # Each such request runs out of rank order: on an engine of a few slots (4 on the CPU runs) they took a large
+    # share of it and cost ltr's gain; in the paper-scale simulation they take under 6% of the engine's time.
+    learn_share: float = setting(0.0625, ge=0, le=1, doc="fcfs-slack: share of the engine's time so far that the "
+                                                         "requests run to their end by learn_thin_classes may have "
+                                                         "taken when another one starts")
 
     def __post_init__(self) -> None:
         if self.rule not in STARVATION_RULES:
@@ -87,6 +94,8 @@ class StarvationConfig:
                 raise ValueError(f"StarvationConfig.{pname} must be a finite number > 0 seconds, got {value!r}")
         if not (isinstance(self.run_to_end_after, int) and self.run_to_end_after >= 0):
             raise ValueError(f"StarvationConfig.run_to_end_after must be an int >= 0, got {self.run_to_end_after!r}")
+        if not (isinstance(self.learn_share, (int, float)) and 0 <= self.learn_share <= 1):
+            raise ValueError(f"StarvationConfig.learn_share must be in [0, 1], got {self.learn_share!r}")
         share = self.max_promoted_share
         if not (isinstance(share, (int, float)) and 0 < share <= 1):
             raise ValueError(f"StarvationConfig.max_promoted_share must be in (0, 1], got {share!r}")
@@ -101,7 +110,8 @@ class StarvationConfig:
                   "requeue_after_quantum": self.requeue_after_quantum}
         if self.rule == "fcfs-slack":
             return {**common, "slack_s": self.slack_s, "max_promoted_share": self.max_promoted_share,
-                    "run_to_end_after": self.run_to_end_after, "learn_thin_classes": self.learn_thin_classes}
+                    "run_to_end_after": self.run_to_end_after, "learn_thin_classes": self.learn_thin_classes,
+                    "learn_share": self.learn_share}
         return {**common, "threshold_s": self.threshold_s}
 
 
