@@ -572,7 +572,9 @@ class Scheduler:
             model = self._work_model
             k = model.score_class(req.score)
             learning = sum(model.score_class(r.score) == k for r in self._learners)
-            spent = self._learned_s + sum(self._work_had(r) for r in self._live_learners)
+            # engine seconds the learning runs have taken or are expected to take, this one included
+            spent = self._learned_s + sum(max(self._work_had(r), model.estimate(r.score))
+                                          for r in (*self._live_learners, req))
             if (model.finished_in_class(k) + learning < model.min_events
                     and 0 < self.starvation.learn_share and spent <= self.starvation.learn_share * self._engine_s):
                 req._learner = True

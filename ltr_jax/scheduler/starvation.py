@@ -23,8 +23,8 @@ Two rules, chosen by ``rule``:
   also keeps its slot until it finishes (``learn_thin_classes``): the ranking lets the classes it defers finish only
   through promotions, so without these their costs are known only as lower bounds, the estimate runs low and the
   rule promotes early and often; a request promoted by its age, not its length, is a fair sample of its class.
-  Such runs are out of rank order, so a new one starts only while they have taken at most ``learn_share`` of the
-  engine's time so far.
+  Such runs are out of rank order, so a new one starts only while they, counted at what they have had or are
+  expected to cost (this one included), come to at most ``learn_share`` of the engine's time so far.
   Promoted requests hold at most
   ``max_promoted_share`` of the slots while ranked requests wait (past that share the promise yields to the
   ranking).
