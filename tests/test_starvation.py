@@ -112,7 +112,8 @@ def starve(sched, runners, t, until):
 
 def test_promoted_requests_displace_the_worst_ranked_and_keep_the_slot_for_their_quantum():
     sched = Scheduler(make_policy("ltr", max_preemptions=0), 2,
-                      starvation=StarvationConfig(slack_s=1.5, quantum_s=0.5, max_promoted_share=1.0))
+                      starvation=StarvationConfig(slack_s=1.5, quantum_s=0.5, max_promoted_share=1.0,
+                                                  learn_thin_classes=False))
     old = Request("old", 0.0, 4, 50, score=-5.0)
     sched.add(old, 0.0)
     runners = [Request(f"run{i}", 0.0, 4, 50, score=5.0 + i) for i in range(2)]
@@ -136,7 +137,8 @@ def test_promoted_requests_displace_the_worst_ranked_and_keep_the_slot_for_their
 
 @pytest.mark.parametrize("run_to_end_after", [2, 0])
 def test_a_request_promoted_twice_keeps_its_slot_until_it_finishes(run_to_end_after):
-    config = StarvationConfig(slack_s=1.5, quantum_s=0.5, max_promoted_share=1.0, run_to_end_after=run_to_end_after)
+    config = StarvationConfig(slack_s=1.5, quantum_s=0.5, max_promoted_share=1.0, run_to_end_after=run_to_end_after,
+                              learn_thin_classes=False)
     sched = Scheduler(make_policy("ltr", max_preemptions=0), 2, starvation=config)
     old = Request("old", 0.0, 4, 500, score=-5.0)
     runners = [Request(f"run{i}", 0.0, 4, 500, score=5.0 + i) for i in range(2)]
@@ -160,6 +162,75 @@ def test_a_request_promoted_twice_keeps_its_slot_until_it_finishes(run_to_end_af
         assert newcomer in sched.schedule(t).admit  # its slot goes back to the ranking
     else:
         assert old.promotions > 2 and old.preemptions > 2  # promoted and displaced, again and again
+
+
+def test_a_promoted_request_of_a_class_with_too_few_finished_requests_runs_to_its_end():
+    """learn_thin_classes: the cost model knows nothing of the class the ranking defers, so a promoted request of
+    it keeps its slot past its quantum (the model learns that class from a request that started by age, not by
+    length); only min_events of a class at a time, and none once the class has enough finished requests."""
+    config = StarvationConfig(slack_s=1.5, quantum_s=0.5, max_promoted_share=1.0)
+    sched = Scheduler(make_policy("ltr", max_preemptions=0), 2, starvation=config)
+    old = Request("old", 0.0, 4, 500, score=-5.0)
+    runners = [Request(f"run{i}", 0.0, 4, 500, score=5.0 + i) for i in range(2)]
+    everyone = [old, *runners]
+    for r in everyone:
+        sched.add(r, 0.0)
+    sched.schedule(0.0)
+    t = starve(sched, everyone, 0.0, 1.2)
+    assert old.promotions == 1 and old in sched.running and old._learner
+    newcomer = Request("new", t, 4, 500, score=100.0)
+    sched.add(newcomer, t)
+    everyone.append(newcomer)
+    t = starve(sched, everyone, t, t + 3.0)  # long past its quantum, a better-ranked request waiting
+    assert old in sched.running and old.promoted and old.promotions == 1
+    sched.finish(old, t)
+    assert newcomer in sched.schedule(t).admit
+
+    model = WorkModel(min_events=2)  # a class with enough finished requests: promotions are quanta again
+    for i in range(4):
+        model.arrived(-5.0)
+        model.started(i, -5.0)
+    model.refresh(lambda i: (1.0 + i, True))
+    assert model.finished_in_class(model.score_class(-5.0)) == 4
+
+
+def test_no_more_requests_of_a_class_run_to_their_end_for_the_model_than_it_needs():
+    config = StarvationConfig(slack_s=0.5, max_promoted_share=1.0)
+    sched = Scheduler(make_policy("ltr", max_preemptions=0), 2, starvation=config)
+    busy = [Request(f"b{i}", 0.0, 4, 500, score=5.0) for i in range(2)]
+    starved = [Request(f"s{i}", 0.0, 4, 500, score=-5.0) for i in range(40)]
+    for r in busy + starved:
+        sched.add(r, 0.0)
+    sched.schedule(0.0)
+    starve(sched, busy, 0.0, 1.0)
+    assert all(r.promoted for r in starved)
+    learners = [r for r in starved if r._learner]
+    assert len(learners) == sched._work_model.min_events  # the rest get a quantum, as usual
+    assert learners == starved[:len(learners)]  # the first promoted, i.e. the oldest
+
+
+
+def test_learning_runs_stop_at_their_share_of_the_engine_time():
+    """learn_share: a request runs to its end for the model only while those have taken at most this share of the
+    engine's time so far (on an engine of a few slots each one is a large share of it)."""
+    def learners(share):
+        sched = Scheduler(make_policy("ltr", max_preemptions=0), 2,
+                          starvation=StarvationConfig(slack_s=0.5, max_promoted_share=1.0, learn_share=share))
+        busy = [Request(f"b{i}", 0.0, 4, 500, score=5.0) for i in range(2)]
+        old = [Request(f"s{i}", 0.0, 4, 500, score=-5.0) for i in range(2)]
+        for r in busy + old:
+            sched.add(r, 0.0)
+        sched.schedule(0.0)
+        t = starve(sched, busy, 0.0, 0.8)  # the first one is promoted: a learner (none has run yet)
+        late = Request("late", t, 4, 500, score=-5.0)
+        sched.add(late, t)
+        t = starve(sched, [*busy, *old], t, t + 2.0)  # it runs; then the late one is promoted
+        assert late.promoted
+        return [r._learner for r in (*old, late)]
+
+    assert learners(1.0) == [True, True, True]
+    assert learners(0.25) == [True, True, False]  # the first two took half the engine's time by then
+    assert learners(0.0) == [False, False, False]
 
 
 def test_with_no_eviction_allowed_and_no_requeue_a_promotion_waits_for_a_free_slot_and_runs_to_its_end():

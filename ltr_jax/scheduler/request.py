@@ -68,6 +68,7 @@ class Request:
     _prefill_pending: bool = field(default=False, repr=False)  # admitted, its first token not yet produced
     _work_s: float = field(default=0.0, repr=False)  # engine seconds it has cost (fcfs-slack starvation control)
     _started: bool = field(default=False, repr=False)  # it has had a slot
+    _learner: bool = field(default=False, repr=False)  # promoted to run to its end for the cost model (fcfs-slack)
     _rest_anchor: float = field(default=0.0, repr=False)  # running: expected rest + the share clock when estimated
 
     def __post_init__(self) -> None:

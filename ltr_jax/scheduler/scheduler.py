@@ -21,7 +21,8 @@ largest delay since the oldest waiting request began to wait plus ``slack_s`` (`
 first token) exceeds ``threshold_s`` is promoted. Under either, a promoted request is ordered ahead of every ranked
 one, by when it was promoted; its quantum is ``quantum_s`` from then (fcfs-slack) or from the moment it became
 starved (threshold), and once that has passed and it has produced a token since promotion it is demoted (under
-fcfs-slack, unless it has been promoted ``run_to_end_after`` times: then it keeps its slot and priority until it
+fcfs-slack, unless it has been promoted ``run_to_end_after`` times, or was promoted from a score class the cost
+model has too few finished requests of (``learn_thin_classes``): then it keeps its slot and priority until it
 finishes). With ``requeue_after_quantum`` a demoted request that holds its slot through the promotion is back in
 rank order: a better-ranked waiting request may take that slot even past the cap (the paper's "promoted for a
 quantum"); when it is off, a promotion runs the request to its end. Threshold guarantee (tested in the simulator):
@@ -126,6 +127,10 @@ class Scheduler:
         self._by_arrival = SortedList()  # entries (seq, req): waiting requests that never ran, oldest first
         self._resumes = SortedList()  # entries (wait start, seq, req): preempted requests waiting to resume
         self._work_model = WorkModel()
+        self._learners: dict[Request, None] = {}  # promoted to run to their end for the model, since its refresh
+        self._live_learners: dict[Request, None] = {}  # those not finished yet
+        self._learned_s = 0.0  # engine seconds of the learners that finished
+        self._engine_s = 0.0  # engine seconds attributed so far
         self._finishes_since_refresh = 0
         self._unstarted_scores = SortedList()  # scores of the requests here that never had a slot
         self._started_waiting: dict[Request, float] = {}  # started, now waiting -> expected engine seconds to go
@@ -332,6 +337,8 @@ class Scheduler:
         del self._by_id[req.request_id]
         req.state = RequestState.FINISHED
         req.finish_time = now
+        if req._learner and self._live_learners.pop(req, 0) is None:
+            self._learned_s += self._work_had(req)
         if self._fcfs_slack:
             self._finishes_since_refresh += 1
             if self._finishes_since_refresh >= _REFRESH_EVERY or not self._work_model.ready:
@@ -350,6 +357,8 @@ class Scheduler:
             self._release_slot(req)
         if self._fcfs_slack and not req._started:
             self._unstarted_scores.remove(req.score)
+        if req._learner and self._live_learners.pop(req, 0) is None:
+            self._learned_s += self._work_had(req)
         req.state = RequestState.CANCELLED
         req.finish_time = now
         return req
@@ -469,6 +478,7 @@ class Scheduler:
         or prefill), or a 1/num_slots share of it to each running request (a decode step)."""
         if self._event_time is not None and now > self._event_time:
             dt = now - self._event_time
+            self._engine_s += dt
             if exclusive:
                 req._work_s += dt
             else:
@@ -482,6 +492,7 @@ class Scheduler:
         self._finishes_since_refresh = 0
         model = self._work_model
         model.refresh(self._observe)
+        self._learners = {r: None for r in self._learners if r.state in (RequestState.RUNNING, RequestState.WAITING)}
         self._started_waiting = {r: model.remaining(r.score, r._work_s) for r in self._started_waiting}
         self._started_waiting_s = sum(self._started_waiting.values())
         self._running_rest_s = 0.0
@@ -557,6 +568,18 @@ class Scheduler:
         req._starved_at = now  # promoted requests are ordered by when they were promoted (oldest first)
         req._generated_at_promotion = req.generated
         self.num_promotions += 1
+        if self.starvation.learn_thin_classes and not req._learner:
+            model = self._work_model
+            k = model.score_class(req.score)
+            learning = sum(model.score_class(r.score) == k for r in self._learners)
+            # engine seconds the learning runs have taken or are expected to take, this one included
+            spent = self._learned_s + sum(max(self._work_had(r), model.estimate(r.score))
+                                          for r in (*self._live_learners, req))
+            if (model.finished_in_class(k) + learning < model.min_events
+                    and 0 < self.starvation.learn_share and spent <= self.starvation.learn_share * self._engine_s):
+                req._learner = True
+                self._learners[req] = None
+                self._live_learners[req] = None
         self._push_waiting(req, now)
 
     def _quantum_over(self, req: Request, now: float) -> bool:
@@ -567,7 +590,7 @@ class Scheduler:
             return
         to_end = self.starvation.run_to_end_after if self._fcfs_slack else 0
         for req in [r for r in self._running_promoted
-                    if self._quantum_over(r, now) and not (to_end and r.promotions >= to_end)]:
+                    if self._quantum_over(r, now) and not (to_end and r.promotions >= to_end) and not r._learner]:
             del self._running_promoted[req]
             req.promoted = False
             req._rank = self._rank(req)

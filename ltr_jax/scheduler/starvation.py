@@ -18,7 +18,14 @@ Two rules, chosen by ``rule``:
   promoted request is never displaced before its quantum ends; after it, with ``requeue_after_quantum``, it is back
   in rank order, and it is promoted again only once it has waited past the bound again, at least ``slack_s`` less
   ``quantum_s``; a request promoted ``run_to_end_after`` times keeps its slot until it finishes (the ranking would
-  starve it again), so no request is promoted more often than that. Promoted requests hold at most
+  starve it again), so no request is promoted more often than that. A promoted request whose score class has fewer
+  than the cost model's ``min_events`` finished requests (counting the ones already running to their end for this)
+  also keeps its slot until it finishes (``learn_thin_classes``): the ranking lets the classes it defers finish only
+  through promotions, so without these their costs are known only as lower bounds, the estimate runs low and the
+  rule promotes early and often; a request promoted by its age, not its length, is a fair sample of its class.
+  Such runs are out of rank order, so a new one starts only while they, counted at what they have had or are
+  expected to cost (this one included), come to at most ``learn_share`` of the engine's time so far.
+  Promoted requests hold at most
   ``max_promoted_share`` of the slots while ranked requests wait (past that share the promise yields to the
   ranking).
 * ``threshold``: the paper's rule in wall-clock seconds: a request whose wait since its last token (since arrival
@@ -68,6 +75,15 @@ class StarvationConfig:
                                                      "order: a better-ranked waiting request may take its slot (it "
                                                      "resumes later)")
 
+    learn_thin_classes: bool = setting(True, doc="fcfs-slack: a promoted request whose score class has fewer than "
+                                                 "the cost model's min_events finished requests runs to its end, so "
+                                                 "the classes the ranking defers are learned from their own requests")
+    # Each such request runs out of rank order: on an engine of a few slots (4 on the CPU runs) they took a large
+    # share of it and cost ltr's gain; in the paper-scale simulation they take under 6% of the engine's time.
+    learn_share: float = setting(0.0625, ge=0, le=1, doc="fcfs-slack: share of the engine's time so far that the "
+                                                         "requests run to their end by learn_thin_classes may have "
+                                                         "taken when another one starts")
+
     def __post_init__(self) -> None:
         if self.rule not in STARVATION_RULES:
             raise ValueError(f"StarvationConfig.rule must be one of {', '.join(STARVATION_RULES)}, got "
@@ -78,6 +94,8 @@ class StarvationConfig:
                 raise ValueError(f"StarvationConfig.{pname} must be a finite number > 0 seconds, got {value!r}")
         if not (isinstance(self.run_to_end_after, int) and self.run_to_end_after >= 0):
             raise ValueError(f"StarvationConfig.run_to_end_after must be an int >= 0, got {self.run_to_end_after!r}")
+        if not (isinstance(self.learn_share, (int, float)) and 0 <= self.learn_share <= 1):
+            raise ValueError(f"StarvationConfig.learn_share must be in [0, 1], got {self.learn_share!r}")
         share = self.max_promoted_share
         if not (isinstance(share, (int, float)) and 0 < share <= 1):
             raise ValueError(f"StarvationConfig.max_promoted_share must be in (0, 1], got {share!r}")
@@ -92,7 +110,8 @@ class StarvationConfig:
                   "requeue_after_quantum": self.requeue_after_quantum}
         if self.rule == "fcfs-slack":
             return {**common, "slack_s": self.slack_s, "max_promoted_share": self.max_promoted_share,
-                    "run_to_end_after": self.run_to_end_after}
+                    "run_to_end_after": self.run_to_end_after, "learn_thin_classes": self.learn_thin_classes,
+                    "learn_share": self.learn_share}
         return {**common, "threshold_s": self.threshold_s}
 
 
@@ -128,6 +147,7 @@ class WorkModel:
         self._pools: list[deque[tuple[int, float, object]]] = [deque(maxlen=per_class)]  # (start seq, score, item)
         self._num_started = 0
         self._curves: list[_Survival] = []
+        self._finished: list[int] = [0]  # finished requests of each class in the sample at the last refresh
         self._tail = 0.0
 
     @property
@@ -168,6 +188,7 @@ class WorkModel:
             classes[k].append(obs)
         self._pools = [deque(p, maxlen=self._per_class) for p in pools]  # the last per_class of each class
         classes = [c[-self._per_class:] for c in classes]
+        self._finished = [sum(done for _, done in c) for c in classes]
         shares = [0] * num
         for score in arrived:
             shares[bisect.bisect_right(edges, score)] += 1
@@ -188,6 +209,17 @@ class WorkModel:
         second = sum(sh * c.second_moment for sh, c in zip(shares, self._curves)) / n
         # length-biased: a request caught at a random moment of its run has E[C^2] / (2 E[C]) still to go
         self._tail = second / (2 * mean) if mean > 0 else 0.0
+
+    def score_class(self, score: float) -> int:
+        return bisect.bisect_right(self._edges, score)
+
+    def finished_in_class(self, k: int) -> int:
+        """Finished requests of class ``k`` in the sample at the last refresh (0 before the first)."""
+        return self._finished[k] if self._ready else 0
+
+    @property
+    def min_events(self) -> int:
+        return self._min_events
 
     def _curve(self, score: float) -> _Survival:
         return self._curves[bisect.bisect_right(self._edges, score)]
