@@ -48,6 +48,11 @@ KNOWN_BANDWIDTH_GBPS = (
 )
 
 
+def _significant(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant digits (a tiny model's GB/s keeps its digits too)."""
+    return float(f"{x:.{digits}g}")
+
+
 def _median_time(fn, steps: int) -> float:
     times = []
     for _ in range(steps):
@@ -215,9 +220,9 @@ def bench_point(model: Llama, tokenizer, batch: int, context: int, args, bandwid
         "step_over_roofline": round(step_s / roofline_s, 2), "weight_bytes": weights, "kv_bytes_read": kv,
         # what one token costs in weight reads, the rate the step read its weights and K/V at, and the tokens/s
         # that reading them at the measured bandwidth would allow
-        "weight_bytes_per_token": weights // batch, "achieved_gbps": round((weights + kv) / step_s / 1e9, 2),
-        "bandwidth_floor_tokens_per_s": round(floor_tokens_per_s, 1),
-        "share_of_floor": round(batch / step_s / floor_tokens_per_s, 3),
+        "weight_bytes_per_token": weights // batch, "achieved_gbps": _significant((weights + kv) / step_s / 1e9),
+        "bandwidth_floor_tokens_per_s": _significant(floor_tokens_per_s),
+        "share_of_floor": _significant(batch / step_s / floor_tokens_per_s),
         "compile_s": round(compile_s, 2), **prefill,
     }
     if args.host_steps and context == args.host_context:  # host work does not depend on the context: measured
