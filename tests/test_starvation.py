@@ -135,17 +135,23 @@ def test_promoted_requests_displace_the_worst_ranked_and_keep_the_slot_for_their
     assert old.promotions == 1
 
 
+def _one_old_request_behind_two_runners(config: StarvationConfig):
+    """Two slots held by two better-ranked requests and one old, worst-ranked request waiting behind them:
+    (scheduler, the old request, all three)."""
+    sched = Scheduler(make_policy("ltr", max_preemptions=0), 2, starvation=config)
+    old = Request("old", 0.0, 4, 500, score=-5.0)
+    everyone = [old, *(Request(f"run{i}", 0.0, 4, 500, score=5.0 + i) for i in range(2))]
+    for r in everyone:
+        sched.add(r, 0.0)
+    sched.schedule(0.0)
+    return sched, old, everyone
+
+
 @pytest.mark.parametrize("run_to_end_after", [2, 0])
 def test_a_request_promoted_twice_keeps_its_slot_until_it_finishes(run_to_end_after):
     config = StarvationConfig(slack_s=1.5, quantum_s=0.5, max_promoted_share=1.0, run_to_end_after=run_to_end_after,
                               learn_thin_classes=False)
-    sched = Scheduler(make_policy("ltr", max_preemptions=0), 2, starvation=config)
-    old = Request("old", 0.0, 4, 500, score=-5.0)
-    runners = [Request(f"run{i}", 0.0, 4, 500, score=5.0 + i) for i in range(2)]
-    everyone = [old, *runners]
-    for r in everyone:
-        sched.add(r, 0.0)
-    sched.schedule(0.0)
+    sched, old, everyone = _one_old_request_behind_two_runners(config)
     t = starve(sched, everyone, 0.0, 1.2)
     assert old.promotions == 1 and old in sched.running
     t = starve(sched, everyone, t, t + 1.0)  # quantum over: back in rank order, the runner it displaced returns
@@ -169,13 +175,7 @@ def test_a_promoted_request_of_a_class_with_too_few_finished_requests_runs_to_it
     it keeps its slot past its quantum (the model learns that class from a request that started by age, not by
     length); only min_events of a class at a time, and none once the class has enough finished requests."""
     config = StarvationConfig(slack_s=1.5, quantum_s=0.5, max_promoted_share=1.0)
-    sched = Scheduler(make_policy("ltr", max_preemptions=0), 2, starvation=config)
-    old = Request("old", 0.0, 4, 500, score=-5.0)
-    runners = [Request(f"run{i}", 0.0, 4, 500, score=5.0 + i) for i in range(2)]
-    everyone = [old, *runners]
-    for r in everyone:
-        sched.add(r, 0.0)
-    sched.schedule(0.0)
+    sched, old, everyone = _one_old_request_behind_two_runners(config)
     t = starve(sched, everyone, 0.0, 1.2)
     assert old.promotions == 1 and old in sched.running and old._learner
     newcomer = Request("new", t, 4, 500, score=100.0)
