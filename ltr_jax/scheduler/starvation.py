@@ -78,8 +78,8 @@ class StarvationConfig:
     learn_thin_classes: bool = setting(True, doc="fcfs-slack: a promoted request whose score class has fewer than "
                                                  "the cost model's min_events finished requests runs to its end, so "
                                                  "the classes the ranking defers are learned from their own requests")
-    # Each such request runs out of rank order: on an engine of a few slots (4 on the CPU runs) they took a large
-    # share of it and cost ltr's gain; in the paper-scale simulation they take under 6% of the engine's time.
+    # Each such request runs out of rank order: on an engine of a few slots, unbounded, they take a large share of
+    # it and cost ltr's gain (benchmarks/RESULTS.md, third version); at paper scale the bound is never reached.
     learn_share: float = setting(0.0625, ge=0, le=1, doc="fcfs-slack: share of the engine's time so far that the "
                                                          "requests run to their end by learn_thin_classes may have "
                                                          "taken when another one starts")
