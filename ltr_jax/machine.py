@@ -13,17 +13,22 @@ from typing import Any
 import jax
 
 
-def cpu_model() -> str | None:
-    """The CPU's model name from /proc/cpuinfo (Linux), e.g. 'AMD EPYC'; None where it is not readable."""
+def _cpuinfo(field: str) -> str | None:
+    """The first non-empty value of ``field`` in /proc/cpuinfo (Linux); None where it is not readable."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
+                if key.strip() == field and value.strip():
                     return value.strip()
     except OSError:
         pass
     return None
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name, e.g. 'AMD EPYC'; None where it is not readable."""
+    return _cpuinfo("model name")
 
 
 # CPU features with bfloat16 matrix instructions (Intel AMX, AVX-512 BF16): with them XLA:CPU's bfloat16 matmuls of
@@ -32,16 +37,8 @@ BF16_MATMUL_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (Linux), e.g. 'avx2', 'amx_bf16'; empty where not readable."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "flags":
-                    return frozenset(value.split())
-    except OSError:
-        pass
-    return frozenset()
+    """The CPU's feature flags, e.g. 'avx2', 'amx_bf16'; empty where not readable."""
+    return frozenset((_cpuinfo("flags") or "").split())
 
 
 def memory_maps() -> tuple[int, int] | None:

@@ -435,10 +435,9 @@ def load_serving_model(source: str | None, dtype: str = "auto", weight_dtype: st
     engine of ``num_slots`` slots."""
     if source and source.startswith("preset:"):
         raise SystemExit("preset models have no tokenizer; use the `simulate` command or a real checkpoint")
-    from ltr_jax.models.loading import load_model, resolve_dtype, resolve_weight_dtype
+    from ltr_jax.models.loading import load_model, resolve_weight_dtype
 
-    return load_model(source, dtype=dtype,
-                      weight_dtype=resolve_weight_dtype(weight_dtype, resolve_dtype(dtype), num_slots))
+    return load_model(source, dtype=dtype, weight_dtype=resolve_weight_dtype(weight_dtype, dtype, num_slots))
 
 
 def share_engine_weights(loaded, engine: Engine):

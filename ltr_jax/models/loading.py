@@ -54,10 +54,12 @@ BF16_WEIGHTS_MIN_SLOTS = 4
 
 
 def resolve_weight_dtype(weight_dtype: str, dtype: str, num_slots: int) -> str:
-    """``model.weight_dtype`` for an engine of ``num_slots`` decode slots and activations of ``dtype`` (resolved):
+    """``model.weight_dtype`` for an engine of ``num_slots`` decode slots and activations of ``dtype`` ("auto":
+    `resolve_dtype`):
     "auto" is bfloat16 on a CPU with bfloat16 matrix instructions (`machine.BF16_MATMUL_FLAGS`) when float32
     activations meet at least `BF16_WEIGHTS_MIN_SLOTS` rows per matmul, else "" (the activations' dtype): a
     decode step of a few rows is bound by reading the weights, which XLA:CPU does fastest in float32."""
+    dtype = resolve_dtype(dtype)
     if weight_dtype != "auto":
         return "" if weight_dtype == dtype else weight_dtype
     import jax

@@ -64,10 +64,10 @@ class Runtime:
 def load_serving_model(section: ModelSection, num_slots: int):
     """A `LoadedModel` for ``model.source``, its weights' dtype chosen for an engine of ``num_slots`` slots."""
     from ltr_jax.models.default_model import DefaultModelError
-    from ltr_jax.models.loading import CheckpointError, GGUFError, load_model, resolve_dtype, resolve_weight_dtype
+    from ltr_jax.models.loading import CheckpointError, GGUFError, load_model, resolve_weight_dtype
 
     try:
-        weight_dtype = resolve_weight_dtype(section.weight_dtype, resolve_dtype(section.dtype), num_slots)
+        weight_dtype = resolve_weight_dtype(section.weight_dtype, section.dtype, num_slots)
         return load_model(section.source, dtype=section.dtype, seed=section.seed, weight_dtype=weight_dtype)
     except (FileNotFoundError, GGUFError, CheckpointError, DefaultModelError, ValueError) as err:
         shown = "null (embedded default)" if section.source is None else repr(section.source)
