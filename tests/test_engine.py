@@ -422,3 +422,24 @@ def test_idle_tasks_run_on_the_loop_only_while_no_request_is_in(tiny):
         orch.stop(drain=False, timeout_s=30)
     assert log == ["task 1 on ltr-jax-orchestrator", "request finished",
                    "task 2 (request finished before: True, running: 0)"]
+
+
+def test_loading_a_model_and_building_an_engine_compile_nothing():
+    """Converting host weights to the weights' dtype and making the empty decode state happen on the host: an
+    eager jnp op there would compile an executable per shape, and on a CPU each compiled executable stays resident
+    (a few MB) for the life of the process. Shapes of its own, so no earlier test has compiled them already."""
+    loaded = tiny_model(seed=3, dim=40, n_heads=5, n_kv_heads=1, ffn_dim=72, vocab_size=97)
+    lowerings = []
+
+    def count(event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            lowerings.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        for weight_dtype in ("", "bfloat16"):
+            model = Llama.from_params(loaded.config.replace(weight_dtype=weight_dtype), loaded.params)
+            Engine(model, EngineConfig(num_slots=3, max_seq_len=128))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert lowerings == []

@@ -138,21 +138,21 @@ def test_scorer_refuses_a_backbone_of_another_width(model):
         RankerScorer(spec, RankerHead.for_spec(spec), model.config, model.params)
 
 
-def test_length_buckets_step_by_at_most_half_and_cap():
-    assert length_ladder(512) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
-    assert [length_bucket(n, 512) for n in (1, 16, 17, 25, 84, 100, 300, 600)] == [16, 16, 24, 32, 96, 128, 384, 512]
-    assert length_ladder(512, min_bucket=20)[:3] == [24, 32, 48]
-    assert length_ladder(8, min_bucket=1) == [1, 2, 3, 4, 6, 8]
-    assert length_bucket(90, 100) == 96 and length_bucket(97, 100) == 100
-    assert length_ladder(100) == [16, 24, 32, 48, 64, 96, 100]
-    for n in range(1, 513):  # every prompt fits its bucket, and padding stays under a third of the bucket
+def test_length_buckets_double_and_cap():
+    assert length_ladder(512) == [16, 32, 64, 128, 256, 512]
+    assert [length_bucket(n, 512) for n in (1, 16, 17, 25, 84, 100, 300, 600)] == [16, 16, 32, 32, 128, 128, 512, 512]
+    assert length_ladder(512, min_bucket=20)[:3] == [20, 32, 64]  # the smallest bucket is min_bucket itself
+    assert length_ladder(8, min_bucket=1) == [1, 2, 4, 8]
+    assert length_bucket(60, 100) == 64 and length_bucket(65, 100) == 100
+    assert length_ladder(100) == [16, 32, 64, 100]
+    for n in range(1, 513):  # every prompt fits its bucket, and padding stays under half the bucket
         b = length_bucket(n, 512)
-        assert n <= b and (b <= 16 or b - n < b / 3)
+        assert n <= b and (b <= 16 or b - n < b / 2)
 
 
 def test_warmup_covers_every_bucket(model):
     spec = make_spec(model, max_prompt_len=48)
     scorer = RankerScorer(spec, RankerHead.for_spec(spec), model.config, model.params)
-    assert scorer.bucket_lengths() == [16, 24, 32, 48]
-    assert scorer.warmup(batch_sizes=(1,)) == 4
+    assert scorer.bucket_lengths() == [16, 32, 48]
+    assert scorer.warmup(batch_sizes=(1,)) == 3
     assert scorer.score([[1, 2, 3]]).shape == (1,)

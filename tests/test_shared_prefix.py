@@ -72,7 +72,7 @@ def test_engine_prefill_after_the_shared_prefix_serves_the_same_tokens(served):
     assert cached.stats.shared_prefix_hits == 3 * 2
     assert cached.stats.prefill_tokens == plain.stats.prefill_tokens
     kv = cached.prefill(batch[1], SlotSampling()).kv
-    assert kv[0][0].shape[2] == len(HEADER) + 24  # the shared rows, then the rest's own bucket (19 tokens)
+    assert kv[0][0].shape[2] == len(HEADER) + 32  # the shared rows, then the rest's own bucket (19 tokens)
     cached.warmup(prefill_buckets=[64], cache_lens=[64])  # a 64-bucket prompt may need any bucket after the header
     compiled = cached.compiled_variants()
     for rest in (16, 24, 32, 48, 64):  # a prompt of the header plus each bucket's worth of tokens compiles nothing
@@ -109,7 +109,7 @@ def test_ranker_scores_and_passes_after_the_shared_prefix_match_the_whole_prompt
             assert rk.shape == fk.shape
             np.testing.assert_allclose(np.asarray(rk)[:, :, : len(prompt)], np.asarray(fk)[:, :, : len(prompt)],
                                        atol=2e-5)
-    assert cached.pass_lengths(batch) == [16, 24, 32, 48]  # after the header: 1, 6 -> 16; 20 -> 24; 40 -> 48
+    assert cached.pass_lengths(batch) == [16, 32, 64]  # after the header 1, 6 -> 16; 20 -> 32; 40 -> 64; whole: 13, 30
     with pytest.raises(ValueError, match="no room under the ranker's max_prompt_len"):
         make_scorer(loaded, max_prompt_len=8).set_shared_prefix(HEADER)
 

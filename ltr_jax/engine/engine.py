@@ -311,17 +311,19 @@ class Engine:
         v_shape = (e.num_slots, c.n_kv_heads, self.cache_len, c.head_dim)
         k_shape = (e.num_slots, c.n_kv_heads, c.head_dim, self.cache_len)
         dt = jnp.dtype(c.dtype)
+        n = e.num_slots
         if self.mesh is not None:
             sharding = cache_sharding(self.mesh)
             zeros = {shape: jax.jit(lambda shape=shape: jnp.zeros(shape, dt), out_shardings=sharding)
                      for shape in (k_shape, v_shape)}
             cache = [(zeros[k_shape](), zeros[v_shape]()) for _ in range(c.n_layers)]
-        else:
-            cache = [(jnp.zeros(k_shape, dt), jnp.zeros(v_shape, dt)) for _ in range(c.n_layers)]
-        n = e.num_slots
-        state = DecodeState(cache, jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.float32),
-                            jnp.zeros(n, jnp.int32), jnp.ones(n, jnp.float32), jnp.zeros(n, jnp.uint32))
-        return state if self.mesh is not None else jax.device_put(state, self.device)
+            return DecodeState(cache, jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.int32), jnp.zeros(n, jnp.float32),
+                               jnp.zeros(n, jnp.int32), jnp.ones(n, jnp.float32), jnp.zeros(n, jnp.uint32))
+        # One device: zeros made on the host and copied over (an eager jnp.zeros compiles, and keeps, an executable)
+        cache = [(np.zeros(k_shape, dt), np.zeros(v_shape, dt)) for _ in range(c.n_layers)]
+        return jax.device_put(DecodeState(cache, np.zeros(n, np.int32), np.zeros(n, np.int32),
+                                          np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32),
+                                          np.zeros(n, np.uint32)), self.device)
 
     def _commit(self, x: jax.Array) -> jax.Array:
         """``x`` committed to the engine's device, or on a mesh to all its devices (replicated, unless the engine
@@ -566,8 +568,9 @@ class Engine:
             for t in lengths:
                 if start + t >= self.config.max_seq_len:
                     continue
-                state = BackboneState(jnp.zeros((t, c.dim), dt),
-                                      jnp.zeros((n_layers, 2, c.n_kv_heads, t, c.head_dim), dt), t, start)
+                state = BackboneState(*jax.device_put((np.zeros((t, c.dim), dt),
+                                                       np.zeros((n_layers, 2, c.n_kv_heads, t, c.head_dim), dt)),
+                                                      self.device), t, start)
                 prefix = self.prefill_from_state(state, SlotSampling())
                 self.decode_state = self._insert(prefix, self.decode_state, np.int32(0))
         for name in ("prefill_calls", "resumed_prefills", "shared_prefix_hits", "prefill_tokens"):

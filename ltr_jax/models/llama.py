@@ -63,6 +63,15 @@ def _param(value: jax.Array, *axes: str | None) -> nnx.Param:
     return nnx.Param(value, **{AXES: axes})
 
 
+def _as_dtype(a, dt: jnp.dtype) -> jax.Array:
+    """``a`` as a device array of ``dt``. Host arrays are converted on the host (numpy knows bfloat16 through
+    ml_dtypes), so loading compiles no conversion kernels (each compiled executable holds a few MB on a CPU); a
+    device array of the right dtype is kept as it is (no copy)."""
+    if isinstance(a, jax.Array):
+        return a if a.dtype == dt else a.astype(dt)
+    return jax.device_put(np.asarray(a).astype(dt, copy=False))
+
+
 def dtype_of(config: LlamaConfig) -> jnp.dtype:
     """The activations' (and KV cache's) dtype."""
     return jnp.dtype(config.dtype)
@@ -202,8 +211,8 @@ class Llama(nnx.Module):
         }
         if not config.tie_embeddings:
             tree["lm_head"] = params["lm_head"]
-        tree = jax.tree.map(lambda a: jnp.asarray(a, dtype=dt), tree)
-        tree["inv_freq"] = jnp.asarray(rope_frequencies(config))
+        tree = jax.tree.map(lambda a: _as_dtype(a, dt), tree)
+        tree["inv_freq"] = jax.device_put(rope_frequencies(config))
         nnx.replace_by_pure_dict(state, tree)
         return nnx.merge(graphdef, state)
 

@@ -260,7 +260,7 @@ class RankerScorer:
         if len(tokens) >= self.spec.max_prompt_len:
             raise ValueError(f"a shared prefix of {len(tokens)} tokens leaves no room under the ranker's "
                              f"max_prompt_len={self.spec.max_prompt_len}")
-        self._prefix = _prefix_pass(self.backbone_config, self.backbone, jnp.asarray(tokens, jnp.int32))
+        self._prefix = _prefix_pass(self.backbone_config, self.backbone, np.asarray(tokens, np.int32))
         self.shared_prefix = tokens
         return len(tokens)
 
