@@ -3,16 +3,17 @@ and host overhead, per batch size and context.
 
     python -m ltr_jax.bench engine --preset llama3-8b --dummy-weights --layers 2 --dtype bfloat16 --json
 
-For each context it times the prefill of one prompt of that many tokens; for each (batch, context) it fills every
-decode slot with that prompt, times ``--steps`` decode steps of the real engine (median) and compares them with the
-roofline, the time to read every weight a step reads (all layers and the LM head) plus the batch's K/V once at HBM
-bandwidth (``--hbm-gbps``, else a table of known devices, else measured here by a large array reduction). Each
-batch runs with the weights' dtype ``model.weight_dtype`` picks for an engine of that many slots. Beside each row:
-the weight bytes one token costs, the GB/s the step read its weights and K/V at, and the bandwidth floor: the
-tokens/s that reading them at ``bandwidth_gbps``, the read bandwidth measured in the same run, would allow. Then it
-serves ``batch`` one-token requests through the real orchestrator for ``--host-steps`` steady steps and reports its
-host overhead: the time from one step's tokens reaching the host to the next step's dispatch (streaming, scheduling,
-dispatch), and how much of it the decode pipeline leaves exposed. Compile seconds are XLA's own compile events
+For each context it times the prefill of one prompt of that many tokens, once per weights' dtype the rows use; for
+each (batch, context) it fills every decode slot with that prompt, times ``--steps`` decode steps of the real engine
+(median) and compares them with the roofline, the time to read every weight a step reads (all layers and the LM
+head) plus the batch's K/V once at HBM bandwidth (``--hbm-gbps``, else a table of known devices, else measured
+here by a large array reduction). Each batch runs with the weights' dtype ``model.weight_dtype`` picks for an
+engine of that many slots. Beside each row: the weight bytes one token costs, the GB/s the step read its weights
+and K/V at, and the bandwidth floor: the tokens/s that reading them at ``bandwidth_gbps``, the read bandwidth
+measured in the same run, would allow. Then it serves ``batch`` one-token requests through the real orchestrator
+for ``--host-steps`` steady steps and reports its host overhead: the time from one step's tokens reaching the host
+to the next step's dispatch (streaming, scheduling, dispatch), and how much of it the decode pipeline leaves
+exposed. Compile seconds are XLA's own compile events
 for that engine. Dummy-weight presets have no tokenizer: their requests stream through the tiny model's byte-level
 one. The report's ``decode`` and ``prefill`` lists are what `bench simulate --step-model REPORT.json` fits.
 """
@@ -297,11 +298,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             models[weight_dtype] = Llama.from_params(config, Llama.state_params(nnx.state(model)))
         return models[weight_dtype]
 
+    prefills: dict[tuple[int, str], dict[str, float]] = {}  # (context, weights' dtype): each row's own weights
+
     for context in contexts:
-        prefill = prefill_rate(model, context, 1 << max(8, (context + 1).bit_length()), mesh)
         for batch in batches:
-            results.append(bench_point(model_for(batch), tokenizer, batch, context, args, bandwidth, read_gbps,
-                                       mesh, prefill))
+            served = model_for(batch)
+            key = (context, served.config.weight_dtype)
+            if key not in prefills:
+                prefills[key] = prefill_rate(served, context, 1 << max(8, (context + 1).bit_length()), mesh)
+            results.append(bench_point(served, tokenizer, batch, context, args, bandwidth, read_gbps, mesh,
+                                       prefills[key]))
             if not args.json:
                 r = results[-1]
                 print(f"batch {batch:4d} context {context:6d}: step {r['step_ms']:9.3f} ms ({r['tokens_per_s']:.1f} "
