@@ -524,3 +524,22 @@ def test_online_summary_reads_the_first_window_that_reaches_the_offline_target()
     assert times["full_batch_steps"]["training"]["max"] == 20.0
     assert times["full_batch_steps"]["not_training"]["max"] == 10.0
     assert times["all_steps"]["not_training"]["mean"] == 7.5
+
+
+def test_a_windows_latency_ratio_pairs_the_same_requests_and_carries_a_bootstrap_ci():
+    from ltr_jax.bench.online_bench import latency_ratio_with_ci
+
+    def rec(arrival, latency, complete=True):
+        return {"arrival_s": arrival, "latency_s": latency, "complete": complete}
+
+    reference = [rec(t, 2.0 + t % 3) for t in range(0, 120)]
+    doubled = [rec(r["arrival_s"], 2 * r["latency_s"]) for r in reference]
+    exact = latency_ratio_with_ci(doubled, reference, 60.0, 120.0)
+    assert exact == {"ratio": 2.0, "ci95": [2.0, 2.0], "n": 60}  # only the window's 60 requests, paired
+    noisy = [rec(r["arrival_s"], r["latency_s"] * (1.5 if i % 2 else 0.5)) for i, r in enumerate(reference)]
+    noisy.append(rec(200.0, 1.0))  # a request the reference lacks is left out
+    noisy[61] = rec(61.0, 99.0, complete=False)  # and one that did not complete
+    out = latency_ratio_with_ci(noisy, reference, 60.0, 120.0, seed=1)
+    assert out["n"] == 59 and out["ci95"][0] < out["ratio"] < out["ci95"][1]
+    assert 0.5 < out["ci95"][0] and out["ci95"][1] < 1.5
+    assert latency_ratio_with_ci(noisy, reference, 500.0, 560.0) == {"ratio": None, "ci95": None, "n": 0}

@@ -181,6 +181,28 @@ def tau_with_ci(records: list[dict], seed: int = 0) -> dict[str, Any]:
     return {"tau_b": fin(tau), "ci95": [fin(ci[0]), fin(ci[1])], "n": len(rows)}
 
 
+def latency_ratio_with_ci(records: list[dict], reference: list[dict], start_s: float, end_s: float,
+                          seed: int = 0) -> dict[str, Any]:
+    """Mean latency of the requests arriving in [start_s, end_s) in one arm over the same requests' in
+    ``reference`` (the same trace: requests are paired by arrival time), with a paired bootstrap 95% CI over
+    those requests. A window of a few dozen requests decides little, and the CI says how little."""
+    from scipy import stats
+
+    ref = {round(r["arrival_s"], 6): r["latency_s"] for r in reference if r["complete"]}
+    pairs = [(r["latency_s"], ref[key]) for r in records
+             if r["complete"] and start_s <= r["arrival_s"] < end_s and (key := round(r["arrival_s"], 6)) in ref]
+    if len(pairs) < 2:
+        return {"ratio": None, "ci95": None, "n": len(pairs)}
+    ours, theirs = (np.array(x) for x in zip(*pairs))
+    ratio = float(ours.mean() / theirs.mean())
+    if np.allclose(ours, ratio * theirs):  # every pair has the same ratio: nothing to resample
+        return {"ratio": round(ratio, 3), "ci95": [round(ratio, 3)] * 2, "n": len(pairs)}
+    ci = stats.bootstrap((ours, theirs), lambda a, b, axis: a.mean(axis) / b.mean(axis), paired=True,
+                         vectorized=True, n_resamples=2000, method="percentile",
+                         random_state=np.random.default_rng(seed)).confidence_interval
+    return {"ratio": round(ratio, 3), "ci95": [round(float(ci.low), 3), round(float(ci.high), 3)], "n": len(pairs)}
+
+
 def windows_of(arm_result: dict[str, Any], window_s: float) -> list[dict[str, Any]]:
     """Per window of arrivals (the same requests in every arm): live tau-b with CI, mean latency, the head version
     most of its requests finished under, and ``reached_s``: when that head was live and the window had arrived
@@ -452,6 +474,10 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
             "last_window_latency_vs_static": (round(last["mean_latency_s"] / static_ws[last["window"]]
                                                     ["mean_latency_s"], 3)
                                               if last and last["window"] in static_ws else None),
+            "last_window_latency_vs_static_ci95": (
+                latency_ratio_with_ci(arms[arm]["records"], arms["static"]["records"], last["start_s"],
+                                      last["end_s"])["ci95"]
+                if last and last["window"] in static_ws and "records" in arms["static"] else None),
             "train_share_of_busy": round(arms[arm]["train_share_of_busy"], 5),
             "head_versions": (arms[arm]["online"] or {}).get("online_accepted_version"),
         }
