@@ -532,7 +532,7 @@ def test_a_windows_latency_ratio_pairs_the_same_requests_and_carries_a_bootstrap
     def rec(arrival, latency, complete=True):
         return {"arrival_s": arrival, "latency_s": latency, "complete": complete}
 
-    reference = [rec(t, 2.0 + t % 3) for t in range(0, 120)]
+    reference = [rec(t, 2.0 + t % 3) for t in range(120)]
     doubled = [rec(r["arrival_s"], 2 * r["latency_s"]) for r in reference]
     exact = latency_ratio_with_ci(doubled, reference, 60.0, 120.0)
     assert exact == {"ratio": 2.0, "ci95": [2.0, 2.0], "n": 60}  # only the window's 60 requests, paired
