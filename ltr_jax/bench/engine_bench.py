@@ -13,9 +13,9 @@ and K/V at, and the bandwidth floor: the tokens/s that reading them at ``bandwid
 measured in the same run, would allow. Then it serves ``batch`` one-token requests through the real orchestrator
 for ``--host-steps`` steady steps and reports its host overhead: the time from one step's tokens reaching the host
 to the next step's dispatch (streaming, scheduling, dispatch), and how much of it the decode pipeline leaves
-exposed. Compile seconds are XLA's own compile events
-for that engine. Dummy-weight presets have no tokenizer: their requests stream through the tiny model's byte-level
-one. The report's ``decode`` and ``prefill`` lists are what `bench simulate --step-model REPORT.json` fits.
+exposed. Compile seconds are XLA's own compile events for that engine. Dummy-weight presets have no tokenizer:
+their requests stream through the tiny model's byte-level one. The report's ``decode`` and ``prefill`` lists are
+what `bench simulate --step-model REPORT.json` fits.
 """
 
 from __future__ import annotations

@@ -65,8 +65,8 @@ def _param(value: jax.Array, *axes: str | None) -> nnx.Param:
 
 def _as_dtype(a, dt: jnp.dtype) -> jax.Array:
     """``a`` as a device array of ``dt``. Host arrays are converted on the host (numpy knows bfloat16 through
-    ml_dtypes), so loading compiles no conversion kernels (each compiled executable holds a few MB on a CPU); a
-    device array of the right dtype is kept as it is (no copy)."""
+    ml_dtypes), so loading compiles no conversion kernels (every compiled executable stays resident); a device
+    array of the right dtype is kept as it is (no copy)."""
     if isinstance(a, jax.Array):
         return a if a.dtype == dt else a.astype(dt)
     return jax.device_put(np.asarray(a).astype(dt, copy=False))

@@ -3,9 +3,9 @@
 Both the engine's prefill buckets and the ranker's pass lengths come from `length_ladder`, so a prompt's ranker
 pass and the rest of its prefill share one padded length. The ladder holds the powers of two from ``min_bucket``
 (16, 32, 64, 128, ...), then ``max_len`` itself: padding wastes under half a row (a quarter on average), and each
-doubling of the longest prompt adds one compiled shape. Every compiled shape costs resident memory for as long as
-the process runs (on a CPU a few MB, plus about 1 MB per model block it runs) and compile time at warm-up, so
-the ladder is kept coarse; the padded rows cost prompt compute only.
+doubling of the longest prompt adds one compiled shape. Every compiled shape costs compile time and resident
+memory for as long as the process runs (benchmarks/RESULTS.md measures both), so the ladder is kept coarse; the
+padded rows cost prompt compute only.
 """
 
 from __future__ import annotations
