@@ -154,7 +154,7 @@ def test_fused_warmup_stops_within_the_memory_map_budget_most_common_shapes_firs
     engine = Engine(model, EngineConfig(num_slots=2, max_seq_len=256))
     batch = prompts([20] * 3 + [5] * 2 + [40], seed=11, header=[])
     shapes = scorer.pass_shapes(batch)
-    assert shapes == [(0, 24), (0, 16), (0, 48)]  # the most common first
+    assert shapes == [(0, 32), (0, 16), (0, 64)]  # the most common first
     calls = iter(range(10_000))
     # a fake process: 200 mappings at first, 50 more at each look (so about 50 per compiled step), limit 1000
     monkeypatch.setattr(ranking_module, "memory_maps", lambda: (200 + 50 * next(calls), 1000))
@@ -164,7 +164,7 @@ def test_fused_warmup_stops_within_the_memory_map_budget_most_common_shapes_firs
         warmup_ranker(engine, scorer, lengths, fused_shapes=shapes, cache_lens=cache_lens, map_budget=0.5)
     fused_keys = sorted(engine.fused_pass_shapes)
     # looks before step i: 200 + 100 i; the next step is judged at 50 more; 500 allowed: steps 0, 1, 2 compile
-    assert fused_keys == [(64, 2, 0, 16), (64, 2, 0, 24), (128, 2, 0, 24)]
+    assert fused_keys == [(64, 2, 0, 16), (64, 2, 0, 32), (128, 2, 0, 32)]
     assert engine.stats.fused_variants_skipped == 3
     assert "vm.max_map_count" in caplog.text and "ranker.fuse_max_len" in caplog.text
     with pytest.raises(ValueError, match="map_budget"):
