@@ -49,6 +49,33 @@ def test_a_censored_request_never_counts_as_ending_where_it_was_cut():
     assert online.concordance_tau(np.array([3.0, 2.0, 1.0]), np.asarray(lengths), np.asarray(censored_aware)) == 0
 
 
+def test_judging_held_back_examples_compiles_one_shape_per_power_of_two_of_them():
+    """Each round holds back a different number of examples, and every compiled shape stays resident in the
+    serving process: the candidate and live heads score padded rows, and the concordance mask is made on the
+    host. 33 to 64 examples share one compiled shape; the scores are those of the head run eagerly."""
+    head = RankerHead.for_spec(SPEC, seed=4)
+    feats = np.random.default_rng(0).standard_normal((64, SPEC.feature_dim)).astype(np.float32)
+    lengths, exact = np.arange(64, dtype=np.float32), np.arange(64) % 3 > 0
+    online._head_scores(head, SPEC.method, feats[:40])  # compiles the 64-row shape
+    lowerings = []
+
+    def count(event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            lowerings.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        for n in (33, 50, 64):
+            scores = online._head_scores(head, SPEC.method, feats[:n])
+            assert scores.shape == (n,)
+            online.concordance_tau(scores, lengths[:n], exact[:n])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert lowerings == []
+    eager = np.asarray(online.scores_from_outputs(SPEC.method, head(jnp.asarray(feats[:50]))))
+    np.testing.assert_allclose(online._head_scores(head, SPEC.method, feats[:50]), eager, rtol=1e-5, atol=1e-6)
+
+
 def test_the_buffer_keeps_at_most_its_capacity_newest_first():
     buf = online.ExampleBuffer(capacity=20, holdout_fraction=0.3)
     for i in range(100):

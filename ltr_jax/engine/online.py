@@ -37,10 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from scipy.stats import kendalltau
 
 from ltr_jax.engine.settings import OnlineLearningConfig
-from ltr_jax.models.ranker import RankerHead, RankerSpec, scores_from_outputs
+from ltr_jax.models.ranker import RankerHead, RankerSpec, head_scores, scores_from_outputs
 from ltr_jax.models.ranker_checkpoint import RankerCheckpointError, load_ranker, save_ranker
 
 log = logging.getLogger(__name__)
@@ -104,7 +103,8 @@ def stack(examples: list[Example]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def censored_pair_mask(lengths: jax.Array, exact: jax.Array) -> jax.Array:
-    """[N, N] mask of the pairs (i, j) known to have i shorter than j: i is exact and j produced more tokens."""
+    """[N, N] mask of the pairs (i, j) known to have i shorter than j: i is exact and j produced more tokens
+    (numpy arrays in, numpy out)."""
     return exact[:, None] & (lengths[None, :] > lengths[:, None])
 
 
@@ -119,7 +119,7 @@ def pairwise_loss(scores: jax.Array, lengths: jax.Array, exact: jax.Array, valid
 def concordance_tau(scores: np.ndarray, lengths: np.ndarray, exact: np.ndarray) -> float:
     """2C - 1 over the known pairs (Harrell's concordance with censoring; 1 = every known pair in order, a tied
     score counts half). nan when no pair's order is known."""
-    mask = np.asarray(censored_pair_mask(jnp.asarray(lengths), jnp.asarray(exact)))
+    mask = censored_pair_mask(np.asarray(lengths), np.asarray(exact, bool))  # on the host: no compiled shapes
     if not mask.any():
         return float("nan")
     diff = np.asarray(scores)[:, None] - np.asarray(scores)[None, :]
@@ -129,13 +129,15 @@ def concordance_tau(scores: np.ndarray, lengths: np.ndarray, exact: np.ndarray) 
 
 def live_tau_b(scores: list[float], lengths: list[int]) -> float:
     """Kendall tau-b of scores vs. the lengths of finished, uncensored requests (nan below two or when constant)."""
+    from scipy.stats import kendalltau  # here, not at import: a server without online learning never loads scipy
+
     if len(scores) < 2 or len(set(scores)) < 2 or len(set(lengths)) < 2:
         return float("nan")
     return float(kendalltau(scores, -np.asarray(lengths, np.float64)).statistic)
 
 
 def _head_scores(head: RankerHead, method: str, features: np.ndarray) -> np.ndarray:
-    return np.asarray(scores_from_outputs(method, head(jnp.asarray(features))))
+    return head_scores(method, *nnx.split(head), features)
 
 
 def has_feature_stats(head: RankerHead) -> bool:

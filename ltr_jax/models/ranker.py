@@ -221,6 +221,17 @@ def _score_features(method, graphdef, head_state, features):
     return scores_from_outputs(method, nnx.merge(graphdef, head_state)(features))
 
 
+def head_scores(method: str, graphdef, head_state, features: np.ndarray) -> np.ndarray:
+    """Scores [N] of pooled features [N, F] under a head (its `nnx.split`), the rows padded to a power of two: the
+    number of rows varies from call to call (the requests waiting, the examples held back), and each compiled shape
+    stays resident, so a few shapes serve every count."""
+    features = np.asarray(features, np.float32)
+    n = len(features)
+    padded = np.zeros((1 << max(0, n - 1).bit_length(), features.shape[1]), np.float32)
+    padded[:n] = features
+    return np.asarray(_score_features(method, graphdef, head_state, padded))[:n]
+
+
 @partial(jax.jit, static_argnames=("config",))
 def _prefix_pass(config, backbone, tokens):
     """A shared prefix through the backbone: its per-block K/V [1, KV, P, hd] and the sum of its hidden states."""
@@ -305,8 +316,7 @@ class RankerScorer:
 
     def score_features(self, features: np.ndarray) -> np.ndarray:
         """Scores [N] of pooled features [N, F] (what `raw_with_features` returned) under the current head."""
-        graphdef, state = self._head
-        return np.asarray(_score_features(self.spec.method, graphdef, state, jnp.asarray(features, jnp.float32)))
+        return head_scores(self.spec.method, *self._head, features)
 
     def raw(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """(scores [N], head outputs [N, num_outputs]) for N prompts."""
