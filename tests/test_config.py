@@ -110,6 +110,7 @@ def test_set_overrides_the_file(tmp_path):
     (["logging.level=LOUD"], "logging.level", "'DEBUG', 'INFO'"),
     (["model.dtype=float8"], "model.dtype", "'float32', 'bfloat16'"),
     (["scheduler.policy=classify", "ranker.enabled=false"], "ranker.enabled", "classify"),
+    (["ranker.max_batch=0"], "ranker.max_batch", ">= 1"),
 ])
 def test_bad_values_name_the_dotted_key(overrides, key, fragment):
     with pytest.raises(ConfigError) as info:
@@ -218,3 +219,10 @@ def test_cli_missing_required_ranker_exits_2_naming_ranker_checkpoint(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "ranker.checkpoint" in proc.stderr and "no exported ranker there" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_ranker_batch_is_one_prompt_per_pass_on_a_cpu_unless_set():
+    ranker = load_config(None, []).ranker
+    assert ranker.max_batch is None
+    assert (ranker.ranker_batch("cpu"), ranker.ranker_batch("gpu"), ranker.ranker_batch("tpu")) == (1, 32, 32)
+    assert load_config(None, ["ranker.max_batch=8"]).ranker.ranker_batch("cpu") == 8

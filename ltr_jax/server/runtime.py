@@ -94,6 +94,8 @@ def load_ranker(section: RankerSection, policy: str, model) -> tuple[Any | None,
             note += f", so policy {policy!r} serves in arrival order"
         log.info(note)
         return None, note
+    import jax
+
     from ltr_jax.models.ranker_checkpoint import RankerCheckpointError, default_ranker_path, load_scorer
 
     path = resolve_path(section.checkpoint) if section.checkpoint else default_ranker_path()
@@ -109,7 +111,7 @@ def load_ranker(section: RankerSection, policy: str, model) -> tuple[Any | None,
         log.warning(note)
         return None, note
     try:
-        scorer = load_scorer(path, model=model, max_batch=section.max_batch)
+        scorer = load_scorer(path, model=model, max_batch=section.ranker_batch(jax.default_backend()))
     except RankerCheckpointError as err:
         raise StartupError(f"ranker.checkpoint = {str(path)!r}: {err}") from None
     method = scorer.spec.method
