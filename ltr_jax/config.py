@@ -126,11 +126,11 @@ class RankerSection(RankingConfig):
     max_batch: int | None = setting(None, ge=1, le=1024, doc="prompts per ranker forward pass; null = 1 on a CPU "
                                     "(each batch size is another compiled shape per prompt length, compiled when "
                                     "traffic first needs it and resident from then on), 32 on a GPU/TPU")
+    online: OnlineLearningConfig = dataclasses.field(default_factory=OnlineLearningConfig)
 
     def ranker_batch(self, backend: str) -> int:
         """``max_batch`` resolved for ``backend`` (jax.default_backend()) when it is null."""
         return self.max_batch if self.max_batch is not None else (1 if backend == "cpu" else 32)
-    online: OnlineLearningConfig = dataclasses.field(default_factory=OnlineLearningConfig)
 
 
 @dataclasses.dataclass
