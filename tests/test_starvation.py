@@ -1,6 +1,8 @@
 """The fcfs-slack starvation rule: its FCFS delay estimate against a real FCFS run, no thrashing where fixed
 thresholds thrash, and the slot rules of promoted requests."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -348,3 +350,30 @@ def test_rule_and_share_are_validated():
     with pytest.raises(ValueError, match="max_promoted_share"):
         StarvationConfig(max_promoted_share=0.0)
     assert StarvationConfig(max_promoted_share=0.1).promoted_slots(4) == 1
+
+
+def test_a_promoted_request_runs_to_its_end_only_while_one_request_is_a_small_part_of_fcfss_delay():
+    """run_to_end_share: keeping a promoted request in its slot to its end (run_to_end_after, learn_thin_classes)
+    runs work out of rank order that every waiting request waits for; it happens only while the largest cost the
+    model has seen is at most this share of FCFS's delay. Two slots: two requests of 15 engine seconds each run
+    alone first (the model sees what such a request costs), then the overload, with a third of them that the ranker
+    puts last. FCFS's delay stays under 16 x 15 s: under the default share the third is back in rank order after
+    each quantum, its second included; with the share at 1 it runs to its end at its second promotion (FCFS's
+    delay is past 15 s by then)."""
+    def huge(t, score):
+        return TraceEntry(arrival_time=t, prompt_len=16, output_len=3000, score=score, bucket=0)
+
+    start = 40.0
+    trace = [huge(0.0, 10.0), huge(0.0, 10.0), huge(start + 30.0, -10.0),
+             *(e._replace(arrival_time=e.arrival_time + start) for e in overload_trace())]
+    config = StarvationConfig(slack_s=5.0, learn_thin_classes=False)
+
+    def third(share):
+        result = simulate(trace, Scheduler(make_policy("ltr"), 2, starvation=replace(config, run_to_end_share=share)),
+                          ConstantStep())
+        return next(r for r in result.records if r.true_output_len == 3000 and r.arrival_time > 0)
+
+    requeued, whole = third(config.run_to_end_share), third(1.0)
+    assert requeued.promotions == whole.promotions == config.run_to_end_after
+    assert whole._runs_to_end and whole.preemptions == 1  # displaced once by the ranking, never after
+    assert not requeued._runs_to_end and requeued.preemptions > whole.preemptions

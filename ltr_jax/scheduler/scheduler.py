@@ -234,7 +234,10 @@ class Scheduler:
         self._next_seq += 1
         self._by_id[req.request_id] = req
         if self._fcfs_slack:
-            self._attribute_interval(req, now, exclusive=True)  # ending with its add: its ranker pass
+            if self._running or self._waiting:
+                self._attribute_interval(req, now, exclusive=True)  # ending with its add: its ranker pass
+            else:  # the engine was idle since the last event: no one's cost (this ranker pass is lost with it)
+                self._event_time = now
             self._work_model.arrived(req.score)
             self._unstarted_scores.add(req.score)
         self._push_waiting(req, now)
@@ -568,19 +571,34 @@ class Scheduler:
         req._starved_at = now  # promoted requests are ordered by when they were promoted (oldest first)
         req._generated_at_promotion = req.generated
         self.num_promotions += 1
-        if self.starvation.learn_thin_classes and not req._learner:
-            model = self._work_model
-            k = model.score_class(req.score)
-            learning = sum(model.score_class(r.score) == k for r in self._learners)
-            # engine seconds the learning runs have taken or are expected to take, this one included
-            spent = self._learned_s + sum(max(self._work_had(r), model.estimate(r.score))
-                                          for r in (*self._live_learners, req))
-            if (model.finished_in_class(k) + learning < model.min_events
-                    and 0 < self.starvation.learn_share and spent <= self.starvation.learn_share * self._engine_s):
+        to_end = self.starvation.run_to_end_after
+        if not req._runs_to_end and (self.starvation.learn_thin_classes or (to_end and req.promotions >= to_end)):
+            affordable = self._run_to_end_affordable()
+            if affordable and self.starvation.learn_thin_classes and self._learns_from(req):
                 req._learner = True
                 self._learners[req] = None
                 self._live_learners[req] = None
+            req._runs_to_end = affordable and (req._learner or bool(to_end and req.promotions >= to_end))
         self._push_waiting(req, now)
+
+    def _run_to_end_affordable(self) -> bool:
+        """fcfs-slack: whether a promoted request may keep its slot to its end now: the largest cost the model has
+        seen (what one request run out of rank order may delay everyone waiting by) is at most ``run_to_end_share``
+        of FCFS's delay now (the wait a request arriving now would have ahead of it)."""
+        return self._work_model.max_cost <= self.starvation.run_to_end_share * self.fcfs_delay_s()
+
+    def _learns_from(self, req: Request) -> bool:
+        """fcfs-slack, learn_thin_classes: whether ``req``, promoted, should run to its end for the cost model: its
+        score class has too few finished requests (counting the learners of that class) and the learning runs,
+        this one included, stay within ``learn_share`` of the engine's time so far."""
+        model = self._work_model
+        k = model.score_class(req.score)
+        learning = sum(model.score_class(r.score) == k for r in self._learners)
+        # engine seconds the learning runs have taken or are expected to take, this one included
+        spent = self._learned_s + sum(max(self._work_had(r), model.estimate(r.score))
+                                      for r in (*self._live_learners, req))
+        return (model.finished_in_class(k) + learning < model.min_events
+                and 0 < self.starvation.learn_share and spent <= self.starvation.learn_share * self._engine_s)
 
     def _quantum_over(self, req: Request, now: float) -> bool:
         return now >= req._starved_at + self.starvation.quantum_s and req.generated > req._generated_at_promotion
@@ -588,9 +606,7 @@ class Scheduler:
     def _demote_expired(self, now: float) -> None:
         if not self._running_promoted:
             return
-        to_end = self.starvation.run_to_end_after if self._fcfs_slack else 0
-        for req in [r for r in self._running_promoted
-                    if self._quantum_over(r, now) and not (to_end and r.promotions >= to_end) and not r._learner]:
+        for req in [r for r in self._running_promoted if self._quantum_over(r, now) and not r._runs_to_end]:
             del self._running_promoted[req]
             req.promoted = False
             req._rank = self._rank(req)
