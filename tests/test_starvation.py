@@ -377,3 +377,21 @@ def test_a_promoted_request_runs_to_its_end_only_while_one_request_is_a_small_pa
     assert requeued.promotions == whole.promotions == config.run_to_end_after
     assert whole._runs_to_end and whole.preemptions == 1  # displaced once by the ranking, never after
     assert not requeued._runs_to_end and requeued.preemptions > whole.preemptions
+
+
+def test_idle_time_before_an_arrival_is_no_ones_cost():
+    """fcfs-slack attributes the interval that ends with a request's add to that request (its ranker pass), unless
+    the engine had nothing to do since the last event: then that interval was idle, and no request's cost."""
+    sched = Scheduler(make_policy("ltr"), 2, starvation=StarvationConfig())
+    first = Request("first", 0.0, 4, 2, score=0.0)
+    sched.add(first, 0.0)
+    sched.schedule(0.0)
+    sched.on_token(first, 0.1)
+    sched.on_token(first, 0.2)
+    sched.finish(first, 0.2)
+    later = Request("later", 100.0, 4, 2, score=0.0)
+    sched.add(later, 100.05)  # arrived after 99.8 s of idling; its ranker pass took the last 0.05 s
+    other = Request("other", 100.0, 4, 2, score=0.0)
+    sched.add(other, 100.1)  # the engine is busy ranking now: this interval is this one's pass
+    assert later._work_s == 0.0
+    assert other._work_s == pytest.approx(0.05)
