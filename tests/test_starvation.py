@@ -198,8 +198,8 @@ def test_a_promoted_request_of_a_class_with_too_few_finished_requests_runs_to_it
 
 def test_no_more_requests_of_a_class_run_to_their_end_for_the_model_than_it_needs():
     config = StarvationConfig(slack_s=0.5, max_promoted_share=1.0)
-    sched = Scheduler(make_policy("ltr", max_preemptions=0), 2, starvation=config)
-    busy = [Request(f"b{i}", 0.0, 4, 500, score=5.0) for i in range(2)]
+    sched = Scheduler(make_policy("ltr", max_preemptions=0), 40, starvation=config)
+    busy = [Request(f"b{i}", 0.0, 4, 500, score=5.0) for i in range(40)]
     starved = [Request(f"s{i}", 0.0, 4, 500, score=-5.0) for i in range(40)]
     for r in busy + starved:
         sched.add(r, 0.0)
@@ -212,13 +212,33 @@ def test_no_more_requests_of_a_class_run_to_their_end_for_the_model_than_it_need
 
 
 
+def test_runs_to_the_end_leave_a_promoted_slot_to_the_promotions_of_a_quantum():
+    """Requests kept in their slots to their ends hold at most all but one of the promoted slots, so a request
+    promoted past its bound gets its token within quanta, not after someone's whole run. Four slots, two of them
+    for promotions: of three thin-class requests promoted at once, one runs to its end (a learner), and all three
+    have a token within a second of their promotion."""
+    config = StarvationConfig(slack_s=0.5, quantum_s=0.25)
+    sched = Scheduler(make_policy("ltr", max_preemptions=0), 4, starvation=config)
+    busy = [Request(f"b{i}", 0.0, 4, 500, score=5.0) for i in range(4)]
+    starved = [Request(f"s{i}", 0.0, 4, 500, score=-5.0) for i in range(3)]
+    for r in busy + starved:
+        sched.add(r, 0.0)
+    sched.schedule(0.0)
+    t = starve(sched, busy, 0.0, 0.8)
+    assert all(r.promoted for r in starved)
+    t = starve(sched, [*busy, *starved], t, t + 1.0)
+    assert [r._runs_to_end for r in starved] == [True, False, False]
+    assert all(r.generated >= 1 for r in starved)
+
+
 def test_learning_runs_stop_at_their_share_of_the_engine_time():
     """learn_share: a request runs to its end for the model only while those have taken at most this share of the
-    engine's time so far (on an engine of a few slots each one is a large share of it)."""
+    engine's time so far (on an engine of a few slots each one is a large share of it). Eight slots, all of them
+    for promotions: the slots are not what stops them."""
     def learners(share):
-        sched = Scheduler(make_policy("ltr", max_preemptions=0), 2,
+        sched = Scheduler(make_policy("ltr", max_preemptions=0), 8,
                           starvation=StarvationConfig(slack_s=0.5, max_promoted_share=1.0, learn_share=share))
-        busy = [Request(f"b{i}", 0.0, 4, 500, score=5.0) for i in range(2)]
+        busy = [Request(f"b{i}", 0.0, 4, 500, score=5.0) for i in range(8)]
         old = [Request(f"s{i}", 0.0, 4, 500, score=-5.0) for i in range(2)]
         for r in busy + old:
             sched.add(r, 0.0)
@@ -366,7 +386,7 @@ def test_a_promoted_request_runs_to_its_end_only_while_one_request_is_a_small_pa
     start = 40.0
     trace = [huge(0.0, 10.0), huge(0.0, 10.0), huge(start + 30.0, -10.0),
              *(e._replace(arrival_time=e.arrival_time + start) for e in overload_trace())]
-    config = StarvationConfig(slack_s=5.0, learn_thin_classes=False)
+    config = StarvationConfig(slack_s=5.0, learn_thin_classes=False, max_promoted_share=1.0)
 
     def third(share):
         result = simulate(trace, Scheduler(make_policy("ltr"), 2, starvation=replace(config, run_to_end_share=share)),

@@ -129,6 +129,7 @@ class Scheduler:
         self._work_model = WorkModel()
         self._learners: dict[Request, None] = {}  # promoted to run to their end for the model, since its refresh
         self._live_learners: dict[Request, None] = {}  # those not finished yet
+        self._to_end: dict[Request, None] = {}  # promoted to keep their slots until they finish, not finished yet
         self._learned_s = 0.0  # engine seconds of the learners that finished
         self._engine_s = 0.0  # engine seconds attributed so far
         self._finishes_since_refresh = 0
@@ -340,6 +341,7 @@ class Scheduler:
         del self._by_id[req.request_id]
         req.state = RequestState.FINISHED
         req.finish_time = now
+        self._to_end.pop(req, None)
         if req._learner and self._live_learners.pop(req, 0) is None:
             self._learned_s += self._work_had(req)
         if self._fcfs_slack:
@@ -362,6 +364,7 @@ class Scheduler:
             self._unstarted_scores.remove(req.score)
         if req._learner and self._live_learners.pop(req, 0) is None:
             self._learned_s += self._work_had(req)
+        self._to_end.pop(req, None)
         req.state = RequestState.CANCELLED
         req.finish_time = now
         return req
@@ -579,13 +582,18 @@ class Scheduler:
                 self._learners[req] = None
                 self._live_learners[req] = None
             req._runs_to_end = affordable and (req._learner or bool(to_end and req.promotions >= to_end))
+            if req._runs_to_end:
+                self._to_end[req] = None
         self._push_waiting(req, now)
 
     def _run_to_end_affordable(self) -> bool:
-        """fcfs-slack: whether a promoted request may keep its slot to its end now: the largest cost the model has
-        seen (what one request run out of rank order may delay everyone waiting by) is at most ``run_to_end_share``
-        of FCFS's delay now (the wait a request arriving now would have ahead of it)."""
-        return self._work_model.max_cost <= self.starvation.run_to_end_share * self.fcfs_delay_s()
+        """fcfs-slack: whether a promoted request may keep its slot to its end now: those already doing so leave at
+        least one of the promoted slots to the promotions that last a quantum (a request past its bound never waits
+        for a run to end), and the largest cost the model has seen (what one request run out of rank order may delay
+        everyone waiting by) is at most ``run_to_end_share`` of FCFS's delay now (the wait a request arriving now
+        would have ahead of it)."""
+        return (len(self._to_end) < self._promoted_slots - 1
+                and self._work_model.max_cost <= self.starvation.run_to_end_share * self.fcfs_delay_s())
 
     def _learns_from(self, req: Request) -> bool:
         """fcfs-slack, learn_thin_classes: whether ``req``, promoted, should run to its end for the cost model: its
