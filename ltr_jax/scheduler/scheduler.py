@@ -22,10 +22,11 @@ first token) exceeds ``threshold_s`` is promoted. Under either, a promoted reque
 one, by when it was promoted; its quantum is ``quantum_s`` from then (fcfs-slack) or from the moment it became
 starved (threshold), and once that has passed and it has produced a token since promotion it is demoted (under
 fcfs-slack, unless it has been promoted ``run_to_end_after`` times, or was promoted from a score class the cost
-model has too few finished requests of (``learn_thin_classes``): then it keeps its slot and priority until it
-finishes). With ``requeue_after_quantum`` a demoted request that holds its slot through the promotion is back in
-rank order: a better-ranked waiting request may take that slot even past the cap (the paper's "promoted for a
-quantum"); when it is off, a promotion runs the request to its end. Threshold guarantee (tested in the simulator):
+model has too few finished requests of (``learn_thin_classes``), and such a run is affordable (``run_to_end_share``,
+a promoted slot left free): then it keeps its slot and priority until it finishes). With ``requeue_after_quantum``
+a demoted request that holds its slot through the promotion is back in rank order: a better-ranked waiting request
+may take that slot even past the cap (the paper's "promoted for a quantum"); when it is off, a promotion runs the
+request to its end. Threshold guarantee (tested in the simulator):
 with at most 2 x num_slots requests in the system, no prefill budget and no preemption cap, max_waiting_time <=
 threshold + quantum + one iteration + one boundary's prefill phase. In overload no fixed threshold can be kept
 (every request needs a token per threshold + quantum); fcfs-slack's bound grows with FCFS's own delay instead.

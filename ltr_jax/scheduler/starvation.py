@@ -24,7 +24,12 @@ Two rules, chosen by ``rule``:
   through promotions, so without these their costs are known only as lower bounds, the estimate runs low and the
   rule promotes early and often; a request promoted by its age, not its length, is a fair sample of its class.
   Such runs are out of rank order, so a new one starts only while they, counted at what they have had or are
-  expected to cost (this one included), come to at most ``learn_share`` of the engine's time so far.
+  expected to cost (this one included), come to at most ``learn_share`` of the engine's time so far. Every run to
+  the end (either kind) holds a slot out of rank order that everyone waiting waits for, so it happens only while the
+  largest cost the model has seen is at most ``run_to_end_share`` of FCFS's delay (on a large engine one request is
+  a small part of everyone's wait; on a few slots it is not, and there promotions are quanta), and while such runs
+  leave at least one of the promoted slots to the promotions of a quantum (a request past its bound never waits for
+  someone's whole run).
   Promoted requests hold at most
   ``max_promoted_share`` of the slots while ranked requests wait (past that share the promise yields to the
   ranking).
