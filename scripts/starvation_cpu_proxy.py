@@ -10,7 +10,7 @@ rate is ``--load-factor`` x the capacity that `bench run` would measure (a burst
 fcfs) or ``--rate``. For each seed it prints fcfs / ltr / ltr+starvation mean latency, the share of ltr's gain
 kept, the worst max_waiting_time against fcfs's worst + slack and promotions per request.
 
-    PYTHONPATH=. python scripts/starvation_cpu_proxy.py --seeds 0-59 [--set run_to_end_share=1.0]
+    PYTHONPATH=. python scripts/starvation_cpu_proxy.py --seeds 0-59 [--jitter 0.1] [--set run_to_end_share=1.0]
 
 The first run scores the held-out prompts with the ranker (about a minute) and caches them in ``--pool``.
 """
@@ -35,6 +35,19 @@ from ltr_jax.sim.trace import TraceEntry, make_arrivals
 
 RANKER = "ltr_jax/data/ranker_smollm2_trace"
 RANKER_PASS_S = 0.047
+
+
+class Jittered:
+    """``step`` with each prefill and decode step's time multiplied by exp(N(0, sigma)), from its own seed."""
+
+    def __init__(self, step: MeasuredStepTime, sigma: float, seed: int) -> None:
+        self.step, self.sigma, self.rng = step, sigma, np.random.default_rng(seed)
+
+    def prefill_time(self, n_tokens: int) -> float:
+        return self.step.prefill_time(n_tokens) * float(np.exp(self.rng.normal(0.0, self.sigma)))
+
+    def decode_time(self, batch: int, tokens_in_cache: int) -> float:
+        return self.step.decode_time(batch, tokens_in_cache) * float(np.exp(self.rng.normal(0.0, self.sigma)))
 
 
 def seeds_of(spec: str) -> list[int]:
@@ -71,6 +84,8 @@ def main() -> None:
     p.add_argument("--load-factor", type=float, default=1.5)
     p.add_argument("--rate", type=float, default=None, help="req/s instead of --load-factor x capacity")
     p.add_argument("--decode-s", type=float, default=0.025, help="seconds per decode step")
+    p.add_argument("--jitter", type=float, default=0.0, help="sigma of a lognormal factor on every step's time "
+                   "(each policy's run draws its own)")
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--slots", type=int, default=4)
     p.add_argument("--pool", type=Path, default=Path("/tmp/starvation_proxy_pool.json"))
@@ -91,12 +106,13 @@ def main() -> None:
         arrivals = make_arrivals("poisson", args.n, rate, seed=seed)
         trace = [TraceEntry(float(t), pl, ol, s, 0) for t, (pl, ol), s in zip(arrivals, pairs, scores)]
         out = {}
-        for policy in ("fcfs", "ltr", "ltr+starvation"):
+        for k, policy in enumerate(("fcfs", "ltr", "ltr+starvation")):
             name = "fcfs" if policy == "fcfs" else "ltr"
             sched = Scheduler(make_policy(name, **({"max_preemptions": 1} if name == "ltr" else {})), args.slots,
                               starvation=config if policy == "ltr+starvation" else None)
             ranker = partial(_ranker_time, ranker_cost, step) if name == "ltr" else None
-            out[policy] = summarize(simulate(trace, sched, step, ranker_time=ranker, ranker_reuse=True).records)
+            model = Jittered(step, args.jitter, 3 * seed + k) if args.jitter else step
+            out[policy] = summarize(simulate(trace, sched, model, ranker_time=ranker, ranker_reuse=True).records)
         mean = {k: v["latency_s"]["mean"] for k, v in out.items()}
         worst = {k: v["max_waiting_time_s"]["max"] for k, v in out.items()}
         kept = (mean["fcfs"] - mean["ltr+starvation"]) / (mean["fcfs"] - mean["ltr"])
