@@ -1,6 +1,8 @@
 """The fcfs-slack starvation rule: its FCFS delay estimate against a real FCFS run, no thrashing where fixed
 thresholds thrash, and the slot rules of promoted requests."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -196,8 +198,8 @@ def test_a_promoted_request_of_a_class_with_too_few_finished_requests_runs_to_it
 
 def test_no_more_requests_of_a_class_run_to_their_end_for_the_model_than_it_needs():
     config = StarvationConfig(slack_s=0.5, max_promoted_share=1.0)
-    sched = Scheduler(make_policy("ltr", max_preemptions=0), 2, starvation=config)
-    busy = [Request(f"b{i}", 0.0, 4, 500, score=5.0) for i in range(2)]
+    sched = Scheduler(make_policy("ltr", max_preemptions=0), 40, starvation=config)
+    busy = [Request(f"b{i}", 0.0, 4, 500, score=5.0) for i in range(40)]
     starved = [Request(f"s{i}", 0.0, 4, 500, score=-5.0) for i in range(40)]
     for r in busy + starved:
         sched.add(r, 0.0)
@@ -210,13 +212,33 @@ def test_no_more_requests_of_a_class_run_to_their_end_for_the_model_than_it_need
 
 
 
+def test_runs_to_the_end_leave_a_promoted_slot_to_the_promotions_of_a_quantum():
+    """Requests kept in their slots to their ends hold at most all but one of the promoted slots, so a request
+    promoted past its bound gets its token within quanta, not after someone's whole run. Four slots, two of them
+    for promotions: of three thin-class requests promoted at once, one runs to its end (a learner), and all three
+    have a token within a second of their promotion."""
+    config = StarvationConfig(slack_s=0.5, quantum_s=0.25)
+    sched = Scheduler(make_policy("ltr", max_preemptions=0), 4, starvation=config)
+    busy = [Request(f"b{i}", 0.0, 4, 500, score=5.0) for i in range(4)]
+    starved = [Request(f"s{i}", 0.0, 4, 500, score=-5.0) for i in range(3)]
+    for r in busy + starved:
+        sched.add(r, 0.0)
+    sched.schedule(0.0)
+    t = starve(sched, busy, 0.0, 0.8)
+    assert all(r.promoted for r in starved)
+    t = starve(sched, [*busy, *starved], t, t + 1.0)
+    assert [r._runs_to_end for r in starved] == [True, False, False]
+    assert all(r.generated >= 1 for r in starved)
+
+
 def test_learning_runs_stop_at_their_share_of_the_engine_time():
     """learn_share: a request runs to its end for the model only while those have taken at most this share of the
-    engine's time so far (on an engine of a few slots each one is a large share of it)."""
+    engine's time so far (on an engine of a few slots each one is a large share of it). Eight slots, all of them
+    for promotions: the slots are not what stops them."""
     def learners(share):
-        sched = Scheduler(make_policy("ltr", max_preemptions=0), 2,
+        sched = Scheduler(make_policy("ltr", max_preemptions=0), 8,
                           starvation=StarvationConfig(slack_s=0.5, max_promoted_share=1.0, learn_share=share))
-        busy = [Request(f"b{i}", 0.0, 4, 500, score=5.0) for i in range(2)]
+        busy = [Request(f"b{i}", 0.0, 4, 500, score=5.0) for i in range(8)]
         old = [Request(f"s{i}", 0.0, 4, 500, score=-5.0) for i in range(2)]
         for r in busy + old:
             sched.add(r, 0.0)
@@ -348,3 +370,48 @@ def test_rule_and_share_are_validated():
     with pytest.raises(ValueError, match="max_promoted_share"):
         StarvationConfig(max_promoted_share=0.0)
     assert StarvationConfig(max_promoted_share=0.1).promoted_slots(4) == 1
+
+
+def test_a_promoted_request_runs_to_its_end_only_while_one_request_is_a_small_part_of_fcfss_delay():
+    """run_to_end_share: keeping a promoted request in its slot to its end (run_to_end_after, learn_thin_classes)
+    runs work out of rank order that every waiting request waits for; it happens only while the largest cost the
+    model has seen is at most this share of FCFS's delay. Two slots: two requests of 15 engine seconds each run
+    alone first (the model sees what such a request costs), then the overload, with a third of them that the ranker
+    puts last. FCFS's delay stays under 16 x 15 s: under the default share the third is back in rank order after
+    each quantum, its second included; with the share at 1 it runs to its end at its second promotion (FCFS's
+    delay is past 15 s by then)."""
+    def huge(t, score):
+        return TraceEntry(arrival_time=t, prompt_len=16, output_len=3000, score=score, bucket=0)
+
+    start = 40.0
+    trace = [huge(0.0, 10.0), huge(0.0, 10.0), huge(start + 30.0, -10.0),
+             *(e._replace(arrival_time=e.arrival_time + start) for e in overload_trace())]
+    config = StarvationConfig(slack_s=5.0, learn_thin_classes=False, max_promoted_share=1.0)
+
+    def third(share):
+        result = simulate(trace, Scheduler(make_policy("ltr"), 2, starvation=replace(config, run_to_end_share=share)),
+                          ConstantStep())
+        return next(r for r in result.records if r.true_output_len == 3000 and r.arrival_time > 0)
+
+    requeued, whole = third(config.run_to_end_share), third(1.0)
+    assert requeued.promotions == whole.promotions == config.run_to_end_after
+    assert whole._runs_to_end and whole.preemptions == 1  # displaced once by the ranking, never after
+    assert not requeued._runs_to_end and requeued.preemptions > whole.preemptions
+
+
+def test_idle_time_before_an_arrival_is_no_ones_cost():
+    """fcfs-slack attributes the interval that ends with a request's add to that request (its ranker pass), unless
+    the engine had nothing to do since the last event: then that interval was idle, and no request's cost."""
+    sched = Scheduler(make_policy("ltr"), 2, starvation=StarvationConfig())
+    first = Request("first", 0.0, 4, 2, score=0.0)
+    sched.add(first, 0.0)
+    sched.schedule(0.0)
+    sched.on_token(first, 0.1)
+    sched.on_token(first, 0.2)
+    sched.finish(first, 0.2)
+    later = Request("later", 100.0, 4, 2, score=0.0)
+    sched.add(later, 100.05)  # arrived after 99.8 s of idling; its ranker pass took the last 0.05 s
+    other = Request("other", 100.0, 4, 2, score=0.0)
+    sched.add(other, 100.1)  # the engine is busy ranking now: this interval is this one's pass
+    assert later._work_s == 0.0
+    assert other._work_s == pytest.approx(0.05)

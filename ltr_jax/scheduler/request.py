@@ -69,6 +69,7 @@ class Request:
     _work_s: float = field(default=0.0, repr=False)  # engine seconds it has cost (fcfs-slack starvation control)
     _started: bool = field(default=False, repr=False)  # it has had a slot
     _learner: bool = field(default=False, repr=False)  # promoted to run to its end for the cost model (fcfs-slack)
+    _runs_to_end: bool = field(default=False, repr=False)  # promoted to keep its slot until it finishes (fcfs-slack)
     _rest_anchor: float = field(default=0.0, repr=False)  # running: expected rest + the share clock when estimated
 
     def __post_init__(self) -> None:

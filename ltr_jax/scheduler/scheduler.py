@@ -22,10 +22,11 @@ first token) exceeds ``threshold_s`` is promoted. Under either, a promoted reque
 one, by when it was promoted; its quantum is ``quantum_s`` from then (fcfs-slack) or from the moment it became
 starved (threshold), and once that has passed and it has produced a token since promotion it is demoted (under
 fcfs-slack, unless it has been promoted ``run_to_end_after`` times, or was promoted from a score class the cost
-model has too few finished requests of (``learn_thin_classes``): then it keeps its slot and priority until it
-finishes). With ``requeue_after_quantum`` a demoted request that holds its slot through the promotion is back in
-rank order: a better-ranked waiting request may take that slot even past the cap (the paper's "promoted for a
-quantum"); when it is off, a promotion runs the request to its end. Threshold guarantee (tested in the simulator):
+model has too few finished requests of (``learn_thin_classes``), and such a run is affordable (``run_to_end_share``,
+a promoted slot left free): then it keeps its slot and priority until it finishes). With ``requeue_after_quantum``
+a demoted request that holds its slot through the promotion is back in rank order: a better-ranked waiting request
+may take that slot even past the cap (the paper's "promoted for a quantum"); when it is off, a promotion runs the
+request to its end. Threshold guarantee (tested in the simulator):
 with at most 2 x num_slots requests in the system, no prefill budget and no preemption cap, max_waiting_time <=
 threshold + quantum + one iteration + one boundary's prefill phase. In overload no fixed threshold can be kept
 (every request needs a token per threshold + quantum); fcfs-slack's bound grows with FCFS's own delay instead.
@@ -129,6 +130,7 @@ class Scheduler:
         self._work_model = WorkModel()
         self._learners: dict[Request, None] = {}  # promoted to run to their end for the model, since its refresh
         self._live_learners: dict[Request, None] = {}  # those not finished yet
+        self._to_end: dict[Request, None] = {}  # promoted to keep their slots until they finish, not finished yet
         self._learned_s = 0.0  # engine seconds of the learners that finished
         self._engine_s = 0.0  # engine seconds attributed so far
         self._finishes_since_refresh = 0
@@ -234,7 +236,10 @@ class Scheduler:
         self._next_seq += 1
         self._by_id[req.request_id] = req
         if self._fcfs_slack:
-            self._attribute_interval(req, now, exclusive=True)  # ending with its add: its ranker pass
+            if self._running or self._waiting:
+                self._attribute_interval(req, now, exclusive=True)  # ending with its add: its ranker pass
+            else:  # the engine was idle since the last event: no one's cost (this ranker pass is lost with it)
+                self._event_time = now
             self._work_model.arrived(req.score)
             self._unstarted_scores.add(req.score)
         self._push_waiting(req, now)
@@ -337,6 +342,7 @@ class Scheduler:
         del self._by_id[req.request_id]
         req.state = RequestState.FINISHED
         req.finish_time = now
+        self._to_end.pop(req, None)
         if req._learner and self._live_learners.pop(req, 0) is None:
             self._learned_s += self._work_had(req)
         if self._fcfs_slack:
@@ -359,6 +365,7 @@ class Scheduler:
             self._unstarted_scores.remove(req.score)
         if req._learner and self._live_learners.pop(req, 0) is None:
             self._learned_s += self._work_had(req)
+        self._to_end.pop(req, None)
         req.state = RequestState.CANCELLED
         req.finish_time = now
         return req
@@ -568,19 +575,39 @@ class Scheduler:
         req._starved_at = now  # promoted requests are ordered by when they were promoted (oldest first)
         req._generated_at_promotion = req.generated
         self.num_promotions += 1
-        if self.starvation.learn_thin_classes and not req._learner:
-            model = self._work_model
-            k = model.score_class(req.score)
-            learning = sum(model.score_class(r.score) == k for r in self._learners)
-            # engine seconds the learning runs have taken or are expected to take, this one included
-            spent = self._learned_s + sum(max(self._work_had(r), model.estimate(r.score))
-                                          for r in (*self._live_learners, req))
-            if (model.finished_in_class(k) + learning < model.min_events
-                    and 0 < self.starvation.learn_share and spent <= self.starvation.learn_share * self._engine_s):
+        to_end = self.starvation.run_to_end_after
+        if not req._runs_to_end and (self.starvation.learn_thin_classes or (to_end and req.promotions >= to_end)):
+            affordable = self._run_to_end_affordable()
+            if affordable and self.starvation.learn_thin_classes and self._learns_from(req):
                 req._learner = True
                 self._learners[req] = None
                 self._live_learners[req] = None
+            req._runs_to_end = affordable and (req._learner or bool(to_end and req.promotions >= to_end))
+            if req._runs_to_end:
+                self._to_end[req] = None
         self._push_waiting(req, now)
+
+    def _run_to_end_affordable(self) -> bool:
+        """fcfs-slack: whether a promoted request may keep its slot to its end now: those already doing so leave at
+        least one of the promoted slots to the promotions that last a quantum (a request past its bound never waits
+        for a run to end), and the largest cost the model has seen (what one request run out of rank order may delay
+        everyone waiting by) is at most ``run_to_end_share`` of FCFS's delay now (the wait a request arriving now
+        would have ahead of it)."""
+        return (len(self._to_end) < self._promoted_slots - 1
+                and self._work_model.max_cost <= self.starvation.run_to_end_share * self.fcfs_delay_s())
+
+    def _learns_from(self, req: Request) -> bool:
+        """fcfs-slack, learn_thin_classes: whether ``req``, promoted, should run to its end for the cost model: its
+        score class has too few finished requests (counting the learners of that class) and the learning runs,
+        this one included, stay within ``learn_share`` of the engine's time so far."""
+        model = self._work_model
+        k = model.score_class(req.score)
+        learning = sum(model.score_class(r.score) == k for r in self._learners)
+        # engine seconds the learning runs have taken or are expected to take, this one included
+        spent = self._learned_s + sum(max(self._work_had(r), model.estimate(r.score))
+                                      for r in (*self._live_learners, req))
+        return (model.finished_in_class(k) + learning < model.min_events
+                and 0 < self.starvation.learn_share and spent <= self.starvation.learn_share * self._engine_s)
 
     def _quantum_over(self, req: Request, now: float) -> bool:
         return now >= req._starved_at + self.starvation.quantum_s and req.generated > req._generated_at_promotion
@@ -588,9 +615,7 @@ class Scheduler:
     def _demote_expired(self, now: float) -> None:
         if not self._running_promoted:
             return
-        to_end = self.starvation.run_to_end_after if self._fcfs_slack else 0
-        for req in [r for r in self._running_promoted
-                    if self._quantum_over(r, now) and not (to_end and r.promotions >= to_end) and not r._learner]:
+        for req in [r for r in self._running_promoted if self._quantum_over(r, now) and not r._runs_to_end]:
             del self._running_promoted[req]
             req.promoted = False
             req._rank = self._rank(req)

@@ -24,7 +24,12 @@ Two rules, chosen by ``rule``:
   through promotions, so without these their costs are known only as lower bounds, the estimate runs low and the
   rule promotes early and often; a request promoted by its age, not its length, is a fair sample of its class.
   Such runs are out of rank order, so a new one starts only while they, counted at what they have had or are
-  expected to cost (this one included), come to at most ``learn_share`` of the engine's time so far.
+  expected to cost (this one included), come to at most ``learn_share`` of the engine's time so far. Every run to
+  the end (either kind) holds a slot out of rank order that everyone waiting waits for, so it happens only while the
+  largest cost the model has seen is at most ``run_to_end_share`` of FCFS's delay (on a large engine one request is
+  a small part of everyone's wait; on a few slots it is not, and there promotions are quanta), and while such runs
+  leave at least one of the promoted slots to the promotions of a quantum (a request past its bound never waits for
+  someone's whole run).
   Promoted requests hold at most
   ``max_promoted_share`` of the slots while ranked requests wait (past that share the promise yields to the
   ranking).
@@ -84,6 +89,14 @@ class StarvationConfig:
                                                          "requests run to their end by learn_thin_classes may have "
                                                          "taken when another one starts")
 
+    # One request's rest is a small part of everyone's wait on a large engine and a large part of it on a few slots
+    # (benchmarks/RESULTS.md, fourth version).
+    run_to_end_share: float = setting(0.0625, ge=0, le=1, doc="fcfs-slack: a promoted request keeps its slot to its "
+                                                              "end (run_to_end_after, learn_thin_classes) only while "
+                                                              "the largest cost the cost model has seen is at most "
+                                                              "this share of FCFS's delay then; else it is back in "
+                                                              "rank order after its quantum")
+
     def __post_init__(self) -> None:
         if self.rule not in STARVATION_RULES:
             raise ValueError(f"StarvationConfig.rule must be one of {', '.join(STARVATION_RULES)}, got "
@@ -94,8 +107,10 @@ class StarvationConfig:
                 raise ValueError(f"StarvationConfig.{pname} must be a finite number > 0 seconds, got {value!r}")
         if not (isinstance(self.run_to_end_after, int) and self.run_to_end_after >= 0):
             raise ValueError(f"StarvationConfig.run_to_end_after must be an int >= 0, got {self.run_to_end_after!r}")
-        if not (isinstance(self.learn_share, (int, float)) and 0 <= self.learn_share <= 1):
-            raise ValueError(f"StarvationConfig.learn_share must be in [0, 1], got {self.learn_share!r}")
+        for pname in ("learn_share", "run_to_end_share"):
+            value = getattr(self, pname)
+            if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+                raise ValueError(f"StarvationConfig.{pname} must be in [0, 1], got {value!r}")
         share = self.max_promoted_share
         if not (isinstance(share, (int, float)) and 0 < share <= 1):
             raise ValueError(f"StarvationConfig.max_promoted_share must be in (0, 1], got {share!r}")
@@ -111,7 +126,7 @@ class StarvationConfig:
         if self.rule == "fcfs-slack":
             return {**common, "slack_s": self.slack_s, "max_promoted_share": self.max_promoted_share,
                     "run_to_end_after": self.run_to_end_after, "learn_thin_classes": self.learn_thin_classes,
-                    "learn_share": self.learn_share}
+                    "learn_share": self.learn_share, "run_to_end_share": self.run_to_end_share}
         return {**common, "threshold_s": self.threshold_s}
 
 
@@ -149,6 +164,7 @@ class WorkModel:
         self._curves: list[_Survival] = []
         self._finished: list[int] = [0]  # finished requests of each class in the sample at the last refresh
         self._tail = 0.0
+        self._max_cost = 0.0
 
     @property
     def ready(self) -> bool:
@@ -175,6 +191,7 @@ class WorkModel:
         if sum(done for _, (_, done) in kept) < self._min_events:
             return
         self._ready = True
+        self._max_cost = max(cost for _, (cost, _) in kept)
         arrived = sorted(self._arrived) or sorted(x[1] for x, _ in kept)
         n = len(arrived)
         edges = sorted({arrived[(k * n) // self._bins] for k in range(1, self._bins)})
@@ -216,6 +233,12 @@ class WorkModel:
     def finished_in_class(self, k: int) -> int:
         """Finished requests of class ``k`` in the sample at the last refresh (0 before the first)."""
         return self._finished[k] if self._ready else 0
+
+    @property
+    def max_cost(self) -> float:
+        """The largest cost (an unfinished request's: what it has had) in the sample at the last refresh (0 before
+        the first)."""
+        return self._max_cost
 
     @property
     def min_events(self) -> int:
