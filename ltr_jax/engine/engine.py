@@ -599,8 +599,7 @@ class Engine:
         `insert` of that prefix (into any slot, at any later cache length) resumes the request where it stopped:
         the same next token, nothing recomputed."""
         bucket = self._swap_bucket(slot)
-        prefix = self._extract(self.decode_state, np.int32(slot),
-                             bucket=bucket)
+        prefix = self._extract(self.decode_state, np.int32(slot), bucket=bucket)
         self.free(slot)
         return prefix
 
@@ -627,8 +626,7 @@ class Engine:
     def resize_cache(self, cache_len: int) -> None:
         """Set the cache length axis to `cache_len` (copying the live prefix); normally done by `fit_cache`."""
         if cache_len != self.cache_len:
-            self.decode_state = self._resize(self.decode_state,
-                                            cache_len=cache_len)
+            self.decode_state = self._resize(self.decode_state, cache_len=cache_len)
             self.cache_len = cache_len
 
     def planned_cache_len(self) -> int:
@@ -646,11 +644,9 @@ class Engine:
         """One decode step for all active slots. Returns the device array of new tokens [slots] (int32)."""
         self.fit_cache()
         self.stats.generate_calls += 1
-        self.decode_state, tokens = self._generate(self.params,
-                                                self.decode_state, self.host_active.copy())
+        self.decode_state, tokens = self._generate(self.params, self.decode_state, self.host_active.copy())
         self.host_lengths += self.host_active
         return tokens
-
 
     def pass_compiled(self, tokens, n_layers: int, bucket: int) -> bool:
         """Whether `generate_with_pass` of this prompt (its tokens after the shared prefix padded to ``bucket``) is
