@@ -3,6 +3,7 @@ tokenizer expressed as GGUF tokenizer metadata (for fast unit tests of the loade
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -127,6 +128,25 @@ def warm_engine_for():
         return cache_lens
 
     return warm
+
+
+@contextlib.contextmanager
+def lowerings():
+    """Collect the computations JAX lowers for compilation while the block runs (one per new compiled shape; a
+    shape already compiled lowers none)."""
+    import jax
+
+    events: list[str] = []
+
+    def listen(event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):

@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import wait_for
+from conftest import lowerings, wait_for
 
 from ltr_jax.engine.engine import Engine, EngineConfig, SlotSampling
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams
@@ -429,17 +429,8 @@ def test_loading_a_model_and_building_an_engine_compile_nothing():
     eager jnp op there would compile an executable per shape, and on a CPU each compiled executable stays resident
     (a few MB) for the life of the process. Shapes of its own, so no earlier test has compiled them already."""
     loaded = tiny_model(seed=3, dim=40, n_heads=5, n_kv_heads=1, ffn_dim=72, vocab_size=97)
-    lowerings = []
-
-    def count(event: str, duration: float, **_) -> None:
-        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-            lowerings.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(count)
-    try:
+    with lowerings() as compiled:
         for weight_dtype in ("", "bfloat16"):
             model = Llama.from_params(loaded.config.replace(weight_dtype=weight_dtype), loaded.params)
             Engine(model, EngineConfig(num_slots=3, max_seq_len=128))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(count)
-    assert lowerings == []
+    assert compiled == []

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import wait_for
+from conftest import lowerings, wait_for
 from flax import nnx
 
 from ltr_jax.engine import online
@@ -57,21 +57,12 @@ def test_judging_held_back_examples_compiles_one_shape_per_power_of_two_of_them(
     feats = np.random.default_rng(0).standard_normal((64, SPEC.feature_dim)).astype(np.float32)
     lengths, exact = np.arange(64, dtype=np.float32), np.arange(64) % 3 > 0
     online._head_scores(head, SPEC.method, feats[:40])  # compiles the 64-row shape
-    lowerings = []
-
-    def count(event: str, duration: float, **_) -> None:
-        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-            lowerings.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(count)
-    try:
+    with lowerings() as compiled:
         for n in (33, 50, 64):
             scores = online._head_scores(head, SPEC.method, feats[:n])
             assert scores.shape == (n,)
             online.concordance_tau(scores, lengths[:n], exact[:n])
-    finally:
-        jax.monitoring.unregister_event_duration_listener(count)
-    assert lowerings == []
+    assert compiled == []
     eager = np.asarray(online.scores_from_outputs(SPEC.method, head(jnp.asarray(feats[:50]))))
     np.testing.assert_allclose(online._head_scores(head, SPEC.method, feats[:50]), eager, rtol=1e-5, atol=1e-6)
 

@@ -112,6 +112,18 @@ def starve(sched, runners, t, until):
     return t
 
 
+def busy_and_starved(config: StarvationConfig, slots: int, n_busy: int, n_starved: int):
+    """A scheduler of ``slots`` slots at t = 0 with ``n_busy`` well-ranked requests (they take the slots) and
+    ``n_starved`` badly-ranked ones, all 500 tokens long; returns (scheduler, busy, starved)."""
+    sched = Scheduler(make_policy("ltr", max_preemptions=0), slots, starvation=config)
+    busy = [Request(f"b{i}", 0.0, 4, 500, score=5.0) for i in range(n_busy)]
+    starved = [Request(f"s{i}", 0.0, 4, 500, score=-5.0) for i in range(n_starved)]
+    for r in busy + starved:
+        sched.add(r, 0.0)
+    sched.schedule(0.0)
+    return sched, busy, starved
+
+
 def test_promoted_requests_displace_the_worst_ranked_and_keep_the_slot_for_their_quantum():
     sched = Scheduler(make_policy("ltr", max_preemptions=0), 2,
                       starvation=StarvationConfig(slack_s=1.5, quantum_s=0.5, max_promoted_share=1.0,
@@ -197,13 +209,7 @@ def test_a_promoted_request_of_a_class_with_too_few_finished_requests_runs_to_it
 
 
 def test_no_more_requests_of_a_class_run_to_their_end_for_the_model_than_it_needs():
-    config = StarvationConfig(slack_s=0.5, max_promoted_share=1.0)
-    sched = Scheduler(make_policy("ltr", max_preemptions=0), 40, starvation=config)
-    busy = [Request(f"b{i}", 0.0, 4, 500, score=5.0) for i in range(40)]
-    starved = [Request(f"s{i}", 0.0, 4, 500, score=-5.0) for i in range(40)]
-    for r in busy + starved:
-        sched.add(r, 0.0)
-    sched.schedule(0.0)
+    sched, busy, starved = busy_and_starved(StarvationConfig(slack_s=0.5, max_promoted_share=1.0), 40, 40, 40)
     starve(sched, busy, 0.0, 1.0)
     assert all(r.promoted for r in starved)
     learners = [r for r in starved if r._learner]
@@ -211,19 +217,12 @@ def test_no_more_requests_of_a_class_run_to_their_end_for_the_model_than_it_need
     assert learners == starved[:len(learners)]  # the first promoted, i.e. the oldest
 
 
-
 def test_runs_to_the_end_leave_a_promoted_slot_to_the_promotions_of_a_quantum():
     """Requests kept in their slots to their ends hold at most all but one of the promoted slots, so a request
     promoted past its bound gets its token within quanta, not after someone's whole run. Four slots, two of them
     for promotions: of three thin-class requests promoted at once, one runs to its end (a learner), and all three
     have a token within a second of their promotion."""
-    config = StarvationConfig(slack_s=0.5, quantum_s=0.25)
-    sched = Scheduler(make_policy("ltr", max_preemptions=0), 4, starvation=config)
-    busy = [Request(f"b{i}", 0.0, 4, 500, score=5.0) for i in range(4)]
-    starved = [Request(f"s{i}", 0.0, 4, 500, score=-5.0) for i in range(3)]
-    for r in busy + starved:
-        sched.add(r, 0.0)
-    sched.schedule(0.0)
+    sched, busy, starved = busy_and_starved(StarvationConfig(slack_s=0.5, quantum_s=0.25), 4, 4, 3)
     t = starve(sched, busy, 0.0, 0.8)
     assert all(r.promoted for r in starved)
     t = starve(sched, [*busy, *starved], t, t + 1.0)
@@ -236,13 +235,8 @@ def test_learning_runs_stop_at_their_share_of_the_engine_time():
     engine's time so far (on an engine of a few slots each one is a large share of it). Eight slots, all of them
     for promotions: the slots are not what stops them."""
     def learners(share):
-        sched = Scheduler(make_policy("ltr", max_preemptions=0), 8,
-                          starvation=StarvationConfig(slack_s=0.5, max_promoted_share=1.0, learn_share=share))
-        busy = [Request(f"b{i}", 0.0, 4, 500, score=5.0) for i in range(8)]
-        old = [Request(f"s{i}", 0.0, 4, 500, score=-5.0) for i in range(2)]
-        for r in busy + old:
-            sched.add(r, 0.0)
-        sched.schedule(0.0)
+        sched, busy, old = busy_and_starved(
+            StarvationConfig(slack_s=0.5, max_promoted_share=1.0, learn_share=share), 8, 8, 2)
         t = starve(sched, busy, 0.0, 0.8)  # the first one is promoted: a learner (none has run yet)
         late = Request("late", t, 4, 500, score=-5.0)
         sched.add(late, t)
