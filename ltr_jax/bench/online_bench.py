@@ -18,8 +18,10 @@ finished, against its length; a bootstrap 95% CI), mean latency and the head ver
 (`offline_tau`) is the static ranker's tau-b on the stream's prompts its training held out, which by default
 come last in the stream, so the last windows compare every head on prompts none was trained on. It also reports what
 training cost: its compute seconds over the loop's busy seconds, and the decode step-time distribution of steps
-run while a round was training against those that were not. ``--out`` writes report.json, report.md and
-online.png; ``--json`` prints a summary object as the last line of stdout.
+run while a round was training against those that were not. The summary's last window is the final
+``--window-s`` seconds of arrivals, so it is a full window whatever the calendar windows' last one holds.
+``--out`` writes report.json, report.md and online.png; ``--json`` prints a summary object as the last line of
+stdout.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from ltr_jax.bench.policy_bench import (
     warm_up,
 )
 from ltr_jax.bench.report import write_summary
+from ltr_jax.bench.workload import workload_capacity
 from ltr_jax.config import ConfigError, EngineRunConfig, load_config
 from ltr_jax.engine.engine import Engine
 from ltr_jax.engine.online import OnlineLearner
@@ -410,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sched = Scheduler(make_policy("fcfs"), engine.num_slots)
         obs, wall, _, _ = run_in_process(engine, loaded.tokenizer, sched, {"max_queue": len(probe) + 1}, "fcfs",
                                          probe, np.zeros(len(probe)), args, "capacity")
-        capacity = sum(o.reason == "length" for o in obs) / wall
+        capacity = workload_capacity(probe, items, sum(o.reason == "length" for o in obs) / wall)
         rate = args.load * capacity
         print(f"capacity {capacity:.3f} req/s: rate {rate:.3f} req/s", file=sys.stderr)
     arrivals = make_arrivals("poisson", len(items), rate, 1.0, seed=args.seed)
@@ -455,29 +458,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
+def last_window(records: list[dict], window_s: float) -> tuple[float, float]:
+    """[start, end) of the final ``window_s`` seconds of arrivals: a full window, however few requests the last
+    calendar window (``windows_of``) happens to hold."""
+    last = max(r["arrival_s"] for r in records if r["complete"])
+    return last - window_s, math.nextafter(last, math.inf)
+
+
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers: for each online arm its first and last window's live tau-b (with CIs), minutes of
-    served traffic until a window reached 90% of the offline tau, the last window's latency against the static
-    ranker's, and training's share of busy time. The top-level keys are the untrained arm's (else the first)."""
+    """The headline numbers: for each online arm its first window's and its last window's (`last_window`) live
+    tau-b with CIs, minutes of served traffic until a window reached 90% of the offline tau, the last window's
+    mean latency against the static ranker's on the same requests (paired bootstrap CI), and training's share of
+    busy time. The top-level keys are the untrained arm's (else the first)."""
     offline = report["offline_tau"]["tau_b"]
     target = 0.9 * offline if offline is not None else None
     arms = report["arms"]
     per_arm = {}
     for arm in (a for a in ONLINE_ARMS if a in arms):
         ws = [w for w in arms[arm]["windows"] if w["tau_b"] is not None]
-        static_ws = {w["window"]: w for w in arms.get("static", {}).get("windows", [])}
-        last = arms[arm]["windows"][-1] if arms[arm]["windows"] else None
+        records = arms[arm]["records"]
+        start, end = last_window(records, report["window_s"])
+        tail = tau_with_ci([r for r in records if r["complete"] and start <= r["arrival_s"] < end])
+        vs_static = (latency_ratio_with_ci(records, arms["static"]["records"], start, end) if "static" in arms
+                     else {"ratio": None, "ci95": None, "n": 0})
         per_arm[arm] = {
             "tau_first_window": ws[0]["tau_b"] if ws else None, "ci95_first_window": ws[0]["ci95"] if ws else None,
-            "tau_last_window": ws[-1]["tau_b"] if ws else None, "ci95_last_window": ws[-1]["ci95"] if ws else None,
+            "tau_last_window": tail["tau_b"], "ci95_last_window": tail["ci95"],
+            "last_window_s": [round(start, 1), round(end, 1)], "last_window_requests": tail["n"],
             "minutes_to_90pct_offline": minutes_to_fraction(ws, target),
-            "last_window_latency_vs_static": (round(last["mean_latency_s"] / static_ws[last["window"]]
-                                                    ["mean_latency_s"], 3)
-                                              if last and last["window"] in static_ws else None),
-            "last_window_latency_vs_static_ci95": (
-                latency_ratio_with_ci(arms[arm]["records"], arms["static"]["records"], last["start_s"],
-                                      last["end_s"])["ci95"]
-                if last and last["window"] in static_ws and "records" in arms["static"] else None),
+            "last_window_latency_vs_static": vs_static["ratio"],
+            "last_window_latency_vs_static_ci95": vs_static["ci95"],
             "train_share_of_busy": round(arms[arm]["train_share_of_busy"], 5),
             "head_versions": (arms[arm]["online"] or {}).get("online_accepted_version"),
         }
