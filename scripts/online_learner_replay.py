@@ -8,7 +8,14 @@ its Llama-3-8B answer length times ``--length-scale``; requests finish in arriva
 what the learner's choices (swap rule, optimizer) do to the head a stream ends with, quickly and over many seeds;
 `python -m ltr_jax.bench online` measures the same on the real engine, with latency.
 
+With ``--simulate-load L`` it serves each seed's stream in the simulator instead (the real `Scheduler`, a 4-slot
+CPU step model as `scripts/starvation_cpu_proxy.py`'s, Poisson arrivals at L x the stream's capacity) under fcfs,
+the static ranker and an untrained head learning online (examples at each request's finish, rounds at batch
+boundaries, every request still here rescored by an accepted head), and compares the online arm's latency with
+the static ranker's per window of arrivals and over the final ``--window-s`` of them.
+
     PYTHONPATH=. python scripts/online_learner_replay.py --static-ranker DIR --seeds 0-19 [--set margin=0.02]
+    PYTHONPATH=. python scripts/online_learner_replay.py --static-ranker DIR --seeds 0-19 --simulate-load 1.0
 """
 
 from __future__ import annotations
@@ -86,18 +93,19 @@ class StepClock:
         return self.t
 
 
-def simulate_latency(args, config, spec, scores, data, x_all, lengths_all, rows, static_scores) -> None:
+def simulate_latency(args, config, spec, scores, data, x_all, lengths_all, rows, static_scores, stream_order) -> None:
     step = MeasuredStepTime((args.decode_s, 0.0, 0.0), (0.015, 0.0007), 1e-4)
     ranker = partial(_ranker_time, 0.047 / step.prefill_time(80), step)  # a pass ~47 ms, reused by the prefill
     ratios = []
     for seed in parse_seeds(args.seeds):
-        order = np.random.default_rng(seed).permutation(len(rows))
+        order = stream_order(seed)
         idx = [rows[i] for i in order]
         feats, lens = x_all[idx], lengths_all[idx]
         prompt = [len(data.tokens[i]) for i in idx]
         ids = [f"{k}-{data.ids[i]}" for k, i in enumerate(idx)]
         burst = [TraceEntry(0.0, pl, int(ol)) for pl, ol in zip(prompt[:64], lens[:64])]
-        capacity = len(burst) / simulate(burst, Scheduler(make_policy("fcfs"), 4), step).sim_time_s
+        burst_rate = len(burst) / simulate(burst, Scheduler(make_policy("fcfs"), 4), step).sim_time_s
+        capacity = burst_rate * float(np.mean(lens[:64])) / float(np.mean(lens))  # as `bench.workload_capacity`
         arrivals = make_arrivals("poisson", len(idx), args.simulate_load * capacity, seed=seed)
         out = {}
         for arm in ("fcfs", "static", "online"):
@@ -144,6 +152,8 @@ def main() -> None:
     p.add_argument("--config", default="configs/ranker_alpacaeval_llama3_8b.yaml")
     p.add_argument("--static-ranker", required=True, help="the offline ranker (its val split makes the stream)")
     p.add_argument("--seeds", default="0-9")
+    p.add_argument("--stream", choices=("held-out", "all"), default="held-out", help="held-out: the prompts the "
+                   "static ranker's training held out; all: its training prompts first, then those")
     p.add_argument("--length-scale", type=float, default=0.15)
     p.add_argument("--rate", type=float, default=1.8, help="requests per clock second (for interval_s)")
     p.add_argument("--window", type=int, default=86, help="requests per reported window")
@@ -172,7 +182,9 @@ def main() -> None:
     salt = str(trained.get("split_salt", DEFAULT_SPLIT_SALT))
     x_all = np.concatenate([feats.mean, feats.last], axis=1) if spec.pooling == "mean+last" else \
         (feats.mean if spec.pooling == "mean" else feats.last)
-    rows = [i for i, rid in enumerate(data.ids) if is_validation(rid, fraction, salt)]
+    held = [i for i, rid in enumerate(data.ids) if is_validation(rid, fraction, salt)]
+    trained = [i for i, rid in enumerate(data.ids) if not is_validation(rid, fraction, salt)]
+    rows = held if args.stream == "held-out" else trained + held  # as `bench online --stream`: held-out last
     lengths_all = np.maximum(1, np.round(data.lengths * args.length_scale)).astype(int)
 
     overrides = {}
@@ -186,13 +198,19 @@ def main() -> None:
         return head_scores(spec.method, *nnx.split(head), x)
 
     static_scores = scores(static, x_all[rows])
-    offline = tau_b(static_scores, lengths_all[rows])
+    offline = tau_b(static_scores[len(rows) - len(held):], lengths_all[held])
+
+    def stream_order(seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        first = len(rows) - len(held)
+        return np.concatenate([rng.permutation(first), first + rng.permutation(len(held))]).astype(int)
+
     if args.simulate_load is not None:
-        simulate_latency(args, config, spec, scores, data, x_all, lengths_all, rows, static_scores)
+        simulate_latency(args, config, spec, scores, data, x_all, lengths_all, rows, static_scores, stream_order)
         return
     out = []
     for seed in parse_seeds(args.seeds):
-        order = np.random.default_rng(seed).permutation(len(rows))
+        order = stream_order(seed)
         idx = [rows[i] for i in order]
         clock = StepClock()
         learner = online.OnlineLearner(config, spec, RankerHead.for_spec(spec, seed=seed), clock=clock, seed=seed)
