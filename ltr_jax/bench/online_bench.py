@@ -333,8 +333,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--length-scale", type=float, default=0.15, help="multiply every replayed length (keeps their "
                    "order and shape; makes a CPU run of the whole stream take minutes)")
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="prompts longer than this are left out")
-    p.add_argument("--load", type=float, default=1.25, help="request rate as a multiple of the capacity measured "
-                   "on this machine (a burst of --capacity-probe requests under fcfs)")
+    p.add_argument("--load", type=float, default=1.0, help="request rate as a multiple of the workload's capacity "
+                   "measured on this machine (a burst of --capacity-probe requests under fcfs). At 1 the queue drains "
+                   "between bursts, so a late window measures the head serving it; above 1 a finite stream's backlog "
+                   "grows to its end, and a late window still carries the first minutes' misordering")
     p.add_argument("--rate", type=float, default=None, help="request rate in req/s (replaces --load)")
     p.add_argument("--capacity-probe", type=int, default=64, help="requests of the capacity burst")
     p.add_argument("--stream", choices=("all", "held-out"), default="all",
