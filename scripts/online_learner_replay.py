@@ -152,6 +152,8 @@ def main() -> None:
     p.add_argument("--config", default="configs/ranker_alpacaeval_llama3_8b.yaml")
     p.add_argument("--static-ranker", required=True, help="the offline ranker (its val split makes the stream)")
     p.add_argument("--seeds", default="0-9")
+    p.add_argument("--start-ranker", default=None, help="start the learner from this export's head (e.g. a ranker "
+                   "trained on other traffic) instead of an untrained one")
     p.add_argument("--stream", choices=("held-out", "all"), default="held-out", help="held-out: the prompts the "
                    "static ranker's training held out; all: its training prompts first, then those")
     p.add_argument("--length-scale", type=float, default=0.15)
@@ -190,8 +192,9 @@ def main() -> None:
     overrides = {}
     for kv in args.set:
         k, v = kv.split("=", 1)
-        overrides[k] = type(getattr(OnlineLearningConfig(), k))(v) if getattr(OnlineLearningConfig(), k) is not None \
-            else v
+        default = getattr(OnlineLearningConfig(), k)
+        overrides[k] = (v.lower() in ("1", "true", "yes") if isinstance(default, bool) else
+                        type(default)(v) if default is not None else v)
     config = dataclasses.replace(OnlineLearningConfig(enabled=True, cpu_share=1.0, max_train_s=1e9), **overrides)
 
     def scores(head, x):
@@ -213,8 +216,9 @@ def main() -> None:
         order = stream_order(seed)
         idx = [rows[i] for i in order]
         clock = StepClock()
-        learner = online.OnlineLearner(config, spec, RankerHead.for_spec(spec, seed=seed), clock=clock, seed=seed)
-        live = RankerHead.for_spec(spec, seed=seed)
+        start = load_ranker(args.start_ranker)[0] if args.start_ranker else RankerHead.for_spec(spec, seed=seed)
+        learner = online.OnlineLearner(config, spec, start, clock=clock, seed=seed)
+        live = start
         live_scores, versions = [], []
         for n, i in enumerate(idx):
             clock.t = n / args.rate

@@ -63,7 +63,7 @@ from ltr_jax.scheduler.policies import make_policy
 from ltr_jax.scheduler.scheduler import Scheduler
 from ltr_jax.sim.trace import make_arrivals
 from ltr_jax.train.data import DEFAULT_SPLIT_SALT, is_validation, shared_dir
-from ltr_jax.train.metrics import bootstrap_ci, tau_b
+from ltr_jax.train.metrics import bootstrap_ci, tau_b, tau_difference_ci
 
 ARMS = ("fcfs", "static", "online-untrained", "online-mismatched")
 ONLINE_ARMS = ("online-untrained", "online-mismatched")
@@ -172,8 +172,13 @@ def serve_arm(arm: str, engine: Engine, loaded, items, arrivals, args, scorer, h
 
 
 # ------------------------------------------------------------------------------------------------ report
+def _scored(record: dict) -> bool:
+    """A finished request whose true length and score are known (a report's records hold None for nan)."""
+    return record["complete"] and record["exact"] and record["score"] is not None and math.isfinite(record["score"])
+
+
 def tau_with_ci(records: list[dict], seed: int = 0) -> dict[str, Any]:
-    rows = [r for r in records if r["complete"] and r["exact"] and math.isfinite(r["score"])]
+    rows = [r for r in records if _scored(r)]
     if len(rows) < MIN_WINDOW_REQUESTS:
         return {"tau_b": None, "ci95": None, "n": len(rows)}
     scores = np.array([r["score"] for r in rows])
@@ -483,8 +488,17 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         tail = tau_with_ci([r for r in records if r["complete"] and start <= r["arrival_s"] < end])
         vs_static = (latency_ratio_with_ci(records, arms["static"]["records"], start, end) if "static" in arms
                      else {"ratio": None, "ci95": None, "n": 0})
+        rise = None
+        if ws:  # last window minus first, each resampled on its own: did live tau-b rise beyond the noise?
+            first = [r for r in records if _scored(r) and ws[0]["start_s"] <= r["arrival_s"] < ws[0]["end_s"]]
+            last = [r for r in records if _scored(r) and start <= r["arrival_s"] < end]
+            if len(last) >= MIN_WINDOW_REQUESTS:
+                diff, lo, hi = tau_difference_ci(*(([r["score"] for r in rs], [r["length"] for r in rs])
+                                                   for rs in (first, last)))
+                rise = {"tau_b": round(diff, 4), "ci95": [round(lo, 4), round(hi, 4)]}
         per_arm[arm] = {
             "tau_first_window": ws[0]["tau_b"] if ws else None, "ci95_first_window": ws[0]["ci95"] if ws else None,
+            "tau_rise_first_to_last": rise,
             "tau_last_window": tail["tau_b"], "ci95_last_window": tail["ci95"],
             "last_window_s": [round(start, 1), round(end, 1)], "last_window_requests": tail["n"],
             "minutes_to_90pct_offline": minutes_to_fraction(ws, target),
