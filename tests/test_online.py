@@ -157,6 +157,8 @@ def test_a_head_fitted_to_other_traffic_is_replaced_by_a_fresh_lineage_it_cannot
     assert both.version == 1 and both.metrics["last_candidate_tau"] > 0.3
     assert load_ranker(tmp_path / "both" / "v" / "v000001")[2]["lineage"] == "fresh"
     assert both._fresh is None  # the lineages met: training goes on from the live head alone
+    assert set(warm_only.round_log[-1]["candidate_taus"]) == {"warm"}
+    assert set(both.round_log[-1]["candidate_taus"]) == {"warm", "fresh"} and both.round_log[-1]["accepted"] == "fresh"
     fresh_start = _learner(tmp_path / "untrained", RankerHead.for_spec(SPEC, seed=1))
     assert fresh_start._fresh is None  # an untrained head is its own fresh lineage
 

@@ -167,6 +167,7 @@ def serve_arm(arm: str, engine: Engine, loaded, items, arrivals, args, scorer, h
     return {"records": records, "live_since_s": live_since, "wall_s": wall, "busy_s": stats["busy_seconds"],
             "train_seconds": train_s,
             "online": learner.stats() if learner is not None and learner.learn else None,
+            "rounds": list(learner.round_log) if learner is not None and learner.learn else None,
             "train_steps": learner.metrics["train_steps"] if learner is not None else 0,
             "steps": recorder.steps, "preemptions": stats["preemptions"]}
 
@@ -441,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "wall_s": round(res["wall_s"], 1), "busy_s": round(res["busy_s"], 4),
                    "train_seconds": round(res["train_seconds"], 4), "train_steps": res["train_steps"],
                    "train_share_of_busy": res["train_seconds"] / max(res["busy_s"], 1e-9),
-                   "online": res["online"], "preemptions": res["preemptions"],
+                   "online": res["online"], "rounds": res["rounds"], "preemptions": res["preemptions"],
                    "windows": windows_of(res, args.window_s),
                    "step_times_ms": step_times(res["steps"], engine.num_slots),
                    "tau_all": tau_with_ci(done) if arm != "fcfs" else None,

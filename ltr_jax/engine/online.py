@@ -260,6 +260,7 @@ class OnlineLearner:
         self.training = False  # a round is running in the background thread
         self._added_at_last_round = 0
         self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)  # (score, exact length)
+        self.round_log: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)  # the latest rounds
         self.metrics: dict[str, Any] = {"rounds": 0, "accepted": 0, "rejected": 0, "train_seconds": 0.0,
                                         "train_steps": 0,
                                         "last_candidate_tau": None, "last_live_tau": None}
@@ -332,7 +333,11 @@ class OnlineLearner:
         cand_tau, candidate, fresh = max(judged, key=lambda j: -math.inf if math.isnan(j[0]) else j[0])
         live_tau = concordance_tau(_head_scores(self._live, self.spec.method, feats), lengths, exact)
         self.metrics.update(last_candidate_tau=cand_tau, last_live_tau=live_tau)
-        if not (cand_tau > live_tau + self.config.margin):  # nan (no known pair) never wins
+        won = cand_tau > live_tau + self.config.margin  # nan (no known pair) never wins
+        self.round_log.append({"examples": len(train), "held_back": len(held), "live_tau": live_tau,
+                               "candidate_taus": {"fresh" if f else "warm": t for t, _, f in judged},
+                               "accepted": "fresh" if won and fresh else "warm" if won else None})
+        if not won:
             self.metrics["rejected"] += 1
             self.metrics["rounds"] += 1  # with its outcome, so a scrape sees rounds = accepted + rejected
             return False
