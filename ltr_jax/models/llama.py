@@ -166,6 +166,15 @@ class Block(nnx.Module):
     def out_proj(self, attn: jax.Array) -> jax.Array:
         return _matmul("...i,id->...d", attn, self.wo[...])
 
+    def prompt_pass(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, mask: jax.Array, past_kv=None):
+        """This block over a prompt pass's residual stream x [B, T, D] at ``positions`` [B, T], attention ``mask``
+        [B, T, P + T] (`prompt_mask`), after a cached prefix's (k, v) [1 or B, KV, P, hd] (None: none). Returns
+        (x after the block, this pass's own k, v [B, KV, T, hd])."""
+        q, k, v = self.qkv(x, positions, inv_freq)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        x = x + self.out_proj(self.attend(q, *_after_past(past_kv, k, v), mask))
+        return x + self.mlp(x), k, v
+
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         """q [B, T, H, hd]; k, v [B, KV, S, hd]; mask [B, T, S] (True = may attend). Returns [B, T, H*hd]."""
         c = self.config
@@ -266,17 +275,13 @@ class Llama(nnx.Module):
         exactly what one full pass does."""
         b, t, _ = x.shape
         blocks = list(self.layers)[start:stop]
-        p = _past_len(past)
+        p = past_len(past)
         if past and len(past) != len(blocks):
             raise ValueError(f"past holds K/V for {len(past)} blocks but {len(blocks)} blocks run")
-        positions = jnp.broadcast_to(p + jnp.arange(t, dtype=jnp.int32), (b, t))
-        mask = _prompt_mask(lengths, t, p)
+        positions, mask = prompt_positions(b, t, p), prompt_mask(lengths, t, p)
         kvs = []
         for i, blk in enumerate(blocks):
-            q, k, v = blk.qkv(x, positions, self.inv_freq[...])
-            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-            x = x + blk.out_proj(blk.attend(q, *_after_past(past[i] if p else None, k, v), mask))
-            x = x + blk.mlp(x)
+            x, k, v = blk.prompt_pass(x, positions, self.inv_freq[...], mask, past[i] if p else None)
             kvs.append((k, v))
         return x, kvs
 
@@ -320,9 +325,9 @@ class Llama(nnx.Module):
         mask = jnp.arange(cache_len)[None, :] <= positions[:, None]  # [B, S]
         xp, pass_kvs = None, []
         if pass_tokens is not None:
-            t, p = pass_tokens.shape[1], _past_len(past)
+            t, p = pass_tokens.shape[1], past_len(past)
             xp = self._embed(pass_tokens)
-            pass_mask = _prompt_mask(pass_length, t, p)
+            pass_mask = prompt_mask(pass_length, t, p)
             joint_positions = jnp.concatenate([positions, p + jnp.arange(t, dtype=positions.dtype)])[None]
         new_cache = []
         for i, (blk, (kc, vc)) in enumerate(zip(self.layers, cache)):
@@ -365,11 +370,16 @@ def _write_rows(cache: jax.Array, rows: jax.Array, at: jax.Array, keys: bool = F
     return flat.reshape(cache.shape)
 
 
-def _past_len(past: KVCache | None) -> int:
+def past_len(past: KVCache | None) -> int:
     return past[0][0].shape[2] if past else 0
 
 
-def _prompt_mask(lengths: jax.Array, t: int, p: int) -> jax.Array:
+def prompt_positions(b: int, t: int, p: int) -> jax.Array:
+    """[B, T] positions of prompt rows after a P-token cached prefix."""
+    return jnp.broadcast_to(p + jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+def prompt_mask(lengths: jax.Array, t: int, p: int) -> jax.Array:
     """[B, T, P + T] attention mask of right-padded rows of ``lengths`` after a P-token cached prefix: causal among
     the rows, keys past a row's length are padding, every prefix key is real and precedes every row."""
     causal = jnp.tril(jnp.ones((t, t), bool))
