@@ -1,6 +1,9 @@
 """The JetStream-style engine: prefill, insert into a decode slot, generate over all slots, free.
 
-Owns the device side of serving. Every call is one `jax.jit`-compiled pure function with static shapes:
+Owns the device side of serving, as `jax.jit`-compiled pure functions with static shapes. A decode step is one
+compiled call; a prefill runs its blocks one compiled block per call (`ltr_jax.models.blockwise`: one compiled
+block serves every layer, and the ranker's pass over the same prompt shape), then one call samples its first
+token and assembles its `Prefix`:
 
 * `prefill(tokens, sampling)`      -> `Prefix`: the prompt (padded to a length bucket) run causally; its K/V and its
                                       first sampled token stay on the device.
@@ -124,23 +127,26 @@ def _joined_kv(past, kv):
             for (pk, pv), (k, v) in zip(past, kv)]
 
 
-def _finish(model: Llama, past, x, kv, n_new, temperature, top_k, top_p, seed) -> tuple[Prefix, ...]:
+def _rows_end(past, x, kv, n_new):
     """The end of a prefill whose blocks ran (`blockwise.run_blocks`): x [R, T, D] after the last block, ``kv``
     every block's (k, v) [R, KV, T, hd] of rows of ``n_new`` [R] real tokens after the cached prefix ``past``
-    (per-layer K/V; empty for none), per-row sampling settings [R]. Samples each row's first token from its last
-    position's logits; returns one `Prefix` per row, each shaped as a single prompt's, so the inserts compiled for
-    single prefills take them."""
+    (per-layer K/V; empty for none). Returns (each row's residual at its last position [R, D], each row's K/V
+    after the prefix's, per layer [1, KV, P + T, hd]: a single prompt's `Prefix.kv`)."""
     last = jnp.take_along_axis(x, (n_new - 1)[:, None, None], axis=1)[:, 0]
-    logits = model.logits(last)
-    lengths = n_new + (past[0][0].shape[2] if past else 0)
-    new = sample_tokens(logits, temperature, top_k, top_p, seed, lengths)
-    return tuple(Prefix(_joined_kv(past, [(k[i:i + 1], v[i:i + 1]) for k, v in kv]), lengths[i], new[i],
-                        temperature[i], top_k[i], top_p[i], seed[i]) for i in range(x.shape[0]))
+    return last, tuple(_joined_kv(past, [(k[i:i + 1], v[i:i + 1]) for k, v in kv]) for i in range(x.shape[0]))
 
 
-def _prefill_finish_fn(graphdef, state, past, x, kv, n_new, temperature, top_k, top_p, seed):
-    """`_finish` of a prefill of rows of new tokens (single prompts are one row)."""
-    return _finish(nnx.merge(graphdef, state), past, x, kv, n_new, temperature, top_k, top_p, seed)
+def _prefill_end_fn(past, x, kv, n_new):
+    """`_rows_end` of a prefill of rows of new tokens (a single prompt is one row)."""
+    return _rows_end(past, x, kv, n_new)
+
+
+def _first_tokens_fn(graphdef, state, last, lengths, temperature, top_k, top_p, seed):
+    """Each prefilled row's first token, from its last position's residual ``last`` [R, D] (``lengths`` [R]: its
+    tokens, the shared prefix's included; per-row sampling settings [R]). Returns, per row, the `Prefix` fields
+    after ``kv``. No input depends on the padded length, so one executable serves every prompt shape."""
+    new = sample_tokens(nnx.merge(graphdef, state).logits(last), temperature, top_k, top_p, seed, lengths)
+    return tuple((lengths[i], new[i], temperature[i], top_k[i], top_p[i], seed[i]) for i in range(last.shape[0]))
 
 
 def _fit_length(x: jax.Array, axis: int, n: int) -> jax.Array:
@@ -157,14 +163,13 @@ def _rest_start_fn(bucket: int, dtype: str, hidden):
     return _fit_length(hidden, 0, bucket)[None].astype(dtype)
 
 
-def _rest_finish_fn(graphdef, state, past, x, upper, lower_kv, length, temperature, top_k, top_p, seed):
-    """`_finish` of a prefill whose first blocks the ranker's pass ran: their K/V ``lower_kv`` [N, 2, KV, T, hd]
+def _rest_end_fn(past, x, upper, lower_kv, length):
+    """`_rows_end` of a prefill whose first blocks the ranker's pass ran: their K/V ``lower_kv`` [N, 2, KV, T, hd]
     (padded to its own length), then the other blocks' ``upper``, for ``length`` [1] tokens after ``past``."""
     bucket, n_low = x.shape[1], lower_kv.shape[0]
     lower_kv = _fit_length(lower_kv, 3, bucket)
     lower = [(lower_kv[i, 0][None], lower_kv[i, 1][None]) for i in range(n_low)]
-    return _finish(nnx.merge(graphdef, state), past, x, lower + list(upper), length, temperature, top_k, top_p,
-                   seed)[0]
+    return _rows_end(past, x, lower + list(upper), length)
 
 
 def _insert_fn(prefix: Prefix, decode_state: DecodeState, slot):
@@ -237,15 +242,17 @@ def _generate_pass_fn(graphdef, n_pass, state, decode_state: DecodeState, active
 # Module-level compiled functions (the graph definition is a static argument), so every engine over the same model
 # architecture shares one compilation cache.
 # The prompt passes run their blocks one compiled block per call (`ltr_jax.models.blockwise`); these are their ends.
-_PREFILL_FINISH = jax.jit(_prefill_finish_fn, static_argnums=(0,))
+# Sampling is most of a prefill's end in compiled code, so it is an executable of its own, shared by every shape.
+_PREFILL_END = jax.jit(_prefill_end_fn)
 _REST_START = jax.jit(_rest_start_fn, static_argnums=(0, 1))
-_REST_FINISH = jax.jit(_rest_finish_fn, static_argnums=(0,))
+_REST_END = jax.jit(_rest_end_fn)
+_FIRST_TOKENS = jax.jit(_first_tokens_fn, static_argnums=(0,))
 _INSERT = jax.jit(_insert_fn, donate_argnums=(1,))
 _GENERATE = jax.jit(_generate_fn, static_argnums=(0,), donate_argnums=(2,))
 _GENERATE_PASS = jax.jit(_generate_pass_fn, static_argnums=(0, 1), donate_argnums=(3,))
 _RESIZE = jax.jit(_resize_fn, static_argnames=("cache_len",))  # shapes change: nothing to donate
 _EXTRACT = jax.jit(_extract_fn, static_argnames=("bucket",))  # reads the state: the next step still donates it
-JITTED = (_PREFILL_FINISH, _REST_START, _REST_FINISH, _INSERT, _GENERATE, _GENERATE_PASS, _RESIZE, _EXTRACT,
+JITTED = (_PREFILL_END, _REST_START, _REST_END, _FIRST_TOKENS, _INSERT, _GENERATE, _GENERATE_PASS, _RESIZE, _EXTRACT,
           *blockwise.JITTED)
 
 
@@ -300,8 +307,7 @@ class Engine:
         # the same arrays as params, as the blockwise prompt passes take them: one weights dict per block
         self.weights = Llama.state_params(self.params)
         self._inv_freq = nnx.to_pure_dict(self.params)["inv_freq"]
-        self._prefill_finish = functools.partial(_PREFILL_FINISH, self.graphdef)
-        self._rest_finish = functools.partial(_REST_FINISH, self.graphdef)
+        self._first_tokens = functools.partial(_FIRST_TOKENS, self.graphdef)
         self._insert = _INSERT
         self._generate = functools.partial(_GENERATE, self.graphdef)
         self._generate_pass = functools.partial(_GENERATE_PASS, self.graphdef)
@@ -526,7 +532,13 @@ class Engine:
         x = blockwise.embed(self.model_config, self.weights["embed"], padded)
         x, kv = blockwise.run_blocks(self.model_config, self.weights["layers"], self._inv_freq, x, n_new,
                                      list(past) or None)
-        return self._prefill_finish(self.params, past, x, kv, n_new, *_sampling_rows(samplings))
+        return self._finish(*_PREFILL_END(past, x, kv, n_new), n_new + start, samplings)
+
+    def _finish(self, last, kv_rows, lengths: np.ndarray, samplings: list[SlotSampling]) -> tuple[Prefix, ...]:
+        """One `Prefix` per prefilled row: its K/V and its first token, sampled from its last position's residual
+        ``last`` [R, D] (``lengths``: each row's tokens, shared prefix included)."""
+        fields = self._first_tokens(self.params, last, np.asarray(lengths, np.int32), *_sampling_rows(samplings))
+        return tuple(Prefix(kv, *f) for kv, f in zip(kv_rows, fields))
 
     def _prefill_new(self, tokens, start: int, sampling: SlotSampling, bucket: int | None) -> Prefix:
         """The prefill of ``tokens`` after the first ``start`` tokens, which are the shared prefix (0: none)."""
@@ -563,8 +575,8 @@ class Engine:
         x = _REST_START(bucket, str(jnp.dtype(c.dtype)), self._commit(state.hidden))
         x, upper = blockwise.run_blocks(c, self.weights["layers"][layers:], self._inv_freq, x,
                                         np.asarray([n], np.int32), list(past[layers:]) or None)
-        return self._rest_finish(self.params, past, x, upper, self._commit(state.kv), np.asarray([n], np.int32),
-                                 *_sampling_rows([sampling]))
+        n_new = np.asarray([n], np.int32)
+        return self._finish(*_REST_END(past, x, upper, self._commit(state.kv), n_new), n_new + start, [sampling])[0]
 
     def warmup_prefill_from_state(self, n_layers: int, lengths: list[int], starts: list[int] | None = None) -> float:
         """Compile `prefill_from_state` for backbone states of ``n_layers`` blocks padded to each of ``lengths``,

@@ -1,17 +1,18 @@
 """The Llama-3 family as a Flax NNX module, with an explicit, donatable KV cache.
 
 Owns: RMSNorm, rotary embeddings (plain and Llama-3.1 "llama3" scaled), grouped-query attention, the SwiGLU MLP,
-optional tied embeddings, and the three forward passes the rest of the stack needs:
+optional tied embeddings, and the forward passes the rest of the stack needs:
 
-* `Llama.prefill`  - one padded prompt, causal attention, returns logits and that prompt's K/V per layer;
+* `Block.prompt_pass` - one block over a prompt pass's padded rows, causal attention, returning the rows' K/V;
+                     a pass can continue a cached shared prefix (``past``: its K/V), so a prompt that starts with
+                     the chat template's fixed header runs only the tokens after it. The serving path runs it one
+                     compiled block per call (`ltr_jax.models.blockwise`); `Llama.run_blocks` unrolls it in one
+                     graph (training features, tests, the reference);
 * `Llama.decode`   - one new token for each of B decode slots, reading and writing a per-layer KV cache
                      in place (one scatter of B x kv_heads rows; the cache buffers are donated by the engine, so
-                     no step copies the cache);
-* `Llama.prefill_from` - the rest of a prefill from the hidden state after its first blocks (the ranker runs
-                     those blocks when it scores a prompt, so admission need not run them again);
-  every prompt pass can also continue a cached shared prefix (``past``: its K/V), so a prompt that starts with
-  the chat template's fixed header runs only the tokens after it;
-* `reference_forward` / `hidden_states` - plain full-sequence passes for tests and the ranker backbone.
+                     no step copies the cache), all blocks in one compiled step;
+* `Llama.decode_with_pass` - the same step, carrying one prompt's pass through the first blocks;
+* `reference_forward` / `hidden_states` - plain full-sequence passes for tests and training features.
 
 Decode KV cache layout: a list with one `(k, v)` pair per layer, k `[slots, kv_heads, head_dim, cache_len]` and v
 `[slots, kv_heads, cache_len, head_dim]`: each is the layout its product in decode attention wants (scores = q . k
@@ -271,7 +272,7 @@ class Llama(nnx.Module):
         (a cached shared prefix): the rows then sit at positions P.. and attend to all P prefix keys first.
 
         Returns (x after the last of them, their own (k, v) [B, KV, T, hd] per block, without the prefix's). A
-        prefill split in two (`hidden` up to block n, then `prefill_from` at n), or split after a prefix, computes
+        pass split in two (blocks up to n, then from n), or split after a prefix, computes
         exactly what one full pass does."""
         b, t, _ = x.shape
         blocks = list(self.layers)[start:stop]
@@ -284,20 +285,6 @@ class Llama(nnx.Module):
             x, k, v = blk.prompt_pass(x, positions, self.inv_freq[...], mask, past[i] if p else None)
             kvs.append((k, v))
         return x, kvs
-
-    def prefill(self, tokens: jax.Array, lengths: jax.Array, past: KVCache | None = None):
-        """tokens [B, T] right-padded, lengths [B] (``past``: a cached prefix they continue, see `run_blocks`).
-        Returns (logits at row length-1 [B, V], kv list of these tokens)."""
-        return self.prefill_from(self._embed(tokens), lengths, 0, past)
-
-    def prefill_from(self, x: jax.Array, lengths: jax.Array, start: int, past: KVCache | None = None):
-        """The rest of a prefill whose first ``start`` blocks already ran: x [B, T, D] is their output (``past``: a
-        shared prefix's K/V for blocks ``start`` onwards, as in `run_blocks`).
-
-        Returns (logits at row length-1 [B, V], (k, v) of blocks ``start`` onwards, without the prefix's)."""
-        x, kvs = self.run_blocks(x, lengths, start, past=past)
-        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        return self.logits(last), kvs
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache):
         """One token per slot. tokens, positions: [B]. Writes K/V at `positions`, attends over positions <= own.
