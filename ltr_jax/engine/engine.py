@@ -2,8 +2,8 @@
 
 Owns the device side of serving, as `jax.jit`-compiled pure functions with static shapes. A decode step is one
 compiled call; a prefill runs its blocks one compiled block per call (`ltr_jax.models.blockwise`: one compiled
-block serves every layer, and the ranker's pass over the same prompt shape), then one call samples its first
-token and assembles its `Prefix`:
+block serves every layer, and the ranker's pass over the same prompt shape), then one call per prompt shape takes
+its last position and joins its K/V, and one call shared by every shape samples its first token:
 
 * `prefill(tokens, sampling)`      -> `Prefix`: the prompt (padded to a length bucket) run causally; its K/V and its
                                       first sampled token stay on the device.
@@ -136,11 +136,6 @@ def _rows_end(past, x, kv, n_new):
     return last, tuple(_joined_kv(past, [(k[i:i + 1], v[i:i + 1]) for k, v in kv]) for i in range(x.shape[0]))
 
 
-def _prefill_end_fn(past, x, kv, n_new):
-    """`_rows_end` of a prefill of rows of new tokens (a single prompt is one row)."""
-    return _rows_end(past, x, kv, n_new)
-
-
 def _first_tokens_fn(graphdef, state, last, lengths, temperature, top_k, top_p, seed):
     """Each prefilled row's first token, from its last position's residual ``last`` [R, D] (``lengths`` [R]: its
     tokens, the shared prefix's included; per-row sampling settings [R]). Returns, per row, the `Prefix` fields
@@ -243,7 +238,7 @@ def _generate_pass_fn(graphdef, n_pass, state, decode_state: DecodeState, active
 # architecture shares one compilation cache.
 # The prompt passes run their blocks one compiled block per call (`ltr_jax.models.blockwise`); these are their ends.
 # Sampling is most of a prefill's end in compiled code, so it is an executable of its own, shared by every shape.
-_PREFILL_END = jax.jit(_prefill_end_fn)
+_PREFILL_END = jax.jit(_rows_end)
 _REST_START = jax.jit(_rest_start_fn, static_argnums=(0, 1))
 _REST_END = jax.jit(_rest_end_fn)
 _FIRST_TOKENS = jax.jit(_first_tokens_fn, static_argnums=(0,))
