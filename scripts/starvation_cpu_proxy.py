@@ -7,8 +7,9 @@ through the real `Scheduler` on a step-time model fitted to the 4-slot CPU engin
 Xeon of benchmarks/RESULTS.md): a decode step takes ``--decode-s`` whatever the batch (the engine runs one compiled
 shape), a prefill ``0.015 s + 0.7 ms x prompt tokens`` and the ranker's pass 47 ms, which the prefill reuses. The
 rate is ``--load-factor`` x the capacity that `bench run` would measure (a burst of the first 64 requests under
-fcfs) or ``--rate``. For each seed it prints fcfs / ltr / ltr+starvation mean latency, the share of ltr's gain
-kept, the worst max_waiting_time against fcfs's worst + slack and promotions per request.
+fcfs, scaled by their mean output length over the workload's) or ``--rate``. For each seed it prints fcfs / ltr /
+ltr+starvation mean latency, the share of ltr's gain kept, the worst max_waiting_time against fcfs's worst + slack
+and promotions per request.
 
     PYTHONPATH=. python scripts/starvation_cpu_proxy.py --seeds 0-59 [--jitter 0.1] [--set run_to_end_share=1.0]
 
@@ -101,7 +102,8 @@ def main() -> None:
         pairs = [(pool["pairs"][i][0], max(1, min(round(pool["pairs"][i][1] * 0.5), 512))) for i in order]
         scores = [pool["scores"][i] for i in order]
         burst = [TraceEntry(0.0, pl, ol, s, 0) for (pl, ol), s in zip(pairs[:64], scores[:64])]
-        capacity = len(burst) / simulate(burst, Scheduler("fcfs", args.slots), step).sim_time_s
+        burst_rate = len(burst) / simulate(burst, Scheduler("fcfs", args.slots), step).sim_time_s
+        capacity = burst_rate * float(np.mean([ol for _, ol in pairs[:64]])) / float(np.mean([ol for _, ol in pairs]))
         rate = args.rate or args.load_factor * capacity
         arrivals = make_arrivals("poisson", args.n, rate, seed=seed)
         trace = [TraceEntry(float(t), pl, ol, s, 0) for t, (pl, ol), s in zip(arrivals, pairs, scores)]

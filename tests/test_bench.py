@@ -57,6 +57,14 @@ def test_load_factors_set_rates_from_the_measured_capacity(tmp_path):
         policy_bench.parse_args(["--load-factors", "1.5,-1"])
 
 
+def test_a_burst_of_short_requests_does_not_read_as_a_faster_engine():
+    from ltr_jax.bench.workload import Item, workload_capacity
+
+    items = [Item(f"q{i}", [1], n) for i, n in enumerate([10, 10, 50, 50, 50, 70])]  # mean 40
+    assert workload_capacity(items[:2], items, completions_per_s=4.0) == pytest.approx(1.0)  # probe mean 10
+    assert workload_capacity(items, items, completions_per_s=4.0) == pytest.approx(4.0)
+
+
 def test_ltr_on_a_model_without_a_packaged_ranker_asks_for_one(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"id": "q", "prompt": "x y", "reference": "y z"}) + "\n")
@@ -519,6 +527,9 @@ def test_online_summary_reads_the_first_window_that_reaches_the_offline_target()
     ws = online_bench.windows_of({"records": records, "live_since_s": {0: 0.0, 1: 1.7, 2: 2.5}}, window_s=1.0)
     assert [(w["requests"], w["head_version"], w["reached_s"]) for w in ws] == [(6, 0, 1.0), (14, 1, 2.0)]
     assert ws[0]["tau_b"] is None and ws[1]["tau_b"] == pytest.approx(1.0)  # under 10 requests: no tau
+    start, end = online_bench.last_window(records, window_s=1.0)  # a full second back from the last arrival
+    assert start == pytest.approx(0.4) and 1.4 < end < 1.4 + 1e-9
+    assert sum(start <= r["arrival_s"] < end for r in records) == 14
     steps = [(0.010, 2, False), (0.020, 2, True), (0.005, 1, False)]
     times = online_bench.step_times(steps, slots=2)
     assert times["full_batch_steps"]["training"]["max"] == 20.0

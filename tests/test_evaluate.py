@@ -183,3 +183,16 @@ def test_held_out_scores_only_the_split_the_ranker_never_trained_on(tiny_ranker,
     code, _, err = _run(capsys, ["--ranker", str(path), "--prompts", str(prompts_file), "--lengths", "outputs.m",
                                  "--held-out"])
     assert code == 2 and "does not record its training split" in err
+
+
+def test_the_rise_of_tau_between_two_samples_carries_a_ci_that_tells_noise_from_a_rise():
+    from ltr_jax.train.metrics import tau_difference_ci
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 500, size=80).astype(float)
+    noisy = -lengths + rng.normal(scale=400, size=80)  # weakly ordered
+    sharp = -lengths + rng.normal(scale=20, size=80)  # nearly ordered
+    diff, lo, hi = tau_difference_ci((noisy, lengths), (sharp, lengths), n_resamples=300)
+    assert 0 < lo < diff < hi  # a rise beyond the noise
+    same, lo, hi = tau_difference_ci((noisy, lengths), (noisy, lengths), n_resamples=300)
+    assert same == 0 and lo < 0 < hi  # the same ranking twice: no rise, and the CI says so

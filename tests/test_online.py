@@ -137,6 +137,32 @@ def test_a_worse_candidate_is_rejected_and_the_live_head_stays(tmp_path, monkeyp
     assert not (tmp_path / "v").exists()
 
 
+def test_a_head_fitted_to_other_traffic_is_replaced_by_a_fresh_lineage_it_cannot_adapt_to(tmp_path):
+    from ltr_jax.models.ranker_checkpoint import load_ranker
+
+    rng = np.random.default_rng(3)
+    other = _learner(tmp_path / "other", RankerHead.for_spec(SPEC, seed=1), steps_per_round=400)
+    for rid, ex in _examples(80, -1, rng):  # traffic where length falls with feature 0
+        other.buffer.add(rid, ex)
+    assert other.run_round()
+    _, stale = other.take_accepted()
+    served = _examples(80, +1, np.random.default_rng(4))  # this server's traffic: the reverse
+    warm_only = _learner(tmp_path / "warm", stale, fresh_lineage=False)
+    both = _learner(tmp_path / "both", stale)
+    for learner in (warm_only, both):
+        for rid, ex in served:
+            learner.buffer.add(rid, ex)
+        learner.run_round()
+    assert warm_only.metrics["last_candidate_tau"] < 0  # one round cannot unlearn the other traffic's order
+    assert both.version == 1 and both.metrics["last_candidate_tau"] > 0.3
+    assert load_ranker(tmp_path / "both" / "v" / "v000001")[2]["lineage"] == "fresh"
+    assert both._fresh is None  # the lineages met: training goes on from the live head alone
+    assert set(warm_only.round_log[-1]["candidate_taus"]) == {"warm"}
+    assert set(both.round_log[-1]["candidate_taus"]) == {"warm", "fresh"} and both.round_log[-1]["accepted"] == "fresh"
+    fresh_start = _learner(tmp_path / "untrained", RankerHead.for_spec(SPEC, seed=1))
+    assert fresh_start._fresh is None  # an untrained head is its own fresh lineage
+
+
 def test_restart_takes_the_newest_valid_version_and_skips_a_corrupt_one(tmp_path, caplog):
     root = tmp_path / "online"
     heads = {v: RankerHead.for_spec(SPEC, seed=v) for v in (1, 2, 3)}

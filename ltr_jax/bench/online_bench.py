@@ -18,8 +18,10 @@ finished, against its length; a bootstrap 95% CI), mean latency and the head ver
 (`offline_tau`) is the static ranker's tau-b on the stream's prompts its training held out, which by default
 come last in the stream, so the last windows compare every head on prompts none was trained on. It also reports what
 training cost: its compute seconds over the loop's busy seconds, and the decode step-time distribution of steps
-run while a round was training against those that were not. ``--out`` writes report.json, report.md and
-online.png; ``--json`` prints a summary object as the last line of stdout.
+run while a round was training against those that were not. The summary's last window is the final
+``--window-s`` seconds of arrivals, so it is a full window whatever the calendar windows' last one holds.
+``--out`` writes report.json, report.md and online.png; ``--json`` prints a summary object as the last line of
+stdout.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from ltr_jax.bench.policy_bench import (
     warm_up,
 )
 from ltr_jax.bench.report import write_summary
+from ltr_jax.bench.workload import workload_capacity
 from ltr_jax.config import ConfigError, EngineRunConfig, load_config
 from ltr_jax.engine.engine import Engine
 from ltr_jax.engine.online import OnlineLearner
@@ -60,7 +63,7 @@ from ltr_jax.scheduler.policies import make_policy
 from ltr_jax.scheduler.scheduler import Scheduler
 from ltr_jax.sim.trace import make_arrivals
 from ltr_jax.train.data import DEFAULT_SPLIT_SALT, is_validation, shared_dir
-from ltr_jax.train.metrics import bootstrap_ci, tau_b
+from ltr_jax.train.metrics import bootstrap_ci, tau_b, tau_difference_ci
 
 ARMS = ("fcfs", "static", "online-untrained", "online-mismatched")
 ONLINE_ARMS = ("online-untrained", "online-mismatched")
@@ -164,13 +167,19 @@ def serve_arm(arm: str, engine: Engine, loaded, items, arrivals, args, scorer, h
     return {"records": records, "live_since_s": live_since, "wall_s": wall, "busy_s": stats["busy_seconds"],
             "train_seconds": train_s,
             "online": learner.stats() if learner is not None and learner.learn else None,
+            "rounds": list(learner.round_log) if learner is not None and learner.learn else None,
             "train_steps": learner.metrics["train_steps"] if learner is not None else 0,
             "steps": recorder.steps, "preemptions": stats["preemptions"]}
 
 
 # ------------------------------------------------------------------------------------------------ report
+def _scored(record: dict) -> bool:
+    """A finished request whose true length and score are known (a report's records hold None for nan)."""
+    return record["complete"] and record["exact"] and record["score"] is not None and math.isfinite(record["score"])
+
+
 def tau_with_ci(records: list[dict], seed: int = 0) -> dict[str, Any]:
-    rows = [r for r in records if r["complete"] and r["exact"] and math.isfinite(r["score"])]
+    rows = [r for r in records if _scored(r)]
     if len(rows) < MIN_WINDOW_REQUESTS:
         return {"tau_b": None, "ci95": None, "n": len(rows)}
     scores = np.array([r["score"] for r in rows])
@@ -330,8 +339,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--length-scale", type=float, default=0.15, help="multiply every replayed length (keeps their "
                    "order and shape; makes a CPU run of the whole stream take minutes)")
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="prompts longer than this are left out")
-    p.add_argument("--load", type=float, default=1.25, help="request rate as a multiple of the capacity measured "
-                   "on this machine (a burst of --capacity-probe requests under fcfs)")
+    p.add_argument("--load", type=float, default=1.0, help="request rate as a multiple of the workload's capacity "
+                   "measured on this machine (a burst of --capacity-probe requests under fcfs). At 1 the queue drains "
+                   "between bursts, so a late window measures the head serving it; above 1 a finite stream's backlog "
+                   "grows to its end, and a late window still carries the first minutes' misordering")
     p.add_argument("--rate", type=float, default=None, help="request rate in req/s (replaces --load)")
     p.add_argument("--capacity-probe", type=int, default=64, help="requests of the capacity burst")
     p.add_argument("--stream", choices=("all", "held-out"), default="all",
@@ -410,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sched = Scheduler(make_policy("fcfs"), engine.num_slots)
         obs, wall, _, _ = run_in_process(engine, loaded.tokenizer, sched, {"max_queue": len(probe) + 1}, "fcfs",
                                          probe, np.zeros(len(probe)), args, "capacity")
-        capacity = sum(o.reason == "length" for o in obs) / wall
+        capacity = workload_capacity(probe, items, sum(o.reason == "length" for o in obs) / wall)
         rate = args.load * capacity
         print(f"capacity {capacity:.3f} req/s: rate {rate:.3f} req/s", file=sys.stderr)
     arrivals = make_arrivals("poisson", len(items), rate, 1.0, seed=args.seed)
@@ -431,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "wall_s": round(res["wall_s"], 1), "busy_s": round(res["busy_s"], 4),
                    "train_seconds": round(res["train_seconds"], 4), "train_steps": res["train_steps"],
                    "train_share_of_busy": res["train_seconds"] / max(res["busy_s"], 1e-9),
-                   "online": res["online"], "preemptions": res["preemptions"],
+                   "online": res["online"], "rounds": res["rounds"], "preemptions": res["preemptions"],
                    "windows": windows_of(res, args.window_s),
                    "step_times_ms": step_times(res["steps"], engine.num_slots),
                    "tau_all": tau_with_ci(done) if arm != "fcfs" else None,
@@ -455,29 +466,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
+def last_window(records: list[dict], window_s: float) -> tuple[float, float]:
+    """[start, end) of the final ``window_s`` seconds of arrivals: a full window, however few requests the last
+    calendar window (``windows_of``) happens to hold."""
+    last = max(r["arrival_s"] for r in records if r["complete"])
+    return last - window_s, math.nextafter(last, math.inf)
+
+
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers: for each online arm its first and last window's live tau-b (with CIs), minutes of
-    served traffic until a window reached 90% of the offline tau, the last window's latency against the static
-    ranker's, and training's share of busy time. The top-level keys are the untrained arm's (else the first)."""
+    """The headline numbers: for each online arm its first window's and its last window's (`last_window`) live
+    tau-b with CIs, minutes of served traffic until a window reached 90% of the offline tau, the last window's
+    mean latency against the static ranker's on the same requests (paired bootstrap CI), and training's share of
+    busy time. The top-level keys are the untrained arm's (else the first)."""
     offline = report["offline_tau"]["tau_b"]
     target = 0.9 * offline if offline is not None else None
     arms = report["arms"]
     per_arm = {}
     for arm in (a for a in ONLINE_ARMS if a in arms):
         ws = [w for w in arms[arm]["windows"] if w["tau_b"] is not None]
-        static_ws = {w["window"]: w for w in arms.get("static", {}).get("windows", [])}
-        last = arms[arm]["windows"][-1] if arms[arm]["windows"] else None
+        records = arms[arm]["records"]
+        start, end = last_window(records, report["window_s"])
+        tail = tau_with_ci([r for r in records if r["complete"] and start <= r["arrival_s"] < end])
+        vs_static = (latency_ratio_with_ci(records, arms["static"]["records"], start, end) if "static" in arms
+                     else {"ratio": None, "ci95": None, "n": 0})
+        rise = None
+        if ws:  # last window minus first, each resampled on its own: did live tau-b rise beyond the noise?
+            first = [r for r in records if _scored(r) and ws[0]["start_s"] <= r["arrival_s"] < ws[0]["end_s"]]
+            last = [r for r in records if _scored(r) and start <= r["arrival_s"] < end]
+            if len(last) >= MIN_WINDOW_REQUESTS:
+                diff, lo, hi = tau_difference_ci(*(([r["score"] for r in rs], [r["length"] for r in rs])
+                                                   for rs in (first, last)))
+                rise = {"tau_b": round(diff, 4), "ci95": [round(lo, 4), round(hi, 4)]}
         per_arm[arm] = {
             "tau_first_window": ws[0]["tau_b"] if ws else None, "ci95_first_window": ws[0]["ci95"] if ws else None,
-            "tau_last_window": ws[-1]["tau_b"] if ws else None, "ci95_last_window": ws[-1]["ci95"] if ws else None,
+            "tau_rise_first_to_last": rise,
+            "tau_last_window": tail["tau_b"], "ci95_last_window": tail["ci95"],
+            "last_window_s": [round(start, 1), round(end, 1)], "last_window_requests": tail["n"],
             "minutes_to_90pct_offline": minutes_to_fraction(ws, target),
-            "last_window_latency_vs_static": (round(last["mean_latency_s"] / static_ws[last["window"]]
-                                                    ["mean_latency_s"], 3)
-                                              if last and last["window"] in static_ws else None),
-            "last_window_latency_vs_static_ci95": (
-                latency_ratio_with_ci(arms[arm]["records"], arms["static"]["records"], last["start_s"],
-                                      last["end_s"])["ci95"]
-                if last and last["window"] in static_ws and "records" in arms["static"] else None),
+            "last_window_latency_vs_static": vs_static["ratio"],
+            "last_window_latency_vs_static_ci95": vs_static["ci95"],
             "train_share_of_busy": round(arms[arm]["train_share_of_busy"], 5),
             "head_versions": (arms[arm]["online"] or {}).get("online_accepted_version"),
         }

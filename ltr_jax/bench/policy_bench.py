@@ -38,7 +38,7 @@ from ltr_jax.bench.options import (
     starvation_report,
 )
 from ltr_jax.bench.report import VIA_LABELS, ratios, starvation_cost, write_report
-from ltr_jax.bench.workload import Item, Observed
+from ltr_jax.bench.workload import Item, Observed, workload_capacity
 from ltr_jax.engine.engine import Engine
 from ltr_jax.engine.orchestrator import Orchestrator, SamplingParams, StreamEvent
 from ltr_jax.engine.ranking import make_ranking_stage, share_prefix, warmup_ranker
@@ -498,9 +498,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elif args.load_factors:
         probe = items[: args.capacity_probe]
         full = run_policy(engine, loaded.tokenizer, None, "fcfs", probe, np.zeros(len(probe)), args, "capacity")
-        capacity = {"requests": len(probe), "req_s": full["throughput_req_s"], "tok_s": full["throughput_tok_s"],
+        capacity = {"requests": len(probe), "req_s": workload_capacity(probe, items, full["throughput_req_s"]),
+                    "probe_req_s": full["throughput_req_s"], "tok_s": full["throughput_tok_s"],
                     "load_factors": args.load_factors,
-                    "how": "a burst of the workload's first requests under fcfs: completions / wall time"}
+                    "how": "a burst of the workload's first requests under fcfs: completions / wall time, scaled "
+                           "by their mean output length over the workload's"}
         rates = [round(f * capacity["req_s"], 3) for f in args.load_factors]
         print(f"capacity {capacity['req_s']:.3f} req/s: rates {rates}", file=sys.stderr)
     else:

@@ -1,9 +1,12 @@
 """One replayed workload's records: the requests to send (`Item`) and what a client saw of each (`Observed`),
-shared by the in-process and the HTTP replays of `bench run`."""
+shared by the in-process and the HTTP replays of `bench run`, and the workload's capacity from a burst of its
+first requests (`workload_capacity`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import numpy as np
 
 
 @dataclass
@@ -35,3 +38,11 @@ class Observed:
     @property
     def n_tokens(self) -> int:
         return self.tokens if self.tokens is not None else len(self.token_times)
+
+
+def workload_capacity(probe: list[Item], items: list[Item], completions_per_s: float) -> float:
+    """Requests per second the engine sustains on the whole workload, from a burst of its first requests: the
+    burst's completions per second scaled by its mean output length over the workload's. Unscaled, a burst of
+    shorter requests than the workload's reads as a faster engine, and a load factor as a deeper overload."""
+    return completions_per_s * float(np.mean([i.output_len for i in probe])) / float(
+        np.mean([i.output_len for i in items]))

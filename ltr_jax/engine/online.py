@@ -12,8 +12,10 @@ Owns the loop that keeps a deployed ranker current:
 * `OnlineLearner`: a background thread. Every ``min_new`` finished requests (sooner while the buffer is young) or
   ``interval_s`` it fits a candidate head warm-started from the live one: ``steps_per_round`` steps within
   ``max_train_s``, at a duty cycle of ``cpu_share`` (it sleeps between steps), and no round while its compute
-  time exceeds ``max_train_share`` of the time since it started. It judges candidate and live head by
-  concordance on the held-back examples and accepts the candidate only when it wins by ``margin``. An accepted
+  time exceeds ``max_train_share`` of the time since it started. When the server started from a trained head
+  (one fitted to other traffic may not adapt to this), a second lineage trained from scratch fits a candidate
+  too, until one of its heads is accepted (``fresh_lineage``). It judges the candidates and the live head by
+  concordance on the held-back examples and accepts the best candidate only when it wins by ``margin``. An accepted
   head is exported (Orbax, versioned, in ``dir``) and handed to the ranking stage, which swaps it in at the next
   batch boundary and rescores every request still here from its kept features, so one head orders the queue.
 * `newest_accepted_head`: at start-up, the newest valid export in ``dir`` (a corrupt newest one is skipped with
@@ -25,6 +27,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import math
 import re
 import threading
 import time
@@ -241,6 +244,10 @@ class OnlineLearner:
         self.spec = spec
         self.buffer = ExampleBuffer(config.buffer_size, config.holdout_fraction)
         self._live = nnx.clone(live_head)
+        # A head trained elsewhere may not adapt to this traffic (its input scaling and weights were fitted to
+        # other features): a second lineage, started from scratch, trains beside it until one of its heads wins.
+        self._fresh = RankerHead.for_spec(spec, seed=seed + 1) if config.fresh_lineage and has_feature_stats(
+            live_head) else None
         self.version = version
         self.clock = clock
         self.seed = seed
@@ -253,6 +260,7 @@ class OnlineLearner:
         self.training = False  # a round is running in the background thread
         self._added_at_last_round = 0
         self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)  # (score, exact length)
+        self.round_log: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)  # the latest rounds
         self.metrics: dict[str, Any] = {"rounds": 0, "accepted": 0, "rejected": 0, "train_seconds": 0.0,
                                         "train_steps": 0,
                                         "last_candidate_tau": None, "last_live_tau": None}
@@ -307,30 +315,46 @@ class OnlineLearner:
             return False
         if self._trainer is None:
             self._trainer = HeadTrainer(self.spec, self._live)
-        candidate, steps, computing = self._trainer.train(
-            self._live, train, self.config.steps_per_round, self.config.max_train_s, self.config.cpu_share,
-            self.seed + self.metrics["rounds"], self._stop)
-        self.metrics["train_seconds"] += computing
-        self.metrics["train_steps"] += steps
+        deadline = time.monotonic() + self.config.max_train_s
         feats, lengths, exact = stack(held)
-        cand_tau = concordance_tau(_head_scores(candidate, self.spec.method, feats), lengths, exact)
+        judged = []  # (held-back tau, candidate, from the fresh lineage)
+        for parent, fresh in ((self._live, False), (self._fresh, True)):
+            if parent is None:
+                continue
+            candidate, steps, computing = self._trainer.train(
+                parent, train, self.config.steps_per_round, max(0.0, deadline - time.monotonic()),
+                self.config.cpu_share, self.seed + self.metrics["rounds"], self._stop)
+            self.metrics["train_seconds"] += computing
+            self.metrics["train_steps"] += steps
+            judged.append((concordance_tau(_head_scores(candidate, self.spec.method, feats), lengths, exact),
+                           candidate, fresh))
+        if self._fresh is not None:
+            self._fresh = judged[-1][1]  # the fresh lineage goes on from its newest head
+        cand_tau, candidate, fresh = max(judged, key=lambda j: -math.inf if math.isnan(j[0]) else j[0])
         live_tau = concordance_tau(_head_scores(self._live, self.spec.method, feats), lengths, exact)
         self.metrics.update(last_candidate_tau=cand_tau, last_live_tau=live_tau)
-        if not (cand_tau > live_tau + self.config.margin):  # nan (no known pair) never wins
+        won = cand_tau > live_tau + self.config.margin  # nan (no known pair) never wins
+        self.round_log.append({"examples": len(train), "held_back": len(held), "live_tau": live_tau,
+                               "candidate_taus": {"fresh" if f else "warm": t for t, _, f in judged},
+                               "accepted": "fresh" if won and fresh else "warm" if won else None})
+        if not won:
             self.metrics["rejected"] += 1
             self.metrics["rounds"] += 1  # with its outcome, so a scrape sees rounds = accepted + rejected
             return False
         self.version += 1
         self._live = candidate
+        if fresh:  # the lineages meet: training goes on from the live head alone
+            self._fresh = None
         if self.config.dir is not None:
             save_ranker(Path(self.config.dir) / f"v{self.version:06d}", candidate, self.spec, extra={
                 "online_version": self.version, "holdout_tau": cand_tau, "previous_holdout_tau": live_tau,
-                "examples": len(train) + len(held), "date": time.strftime("%Y-%m-%d %H:%M:%S")})
+                "examples": len(train) + len(held),
+                "lineage": "fresh" if fresh else "live", "date": time.strftime("%Y-%m-%d %H:%M:%S")})
         self._accepted = (self.version, nnx.clone(candidate))
         self.metrics["accepted"] += 1
         self.metrics["rounds"] += 1
-        log.info("online ranker: version %d accepted (held-back tau %.3f over the live head's %.3f)",
-                 self.version, cand_tau, live_tau)
+        log.info("online ranker: version %d accepted (held-back tau %.3f over the live head's %.3f%s)",
+                 self.version, cand_tau, live_tau, "; trained from scratch" if fresh else "")
         return True
 
     def start(self) -> None:

@@ -85,6 +85,22 @@ def bootstrap_ci(scores: np.ndarray, lengths: np.ndarray, n_resamples: int = 100
     return (float(res.confidence_interval.low), float(res.confidence_interval.high))
 
 
+def tau_difference_ci(before: tuple[np.ndarray, np.ndarray], after: tuple[np.ndarray, np.ndarray],
+                      n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> tuple[float, float, float]:
+    """tau-b of ``after`` minus tau-b of ``before`` (each a (scores, lengths) sample of different rows, e.g. two
+    windows of traffic) with a percentile interval over independent resamples of each sample's rows."""
+    rng = np.random.default_rng(seed)
+    (sa, la), (sb, lb) = ((np.asarray(x, np.float64), np.asarray(y, np.float64)) for x, y in (before, after))
+    diffs = []
+    for _ in range(n_resamples):
+        ia, ib = rng.integers(0, len(sa), len(sa)), rng.integers(0, len(sb), len(sb))
+        diffs.append(tau_b(sb[ib], lb[ib]) - tau_b(sa[ia], la[ia]))
+    diffs = np.asarray(diffs)
+    diffs = diffs[np.isfinite(diffs)]
+    tail = 100 * (1 - confidence) / 2
+    return (tau_b(sb, lb) - tau_b(sa, la), float(np.percentile(diffs, tail)), float(np.percentile(diffs, 100 - tail)))
+
+
 def source_prior(fit_sources: Sequence[str], fit_lengths: np.ndarray, sources: Sequence[str]) -> np.ndarray:
     """Scores from the source alone: minus the mean log length of each prompt's source in the fitting data (a
     source the fitting data lacks gets the overall mean)."""
