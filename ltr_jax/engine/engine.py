@@ -1,6 +1,9 @@
 """The JetStream-style engine: prefill, insert into a decode slot, generate over all slots, free.
 
-Owns the device side of serving. Every call is one `jax.jit`-compiled pure function with static shapes:
+Owns the device side of serving, as `jax.jit`-compiled pure functions with static shapes. A decode step is one
+compiled call; a prefill runs its blocks one compiled block per call (`ltr_jax.models.blockwise`: one compiled
+block serves every layer, and the ranker's pass over the same prompt shape), then one call per prompt shape takes
+its last position and joins its K/V, and one call shared by every shape samples its first token:
 
 * `prefill(tokens, sampling)`      -> `Prefix`: the prompt (padded to a length bucket) run causally; its K/V and its
                                       first sampled token stay on the device.
@@ -48,6 +51,7 @@ from flax import nnx
 from ltr_jax.engine.sampling import sample_tokens
 from ltr_jax.engine.settings import EngineConfig
 from ltr_jax.engine.sharding import cache_sharding, replicated, shard_state
+from ltr_jax.models import blockwise
 from ltr_jax.models.config import LlamaConfig
 from ltr_jax.models.llama import BackboneState, Llama
 
@@ -123,25 +127,21 @@ def _joined_kv(past, kv):
             for (pk, pv), (k, v) in zip(past, kv)]
 
 
-def _prefill_fn(graphdef, state, past, tokens, n_new, temperature, top_k, top_p, seed):
-    """``n_new`` tokens (padded) after the cached prefix ``past`` (per-layer K/V; empty for none)."""
-    model = nnx.merge(graphdef, state)
-    logits, kv = model.prefill(tokens[None, :], n_new[None], list(past) or None)
-    length = n_new + (past[0][0].shape[2] if past else 0)
-    token = sample_tokens(logits, temperature[None], top_k[None], top_p[None], seed[None], length[None])[0]
-    return Prefix(_joined_kv(past, kv), length, token, temperature, top_k, top_p, seed)
+def _rows_end(past, x, kv, n_new):
+    """The end of a prefill whose blocks ran (`blockwise.run_blocks`): x [R, T, D] after the last block, ``kv``
+    every block's (k, v) [R, KV, T, hd] of rows of ``n_new`` [R] real tokens after the cached prefix ``past``
+    (per-layer K/V; empty for none). Returns (each row's residual at its last position [R, D], each row's K/V
+    after the prefix's, per layer [1, KV, P + T, hd]: a single prompt's `Prefix.kv`)."""
+    last = jnp.take_along_axis(x, (n_new - 1)[:, None, None], axis=1)[:, 0]
+    return last, tuple(_joined_kv(past, [(k[i:i + 1], v[i:i + 1]) for k, v in kv]) for i in range(x.shape[0]))
 
 
-def _prefill_batch_fn(graphdef, state, past, tokens, n_new, temperature, top_k, top_p, seed):
-    """`_prefill_fn` for rows of prompts: ``tokens`` [R, T] with ``n_new`` [R] real tokens each (and per-row
-    sampling settings [R]) after the cached prefix ``past``. Returns one `Prefix` per row, each shaped exactly as
-    `_prefill_fn`'s, so the inserts compiled for single prefills take them."""
-    model = nnx.merge(graphdef, state)
-    logits, kv = model.prefill(tokens, n_new, list(past) or None)
-    lengths = n_new + (past[0][0].shape[2] if past else 0)
-    new = sample_tokens(logits, temperature, top_k, top_p, seed, lengths)
-    return tuple(Prefix(_joined_kv(past, [(k[i:i + 1], v[i:i + 1]) for k, v in kv]), lengths[i], new[i],
-                        temperature[i], top_k[i], top_p[i], seed[i]) for i in range(tokens.shape[0]))
+def _first_tokens_fn(graphdef, state, last, lengths, temperature, top_k, top_p, seed):
+    """Each prefilled row's first token, from its last position's residual ``last`` [R, D] (``lengths`` [R]: its
+    tokens, the shared prefix's included; per-row sampling settings [R]). Returns, per row, the `Prefix` fields
+    after ``kv``. No input depends on the padded length, so one executable serves every prompt shape."""
+    new = sample_tokens(nnx.merge(graphdef, state).logits(last), temperature, top_k, top_p, seed, lengths)
+    return tuple((lengths[i], new[i], temperature[i], top_k[i], top_p[i], seed[i]) for i in range(last.shape[0]))
 
 
 def _fit_length(x: jax.Array, axis: int, n: int) -> jax.Array:
@@ -153,18 +153,18 @@ def _fit_length(x: jax.Array, axis: int, n: int) -> jax.Array:
     return jnp.pad(x, pad)
 
 
-def _prefill_rest_fn(graphdef, bucket, state, past, hidden, lower_kv, length, temperature, top_k, top_p, seed):
-    """A prefill whose first blocks already ran (the ranker's pass): hidden [T, D], lower_kv [N, 2, KV, T, hd] of
-    ``length`` tokens, which continue the cached prefix ``past`` (per-layer K/V of every block; empty for none)."""
-    model = nnx.merge(graphdef, state)
-    n_low = lower_kv.shape[0]
-    x = _fit_length(hidden, 0, bucket)[None].astype(model.config.dtype)
-    logits, upper = model.prefill_from(x, length[None], n_low, list(past[n_low:]) or None)
+def _rest_start_fn(bucket: int, dtype: str, hidden):
+    """The residual stream [1, bucket, D] a prefill resumes from: the ranker's pass's hidden state [T, D]."""
+    return _fit_length(hidden, 0, bucket)[None].astype(dtype)
+
+
+def _rest_end_fn(past, x, upper, lower_kv, length):
+    """`_rows_end` of a prefill whose first blocks the ranker's pass ran: their K/V ``lower_kv`` [N, 2, KV, T, hd]
+    (padded to its own length), then the other blocks' ``upper``, for ``length`` [1] tokens after ``past``."""
+    bucket, n_low = x.shape[1], lower_kv.shape[0]
     lower_kv = _fit_length(lower_kv, 3, bucket)
     lower = [(lower_kv[i, 0][None], lower_kv[i, 1][None]) for i in range(n_low)]
-    total = length + (past[0][0].shape[2] if past else 0)
-    token = sample_tokens(logits, temperature[None], top_k[None], top_p[None], seed[None], total[None])[0]
-    return Prefix(_joined_kv(past, lower + upper), total, token, temperature, top_k, top_p, seed)
+    return _rows_end(past, x, lower + list(upper), length)
 
 
 def _insert_fn(prefix: Prefix, decode_state: DecodeState, slot):
@@ -236,15 +236,27 @@ def _generate_pass_fn(graphdef, n_pass, state, decode_state: DecodeState, active
 
 # Module-level compiled functions (the graph definition is a static argument), so every engine over the same model
 # architecture shares one compilation cache.
-_PREFILL = jax.jit(_prefill_fn, static_argnums=(0,))
-_PREFILL_BATCH = jax.jit(_prefill_batch_fn, static_argnums=(0,))
-_PREFILL_REST = jax.jit(_prefill_rest_fn, static_argnums=(0, 1))
+# The prompt passes run their blocks one compiled block per call (`ltr_jax.models.blockwise`); these are their ends.
+# Sampling is most of a prefill's end in compiled code, so it is an executable of its own, shared by every shape.
+_PREFILL_END = jax.jit(_rows_end)
+_REST_START = jax.jit(_rest_start_fn, static_argnums=(0, 1))
+_REST_END = jax.jit(_rest_end_fn)
+_FIRST_TOKENS = jax.jit(_first_tokens_fn, static_argnums=(0,))
 _INSERT = jax.jit(_insert_fn, donate_argnums=(1,))
 _GENERATE = jax.jit(_generate_fn, static_argnums=(0,), donate_argnums=(2,))
 _GENERATE_PASS = jax.jit(_generate_pass_fn, static_argnums=(0, 1), donate_argnums=(3,))
 _RESIZE = jax.jit(_resize_fn, static_argnames=("cache_len",))  # shapes change: nothing to donate
 _EXTRACT = jax.jit(_extract_fn, static_argnames=("bucket",))  # reads the state: the next step still donates it
-JITTED = (_PREFILL, _PREFILL_BATCH, _PREFILL_REST, _INSERT, _GENERATE, _GENERATE_PASS, _RESIZE, _EXTRACT)
+JITTED = (_PREFILL_END, _REST_START, _REST_END, _FIRST_TOKENS, _INSERT, _GENERATE, _GENERATE_PASS, _RESIZE, _EXTRACT,
+          *blockwise.JITTED)
+
+
+def _sampling_rows(samplings: list[SlotSampling]) -> tuple[np.ndarray, ...]:
+    """Per-row sampling settings as the compiled prefills take them: temperature, top_k, top_p, seed [R]."""
+    return (np.asarray([s.temperature for s in samplings], np.float32),
+            np.asarray([s.top_k for s in samplings], np.int32),
+            np.asarray([s.top_p for s in samplings], np.float32),
+            np.asarray([s.seed & 0xFFFFFFFF for s in samplings], np.uint32))
 
 
 class _CompileClock:
@@ -287,9 +299,10 @@ class Engine:
         else:
             self.params = jax.device_put(self.params, self.device)
         self.stats = EngineStats()
-        self._prefill = functools.partial(_PREFILL, self.graphdef)
-        self._prefill_batch = functools.partial(_PREFILL_BATCH, self.graphdef)
-        self._prefill_rest = functools.partial(_PREFILL_REST, self.graphdef)
+        # the same arrays as params, as the blockwise prompt passes take them: one weights dict per block
+        self.weights = Llama.state_params(self.params)
+        self._inv_freq = nnx.to_pure_dict(self.params)["inv_freq"]
+        self._first_tokens = functools.partial(_FIRST_TOKENS, self.graphdef)
         self._insert = _INSERT
         self._generate = functools.partial(_GENERATE, self.graphdef)
         self._generate_pass = functools.partial(_GENERATE_PASS, self.graphdef)
@@ -503,14 +516,24 @@ class Engine:
         padded = np.zeros((len(sequences), bucket), np.int32)
         for i, t in enumerate(sequences):
             padded[i, :len(t)] = np.asarray(t, np.int32)
+        return self._prefill_tokens(padded, [len(t) for t in sequences], start, samplings)
+
+    def _prefill_tokens(self, padded: np.ndarray, n_new: list[int], start: int, samplings: list[SlotSampling]
+                        ) -> tuple[Prefix, ...]:
+        """Rows ``padded`` [R, T] of ``n_new`` real tokens each, after the shared prefix when ``start``: embedded,
+        run through every block one compiled block per call, then finished (a `Prefix` per row)."""
         past = self.shared_prefix.kv if start else ()
-        return self._prefill_batch(
-            self.params, past, padded, np.asarray([len(t) for t in sequences], np.int32),
-            np.asarray([s.temperature for s in samplings], np.float32),
-            np.asarray([s.top_k for s in samplings], np.int32),
-            np.asarray([s.top_p for s in samplings], np.float32),
-            np.asarray([s.seed & 0xFFFFFFFF for s in samplings], np.uint32),
-        )
+        n_new = np.asarray(n_new, np.int32)
+        x = blockwise.embed(self.model_config, self.weights["embed"], padded)
+        x, kv = blockwise.run_blocks(self.model_config, self.weights["layers"], self._inv_freq, x, n_new,
+                                     list(past) or None)
+        return self._finish(*_PREFILL_END(past, x, kv, n_new), n_new + start, samplings)
+
+    def _finish(self, last, kv_rows, lengths: np.ndarray, samplings: list[SlotSampling]) -> tuple[Prefix, ...]:
+        """One `Prefix` per prefilled row: its K/V and its first token, sampled from its last position's residual
+        ``last`` [R, D] (``lengths``: each row's tokens, shared prefix included)."""
+        fields = self._first_tokens(self.params, last, np.asarray(lengths, np.int32), *_sampling_rows(samplings))
+        return tuple(Prefix(kv, *f) for kv, f in zip(kv_rows, fields))
 
     def _prefill_new(self, tokens, start: int, sampling: SlotSampling, bucket: int | None) -> Prefix:
         """The prefill of ``tokens`` after the first ``start`` tokens, which are the shared prefix (0: none)."""
@@ -518,12 +541,7 @@ class Engine:
         bucket = bucket or self.config.prefill_bucket(m)
         padded = np.zeros(bucket, np.int32)
         padded[:m] = np.asarray(tokens, np.int32)
-        past = self.shared_prefix.kv if start else ()
-        return self._prefill(
-            self.params, past, padded, np.int32(m),
-            np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p),
-            np.uint32(sampling.seed & 0xFFFFFFFF),
-        )
+        return self._prefill_tokens(padded[None], [m], start, [sampling])[0]
 
     def prefill_from_state(self, state, sampling: SlotSampling) -> Prefix:
         """Finish the prefill of a prompt whose first blocks the ranker already ran (`BackboneState`: hidden state
@@ -548,12 +566,12 @@ class Engine:
         self.stats.resumed_prefills += 1
         self.stats.shared_prefix_hits += bool(start)
         self.stats.prefill_tokens += start + n
-        return self._prefill_rest(
-            bucket, self.params,
-            self.shared_prefix.kv if start else (), self._commit(state.hidden), self._commit(state.kv), np.int32(n),
-            np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p),
-            np.uint32(sampling.seed & 0xFFFFFFFF),
-        )
+        past = self.shared_prefix.kv if start else ()
+        x = _REST_START(bucket, str(jnp.dtype(c.dtype)), self._commit(state.hidden))
+        x, upper = blockwise.run_blocks(c, self.weights["layers"][layers:], self._inv_freq, x,
+                                        np.asarray([n], np.int32), list(past[layers:]) or None)
+        n_new = np.asarray([n], np.int32)
+        return self._finish(*_REST_END(past, x, upper, self._commit(state.kv), n_new), n_new + start, [sampling])[0]
 
     def warmup_prefill_from_state(self, n_layers: int, lengths: list[int], starts: list[int] | None = None) -> float:
         """Compile `prefill_from_state` for backbone states of ``n_layers`` blocks padded to each of ``lengths``,

@@ -1,17 +1,18 @@
 """The Llama-3 family as a Flax NNX module, with an explicit, donatable KV cache.
 
 Owns: RMSNorm, rotary embeddings (plain and Llama-3.1 "llama3" scaled), grouped-query attention, the SwiGLU MLP,
-optional tied embeddings, and the three forward passes the rest of the stack needs:
+optional tied embeddings, and the forward passes the rest of the stack needs:
 
-* `Llama.prefill`  - one padded prompt, causal attention, returns logits and that prompt's K/V per layer;
+* `Block.prompt_pass` - one block over a prompt pass's padded rows, causal attention, returning the rows' K/V;
+                     a pass can continue a cached shared prefix (``past``: its K/V), so a prompt that starts with
+                     the chat template's fixed header runs only the tokens after it. The serving path runs it one
+                     compiled block per call (`ltr_jax.models.blockwise`); `Llama.run_blocks` unrolls it in one
+                     graph (training features, tests, the reference);
 * `Llama.decode`   - one new token for each of B decode slots, reading and writing a per-layer KV cache
                      in place (one scatter of B x kv_heads rows; the cache buffers are donated by the engine, so
-                     no step copies the cache);
-* `Llama.prefill_from` - the rest of a prefill from the hidden state after its first blocks (the ranker runs
-                     those blocks when it scores a prompt, so admission need not run them again);
-  every prompt pass can also continue a cached shared prefix (``past``: its K/V), so a prompt that starts with
-  the chat template's fixed header runs only the tokens after it;
-* `reference_forward` / `hidden_states` - plain full-sequence passes for tests and the ranker backbone.
+                     no step copies the cache), all blocks in one compiled step;
+* `Llama.decode_with_pass` - the same step, carrying one prompt's pass through the first blocks;
+* `reference_forward` / `hidden_states` - plain full-sequence passes for tests and training features.
 
 Decode KV cache layout: a list with one `(k, v)` pair per layer, k `[slots, kv_heads, head_dim, cache_len]` and v
 `[slots, kv_heads, cache_len, head_dim]`: each is the layout its product in decode attention wants (scores = q . k
@@ -166,6 +167,15 @@ class Block(nnx.Module):
     def out_proj(self, attn: jax.Array) -> jax.Array:
         return _matmul("...i,id->...d", attn, self.wo[...])
 
+    def prompt_pass(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, mask: jax.Array, past_kv=None):
+        """This block over a prompt pass's residual stream x [B, T, D] at ``positions`` [B, T], attention ``mask``
+        [B, T, P + T] (`prompt_mask`), after a cached prefix's (k, v) [1 or B, KV, P, hd] (None: none). Returns
+        (x after the block, this pass's own k, v [B, KV, T, hd])."""
+        q, k, v = self.qkv(x, positions, inv_freq)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        x = x + self.out_proj(self.attend(q, *_after_past(past_kv, k, v), mask))
+        return x + self.mlp(x), k, v
+
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         """q [B, T, H, hd]; k, v [B, KV, S, hd]; mask [B, T, S] (True = may attend). Returns [B, T, H*hd]."""
         c = self.config
@@ -262,37 +272,19 @@ class Llama(nnx.Module):
         (a cached shared prefix): the rows then sit at positions P.. and attend to all P prefix keys first.
 
         Returns (x after the last of them, their own (k, v) [B, KV, T, hd] per block, without the prefix's). A
-        prefill split in two (`hidden` up to block n, then `prefill_from` at n), or split after a prefix, computes
+        pass split in two (blocks up to n, then from n), or split after a prefix, computes
         exactly what one full pass does."""
         b, t, _ = x.shape
         blocks = list(self.layers)[start:stop]
-        p = _past_len(past)
+        p = past_len(past)
         if past and len(past) != len(blocks):
             raise ValueError(f"past holds K/V for {len(past)} blocks but {len(blocks)} blocks run")
-        positions = jnp.broadcast_to(p + jnp.arange(t, dtype=jnp.int32), (b, t))
-        mask = _prompt_mask(lengths, t, p)
+        positions, mask = prompt_positions(b, t, p), prompt_mask(lengths, t, p)
         kvs = []
         for i, blk in enumerate(blocks):
-            q, k, v = blk.qkv(x, positions, self.inv_freq[...])
-            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-            x = x + blk.out_proj(blk.attend(q, *_after_past(past[i] if p else None, k, v), mask))
-            x = x + blk.mlp(x)
+            x, k, v = blk.prompt_pass(x, positions, self.inv_freq[...], mask, past[i] if p else None)
             kvs.append((k, v))
         return x, kvs
-
-    def prefill(self, tokens: jax.Array, lengths: jax.Array, past: KVCache | None = None):
-        """tokens [B, T] right-padded, lengths [B] (``past``: a cached prefix they continue, see `run_blocks`).
-        Returns (logits at row length-1 [B, V], kv list of these tokens)."""
-        return self.prefill_from(self._embed(tokens), lengths, 0, past)
-
-    def prefill_from(self, x: jax.Array, lengths: jax.Array, start: int, past: KVCache | None = None):
-        """The rest of a prefill whose first ``start`` blocks already ran: x [B, T, D] is their output (``past``: a
-        shared prefix's K/V for blocks ``start`` onwards, as in `run_blocks`).
-
-        Returns (logits at row length-1 [B, V], (k, v) of blocks ``start`` onwards, without the prefix's)."""
-        x, kvs = self.run_blocks(x, lengths, start, past=past)
-        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        return self.logits(last), kvs
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache):
         """One token per slot. tokens, positions: [B]. Writes K/V at `positions`, attends over positions <= own.
@@ -320,9 +312,9 @@ class Llama(nnx.Module):
         mask = jnp.arange(cache_len)[None, :] <= positions[:, None]  # [B, S]
         xp, pass_kvs = None, []
         if pass_tokens is not None:
-            t, p = pass_tokens.shape[1], _past_len(past)
+            t, p = pass_tokens.shape[1], past_len(past)
             xp = self._embed(pass_tokens)
-            pass_mask = _prompt_mask(pass_length, t, p)
+            pass_mask = prompt_mask(pass_length, t, p)
             joint_positions = jnp.concatenate([positions, p + jnp.arange(t, dtype=positions.dtype)])[None]
         new_cache = []
         for i, (blk, (kc, vc)) in enumerate(zip(self.layers, cache)):
@@ -365,11 +357,16 @@ def _write_rows(cache: jax.Array, rows: jax.Array, at: jax.Array, keys: bool = F
     return flat.reshape(cache.shape)
 
 
-def _past_len(past: KVCache | None) -> int:
+def past_len(past: KVCache | None) -> int:
     return past[0][0].shape[2] if past else 0
 
 
-def _prompt_mask(lengths: jax.Array, t: int, p: int) -> jax.Array:
+def prompt_positions(b: int, t: int, p: int) -> jax.Array:
+    """[B, T] positions of prompt rows after a P-token cached prefix."""
+    return jnp.broadcast_to(p + jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+def prompt_mask(lengths: jax.Array, t: int, p: int) -> jax.Array:
     """[B, T, P + T] attention mask of right-padded rows of ``lengths`` after a P-token cached prefix: causal among
     the rows, keys past a row's length are padding, every prefix key is real and precedes every row."""
     causal = jnp.tril(jnp.ones((t, t), bool))

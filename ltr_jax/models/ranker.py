@@ -3,8 +3,9 @@
 Owns:
 - `RankerSpec`: everything needed to rebuild a ranker besides the head's weights (backbone source and depth,
   pooling, head shape, training method, prompt truncation, classifier bucket edges);
-- `backbone_params` / `pool`: the backbone (the serving model's own first ``n_layers`` blocks, run by
-  `ltr_jax.models.llama.hidden_states`) and its pooling over the prompt tokens ("mean", "last" or "mean+last");
+- `backbone_params` / `backbone_pass` / `pool`: the backbone (the serving model's own first ``n_layers`` blocks,
+  run one compiled block per call by `ltr_jax.models.blockwise`, so the engine's prefills share those compiled
+  blocks) and its pooling over the prompt tokens ("mean", "last" or "mean+last");
 - `RankerHead`: an NNX module (feature standardisation, then Linear/GELU layers) mapping pooled features to the
   head outputs (1 score, or one logit per length bucket for the classifier);
 - `RankerScorer`: serving-time scoring of many prompts at once, in jitted batches padded to the lengths of
@@ -30,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ltr_jax.models import blockwise
 from ltr_jax.models.config import LlamaConfig
-from ltr_jax.models.llama import BackboneState, fuse_layer, hidden_states
+from ltr_jax.models.llama import BackboneState, fuse_layer
 from ltr_jax.models.padding import length_bucket, length_ladder
 
 POOLINGS = ("mean", "last", "mean+last")
@@ -189,20 +191,19 @@ def scores_from_outputs(method: str, outputs: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-@partial(jax.jit, static_argnames=("config", "pooling", "method", "graphdef", "keep_state"))
-def _score_batch(config, pooling, method, graphdef, backbone, head_state, tokens, lengths, keep_state=False,
-                 prefix=None):
-    """Scores of a padded batch; ``prefix``: (per-block K/V, hidden-state sum) of a shared prefix the rows continue."""
-    past, prefix_sum = prefix if prefix is not None else (None, None)
-    hidden, kvs = hidden_states(config, backbone, tokens, lengths, config.n_layers, with_kv=True, past=past)
-    prefix_len = past[0][0].shape[2] if past else 0
+@partial(jax.jit, static_argnames=("pooling", "method", "graphdef", "keep_state", "prefix_len"))
+def _score_pass(pooling, method, graphdef, head_state, hidden, kvs, lengths, prefix_sum, keep_state=False,
+                prefix_len=0):
+    """Scores of a padded batch from its pass through the backbone (hidden [B, T, D] after the last block, each
+    block's (k, v) [B, KV, T, hd]); ``prefix_sum``: the hidden-state sum of the shared prefix of ``prefix_len``
+    tokens the rows continue (None: none)."""
     features = pool(hidden, jnp.asarray(lengths, jnp.int32), pooling, prefix_sum, prefix_len)
     outputs = nnx.merge(graphdef, head_state)(features)
     scores = scores_from_outputs(method, outputs)
     if not keep_state:
         return scores, outputs, features, ()
     kv = jnp.stack([jnp.stack([k, v]) for k, v in kvs])  # [n_layers, 2, B, KV, T, hd]
-    rows = tuple((hidden[r], kv[:, :, r]) for r in range(tokens.shape[0]))  # one buffer pair per prompt
+    rows = tuple((hidden[r], kv[:, :, r]) for r in range(hidden.shape[0]))  # one buffer pair per prompt
     return scores, outputs, features, rows
 
 
@@ -232,12 +233,18 @@ def head_scores(method: str, graphdef, head_state, features: np.ndarray) -> np.n
     return np.asarray(_score_features(method, graphdef, head_state, padded))[:n]
 
 
-@partial(jax.jit, static_argnames=("config",))
-def _prefix_pass(config, backbone, tokens):
-    """A shared prefix through the backbone: its per-block K/V [1, KV, P, hd] and the sum of its hidden states."""
-    hidden, kvs = hidden_states(config, backbone, tokens[None], jnp.asarray([tokens.shape[0]], jnp.int32),
-                                config.n_layers, with_kv=True)
-    return kvs, hidden[0].astype(jnp.float32).sum(axis=0)
+@jax.jit
+def _hidden_sum(hidden):
+    """The sum over positions of one prompt's hidden states [1, T, D] -> [D] (float32)."""
+    return hidden[0].astype(jnp.float32).sum(axis=0)
+
+
+def backbone_pass(config: LlamaConfig, backbone: dict[str, Any], inv_freq: jax.Array, tokens, lengths,
+                  past=None) -> tuple[jax.Array, list]:
+    """Padded prompts [B, T] of ``lengths`` through the backbone, one compiled block per call (the engine's
+    prefills share those blocks): (hidden [B, T, D] after the last block, each block's (k, v) [B, KV, T, hd])."""
+    x = blockwise.embed(config, backbone["embed"], tokens)
+    return blockwise.run_blocks(config, backbone["layers"], inv_freq, x, lengths, past)
 
 
 class RankerScorer:
@@ -257,6 +264,7 @@ class RankerScorer:
         self.max_batch = max_batch
         self.min_bucket = min_bucket
         self.backbone_config, self.backbone = backbone_params(config, params, spec.n_layers)
+        self._inv_freq = blockwise.inv_freq_for(self.backbone_config)
         self._head = nnx.split(head)  # (graphdef, state), replaced whole by `swap_head`
         self.shared_prefix: tuple[int, ...] = ()
         self._prefix = None  # (per-block K/V, hidden-state sum) of the shared prefix
@@ -271,7 +279,9 @@ class RankerScorer:
         if len(tokens) >= self.spec.max_prompt_len:
             raise ValueError(f"a shared prefix of {len(tokens)} tokens leaves no room under the ranker's "
                              f"max_prompt_len={self.spec.max_prompt_len}")
-        self._prefix = _prefix_pass(self.backbone_config, self.backbone, np.asarray(tokens, np.int32))
+        hidden, kvs = backbone_pass(self.backbone_config, self.backbone, self._inv_freq,
+                                    np.asarray(tokens, np.int32)[None], np.asarray([len(tokens)], np.int32))
+        self._prefix = (kvs, _hidden_sum(hidden))
         self.shared_prefix = tokens
         return len(tokens)
 
@@ -365,9 +375,10 @@ class RankerScorer:
 
     def _score(self, tokens: np.ndarray, lengths: np.ndarray, keep_state: bool, start: int, head=None):
         graphdef, head_state = head if head is not None else self._head
-        return _score_batch(self.backbone_config, self.spec.pooling, self.spec.method, graphdef, self.backbone,
-                            head_state, tokens, lengths, keep_state=keep_state,
-                            prefix=self._prefix if start else None)
+        past, prefix_sum = self._prefix if start else (None, None)
+        hidden, kvs = backbone_pass(self.backbone_config, self.backbone, self._inv_freq, tokens, lengths, past)
+        return _score_pass(self.spec.pooling, self.spec.method, graphdef, head_state, hidden, kvs, lengths,
+                           prefix_sum, keep_state=keep_state, prefix_len=start)
 
     def score_state(self, state: BackboneState) -> tuple[float, np.ndarray]:
         """(score, head outputs) of a prompt from its pass (see `score_state_with_features`)."""
