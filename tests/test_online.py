@@ -161,6 +161,9 @@ def test_a_head_fitted_to_other_traffic_is_replaced_by_a_fresh_lineage_it_cannot
     assert set(both.round_log[-1]["candidate_taus"]) == {"warm", "fresh"} and both.round_log[-1]["accepted"] == "fresh"
     fresh_start = _learner(tmp_path / "untrained", RankerHead.for_spec(SPEC, seed=1))
     assert fresh_start._fresh is None  # an untrained head is its own fresh lineage
+    config = dataclasses.replace(both.config, dir=str(tmp_path / "both" / "v"))
+    restarted = online.OnlineLearner(config, SPEC, both._live, version=1)
+    assert restarted._fresh is None  # a head accepted on this traffic before a restart needs no second lineage
 
 
 def test_restart_takes_the_newest_valid_version_and_skips_a_corrupt_one(tmp_path, caplog):

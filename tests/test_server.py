@@ -818,3 +818,13 @@ def test_the_message_count_is_read_before_parsing_and_text_saying_role_is_not_a_
     body["messages"] = messages + messages[:1]
     resp = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
     assert resp.status_code == 400 and f"has {limit + 1} messages" in resp.json()["error"]["message"]
+
+
+def test_events_for_a_server_whose_loop_has_closed_are_dropped_quietly():
+    from ltr_jax.server.app import _EventBridge
+
+    loop = asyncio.new_event_loop()
+    bridge = _EventBridge(loop)
+    loop.close()  # the server shut down while the engine thread still had a request's events to deliver
+    bridge(object())  # no error on the engine thread
+    assert bridge.queue.empty()

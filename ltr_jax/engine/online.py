@@ -13,11 +13,12 @@ Owns the loop that keeps a deployed ranker current:
   ``interval_s`` it fits a candidate head warm-started from the live one: ``steps_per_round`` steps within
   ``max_train_s``, at a duty cycle of ``cpu_share`` (it sleeps between steps), and no round while its compute
   time exceeds ``max_train_share`` of the time since it started. When the server started from a trained head
-  (one fitted to other traffic may not adapt to this), a second lineage trained from scratch fits a candidate
-  too, until one of its heads is accepted (``fresh_lineage``). It judges the candidates and the live head by
-  concordance on the held-back examples and accepts the best candidate only when it wins by ``margin``. An accepted
-  head is exported (Orbax, versioned, in ``dir``) and handed to the ranking stage, which swaps it in at the next
-  batch boundary and rescores every request still here from its kept features, so one head orders the queue.
+  that no round accepted (one fitted to other traffic may not adapt to this), a second lineage trained from
+  scratch fits a candidate too, until one of its heads is accepted (``fresh_lineage``). It judges the candidates
+  and the live head by concordance on the held-back examples and accepts the best candidate only when it wins by
+  ``margin``. An accepted head is exported (Orbax, versioned, in ``dir``) and handed to the ranking stage, which
+  swaps it in at the next batch boundary and rescores every request still here from its kept features, so one
+  head orders the queue.
 * `newest_accepted_head`: at start-up, the newest valid export in ``dir`` (a corrupt newest one is skipped with
   one log line).
 """
@@ -246,8 +247,9 @@ class OnlineLearner:
         self._live = nnx.clone(live_head)
         # A head trained elsewhere may not adapt to this traffic (its input scaling and weights were fitted to
         # other features): a second lineage, started from scratch, trains beside it until one of its heads wins.
-        self._fresh = RankerHead.for_spec(spec, seed=seed + 1) if config.fresh_lineage and has_feature_stats(
-            live_head) else None
+        # A head this learner accepted before a restart (version > 0) was fitted to this traffic already.
+        self._fresh = RankerHead.for_spec(spec, seed=seed + 1) if config.fresh_lineage and version == 0 and \
+            has_feature_stats(live_head) else None
         self.version = version
         self.clock = clock
         self.seed = seed

@@ -159,10 +159,10 @@ class OnlineLearningConfig:
                                                            "judge candidate against live head")
     margin: float = setting(0.01, ge=0, doc="a candidate replaces the live head only when its concordance tau on "
                                             "the held-back examples beats the live head's by more than this")
-    fresh_lineage: bool = setting(True, doc="when the server starts from a trained head, also train a head from "
-                                            "scratch each round until one of its versions beats the live head (a "
-                                            "head fitted to other traffic may not adapt to this; doubles training "
-                                            "time until then)")
+    fresh_lineage: bool = setting(True, doc="when the server starts from a trained head no round accepted, also "
+                                            "train a head from scratch each round until one of its versions beats "
+                                            "the live head (a head fitted to other traffic may not adapt to this; "
+                                            "doubles training time until then)")
     min_examples: int = setting(32, ge=4, doc="examples needed (training and held-back together) before a round")
     dir: str | None = setting(None, doc="directory of accepted heads, one Orbax export per version; the server "
                                         "starts from the newest valid one (null = keep them in memory only)")

@@ -91,7 +91,11 @@ class _EventBridge:
         self.queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
 
     def __call__(self, event: StreamEvent) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the server's loop has closed (it shut down): no client is left to read the event
+            if not self.loop.is_closed():
+                raise
 
     def drain_ready(self, first: StreamEvent) -> list[StreamEvent]:
         """``first`` plus every event already queued behind it (one write for a burst of tokens)."""
