@@ -10,7 +10,7 @@ what the learner's choices (swap rule, optimizer) do to the head a stream ends w
 
 With ``--simulate-load L`` it serves each seed's stream in the simulator instead (the real `Scheduler`, a 4-slot
 CPU step model as `scripts/starvation_cpu_proxy.py`'s, Poisson arrivals at L x the stream's capacity) under fcfs,
-the static ranker and an untrained head learning online (examples at each request's finish, rounds at batch
+the static ranker and a head learning online (untrained, or ``--start-ranker``'s; examples at each request's finish, rounds at batch
 boundaries, every request still here rescored by an accepted head), and compares the online arm's latency with
 the static ranker's per window of arrivals and over the final ``--window-s`` of them.
 
@@ -51,7 +51,7 @@ class LearningScheduler(Scheduler):
 
     def __init__(self, slots, learner, head, score_fn, ids, features, lengths):
         super().__init__(make_policy("ltr"), slots)
-        self.learner, self.head, self.score_fn = learner, head, score_fn
+        self.learner, self.score_fn = learner, score_fn
         self.ids, self.features, self.lengths = ids, features, lengths
         self.scores = score_fn(head, features)
         self.swaps: list[float] = []
@@ -73,8 +73,7 @@ class LearningScheduler(Scheduler):
         got = self.learner.take_accepted()
         if got is None:
             return
-        self.head = got[1]
-        self.scores = self.score_fn(self.head, self.features)
+        self.scores = self.score_fn(got[1], self.features)
         for req in [*self.waiting, *self.running]:
             req.score = float(self.scores[int(req.request_id.split("-")[1])])
         self.rerank()
@@ -114,9 +113,9 @@ def simulate_latency(args, config, spec, scores, data, x_all, lengths_all, rows,
                      zip(arrivals, prompt, lens, arm_scores)]
             hook = None
             if arm == "online":
-                learner = online.OnlineLearner(config, spec, RankerHead.for_spec(spec, seed=seed), clock=StepClock(),
-                                               seed=seed)
-                sched = LearningScheduler(4, learner, RankerHead.for_spec(spec, seed=seed), scores, ids, feats, lens)
+                start = load_ranker(args.start_ranker)[0] if args.start_ranker else RankerHead.for_spec(spec, seed=seed)
+                learner = online.OnlineLearner(config, spec, start, clock=StepClock(), seed=seed)
+                sched = LearningScheduler(4, learner, start, scores, ids, feats, lens)
                 hook = sched.boundary
             else:
                 sched = Scheduler(make_policy("fcfs" if arm == "fcfs" else "ltr"), 4)
