@@ -10,9 +10,9 @@ what the learner's choices (swap rule, optimizer) do to the head a stream ends w
 
 With ``--simulate-load L`` it serves each seed's stream in the simulator instead (the real `Scheduler`, a 4-slot
 CPU step model as `scripts/starvation_cpu_proxy.py`'s, Poisson arrivals at L x the stream's capacity) under fcfs,
-the static ranker and a head learning online (untrained, or ``--start-ranker``'s; examples at each request's finish, rounds at batch
-boundaries, every request still here rescored by an accepted head), and compares the online arm's latency with
-the static ranker's per window of arrivals and over the final ``--window-s`` of them.
+the static ranker and a head learning online (untrained, or ``--start-ranker``'s; examples at each request's
+finish, rounds at batch boundaries, every request still here rescored by an accepted head), and compares the
+online arm's latency with the static ranker's per window of arrivals and over the final ``--window-s`` of them.
 
     PYTHONPATH=. python scripts/online_learner_replay.py --static-ranker DIR --seeds 0-19 [--set margin=0.02]
     PYTHONPATH=. python scripts/online_learner_replay.py --static-ranker DIR --seeds 0-19 --simulate-load 1.0
