@@ -43,6 +43,8 @@ from ltr_jax.train.features import cached_features
 from ltr_jax.train.metrics import tau_b
 from ltr_jax.train.trainer import TrainConfig, default_feature_cache_dir, load_serving_model, prepare_data
 
+RANKER_PASS_S = 0.047  # the ranker's pass over a mean prompt in the step model of scripts/starvation_cpu_proxy.py
+
 
 class LearningScheduler(Scheduler):
     """The ltr scheduler of an online arm: a request is scored by the live head when it arrives; a finished one
@@ -94,7 +96,7 @@ class StepClock:
 
 def simulate_latency(args, config, spec, scores, data, x_all, lengths_all, rows, static_scores, stream_order) -> None:
     step = MeasuredStepTime((args.decode_s, 0.0, 0.0), (0.015, 0.0007), 1e-4)
-    ranker = partial(_ranker_time, 0.047 / step.prefill_time(80), step)  # a pass ~47 ms, reused by the prefill
+    ranker = partial(_ranker_time, RANKER_PASS_S / step.prefill_time(80), step)  # reused by the prefill
     ratios = []
     for seed in parse_seeds(args.seeds):
         order = stream_order(seed)
