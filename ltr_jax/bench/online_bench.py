@@ -486,13 +486,14 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         ws = [w for w in arms[arm]["windows"] if w["tau_b"] is not None]
         records = arms[arm]["records"]
         start, end = last_window(records, report["window_s"])
-        tail = tau_with_ci([r for r in records if r["complete"] and start <= r["arrival_s"] < end])
+        in_last = [r for r in records if r["complete"] and start <= r["arrival_s"] < end]
+        tail = tau_with_ci(in_last)
         vs_static = (latency_ratio_with_ci(records, arms["static"]["records"], start, end) if "static" in arms
                      else {"ratio": None, "ci95": None, "n": 0})
         rise = None
         if ws:  # last window minus first, each resampled on its own: did live tau-b rise beyond the noise?
             first = [r for r in records if _scored(r) and ws[0]["start_s"] <= r["arrival_s"] < ws[0]["end_s"]]
-            last = [r for r in records if _scored(r) and start <= r["arrival_s"] < end]
+            last = [r for r in in_last if _scored(r)]
             if len(last) >= MIN_WINDOW_REQUESTS:
                 diff, lo, hi = tau_difference_ci(*(([r["score"] for r in rs], [r["length"] for r in rs])
                                                    for rs in (first, last)))
