@@ -509,6 +509,11 @@ def test_online_benchmark_replays_one_stream_under_every_arm_and_summarises_it(t
                 res["online"]["online_rejected"]
         else:
             assert res["train_seconds"] == 0
+        if arm == "static":  # never retrained: its starting head, rescoring the stored features, gives each score
+            assert all(abs(r["start_score"] - r["score"]) < 1e-4 for r in res["records"] if r["exact"])
+    for arm, res in summary["arms"].items():
+        gain = res["tau_gain_over_start_last_window"]
+        assert gain["n"] == res["last_window_requests"] and gain["ci95"][0] <= gain["tau_b"] <= gain["ci95"][1]
     assert report["offline_tau"]["n"] == sum(online_bench.is_validation(f"a{i}", 0.5, "s") for i in range(36))
     assert {"report.json", "report.md", "online.png"} <= {p.name for p in out.iterdir()}
     with pytest.raises(SystemExit):

@@ -196,3 +196,19 @@ def test_the_rise_of_tau_between_two_samples_carries_a_ci_that_tells_noise_from_
     assert 0 < lo < diff < hi  # a rise beyond the noise
     same, lo, hi = tau_difference_ci((noisy, lengths), (noisy, lengths), n_resamples=300)
     assert same == 0 and lo < 0 < hi  # the same ranking twice: no rise, and the CI says so
+
+
+def test_a_paired_rise_on_the_same_rows_is_told_from_noise_where_two_independent_samples_cannot():
+    from ltr_jax.train.metrics import paired_tau_difference_ci, tau_difference_ci
+
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 500, size=100).astype(float)
+    errors = rng.normal(scale=300, size=100)
+    before = -lengths + errors
+    after = -lengths + 0.7 * errors  # the same mistakes, smaller: a modest, real improvement on every row
+    diff, lo, hi = paired_tau_difference_ci(before, after, lengths, n_resamples=300)
+    assert 0 < lo < diff < hi
+    unpaired, ulo, uhi = tau_difference_ci((before, lengths), (after, lengths), n_resamples=300)
+    assert abs(unpaired - diff) < 1e-12 and ulo < 0 < uhi  # resampled apart, the rows' spread hides the rise
+    same, lo, hi = paired_tau_difference_ci(before, before, lengths, n_resamples=300)
+    assert same == 0 and lo == 0 == hi  # the same scores twice: every resample's difference is 0

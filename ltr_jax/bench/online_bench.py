@@ -19,7 +19,9 @@ finished, against its length; a bootstrap 95% CI), mean latency and the head ver
 come last in the stream, so the last windows compare every head on prompts none was trained on. It also reports what
 training cost: its compute seconds over the loop's busy seconds, and the decode step-time distribution of steps
 run while a round was training against those that were not. The summary's last window is the final
-``--window-s`` seconds of arrivals, so it is a full window whatever the calendar windows' last one holds.
+``--window-s`` seconds of arrivals, so it is a full window whatever the calendar windows' last one holds; beside
+its live tau-b it gives the tau-b the arm's starting head gives the same requests (scored from their stored
+features), and the difference with a paired CI.
 ``--out`` writes report.json, report.md and online.png; ``--json`` prints a summary object as the last line of
 stdout.
 """
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import nnx
 
 from ltr_jax.bench.options import add_config_options
 from ltr_jax.bench.policy_bench import (
@@ -56,14 +59,14 @@ from ltr_jax.engine.ranking import make_ranking_stage, warmup_ranker
 from ltr_jax.engine.sharding import mesh_for
 from ltr_jax.machine import machine_info
 from ltr_jax.models.llama import Llama
-from ltr_jax.models.ranker import RankerHead
+from ltr_jax.models.ranker import RankerHead, head_scores
 from ltr_jax.models.ranker_checkpoint import default_ranker_path, load_scorer
 from ltr_jax.scheduler.metrics import distribution
 from ltr_jax.scheduler.policies import make_policy
 from ltr_jax.scheduler.scheduler import Scheduler
 from ltr_jax.sim.trace import make_arrivals
 from ltr_jax.train.data import DEFAULT_SPLIT_SALT, is_validation, shared_dir
-from ltr_jax.train.metrics import bootstrap_ci, tau_b, tau_difference_ci
+from ltr_jax.train.metrics import bootstrap_ci, paired_tau_difference_ci, tau_b, tau_difference_ci
 
 ARMS = ("fcfs", "static", "online-untrained", "online-mismatched")
 ONLINE_ARMS = ("online-untrained", "online-mismatched")
@@ -73,13 +76,15 @@ MIN_WINDOW_REQUESTS = 10  # a window with fewer finished requests reports no tau
 class RecordingLearner(OnlineLearner):
     """An `OnlineLearner` that also logs every finished request the ranking stage reports to it (request id, the
     score it had when it finished, its length, whether exact, the head version serving then). ``learn=False``:
-    it only logs (the static arm: the same ranking stage, never retrained)."""
+    it only logs (the static arm: the same ranking stage, never retrained). It keeps each request's ranker
+    features too, so the benchmark can score the same requests with the head it started from."""
 
     def __init__(self, *args, learn: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.learn = learn
         self.stage = None  # the ranking stage it serves, set once built (for the version live now)
         self.log: dict[str, tuple[float, int, bool, int]] = {}
+        self.features: dict[str, np.ndarray] = {}
         self.live_since: dict[int, float] = {0: time.monotonic()}  # head version -> when it went live
 
     def take_accepted(self):
@@ -91,6 +96,7 @@ class RecordingLearner(OnlineLearner):
     def observe(self, request_id, features, score, length, censored) -> None:
         version = self.stage.version if self.stage is not None else self.version
         self.log[request_id] = (float(score), int(length), not censored, version)
+        self.features[request_id] = np.asarray(features, np.float32)
         if self.learn:
             super().observe(request_id, features, score, length, censored)
 
@@ -131,7 +137,9 @@ def serve_arm(arm: str, engine: Engine, loaded, items, arrivals, args, scorer, h
     counters and step times."""
     learner = None
     ranking = None
+    start_head = None
     if arm != "fcfs":
+        start_head = nnx.split(nnx.clone(scorer.head))
         online_cfg = dataclasses.replace(args.config_tree.ranker.online, enabled=True, dir=None)
         learner = RecordingLearner(online_cfg, scorer.spec, scorer.head, seed=args.seed,
                                    learn=arm in ONLINE_ARMS)
@@ -154,6 +162,11 @@ def serve_arm(arm: str, engine: Engine, loaded, items, arrivals, args, scorer, h
             learner.stop()
     t0 = min(o.submit for o in observed)
     live_since = {v: max(0.0, t - t0) for v, t in learner.live_since.items()} if learner is not None else {0: 0.0}
+    start_scores = {}
+    if learner is not None and learner.features:  # the head the arm started from, on the same requests
+        rids = list(learner.features)
+        start_scores = dict(zip(rids, head_scores(scorer.spec.method, *start_head,
+                                                  np.stack([learner.features[r] for r in rids])).tolist()))
     records = []
     for i, (item, ob) in enumerate(zip(items, observed)):
         rid = f"{i}-{item.id}"
@@ -161,6 +174,7 @@ def serve_arm(arm: str, engine: Engine, loaded, items, arrivals, args, scorer, h
             else (math.nan, ob.n_tokens, True, 0)
         records.append({"arrival_s": ob.submit - t0, "finish_s": (ob.finish or math.nan) - t0,
                         "latency_s": (ob.finish or math.nan) - ob.submit, "length": length, "score": score,
+                        "start_score": start_scores.get(rid, math.nan),
                         "exact": exact, "version": version, "complete": ob.reason == "length"
                         and ob.n_tokens == item.output_len, "held_out": item.id in held_out})
     train_s = learner.metrics["train_seconds"] if learner is not None else 0.0
@@ -314,6 +328,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {arm} | {res['mean_latency_s']:.2f} | {res['train_share_of_busy']:.4f} | "
                      f"{o.get('online_rounds', '-')} | {o.get('online_accepted', '-')} | "
                      f"{o.get('online_rejected', '-')} |")
+    lines.append("\n| arm | last window: live tau-b | the starting head's on the same requests | gain [95% CI] |")
+    lines.append("|---|---|---|---|")
+    for arm, res in report.get("summary", {}).get("arms", {}).items():
+        gain = res["tau_gain_over_start_last_window"] or {}
+        lines.append(f"| {arm} | {res['tau_last_window']} | {gain.get('start_head_tau_b')} | {gain.get('tau_b')} "
+                     f"{gain.get('ci95')} |")
     lines.append("\nstep times (ms): " + json.dumps({a: r["step_times_ms"]["full_batch_steps"]
                                                      for a, r in report["arms"].items()}))
     return "\n".join(lines) + "\n"
@@ -473,11 +493,28 @@ def last_window(records: list[dict], window_s: float) -> tuple[float, float]:
     return last - window_s, math.nextafter(last, math.inf)
 
 
+def paired_gain(records: list[dict]) -> dict[str, Any] | None:
+    """On the given requests, tau-b of the scores they were served with minus tau-b of the scores the arm's
+    starting head gives the same requests (from their stored features), with a paired bootstrap 95% CI: what
+    learning changed, without the noise of comparing two different sets of requests."""
+    rows = [r for r in records if _scored(r) and r.get("start_score") is not None
+            and math.isfinite(r["start_score"])]
+    if len(rows) < MIN_WINDOW_REQUESTS:
+        return None
+    diff, lo, hi = paired_tau_difference_ci(*(np.array([r[k] for r in rows]) for k in ("start_score", "score",
+                                                                                       "length")))
+    fin = (lambda x: round(x, 4) if math.isfinite(x) else None)
+    return {"tau_b": fin(diff), "ci95": [fin(lo), fin(hi)], "n": len(rows),
+            "start_head_tau_b": fin(tau_b(np.array([r["start_score"] for r in rows]),
+                                          np.array([r["length"] for r in rows])))}
+
+
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers: for each online arm its first window's and its last window's (`last_window`) live
-    tau-b with CIs, minutes of served traffic until a window reached 90% of the offline tau, the last window's
-    mean latency against the static ranker's on the same requests (paired bootstrap CI), and training's share of
-    busy time. The top-level keys are the untrained arm's (else the first)."""
+    tau-b with CIs, their difference (independent resamples), the last window's gain over the arm's starting head
+    on the same requests (`paired_gain`), minutes of served traffic until a window reached 90% of the offline tau,
+    the last window's mean latency against the static ranker's on the same requests (paired bootstrap CI), and
+    training's share of busy time. The top-level keys are the untrained arm's (else the first)."""
     offline = report["offline_tau"]["tau_b"]
     target = 0.9 * offline if offline is not None else None
     arms = report["arms"]
@@ -498,9 +535,11 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
                 diff, lo, hi = tau_difference_ci(*(([r["score"] for r in rs], [r["length"] for r in rs])
                                                    for rs in (first, last)))
                 rise = {"tau_b": round(diff, 4), "ci95": [round(lo, 4), round(hi, 4)]}
+        gain = paired_gain(in_last)
         per_arm[arm] = {
             "tau_first_window": ws[0]["tau_b"] if ws else None, "ci95_first_window": ws[0]["ci95"] if ws else None,
             "tau_rise_first_to_last": rise,
+            "tau_gain_over_start_last_window": gain,
             "tau_last_window": tail["tau_b"], "ci95_last_window": tail["ci95"],
             "last_window_s": [round(start, 1), round(end, 1)], "last_window_requests": tail["n"],
             "minutes_to_90pct_offline": minutes_to_fraction(ws, target),
