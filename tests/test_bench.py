@@ -520,6 +520,56 @@ def test_online_benchmark_replays_one_stream_under_every_arm_and_summarises_it(t
         online_bench.parse_args(["--arms", "fcfs,lifo"])
 
 
+def _online_report(seed: int, rise: float) -> dict:
+    """A `bench online` report of one online arm: 40 requests in each of two 10-s windows; the first window's scores
+    (and every starting-head score) are the lengths blurred by noise, the last window's blurred ``rise`` times less."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for w in (0, 1):
+        lengths = rng.integers(1, 400, 40)
+        noise = rng.normal(scale=300, size=40)
+        start = -lengths + noise
+        live = start if w == 0 else -lengths + (1 - rise) * noise
+        records += [{"arrival_s": 10 * w + i / 4, "finish_s": 10 * w + i / 4 + 1, "latency_s": 1.0,
+                     "length": int(n), "score": float(sc), "start_score": float(st), "exact": True, "version": w,
+                     "complete": True, "held_out": True} for i, (n, sc, st) in enumerate(zip(lengths, live, start))]
+    arm = {"records": records, "live_since_s": {0: 0.0, 1: 9.0}, "train_share_of_busy": 0.01, "online": None,
+           "mean_latency_s": 1.0}
+    arm["windows"] = online_bench.windows_of(arm, 10.0)
+    return {"benchmark": "online learning of the ranker on the real engine", "model": "m", "length_source": "l",
+            "stream": "held-out", "n": 80, "slots": 4, "load": 1.0, "window_s": 10.0, "offline_ranker": "a",
+            "mismatched_ranker": "b", "online_config": {}, "seed": seed, "offline_tau": {"tau_b": None, "ci95": None},
+            "arms": {"online-mismatched": arm}}
+
+
+def test_combine_pools_online_runs_into_a_mean_rise_over_seeds_with_a_t_interval(tmp_path):
+    from ltr_jax.bench import combine
+
+    paths = []
+    for seed in range(5):
+        path = tmp_path / f"seed{seed}" / "report.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(_online_report(seed, rise=0.6)))
+        paths.append(str(path.parent))
+    combined = combine.main(paths + ["--out", str(tmp_path / "pooled")])
+    arm = combined["arms"]["online-mismatched"]
+    gains = [s["tau_gain_over_start_last_window"]["tau_b"] for s in arm["per_seed"]]
+    assert len(gains) == 5 and arm["gain_over_start_last_window"]["mean"] == pytest.approx(np.mean(gains), abs=1e-4)
+    lo, hi = arm["gain_over_start_last_window"]["ci95"]
+    assert 0 < lo < np.mean(gains) < hi and arm["gain_over_start_last_window"]["above_zero"] == 5
+    assert arm["rise_first_to_last"]["seeds"] == 5
+    assert "gain, mean over 5 seeds" in (tmp_path / "pooled" / "combined.md").read_text()
+    flat = tmp_path / "flat" / "report.json"  # no learning: every seed's gain is 0 and the interval says so
+    flat.parent.mkdir()
+    flat.write_text(json.dumps(_online_report(7, rise=0.0)))
+    same = combine.combine([str(flat.parent), paths[0]])["arms"]["online-mismatched"]
+    assert same["per_seed"][0]["tau_gain_over_start_last_window"]["tau_b"] == 0
+    other = _online_report(9, rise=0.6) | {"load": 1.25}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="differ in 'load'"):
+        combine.main([paths[0], str(tmp_path / "other.json")])
+
+
 def test_online_summary_reads_the_first_window_that_reaches_the_offline_target():
     windows = [{"window": 0, "tau_b": 0.2, "reached_s": 50.0}, {"window": 1, "tau_b": None, "reached_s": 90},
                {"window": 2, "tau_b": 0.46, "reached_s": 150.0}, {"window": 3, "tau_b": 0.5, "reached_s": 200}]

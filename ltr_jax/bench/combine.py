@@ -11,6 +11,11 @@ on different seeds, and reports for every rate they all ran:
 * the pooled mean latency per policy (every request of every seed counted once) and the ratios of those pooled
   means, with the lowest and highest per-seed value of each ratio beside them.
 
+Runs of `bench online` pool per online arm instead: each seed's first and last window's live tau-b, their
+difference and the last window's gain over the starting head on the same requests, and for those two the mean
+over seeds with a Student-t 95% interval (one value per seed: a window of a hundred requests cannot resolve a rise
+of a few hundredths, a dozen seeds can) and how many seeds rose.
+
 Writes `combined.json` and `combined.md` to ``--out`` and prints the JSON.
 """
 
@@ -22,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ltr_jax.bench.report import VIA_LABELS, ratios, starvation_cost
 
@@ -47,13 +54,19 @@ def _setting(report: dict[str, Any], key: str) -> Any:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ltr_jax.bench combine", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("runs", nargs="+", help="output directories of `bench run` or `bench simulate` (each holding "
+    p.add_argument("runs", nargs="+", help="output directories of `bench run`, `simulate` or `online` (each holding "
                    "report.json), or the report.json files themselves; one per seed")
     p.add_argument("--out", default=None, help="directory for combined.json and combined.md")
     args = p.parse_args(argv)
     if len(args.runs) < 2:
         p.error("give at least two runs to pool (one per seed)")
     return args
+
+
+#: what `bench online` reports call themselves, and the fields its pooled runs must share
+ONLINE_BENCHMARK = "online learning of the ranker on the real engine"
+ONLINE_SAME_EXPERIMENT = ("benchmark", "model", "length_source", "stream", "n", "slots", "load", "window_s",
+                          "offline_ranker", "mismatched_ranker", "online_config")
 
 
 def load_run(path: str) -> tuple[str, dict[str, Any]]:
@@ -67,23 +80,26 @@ def load_run(path: str) -> tuple[str, dict[str, Any]]:
         report = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SystemExit(f"{file}: not a JSON report ({err}); re-run the benchmark that wrote it") from None
-    missing = [k for k in ("benchmark", "runs", "rates", "seed") if k not in report]
+    needed = ("benchmark", "arms", "seed") if report.get("benchmark") == ONLINE_BENCHMARK else \
+        ("benchmark", "runs", "rates", "seed")
+    missing = [k for k in needed if k not in report]
     if missing:
         raise SystemExit(f"{file}: report lacks {', '.join(missing)}; re-run it with this version of "
-                         "`python -m ltr_jax.bench run` or `simulate`")
+                         "`python -m ltr_jax.bench run`, `simulate` or `online`")
     return str(file), report
 
 
 def check_same_experiment(runs: list[tuple[str, dict[str, Any]]]) -> None:
     first_file, first = runs[0]
     seen_seeds: dict[int, str] = {}
+    online = first.get("benchmark") == ONLINE_BENCHMARK
     for file, report in runs:
-        for key in SAME_EXPERIMENT:
+        for key in ONLINE_SAME_EXPERIMENT if online else SAME_EXPERIMENT:
             mine, theirs = _setting(report, key), _setting(first, key)
             if mine != theirs:
                 raise SystemExit(f"{file} and {first_file} differ in {key!r} ({mine!r} vs {theirs!r}): only runs "
                                  f"of one experiment on different seeds can be pooled")
-        for rate_key in set(report["runs"]) & set(first["runs"]):
+        for rate_key in () if online else set(report["runs"]) & set(first["runs"]):
             if report["rates"][rate_key] != first["rates"][rate_key]:
                 raise SystemExit(f"{file} and {first_file} disagree on {rate_key}")
             if list(report["runs"][rate_key]) != list(first["runs"][rate_key]):
@@ -149,10 +165,59 @@ def pool_rate(rate_key: str, runs: list[tuple[str, dict[str, Any]]]) -> dict[str
     return out
 
 
+def mean_with_t_ci(values: list[float]) -> dict[str, Any] | None:
+    """Mean over seeds with a Student-t 95% interval, and how many values are above 0 (None: fewer than two)."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return None
+    mean, sem = float(np.mean(values)), float(stats.sem(values))
+    half = float(stats.t.ppf(0.975, len(values) - 1)) * sem
+    return {"mean": round(mean, 4), "ci95": [round(mean - half, 4), round(mean + half, 4)], "seeds": len(values),
+            "above_zero": int(sum(v > 0 for v in values))}
+
+
+def pool_online(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """`bench online` runs: per online arm every run holds, each seed's headline numbers (`online_bench.summarize`,
+    recomputed from the records, so a report written before a summary field existed has it too) and the mean over
+    seeds of the rise first -> last window and of the paired gain over the starting head."""
+    from ltr_jax.bench.online_bench import ONLINE_ARMS, summarize
+
+    summaries = [(file, report, summarize(report)) for file, report in runs]
+    arms = [a for a in ONLINE_ARMS if all(a in s["arms"] for _, _, s in summaries)]
+    if not arms:
+        raise SystemExit("the runs share no online arm; pool runs made with the same --arms")
+    out = {}
+    for arm in arms:
+        per_seed = []
+        for file, report, summary in summaries:
+            a = summary["arms"][arm]
+            per_seed.append({"seed": report["seed"], "report": file,
+                             **{k: a[k] for k in ("tau_first_window", "ci95_first_window", "tau_last_window",
+                                                  "ci95_last_window", "tau_rise_first_to_last",
+                                                  "tau_gain_over_start_last_window", "minutes_to_90pct_offline",
+                                                  "last_window_latency_vs_static", "train_share_of_busy")}})
+
+        values = {key: [s[key]["tau_b"] for s in per_seed if s[key] is not None and s[key]["tau_b"] is not None]
+                  for key in ("tau_rise_first_to_last", "tau_gain_over_start_last_window")}
+        out[arm] = {"per_seed": per_seed, "rise_first_to_last": mean_with_t_ci(values["tau_rise_first_to_last"]),
+                    "gain_over_start_last_window": mean_with_t_ci(values["tau_gain_over_start_last_window"])}
+    return out
+
+
 def combine(paths: list[str]) -> dict[str, Any]:
     runs = [load_run(p) for p in paths]
     check_same_experiment(runs)
     first = runs[0][1]
+    if first["benchmark"] == ONLINE_BENCHMARK:
+        return {"benchmark": f"{first['benchmark']}, pooled over seeds", "model": first["model"],
+                "length_source": first["length_source"], "stream": first["stream"], "n": first["n"],
+                "slots": first["slots"], "load": first["load"], "window_s": first["window_s"],
+                "seeds": [r["seed"] for _, r in runs], "reports": [f for f, _ in runs],
+                "commands": [r.get("command") for _, r in runs],
+                "machines": [json.loads(m) for m in sorted({json.dumps(r.get("machine"), sort_keys=True)
+                                                            for _, r in runs})],
+                "date": time.strftime("%Y-%m-%d %H:%M:%S"), "arms": pool_online(runs)}
     common = [k for k in first["runs"] if all(k in r["runs"] for _, r in runs)]
     if not common:
         raise SystemExit("the runs share no rate (" + "; ".join(f"{f}: {', '.join(r['runs'])}" for f, r in runs)
@@ -171,7 +236,31 @@ def combine(paths: list[str]) -> dict[str, Any]:
     }
 
 
+def online_markdown(combined: dict[str, Any]) -> str:
+    setup = (f"{combined['model']}; {combined['n']} requests per seed ({combined['stream']}), {combined['slots']} "
+             f"slots, load {combined['load']}; seeds {', '.join(map(str, combined['seeds']))}; "
+             f"{combined['length_source']}")
+    lines = [f"# {combined['benchmark']}", "", setup, ""]
+    for arm, pooled in combined["arms"].items():
+        lines += [f"## {arm}", "", ("| seed | first window tau-b [95% CI] | last window | rise | gain over the "
+                                    "starting head, same requests |"), "|---|---|---|---|---|"]
+        for s in pooled["per_seed"]:
+            rise, gain = s["tau_rise_first_to_last"] or {}, s["tau_gain_over_start_last_window"] or {}
+            lines.append(f"| {s['seed']} | {s['tau_first_window']} {s['ci95_first_window']} | {s['tau_last_window']} "
+                         f"{s['ci95_last_window']} | {rise.get('tau_b')} {rise.get('ci95')} | {gain.get('tau_b')} "
+                         f"{gain.get('ci95')} |")
+        for key, label in (("rise_first_to_last", "rise"), ("gain_over_start_last_window", "gain")):
+            p = pooled[key]
+            if p:
+                lines.append(f"\n{label}, mean over {p['seeds']} seeds: **{p['mean']:+.3f}** {p['ci95']} (Student-t "
+                             f"95%); above 0 on {p['above_zero']} of {p['seeds']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def markdown(combined: dict[str, Any]) -> str:
+    if "arms" in combined:
+        return online_markdown(combined)
     setup = (f"{combined['model']}; {combined['n']} requests per seed, {combined['slots']} slots, "
              f"{combined['arrival']} arrivals; seeds {', '.join(map(str, combined['seeds']))}; "
              f"{combined['length_source']}")
