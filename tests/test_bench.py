@@ -559,6 +559,10 @@ def test_combine_pools_online_runs_into_a_mean_rise_over_seeds_with_a_t_interval
     assert 0 < lo < np.mean(gains) < hi and arm["gain_over_start_last_window"]["above_zero"] == 5
     assert arm["rise_first_to_last"]["seeds"] == 5
     assert "gain, mean over 5 seeds" in (tmp_path / "pooled" / "combined.md").read_text()
+    assert arm["last_window_latency_vs_static"] is None  # no static arm ran
+    ratio = combine.pooled_ratio([1.0, 1.2, 0.8])
+    assert ratio["geometric_mean"] == pytest.approx(0.96 ** (1 / 3), abs=1e-3) and ratio["within_10pct"] == 2
+    assert ratio["ci95"][0] < ratio["geometric_mean"] < ratio["ci95"][1] and combine.pooled_ratio([1.0]) is None
     flat = tmp_path / "flat" / "report.json"  # no learning: every seed's gain is 0 and the interval says so
     flat.parent.mkdir()
     flat.write_text(json.dumps(_online_report(7, rise=0.0)))

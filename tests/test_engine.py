@@ -283,6 +283,21 @@ def test_tensor_parallel_on_four_cpu_devices_matches_single_device():
     assert result["reuse"] == [True, True, 1]
 
 
+def test_a_steps_tokens_stay_readable_after_the_next_step_is_dispatched(tiny):
+    """The orchestrator dispatches step k+1 before it reads step k's tokens: the tokens a step returns must not be
+    the decode state's buffer that the next step is donated."""
+    _, model = tiny
+
+    def steps(read_each: bool) -> list[list[int]]:
+        engine = Engine(model, EngineConfig(num_slots=2, max_seq_len=64))
+        engine.insert(engine.prefill([1, 2, 3], SlotSampling()), 0)
+        got = [engine.generate() for _ in range(3)] if not read_each else \
+            [np.asarray(engine.generate()) for _ in range(3)]
+        return [np.asarray(t).tolist() for t in got]
+
+    assert steps(read_each=False) == steps(read_each=True)
+
+
 @pytest.mark.parametrize("slots", [1, 4])
 def test_decode_step_updates_the_donated_cache_in_place(tiny, slots):
     """The compiled decode step writes one row per slot into the cache it was given: the cache buffers are
@@ -296,8 +311,8 @@ def test_decode_step_updates_the_donated_cache_in_place(tiny, slots):
     _, model = tiny
     engine = Engine(model, EngineConfig(num_slots=slots, max_seq_len=256))
     engine.resize_cache(128)
-    hlo = _GENERATE.lower(engine.graphdef, engine.params, engine.decode_state,
-                          engine.host_active.copy()).compile().as_text()
+    d = engine.decode_state
+    hlo = _GENERATE.lower(engine.graphdef, engine.params, d.cache, d.tokens, d.lengths).compile().as_text()
     c = model.config
     kv, hd = c.n_kv_heads, c.head_dim
     cache_shapes = (f"f32[{slots},{kv},128,{hd}]", f"f32[{slots * kv},128,{hd}]",  # values

@@ -177,6 +177,17 @@ def mean_with_t_ci(values: list[float]) -> dict[str, Any] | None:
             "above_zero": int(sum(v > 0 for v in values))}
 
 
+def pooled_ratio(ratios: list[float]) -> dict[str, Any] | None:
+    """Latency ratios of several seeds: their geometric mean with a Student-t 95% interval (on the logs), and how
+    many seeds are within 10% (at most 1.10x)."""
+    logs = mean_with_t_ci([float(np.log(r)) for r in ratios])
+    if logs is None:
+        return None
+    return {"geometric_mean": round(float(np.exp(logs["mean"])), 3),
+            "ci95": [round(float(np.exp(x)), 3) for x in logs["ci95"]], "seeds": logs["seeds"],
+            "within_10pct": int(sum(r <= 1.10 for r in ratios))}
+
+
 def pool_online(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """`bench online` runs: per online arm every run holds, each seed's headline numbers (`online_bench.summarize`,
     recomputed from the records, so a report written before a summary field existed has it too) and the mean over
@@ -201,7 +212,9 @@ def pool_online(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         values = {key: [s[key]["tau_b"] for s in per_seed if s[key] is not None and s[key]["tau_b"] is not None]
                   for key in ("tau_rise_first_to_last", "tau_gain_over_start_last_window")}
         out[arm] = {"per_seed": per_seed, "rise_first_to_last": mean_with_t_ci(values["tau_rise_first_to_last"]),
-                    "gain_over_start_last_window": mean_with_t_ci(values["tau_gain_over_start_last_window"])}
+                    "gain_over_start_last_window": mean_with_t_ci(values["tau_gain_over_start_last_window"]),
+                    "last_window_latency_vs_static": pooled_ratio([s["last_window_latency_vs_static"] for s in per_seed
+                                                                   if s["last_window_latency_vs_static"] is not None])}
     return out
 
 
@@ -243,17 +256,24 @@ def online_markdown(combined: dict[str, Any]) -> str:
     lines = [f"# {combined['benchmark']}", "", setup, ""]
     for arm, pooled in combined["arms"].items():
         lines += [f"## {arm}", "", ("| seed | first window tau-b [95% CI] | last window | rise | gain over the "
-                                    "starting head, same requests |"), "|---|---|---|---|---|"]
+                                    "starting head, same requests | minutes to 90% of offline | last window's "
+                                    "latency / static's |"), "|---|---|---|---|---|---|---|"]
         for s in pooled["per_seed"]:
             rise, gain = s["tau_rise_first_to_last"] or {}, s["tau_gain_over_start_last_window"] or {}
             lines.append(f"| {s['seed']} | {s['tau_first_window']} {s['ci95_first_window']} | {s['tau_last_window']} "
                          f"{s['ci95_last_window']} | {rise.get('tau_b')} {rise.get('ci95')} | {gain.get('tau_b')} "
-                         f"{gain.get('ci95')} |")
+                         f"{gain.get('ci95')} | {s['minutes_to_90pct_offline']} | "
+                         f"{s['last_window_latency_vs_static']} |")
         for key, label in (("rise_first_to_last", "rise"), ("gain_over_start_last_window", "gain")):
             p = pooled[key]
             if p:
                 lines.append(f"\n{label}, mean over {p['seeds']} seeds: **{p['mean']:+.3f}** {p['ci95']} (Student-t "
                              f"95%); above 0 on {p['above_zero']} of {p['seeds']}")
+        ratio = pooled["last_window_latency_vs_static"]
+        if ratio:
+            lines.append(f"\nlast window's latency / static's, geometric mean over {ratio['seeds']} seeds: "
+                         f"**{ratio['geometric_mean']:.3f}x** {ratio['ci95']}; within 10% on {ratio['within_10pct']} "
+                         f"of {ratio['seeds']}")
         lines.append("")
     return "\n".join(lines)
 

@@ -1,9 +1,10 @@
 """The JetStream-style engine: prefill, insert into a decode slot, generate over all slots, free.
 
 Owns the device side of serving, as `jax.jit`-compiled pure functions with static shapes. A decode step is one
-compiled call; a prefill runs its blocks one compiled block per call (`ltr_jax.models.blockwise`: one compiled
-block serves every layer, and the ranker's pass over the same prompt shape), then one call per prompt shape takes
-its last position and joins its K/V, and one call shared by every shape samples its first token:
+compiled forward pass per cache length, then one sampling call shared by every length. A prefill runs its blocks
+one compiled block per call (`ltr_jax.models.blockwise`: one compiled block serves every layer, and the ranker's
+pass over the same prompt shape), then one call per prompt shape takes its last position and joins its K/V, and
+one call shared by every shape samples its first token:
 
 * `prefill(tokens, sampling)`      -> `Prefix`: the prompt (padded to a length bucket) run causally; its K/V and its
                                       first sampled token stay on the device.
@@ -205,39 +206,37 @@ def _resize_fn(decode_state: DecodeState, cache_len: int):
     return decode_state._replace(cache=cache)
 
 
-def _advance(decode_state: DecodeState, logits, cache, active):
-    """Sample each active slot's next token from a decode step's logits and move it one position on."""
-    positions = decode_state.lengths
-    new = sample_tokens(logits, decode_state.temperature, decode_state.top_k, decode_state.top_p,
-                        decode_state.seed, positions + 1)
-    tokens = jnp.where(active, new, decode_state.tokens)
-    lengths = positions + active.astype(positions.dtype)
-    return decode_state._replace(cache=cache, tokens=tokens, lengths=lengths), tokens
+def _next_tokens_fn(logits, tokens, lengths, temperature, top_k, top_p, seed, active):
+    """Each active slot's next token from a decode step's logits [slots, V]: every slot's (last token, length)
+    after the step, for the decode state, and the tokens again in a buffer of their own, for the host (the state's
+    are donated to the next step, which may be dispatched before the host reads this one's). No input depends on
+    the cache length, so one executable serves every decode shape."""
+    new = jnp.where(active, sample_tokens(logits, temperature, top_k, top_p, seed, lengths + 1), tokens)
+    return new, lengths + active.astype(lengths.dtype), new
 
 
-def _generate_fn(graphdef, state, decode_state: DecodeState, active):
+def _generate_fn(graphdef, state, cache, tokens, lengths):
+    """A decode step's forward pass: the logits [slots, V] of every slot's last token and the cache with its row."""
+    logits, cache = nnx.merge(graphdef, state).decode(tokens, lengths, cache)
+    return cache, logits
+
+
+def _generate_pass_fn(graphdef, n_pass, state, cache, tokens, lengths, past, pass_tokens, pass_length):
+    """A decode step's forward pass that also runs one prompt (``pass_length`` real tokens of ``pass_tokens`` [T],
+    after the cached prefix ``past`` when given) through the first ``n_pass`` blocks. Returns the step's (cache,
+    logits) and the prompt's hidden state [T, D] and K/V [n_pass, 2, KV, T, hd]: a ranker's backbone pass."""
     model = nnx.merge(graphdef, state)
-    logits, cache = model.decode(decode_state.tokens, decode_state.lengths, decode_state.cache)
-    return _advance(decode_state, logits, cache, active)
-
-
-def _generate_pass_fn(graphdef, n_pass, state, decode_state: DecodeState, active, past, pass_tokens, pass_length):
-    """A decode step that also runs one prompt (``pass_length`` real tokens of ``pass_tokens`` [T], after the cached
-    prefix ``past`` when given) through the first ``n_pass`` blocks. Returns the step's (state, tokens) and the
-    prompt's hidden state [T, D] and K/V [n_pass, 2, KV, T, hd]: a ranker's backbone pass."""
-    model = nnx.merge(graphdef, state)
-    logits, cache, hidden, kvs = model.decode_with_pass(decode_state.tokens, decode_state.lengths, decode_state.cache,
-                                                        pass_tokens[None], pass_length[None], n_pass,
-                                                        list(past) or None)
-    decode_state, tokens = _advance(decode_state, logits, cache, active)
+    logits, cache, hidden, kvs = model.decode_with_pass(tokens, lengths, cache, pass_tokens[None], pass_length[None],
+                                                        n_pass, list(past) or None)
     kv = jnp.stack([jnp.stack([k[0], v[0]]) for k, v in kvs])
-    return decode_state, tokens, hidden[0], kv
+    return cache, logits, hidden[0], kv
 
 
 # Module-level compiled functions (the graph definition is a static argument), so every engine over the same model
 # architecture shares one compilation cache.
 # The prompt passes run their blocks one compiled block per call (`ltr_jax.models.blockwise`); these are their ends.
-# Sampling is most of a prefill's end in compiled code, so it is an executable of its own, shared by every shape.
+# Sampling is most of a prefill's end in compiled code, so it is an executable of its own, shared by every shape;
+# so is a decode step's (`_NEXT_TOKENS`, after the step's forward pass of its cache length).
 _PREFILL_END = jax.jit(_rows_end)
 _REST_START = jax.jit(_rest_start_fn, static_argnums=(0, 1))
 _REST_END = jax.jit(_rest_end_fn)
@@ -245,10 +244,11 @@ _FIRST_TOKENS = jax.jit(_first_tokens_fn, static_argnums=(0,))
 _INSERT = jax.jit(_insert_fn, donate_argnums=(1,))
 _GENERATE = jax.jit(_generate_fn, static_argnums=(0,), donate_argnums=(2,))
 _GENERATE_PASS = jax.jit(_generate_pass_fn, static_argnums=(0, 1), donate_argnums=(3,))
+_NEXT_TOKENS = jax.jit(_next_tokens_fn, donate_argnums=(1, 2))
 _RESIZE = jax.jit(_resize_fn, static_argnames=("cache_len",))  # shapes change: nothing to donate
 _EXTRACT = jax.jit(_extract_fn, static_argnames=("bucket",))  # reads the state: the next step still donates it
-JITTED = (_PREFILL_END, _REST_START, _REST_END, _FIRST_TOKENS, _INSERT, _GENERATE, _GENERATE_PASS, _RESIZE, _EXTRACT,
-          *blockwise.JITTED)
+JITTED = (_PREFILL_END, _REST_START, _REST_END, _FIRST_TOKENS, _INSERT, _GENERATE, _GENERATE_PASS, _NEXT_TOKENS,
+          _RESIZE, _EXTRACT, *blockwise.JITTED)
 
 
 def _sampling_rows(samplings: list[SlotSampling]) -> tuple[np.ndarray, ...]:
@@ -414,8 +414,7 @@ class Engine:
                     prefixes.setdefault(b, prefix)
         for n in cache_lens:
             self.resize_cache(n)
-            self.decode_state, _ = self._generate(self.params, self.decode_state,
-                                               self.host_active.copy())
+            self._step(self.host_active.copy())
             if transitions:
                 for b, prefix in prefixes.items():
                     self.decode_state = self._insert(prefix, self.decode_state,
@@ -662,9 +661,25 @@ class Engine:
         """One decode step for all active slots. Returns the device array of new tokens [slots] (int32)."""
         self.fit_cache()
         self.stats.generate_calls += 1
-        self.decode_state, tokens = self._generate(self.params, self.decode_state, self.host_active.copy())
+        tokens = self._step(self.host_active.copy())
         self.host_lengths += self.host_active
         return tokens
+
+    def _step(self, active: np.ndarray, pass_args: tuple | None = None):
+        """One decode step's forward pass (fused with a prompt's pass: ``pass_args`` = (n_layers, past, tokens,
+        length)), then its sampling; returns the new tokens [slots] (and, fused, the pass's hidden state and
+        K/V)."""
+        d = self.decode_state
+        if pass_args is None:
+            cache, logits = self._generate(self.params, d.cache, d.tokens, d.lengths)
+            rest = ()
+        else:
+            n_layers, *args = pass_args
+            cache, logits, *rest = self._generate_pass(n_layers, self.params, d.cache, d.tokens, d.lengths, *args)
+        tokens, lengths, out = _NEXT_TOKENS(logits, d.tokens, d.lengths, d.temperature, d.top_k, d.top_p, d.seed,
+                                            active)
+        self.decode_state = d._replace(cache=cache, tokens=tokens, lengths=lengths)
+        return (out, *rest) if rest else out
 
     def pass_compiled(self, tokens, n_layers: int, bucket: int) -> bool:
         """Whether `generate_with_pass` of this prompt (its tokens after the shared prefix padded to ``bucket``) is
@@ -698,9 +713,7 @@ class Engine:
         self.stats.generate_calls += 1
         self.stats.fused_passes += 1
         past = self.shared_prefix.kv[:n_layers] if start else ()
-        self.decode_state, new, hidden, kv = self._generate_pass(
-            n_layers, self.params,
-            self.decode_state, self.host_active.copy(), past, padded, np.int32(m))
+        new, hidden, kv = self._step(self.host_active.copy(), (n_layers, past, padded, np.int32(m)))
         self.fused_pass_shapes.add((self.cache_len, n_layers, start, bucket))  # compiled now, if it was not
         self.host_lengths += self.host_active
         return new, BackboneState(hidden, kv, m, start)
@@ -716,8 +729,6 @@ class Engine:
         self.host_lengths[:] = 0
         self.resize_cache(cache_len)
         past = self.shared_prefix.kv[:n_layers] if start else ()
-        self.decode_state, *_ = self._generate_pass(
-            n_layers, self.params,
-            self.decode_state, self.host_active.copy(), past, np.zeros(bucket, np.int32), np.int32(1))
+        self._step(self.host_active.copy(), (n_layers, past, np.zeros(bucket, np.int32), np.int32(1)))
         self.fused_pass_shapes.add((cache_len, n_layers, start, bucket))
         return time.perf_counter() - t0
