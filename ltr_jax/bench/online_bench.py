@@ -192,6 +192,11 @@ def _scored(record: dict) -> bool:
     return record["complete"] and record["exact"] and record["score"] is not None and math.isfinite(record["score"])
 
 
+def _rounded(x: float) -> float | None:
+    """A tau for a report: 4 decimals, None for nan."""
+    return round(x, 4) if math.isfinite(x) else None
+
+
 def tau_with_ci(records: list[dict], seed: int = 0) -> dict[str, Any]:
     rows = [r for r in records if _scored(r)]
     if len(rows) < MIN_WINDOW_REQUESTS:
@@ -200,8 +205,7 @@ def tau_with_ci(records: list[dict], seed: int = 0) -> dict[str, Any]:
     lengths = np.array([r["length"] for r in rows])
     tau = tau_b(scores, lengths)
     ci = bootstrap_ci(scores, lengths, n_resamples=500, seed=seed)
-    fin = (lambda x: round(x, 4) if math.isfinite(x) else None)
-    return {"tau_b": fin(tau), "ci95": [fin(ci[0]), fin(ci[1])], "n": len(rows)}
+    return {"tau_b": _rounded(tau), "ci95": [_rounded(ci[0]), _rounded(ci[1])], "n": len(rows)}
 
 
 def latency_ratio_with_ci(records: list[dict], reference: list[dict], start_s: float, end_s: float,
@@ -503,10 +507,9 @@ def paired_gain(records: list[dict]) -> dict[str, Any] | None:
         return None
     diff, lo, hi = paired_tau_difference_ci(*(np.array([r[k] for r in rows]) for k in ("start_score", "score",
                                                                                        "length")))
-    fin = (lambda x: round(x, 4) if math.isfinite(x) else None)
-    return {"tau_b": fin(diff), "ci95": [fin(lo), fin(hi)], "n": len(rows),
-            "start_head_tau_b": fin(tau_b(np.array([r["start_score"] for r in rows]),
-                                          np.array([r["length"] for r in rows])))}
+    return {"tau_b": _rounded(diff), "ci95": [_rounded(lo), _rounded(hi)], "n": len(rows),
+            "start_head_tau_b": _rounded(tau_b(np.array([r["start_score"] for r in rows]),
+                                               np.array([r["length"] for r in rows])))}
 
 
 def summarize(report: dict[str, Any]) -> dict[str, Any]:

@@ -95,10 +95,8 @@ def tau_difference_ci(before: tuple[np.ndarray, np.ndarray], after: tuple[np.nda
     for _ in range(n_resamples):
         ia, ib = rng.integers(0, len(sa), len(sa)), rng.integers(0, len(sb), len(sb))
         diffs.append(tau_b(sb[ib], lb[ib]) - tau_b(sa[ia], la[ia]))
-    diffs = np.asarray(diffs)
-    diffs = diffs[np.isfinite(diffs)]
-    tail = 100 * (1 - confidence) / 2
-    return (tau_b(sb, lb) - tau_b(sa, la), float(np.percentile(diffs, tail)), float(np.percentile(diffs, 100 - tail)))
+    diffs = _finite(diffs)
+    return (tau_b(sb, lb) - tau_b(sa, la), *_percentile_interval(diffs, confidence))
 
 
 def paired_tau_difference_ci(before: np.ndarray, after: np.ndarray, lengths: np.ndarray, n_resamples: int = 1000,
@@ -113,13 +111,21 @@ def paired_tau_difference_ci(before: np.ndarray, after: np.ndarray, lengths: np.
     for _ in range(n_resamples):
         i = rng.integers(0, len(lengths), len(lengths))
         diffs.append(tau_b(after[i], lengths[i]) - tau_b(before[i], lengths[i]))
-    diffs = np.asarray(diffs)
-    diffs = diffs[np.isfinite(diffs)]
-    tail = 100 * (1 - confidence) / 2
+    diffs = _finite(diffs)
     if not len(diffs):
         return (math.nan, math.nan, math.nan)
-    return (tau_b(after, lengths) - tau_b(before, lengths), float(np.percentile(diffs, tail)),
-            float(np.percentile(diffs, 100 - tail)))
+    return (tau_b(after, lengths) - tau_b(before, lengths), *_percentile_interval(diffs, confidence))
+
+
+def _finite(values: list[float]) -> np.ndarray:
+    values = np.asarray(values)
+    return values[np.isfinite(values)]
+
+
+def _percentile_interval(resampled: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The central ``confidence`` percentile interval of bootstrap resamples."""
+    tail = 100 * (1 - confidence) / 2
+    return float(np.percentile(resampled, tail)), float(np.percentile(resampled, 100 - tail))
 
 
 def source_prior(fit_sources: Sequence[str], fit_lengths: np.ndarray, sources: Sequence[str]) -> np.ndarray:
