@@ -178,13 +178,17 @@ def test_starvation_threshold_can_be_fcfs_worst_wait(tmp_path):
 def test_simulate_judges_the_default_fcfs_slack_rule_against_fcfs_worst_wait(tmp_path):
     prompts = _prompts_with_lognormal_answers(tmp_path, 60, seed=1, sigma=1.2)
     report = simulate.main(["--prompts", str(prompts), "--n", "300", "--rates", "64", "--slots", "4", "--tau", "0.6",
-                            "--policies", "fcfs,ltr,ltr+starvation", "--starvation-slack", "2"])
+                            "--policies", "fcfs,ltr,ltr+starvation", "--starvation-slack", "2",
+                            "--starvation-slack-share", "0.1"])
     assert report["starvation"]["rule"] == "fcfs-slack" and report["starvation"]["slack_s"] == 2.0
+    assert report["starvation"]["slack_share"] == 0.1
     run = report["runs"]["rate=64"]
     assert "starvation_threshold_s" not in run["ltr+starvation"]
     cost = report["starvation_cost"]["rate=64"]
     assert cost["rule"] == "fcfs-slack"
-    assert cost["bound_s"] == pytest.approx(run["fcfs"]["max_waiting_time_s"]["max"] + 2.0)
+    fcfs_worst = run["fcfs"]["max_waiting_time_s"]["max"]
+    assert fcfs_worst > 20  # so the slack is the share of it, not slack_s
+    assert cost["bound_s"] == pytest.approx(fcfs_worst + 0.1 * fcfs_worst)
     assert cost["promotions_per_request"] == pytest.approx(run["ltr+starvation"]["promotions"] / 300)
     # a threshold given on the command line asks for the threshold rule
     args = simulate.parse_args(["--starvation-threshold", "30"])

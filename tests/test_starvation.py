@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from sortedcontainers import SortedList
 
 from ltr_jax.scheduler.policies import make_policy
 from ltr_jax.scheduler.request import Request
@@ -96,7 +97,7 @@ def test_fixed_thresholds_thrash_where_fcfs_slack_does_not():
     assert 0 < guarded.num_promotions < 0.1 * len(trace)
     assert max(r.promotions for r in guarded.records) <= config.run_to_end_after
     # within the slack, give or take the wait for the one promoted slot (a long request holds it for 0.6 s)
-    assert worst_wait(guarded) <= worst_wait(fcfs) + config.slack_s + 0.6
+    assert worst_wait(guarded) <= worst_wait(fcfs) + config.slack_for(worst_wait(fcfs)) + 0.6
     gain_kept = (mean_latency(fcfs) - mean_latency(guarded)) / (mean_latency(fcfs) - mean_latency(ltr))
     assert gain_kept > 0.9
 
@@ -348,6 +349,37 @@ def test_work_model_continues_a_censored_tail_with_the_next_shorter_class():
     assert flat.fcfs_tail(3) == pytest.approx(2 * (1 + 9) / (2 * 4))
 
 
+def test_the_unstarted_work_comes_with_the_variance_of_its_sum():
+    # two classes: the long one costs 10 or 30 s (mean 20, variance 100), the short one 1 or 3 s (mean 2, variance 1)
+    obs = [(-1.0, 10.0, True), (-1.0, 30.0, True)] * 8 + [(1.0, 1.0, True), (1.0, 3.0, True)] * 8
+    model = learned(obs, bins=2, min_events=4)
+    waiting = SortedList([-1.0, -1.0, 1.0, 1.0, 1.0])  # the unstarted requests' scores
+    work, variance = model.unstarted_work(waiting)
+    assert work == pytest.approx(2 * 20 + 3 * 2)
+    assert variance == pytest.approx(2 * 100 + 3 * 1)
+
+
+def test_fcfs_delay_is_estimated_below_its_expectation_by_estimate_sds():
+    """On a few slots a handful of long requests decide FCFS's delay; the estimate takes ``estimate_sds`` standard
+    deviations of the unstarted work off the expected backlog, so it runs ahead of the real delay less often."""
+    obs = [(0.0, 1.0, True), (0.0, 3.0, True)] * 8  # every request costs 1 or 3 s: mean 2, variance 1
+
+    def delay(sds):
+        sched = Scheduler(make_policy("ltr"), 1, starvation=StarvationConfig(estimate_sds=sds))
+        model = sched._work_model
+        for i, (score, _, _) in enumerate(obs):
+            model.arrived(score)
+            model.started(i, score)
+        model.refresh(lambda j: obs[j][1:])
+        for i in range(16):  # 16 requests waiting, none started
+            sched.add(Request(f"w{i}", 0.0, 4, 8, score=0.0), 0.0)
+        return sched.fcfs_delay_s()
+
+    assert delay(0.0) == pytest.approx(16 * 2.0)  # one slot: no tail running beside the newcomer
+    assert delay(1.0) == pytest.approx(16 * 2.0 - 4.0)  # sqrt(16 x 1)
+    assert delay(2.0) == pytest.approx(16 * 2.0 - 8.0)
+
+
 def test_a_momentary_spike_in_the_estimate_does_not_raise_the_bound():
     sched = Scheduler(make_policy("ltr"), 2, starvation=StarvationConfig(slack_s=10.0, quantum_s=1.0))
     sched.add(Request("old", 0.0, 4, 50, score=0.0), 0.0)  # waits throughout: the bound's window starts at 0
@@ -356,6 +388,25 @@ def test_a_momentary_spike_in_the_estimate_does_not_raise_the_bound():
     bounds = [sched.promotion_wait_s(0.5 * i) for i in range(31)]
     assert bounds[0] == pytest.approx(5.0 + 9.0)  # the delay, plus the slack less a quantum
     assert max(bounds) == pytest.approx(6.0 + 9.0)  # the spike never counts, the steady 6 s does
+
+
+def test_the_slack_is_slack_s_or_a_share_of_fcfss_delay_whichever_is_more():
+    """The estimate of FCFS's delay errs by a share of it, so the slack grows with the delay: under a 20-s delay
+    the 10-s slack_s holds, under a 100-s one a quarter of it (25 s)."""
+    sched = Scheduler(make_policy("ltr"), 2, starvation=StarvationConfig(slack_s=10.0, slack_share=0.25,
+                                                                          quantum_s=1.0))
+    sched.add(Request("old", 0.0, 4, 50, score=0.0), 0.0)  # waits throughout: the bound keeps its peak
+    delays = iter([20.0] * 12 + [100.0] * 12)
+    sched.fcfs_delay_s = lambda: next(delays)
+    bounds = [sched.promotion_wait_s(0.5 * i) for i in range(24)]
+    assert bounds[0] == pytest.approx(20.0 + 10.0 - 1.0)
+    assert bounds[-1] == pytest.approx(100.0 + 25.0 - 1.0)
+    # slack_share 0: slack_s alone, as before the share existed
+    assert StarvationConfig(slack_s=10.0, slack_share=0.0).slack_for(100.0) == 10.0
+    with pytest.raises(ValueError, match="slack_share"):
+        StarvationConfig(slack_share=-0.1)
+    with pytest.raises(ValueError, match="estimate_sds"):
+        StarvationConfig(estimate_sds=float("nan"))
 
 
 def test_rule_and_share_are_validated():

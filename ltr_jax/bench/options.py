@@ -40,6 +40,8 @@ SHARED_SHORTHANDS = (
     Shorthand("preempt_mode", "engine.preempt_mode"),
     Shorthand("starvation_rule", "scheduler.starvation.rule"),
     Shorthand("starvation_slack", "scheduler.starvation.slack_s"),
+    Shorthand("starvation_slack_share", "scheduler.starvation.slack_share"),
+    Shorthand("starvation_estimate_sds", "scheduler.starvation.estimate_sds"),
     Shorthand("starvation_threshold", "scheduler.starvation.threshold_s"),
     Shorthand("starvation_quantum", "scheduler.starvation.quantum_s"),
     Shorthand("starvation_requeue", "scheduler.starvation.requeue_after_quantum"),
@@ -67,12 +69,19 @@ def add_shared_options(p: argparse.ArgumentParser, *, rates: str) -> None:
                    "'recompute' re-prefills its prompt and every token it produced (engine.preempt_mode)")
     p.add_argument("--starvation-rule", default=None, choices=STARVATION_RULES,
                    help="ltr+starvation's rule (scheduler.starvation.rule): 'fcfs-slack' promotes a request once "
-                   "work that arrived after it has held the engine --starvation-slack seconds of its wait; "
+                   "it has waited longer than FCFS would have made a request arriving during its wait wait (estimated "
+                   "online), plus the slack; "
                    "'threshold' after --starvation-threshold seconds of waiting, for --starvation-quantum "
                    "(default: the config's, fcfs-slack; 'threshold' when --starvation-threshold is given)")
     p.add_argument("--starvation-slack", type=float, default=None,
-                   help="fcfs-slack: engine seconds later arrivals may take from a waiting request before it is "
-                   "promoted (scheduler.starvation.slack_s)")
+                   help="fcfs-slack: seconds a request may wait beyond FCFS's delay before it is promoted "
+                   "(scheduler.starvation.slack_s)")
+    p.add_argument("--starvation-slack-share", type=float, default=None,
+                   help="fcfs-slack: the slack is the larger of --starvation-slack and this share of FCFS's delay "
+                   "(scheduler.starvation.slack_share)")
+    p.add_argument("--starvation-estimate-sds", type=float, default=None,
+                   help="fcfs-slack: FCFS's delay is estimated this many standard deviations of the unstarted "
+                   "requests' work below its expectation (scheduler.starvation.estimate_sds)")
     p.add_argument("--starvation-threshold", type=threshold_arg, default=None,
                    help="threshold rule: seconds a request may wait (before its first token, or between tokens) "
                    "before ltr+starvation promotes it (scheduler.starvation.threshold_s); or 'fcfs': the worst "
@@ -146,7 +155,9 @@ def starvation_config(args: argparse.Namespace, threshold_s: float | None = None
     """ltr+starvation's control: the config tree's section with the shorthands' resolved values (a replayed run
     may have set them from its report) and the threshold rule's threshold resolved for this rate
     (`resolve_threshold`)."""
-    values = {"rule": args.starvation_rule, "slack_s": args.starvation_slack, "quantum_s": args.starvation_quantum,
+    values = {"rule": args.starvation_rule, "slack_s": args.starvation_slack,
+              "slack_share": args.starvation_slack_share, "estimate_sds": args.starvation_estimate_sds,
+              "quantum_s": args.starvation_quantum,
               "requeue_after_quantum": args.starvation_requeue}
     if threshold_s is not None:
         values["threshold_s"] = float(threshold_s)

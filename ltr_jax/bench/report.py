@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ltr_jax.scheduler.starvation import slack_for
+
 #: what a `bench run` report's ``via`` says for each ``--via`` (reports from before ``--via`` ran in-process)
 VIA_LABELS = {"engine": "engine in-process", "http": "HTTP server (this process, loopback, streaming)"}
 
@@ -145,8 +147,8 @@ def starvation_cost(per_policy: dict[str, Any], starvation: dict[str, Any] | Non
     if guarded.get("promotions") is not None and guarded.get("completed"):
         out["promotions_per_request"] = guarded["promotions"] / guarded["completed"]
     if out["rule"] == "fcfs-slack":
-        out["slack_s"] = starvation["slack_s"]
-        out["bound_s"] = worst["fcfs"] + starvation["slack_s"]
+        out["slack_s"] = slack_for(starvation["slack_s"], starvation.get("slack_share", 0.0), worst["fcfs"])
+        out["bound_s"] = worst["fcfs"] + out["slack_s"]
     else:
         out["threshold_s"] = guarded.get("starvation_threshold_s", starvation["threshold_s"])
         out["quantum_s"] = starvation["quantum_s"]

@@ -84,6 +84,9 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], argparse.Namespace]:
                 "starvation_rule": rule}
     if rule == "fcfs-slack":
         recorded["starvation_slack"] = starvation.get("slack_s")
+        # reports from before these keys: the slack alone, the expected delay
+        recorded["starvation_slack_share"] = starvation.get("slack_share", 0.0)
+        recorded["starvation_estimate_sds"] = starvation.get("estimate_sds", 0.0)
     else:
         recorded.update(starvation_quantum=starvation.get("quantum_s"),
                         starvation_requeue=starvation.get("requeue_after_quantum"))

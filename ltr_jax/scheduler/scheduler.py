@@ -16,7 +16,7 @@ admission is its prefill, and one that ends with a token of a request that was a
 1/num_slots share of it to each running request. It hands the cost model (`WorkModel`) each request as it starts
 and, every ``_REFRESH_EVERY`` finishes, what each started one has cost or had so far. From the model and the
 requests' scores it estimates FCFS's delay (`fcfs_delay_s`) and promotes a waiting request once its wait exceeds the
-largest delay since the oldest waiting request began to wait plus ``slack_s`` (`promotion_wait_s`). Under the
+largest delay since the oldest waiting request began to wait plus the slack (`promotion_wait_s`). Under the
 ``threshold`` rule (wall-clock seconds) a waiting request whose wait since its last token (since arrival before its
 first token) exceeds ``threshold_s`` is promoted. Under either, a promoted request is ordered ahead of every ranked
 one, by when it was promoted; its quantum is ``quantum_s`` from then (fcfs-slack) or from the moment it became
@@ -530,16 +530,20 @@ class Scheduler:
         work ahead of it, and the work in the system is the same under every order that keeps the engine busy:
         the requests here, each at its expected cost (`WorkModel`: the whole of it for one that never started,
         the expected rest given what it has had for one that did), less what FCFS would still have running in the
-        other slots when it starts the newcomer."""
+        other slots when it starts the newcomer, less ``estimate_sds`` standard deviations of the unstarted
+        requests' work (each one's cost is a draw from its class: on a few slots a handful of long requests decide
+        the delay, and the expectation alone runs ahead of FCFS's real delay as often as behind it)."""
         model = self._work_model
-        backlog = (model.unstarted_work(self._unstarted_scores) + self._started_waiting_s
+        unstarted, variance = model.unstarted_work(self._unstarted_scores)
+        backlog = (unstarted + self._started_waiting_s
                    + self._running_rest_s - len(self._running) * self._share_clock)
-        return max(0.0, backlog - model.fcfs_tail(self.num_slots))
+        lower = self.starvation.estimate_sds * math.sqrt(variance)
+        return max(0.0, backlog - lower - model.fcfs_tail(self.num_slots))
 
     def promotion_wait_s(self, now: float) -> float:
         """fcfs-slack: the wait after which a request is promoted now: the longest wait FCFS would have imposed on
         a request arriving since the oldest waiting one began to wait (`fcfs_delay_s`, at each moment the least
-        estimate of the ``_STEADY_S`` seconds before it), plus slack_s, less a quantum: promoted then, its token
+        estimate of the ``_STEADY_S`` seconds before it), plus the slack, less a quantum: promoted then, its token
         lands within the slack even if it waits a quantum for a promoted slot or the estimate runs a little ahead."""
         delay = self.fcfs_delay_s()
         recent = self._recent_delays  # the least estimate of the last _STEADY_S: a model refresh's spike is dropped
@@ -557,7 +561,7 @@ class Scheduler:
                      self._by_arrival[0][1].arrival_time if self._by_arrival else now)
         while len(peaks) > 1 and peaks[1][0] <= oldest:
             peaks.popleft()
-        return peaks[0][1] + max(0.0, self.starvation.slack_s - self.starvation.quantum_s)
+        return peaks[0][1] + max(0.0, self.starvation.slack_for(peaks[0][1]) - self.starvation.quantum_s)
 
     def _promote_past_fcfs(self, now: float) -> None:
         """Promote every waiting request that has waited longer than `promotion_wait_s`: resumed ones by their wait

@@ -3,7 +3,11 @@
 Two rules, chosen by ``rule``:
 
 * ``fcfs-slack`` (the default). Its promise: **no request waits, for its first token or between two tokens, longer
-  than first-come-first-served would have made a request arriving during that wait wait, plus ``slack_s``.** Under
+  than first-come-first-served would have made a request arriving during that wait wait, plus the slack: ``slack_s``
+  or ``slack_share`` of that FCFS delay, whichever is more.** The estimate of FCFS's delay errs by a share of it
+  (its cost classes are learned from samples), so a slack that absorbs the error grows with the delay; and it is
+  taken ``estimate_sds`` standard deviations of the unstarted requests' work below its expectation, since on a few
+  slots a handful of long requests decide FCFS's delay and the expectation alone runs ahead of it half the time. Under
   FCFS a request's wait depends only on the work ahead of it, and the work in the system is the same under every
   order that keeps the engine busy, so FCFS's delay can be estimated while another policy runs: the expected engine
   seconds still to go of the requests here (`WorkModel`, from their ranker scores and what they have had), less what
@@ -11,12 +15,12 @@ Two rules, chosen by ``rule``:
   requests that started, counting unfinished ones as lower bounds, so it is not fooled by the ranking finishing
   short requests first; where the ranking lets no request of a score class finish it errs low, which promotes early
   rather than late. A request that has waited longer than the largest such delay since the oldest waiting request
-  began to wait, plus ``slack_s`` less ``quantum_s`` (so that its token lands within the slack), is promoted: it
+  began to wait, plus the slack less ``quantum_s`` (so that its token lands within the slack), is promoted: it
   takes the next slot (with ``preempt_past_cap``, the slot of the worst-ranked running request) ahead of every
   ranked request, for ``quantum_s`` and at least one token. Under overload FCFS makes everyone wait long, so the
   rule lets everyone wait long and promotes only the requests the ranking keeps waiting beyond that. Hysteresis: a
   promoted request is never displaced before its quantum ends; after it, with ``requeue_after_quantum``, it is back
-  in rank order, and it is promoted again only once it has waited past the bound again, at least ``slack_s`` less
+  in rank order, and it is promoted again only once it has waited past the bound again, at least the slack less
   ``quantum_s``; a request promoted ``run_to_end_after`` times keeps its slot until it finishes (the ranking would
   starve it again), so no request is promoted more often than that. A promoted request whose score class has fewer
   than the cost model's ``min_events`` finished requests (counting the ones already running to their end for this)
@@ -51,6 +55,11 @@ from ltr_jax.config_schema import setting
 STARVATION_RULES = ("fcfs-slack", "threshold")
 
 
+def slack_for(slack_s: float, slack_share: float, fcfs_delay_s: float) -> float:
+    """fcfs-slack's slack on top of FCFS's delay: ``slack_s`` or ``slack_share`` of the delay, whichever is more."""
+    return max(slack_s, slack_share * fcfs_delay_s)
+
+
 @dataclass(frozen=True, kw_only=True)
 class StarvationConfig:
     """The config tree's ``scheduler.starvation`` section."""
@@ -62,6 +71,11 @@ class StarvationConfig:
                             "threshold: promote after threshold_s of waiting (the paper's fixed rule)")
     slack_s: float = setting(30.0, gt=0, doc="fcfs-slack: seconds a request may wait beyond FCFS's delay before "
                                              "it is promoted")
+    slack_share: float = setting(0.25, ge=0, doc="fcfs-slack: the slack is the larger of slack_s and this share of "
+                                                 "FCFS's delay (0: slack_s alone)")
+    estimate_sds: float = setting(1.0, ge=0, doc="fcfs-slack: FCFS's delay is estimated this many standard "
+                                                 "deviations of the unstarted requests' work below its expectation "
+                                                 "(0: the expectation)")
     max_promoted_share: float = setting(0.5, gt=0, le=1, doc="fcfs-slack: share of the slots promoted requests "
                                                              "may hold while ranked ones wait (at least one slot)")
     threshold_s: float = setting(60.0, gt=0, doc="threshold: max waiting time (TTFT or inter-token gap) before "
@@ -111,6 +125,10 @@ class StarvationConfig:
             value = getattr(self, pname)
             if not (isinstance(value, (int, float)) and 0 <= value <= 1):
                 raise ValueError(f"StarvationConfig.{pname} must be in [0, 1], got {value!r}")
+        for pname in ("slack_share", "estimate_sds"):
+            value = getattr(self, pname)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"StarvationConfig.{pname} must be a finite number >= 0, got {value!r}")
         share = self.max_promoted_share
         if not (isinstance(share, (int, float)) and 0 < share <= 1):
             raise ValueError(f"StarvationConfig.max_promoted_share must be in (0, 1], got {share!r}")
@@ -119,12 +137,17 @@ class StarvationConfig:
         """How many slots promoted requests may hold at once under ``fcfs-slack``."""
         return max(1, int(self.max_promoted_share * num_slots + 1e-9))
 
+    def slack_for(self, fcfs_delay_s: float) -> float:
+        """fcfs-slack: how much longer than ``fcfs_delay_s`` (FCFS's delay) a request may wait."""
+        return slack_for(self.slack_s, self.slack_share, fcfs_delay_s)
+
     def describe(self) -> dict:
         """The keys that matter for this rule (what a report prints)."""
         common = {"rule": self.rule, "quantum_s": self.quantum_s, "preempt_past_cap": self.preempt_past_cap,
                   "requeue_after_quantum": self.requeue_after_quantum}
         if self.rule == "fcfs-slack":
-            return {**common, "slack_s": self.slack_s, "max_promoted_share": self.max_promoted_share,
+            return {**common, "slack_s": self.slack_s, "slack_share": self.slack_share,
+                    "estimate_sds": self.estimate_sds, "max_promoted_share": self.max_promoted_share,
                     "run_to_end_after": self.run_to_end_after, "learn_thin_classes": self.learn_thin_classes,
                     "learn_share": self.learn_share, "run_to_end_share": self.run_to_end_share}
         return {**common, "threshold_s": self.threshold_s}
@@ -255,17 +278,19 @@ class WorkModel:
         """Expected engine seconds still to go for a request of this score that has had ``had_s``."""
         return self._curve(score).remaining(had_s) if self._ready else 0.0
 
-    def unstarted_work(self, scores) -> float:
+    def unstarted_work(self, scores) -> tuple[float, float]:
         """Expected engine seconds of requests that have not started, given their scores sorted ascending
-        (a ``SortedList``: a count per class by bisection, so O(classes log n))."""
+        (a ``SortedList``: a count per class by bisection, so O(classes log n)), and the variance of that sum
+        (each request's cost a draw from its class's curve)."""
         if not self._ready or not scores:
-            return 0.0
-        total, below = 0.0, 0
-        for edge, curve in zip(self._edges, self._curves):
-            upto = scores.bisect_left(edge)
+            return 0.0, 0.0
+        total, var, below = 0.0, 0.0, 0
+        for edge, curve in zip(self._edges + [math.inf], self._curves):
+            upto = scores.bisect_left(edge) if edge != math.inf else len(scores)
             total += (upto - below) * curve.mean
+            var += (upto - below) * max(0.0, curve.second_moment - curve.mean ** 2)
             below = upto
-        return total + (len(scores) - below) * self._curves[-1].mean
+        return total, var
 
     def fcfs_tail(self, num_slots: int) -> float:
         """Work FCFS still has running in the other slots when it starts a request."""
