@@ -285,8 +285,9 @@ class WorkModel:
         if not self._ready or not scores:
             return 0.0, 0.0
         total, var, below = 0.0, 0.0, 0
-        for edge, curve in zip(self._edges + [math.inf], self._curves):
-            upto = scores.bisect_left(edge) if edge != math.inf else len(scores)
+        edges = self._edges
+        for k, curve in enumerate(self._curves):  # class k ends at edges[k]; the last class at the end
+            upto = scores.bisect_left(edges[k]) if k < len(edges) else len(scores)
             total += (upto - below) * curve.mean
             var += (upto - below) * max(0.0, curve.second_moment - curve.mean ** 2)
             below = upto
