@@ -188,7 +188,7 @@ def test_a_request_promoted_twice_keeps_its_slot_until_it_finishes(run_to_end_af
 def test_a_promoted_request_of_a_class_with_too_few_finished_requests_runs_to_its_end():
     """learn_thin_classes: the cost model knows nothing of the class the ranking defers, so a promoted request of
     it keeps its slot past its quantum (the model learns that class from a request that started by age, not by
-    length); only min_events of a class at a time, and none once the class has enough finished requests."""
+    length); only min_finished_per_class of a class at a time, and none once the class has enough finished requests."""
     config = StarvationConfig(slack_s=1.5, quantum_s=0.5, max_promoted_share=1.0)
     sched, old, everyone = _one_old_request_behind_two_runners(config)
     t = starve(sched, everyone, 0.0, 1.2)
@@ -209,12 +209,15 @@ def test_a_promoted_request_of_a_class_with_too_few_finished_requests_runs_to_it
     assert model.finished_in_class(model.score_class(-5.0)) == 4
 
 
-def test_no_more_requests_of_a_class_run_to_their_end_for_the_model_than_it_needs():
-    sched, busy, starved = busy_and_starved(StarvationConfig(slack_s=0.5, max_promoted_share=1.0), 40, 40, 40)
+@pytest.mark.parametrize("wanted", [8, 32])
+def test_no_more_requests_of_a_class_run_to_their_end_for_the_model_than_it_needs(wanted):
+    """min_finished_per_class: a thin class is learned from that many of its promoted requests, no more."""
+    config = StarvationConfig(slack_s=0.5, max_promoted_share=1.0, min_finished_per_class=wanted)
+    sched, busy, starved = busy_and_starved(config, 40, 40, 40)
     starve(sched, busy, 0.0, 1.0)
     assert all(r.promoted for r in starved)
     learners = [r for r in starved if r._learner]
-    assert len(learners) == sched._work_model.min_events  # the rest get a quantum, as usual
+    assert len(learners) == wanted  # the rest get a quantum, as usual
     assert learners == starved[:len(learners)]  # the first promoted, i.e. the oldest
 
 
@@ -365,7 +368,7 @@ def test_fcfs_delay_is_estimated_below_its_expectation_by_estimate_sds():
     obs = [(0.0, 1.0, True), (0.0, 3.0, True)] * 8  # every request costs 1 or 3 s: mean 2, variance 1
 
     def delay(sds):
-        sched = Scheduler(make_policy("ltr"), 1, starvation=StarvationConfig(estimate_sds=sds))
+        sched = Scheduler(make_policy("ltr"), 1, starvation=StarvationConfig(estimate_sds=sds, min_finished_per_class=16))
         model = sched._work_model
         for i, (score, _, _) in enumerate(obs):
             model.arrived(score)

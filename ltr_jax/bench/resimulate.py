@@ -22,6 +22,7 @@ ranking errors cost (free) from what the pass itself adds (charged), next to wha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import time
@@ -93,6 +94,12 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], argparse.Namespace]:
     for name, value in recorded.items():
         if value is not None:
             setattr(args, name, value)
+    if rule == "fcfs-slack":  # reports from before this key learned each score class from 16 finished requests
+        tree = args.config_tree
+        starvation_cfg = dataclasses.replace(tree.scheduler.starvation,
+                                             min_finished_per_class=starvation.get("min_finished_per_class", 16))
+        args.config_tree = dataclasses.replace(tree, scheduler=dataclasses.replace(tree.scheduler,
+                                                                                   starvation=starvation_cfg))
     unrecorded = [name for name, value in recorded.items() if value is None]
     if unrecorded:
         print(f"{run_dir}: the report does not record {', '.join(unrecorded)}; using the command's values "

@@ -23,7 +23,7 @@ Two rules, chosen by ``rule``:
   in rank order, and it is promoted again only once it has waited past the bound again, at least the slack less
   ``quantum_s``; a request promoted ``run_to_end_after`` times keeps its slot until it finishes (the ranking would
   starve it again), so no request is promoted more often than that. A promoted request whose score class has fewer
-  than the cost model's ``min_events`` finished requests (counting the ones already running to their end for this)
+  than ``min_finished_per_class`` finished requests (counting the ones already running to their end for this)
   also keeps its slot until it finishes (``learn_thin_classes``): the ranking lets the classes it defers finish only
   through promotions, so without these their costs are known only as lower bounds, the estimate runs low and the
   rule promotes early and often; a request promoted by its age, not its length, is a fair sample of its class.
@@ -95,8 +95,14 @@ class StarvationConfig:
                                                      "resumes later)")
 
     learn_thin_classes: bool = setting(True, doc="fcfs-slack: a promoted request whose score class has fewer than "
-                                                 "the cost model's min_events finished requests runs to its end, so "
+                                                 "min_finished_per_class finished requests runs to its end, so "
                                                  "the classes the ranking defers are learned from their own requests")
+    # The classes the ranking defers finish only through these runs, so their costs come from this many requests:
+    # the estimate's error falls as 1 / sqrt(this) (benchmarks/RESULTS.md, seventh version).
+    min_finished_per_class: int = setting(32, ge=1, doc="fcfs-slack: finished requests the cost model wants in each "
+                                                        "score class; a class with fewer is pooled with its "
+                                                        "neighbours, and with learn_thin_classes its promoted "
+                                                        "requests run to their end")
     # Each such request runs out of rank order: on an engine of a few slots, unbounded, they take a large share of
     # it and cost ltr's gain (benchmarks/RESULTS.md, third version); at paper scale the bound is never reached.
     learn_share: float = setting(0.0625, ge=0, le=1, doc="fcfs-slack: share of the engine's time so far that the "
@@ -119,6 +125,9 @@ class StarvationConfig:
             value = getattr(self, pname)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"StarvationConfig.{pname} must be a finite number > 0 seconds, got {value!r}")
+        if not (isinstance(self.min_finished_per_class, int) and self.min_finished_per_class >= 1):
+            raise ValueError(f"StarvationConfig.min_finished_per_class must be an int >= 1, got "
+                             f"{self.min_finished_per_class!r}")
         if not (isinstance(self.run_to_end_after, int) and self.run_to_end_after >= 0):
             raise ValueError(f"StarvationConfig.run_to_end_after must be an int >= 0, got {self.run_to_end_after!r}")
         for pname in ("learn_share", "run_to_end_share"):
@@ -149,7 +158,8 @@ class StarvationConfig:
             return {**common, "slack_s": self.slack_s, "slack_share": self.slack_share,
                     "estimate_sds": self.estimate_sds, "max_promoted_share": self.max_promoted_share,
                     "run_to_end_after": self.run_to_end_after, "learn_thin_classes": self.learn_thin_classes,
-                    "learn_share": self.learn_share, "run_to_end_share": self.run_to_end_share}
+                    "min_finished_per_class": self.min_finished_per_class, "learn_share": self.learn_share,
+                    "run_to_end_share": self.run_to_end_share}
         return {**common, "threshold_s": self.threshold_s}
 
 
@@ -172,7 +182,7 @@ class WorkModel:
     spread in the scores (no ranker) there is one class.
     """
 
-    def __init__(self, window: int = 4096, bins: int = 16, per_class: int = 512, min_events: int = 16) -> None:
+    def __init__(self, window: int = 4096, bins: int = 16, per_class: int = 512, min_events: int = 32) -> None:
         if min(window, bins, per_class, min_events) < 1:
             raise ValueError(f"WorkModel needs window, bins, per_class and min_events >= 1, got {window}, {bins}, "
                              f"{per_class}, {min_events}")
