@@ -188,7 +188,8 @@ def test_a_request_promoted_twice_keeps_its_slot_until_it_finishes(run_to_end_af
 def test_a_promoted_request_of_a_class_with_too_few_finished_requests_runs_to_its_end():
     """learn_thin_classes: the cost model knows nothing of the class the ranking defers, so a promoted request of
     it keeps its slot past its quantum (the model learns that class from a request that started by age, not by
-    length); only min_finished_per_class of a class at a time, and none once the class has enough finished requests."""
+    length); only min_finished_per_class of a class at a time, and none once the class has enough finished
+    requests."""
     config = StarvationConfig(slack_s=1.5, quantum_s=0.5, max_promoted_share=1.0)
     sched, old, everyone = _one_old_request_behind_two_runners(config)
     t = starve(sched, everyone, 0.0, 1.2)
@@ -368,7 +369,8 @@ def test_fcfs_delay_is_estimated_below_its_expectation_by_estimate_sds():
     obs = [(0.0, 1.0, True), (0.0, 3.0, True)] * 8  # every request costs 1 or 3 s: mean 2, variance 1
 
     def delay(sds):
-        sched = Scheduler(make_policy("ltr"), 1, starvation=StarvationConfig(estimate_sds=sds, min_finished_per_class=16))
+        config = StarvationConfig(estimate_sds=sds, min_finished_per_class=16)  # the 16 requests below
+        sched = Scheduler(make_policy("ltr"), 1, starvation=config)
         model = sched._work_model
         for i, (score, _, _) in enumerate(obs):
             model.arrived(score)

@@ -128,7 +128,7 @@ class Scheduler:
         self._by_arrival = SortedList()  # entries (seq, req): waiting requests that never ran, oldest first
         self._resumes = SortedList()  # entries (wait start, seq, req): preempted requests waiting to resume
         self._work_model = (WorkModel(min_events=self.starvation.min_finished_per_class) if self._fcfs_slack
-                            else WorkModel())
+                            else None)
         self._learners: dict[Request, None] = {}  # promoted to run to their end for the model, since its refresh
         self._live_learners: dict[Request, None] = {}  # those not finished yet
         self._to_end: dict[Request, None] = {}  # promoted to keep their slots until they finish, not finished yet

@@ -182,7 +182,7 @@ class WorkModel:
     spread in the scores (no ranker) there is one class.
     """
 
-    def __init__(self, window: int = 4096, bins: int = 16, per_class: int = 512, min_events: int = 32) -> None:
+    def __init__(self, *, min_events: int, window: int = 4096, bins: int = 16, per_class: int = 512) -> None:
         if min(window, bins, per_class, min_events) < 1:
             raise ValueError(f"WorkModel needs window, bins, per_class and min_events >= 1, got {window}, {bins}, "
                              f"{per_class}, {min_events}")
