@@ -657,15 +657,29 @@ def test_drain_in_thread_rejects_new_work_and_finishes_old():
     with serve_in_thread(tiny_config("engine.max_seq_len=1024", "server.drain_timeout_s=600")) as srv:
         body = {"model": MODEL, "prompt": "draining", "max_tokens": 300, "stream": True, "ignore_eos": True,
                 "stream_options": {"include_usage": True}}
-        with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as resp:
+        # the decode step is held while the drain is checked, so a fast machine cannot finish the request (and so
+        # end the drain and close the port) before /health is asked
+        running = threading.Event()
+        running.set()
+
+        def held(original):
+            def step():
+                assert running.wait(60)
+                return original()
+            return step
+
+        with engine_steps_wrapped(srv.runtime, held), \
+                httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as resp:
             lines = resp.iter_lines()
             assert next(line for line in lines if line.startswith("data: {"))
+            running.clear()
             srv.drain()
             assert wait_for(lambda: srv.state.draining, timeout=5)
             late = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": "late", "max_tokens": 2})
             assert late.status_code == 503 and late.json()["error"]["code"] == "server_shutting_down"
             health = httpx.get(f"{srv.url}/health")
             assert health.status_code == 503 and health.json()["status"] == "draining"
+            running.set()
             rest = [line for line in lines if line.startswith("data: ")]
         assert rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] == 300

@@ -65,9 +65,9 @@ def save_ranker(path: str | Path, head: RankerHead, spec: RankerSpec, extra: dic
     if shapes != expected:
         raise ValueError(f"head arrays {shapes} do not match the spec's shapes {expected}")
     path.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path / HEAD_DIR, nnx.state(head), force=True)
-    checkpointer.wait_until_finished()
+    with ocp.StandardCheckpointer() as checkpointer:  # closed on exit: no background thread outlives the save
+        checkpointer.save(path / HEAD_DIR, nnx.state(head), force=True)
+        checkpointer.wait_until_finished()
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "spec": spec.to_dict(),
             "arrays": {k: list(v) for k, v in sorted(shapes.items())}, **(extra or {})}
     (path / SPEC_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -109,8 +109,13 @@ def load_ranker(path: str | Path) -> tuple[RankerHead, RankerSpec, dict[str, Any
     head_dir = path / HEAD_DIR
     if not head_dir.is_dir():
         raise RankerCheckpointError(f"{head_dir}: missing; the head's Orbax checkpoint should be here")
+    with ocp.StandardCheckpointer() as checkpointer:
+        return _restore_head(path, head_dir, spec, meta, checkpointer)
+
+
+def _restore_head(path: Path, head_dir: Path, spec: RankerSpec, meta: dict[str, Any],
+                  checkpointer: ocp.StandardCheckpointer) -> tuple[RankerHead, RankerSpec, dict[str, Any]]:
     expected = _expected_shapes(spec)
-    checkpointer = ocp.StandardCheckpointer()
     try:
         stored = _flatten_shapes(checkpointer.metadata(head_dir).item_metadata.tree)
     except Exception as err:
