@@ -128,7 +128,7 @@ def busy_and_starved(config: StarvationConfig, slots: int, n_busy: int, n_starve
 def test_promoted_requests_displace_the_worst_ranked_and_keep_the_slot_for_their_quantum():
     sched = Scheduler(make_policy("ltr", max_preemptions=0), 2,
                       starvation=StarvationConfig(slack_s=1.5, quantum_s=0.5, max_promoted_share=1.0,
-                                                  learn_thin_classes=False))
+                                                  learn_thin_classes=False, slack_reserve=0.0))
     old = Request("old", 0.0, 4, 50, score=-5.0)
     sched.add(old, 0.0)
     runners = [Request(f"run{i}", 0.0, 4, 50, score=5.0 + i) for i in range(2)]
@@ -165,7 +165,7 @@ def _one_old_request_behind_two_runners(config: StarvationConfig):
 @pytest.mark.parametrize("run_to_end_after", [2, 0])
 def test_a_request_promoted_twice_keeps_its_slot_until_it_finishes(run_to_end_after):
     config = StarvationConfig(slack_s=1.5, quantum_s=0.5, max_promoted_share=1.0, run_to_end_after=run_to_end_after,
-                              learn_thin_classes=False)
+                              slack_reserve=0.0, learn_thin_classes=False)
     sched, old, everyone = _one_old_request_behind_two_runners(config)
     t = starve(sched, everyone, 0.0, 1.2)
     assert old.promotions == 1 and old in sched.running
@@ -241,7 +241,7 @@ def test_learning_runs_stop_at_their_share_of_the_engine_time():
     for promotions: the slots are not what stops them."""
     def learners(share):
         sched, busy, old = busy_and_starved(
-            StarvationConfig(slack_s=0.5, max_promoted_share=1.0, learn_share=share), 8, 8, 2)
+            StarvationConfig(slack_s=0.5, max_promoted_share=1.0, learn_share=share, slack_reserve=0.0), 8, 8, 2)
         t = starve(sched, busy, 0.0, 0.8)  # the first one is promoted: a learner (none has run yet)
         late = Request("late", t, 4, 500, score=-5.0)
         sched.add(late, t)
@@ -386,7 +386,8 @@ def test_fcfs_delay_is_estimated_below_its_expectation_by_estimate_sds():
 
 
 def test_a_momentary_spike_in_the_estimate_does_not_raise_the_bound():
-    sched = Scheduler(make_policy("ltr"), 2, starvation=StarvationConfig(slack_s=10.0, quantum_s=1.0))
+    sched = Scheduler(make_policy("ltr"), 2, starvation=StarvationConfig(slack_s=10.0, quantum_s=1.0,
+                                                                          slack_reserve=0.0))
     sched.add(Request("old", 0.0, 4, 50, score=0.0), 0.0)  # waits throughout: the bound's window starts at 0
     delays = iter([5.0] * 10 + [50.0] + [6.0] * 20)  # a model refresh's spike at t = 5 s
     sched.fcfs_delay_s = lambda: next(delays)
@@ -397,21 +398,25 @@ def test_a_momentary_spike_in_the_estimate_does_not_raise_the_bound():
 
 def test_the_slack_is_slack_s_or_a_share_of_fcfss_delay_whichever_is_more():
     """The estimate of FCFS's delay errs by a share of it, so the slack grows with the delay: under a 20-s delay
-    the 10-s slack_s holds, under a 100-s one a quarter of it (25 s)."""
+    the 10-s slack_s holds, under a 100-s one a quarter of it (25 s). The rule aims slack_reserve (a tenth) of
+    the slack early."""
     sched = Scheduler(make_policy("ltr"), 2, starvation=StarvationConfig(slack_s=10.0, slack_share=0.25,
                                                                           quantum_s=1.0))
     sched.add(Request("old", 0.0, 4, 50, score=0.0), 0.0)  # waits throughout: the bound keeps its peak
     delays = iter([20.0] * 12 + [100.0] * 12)
     sched.fcfs_delay_s = lambda: next(delays)
     bounds = [sched.promotion_wait_s(0.5 * i) for i in range(24)]
-    assert bounds[0] == pytest.approx(20.0 + 10.0 - 1.0)
-    assert bounds[-1] == pytest.approx(100.0 + 25.0 - 1.0)
+    assert bounds[0] == pytest.approx(20.0 + 0.9 * 10.0 - 1.0)
+    assert bounds[-1] == pytest.approx(100.0 + 0.9 * 25.0 - 1.0)
     # slack_share 0: slack_s alone, as before the share existed
     assert StarvationConfig(slack_s=10.0, slack_share=0.0).slack_for(100.0) == 10.0
     with pytest.raises(ValueError, match="slack_share"):
         StarvationConfig(slack_share=-0.1)
     with pytest.raises(ValueError, match="estimate_sds"):
         StarvationConfig(estimate_sds=float("nan"))
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="slack_reserve"):
+            StarvationConfig(slack_reserve=bad)
 
 
 def test_rule_and_share_are_validated():
@@ -449,19 +454,23 @@ def test_a_promoted_request_runs_to_its_end_only_while_one_request_is_a_small_pa
     assert not requeued._runs_to_end and requeued.preemptions > whole.preemptions
 
 
-def test_idle_time_before_an_arrival_is_no_ones_cost():
-    """fcfs-slack attributes the interval that ends with a request's add to that request (its ranker pass), unless
-    the engine had nothing to do since the last event: then that interval was idle, and no request's cost."""
+def test_ranker_passes_and_idle_time_are_no_ones_cost():
+    """fcfs-slack counts the interval that ends with a request's add (its ranker pass) as engine time but as no
+    request's cost, since FCFS, whose delay the cost model estimates, ranks nothing; and when the engine had nothing
+    to do since the last event that interval was idle: not even engine time."""
     sched = Scheduler(make_policy("ltr"), 2, starvation=StarvationConfig())
     first = Request("first", 0.0, 4, 2, score=0.0)
     sched.add(first, 0.0)
     sched.schedule(0.0)
-    sched.on_token(first, 0.1)
-    sched.on_token(first, 0.2)
+    sched.on_token(first, 0.1)  # its prefill: its own cost
+    sched.on_token(first, 0.2)  # a decode step, shared by the 2 slots
     sched.finish(first, 0.2)
+    assert first._work_s == pytest.approx(0.15)
+    assert sched._engine_s == pytest.approx(0.2)
     later = Request("later", 100.0, 4, 2, score=0.0)
     sched.add(later, 100.05)  # arrived after 99.8 s of idling; its ranker pass took the last 0.05 s
+    assert sched._engine_s == pytest.approx(0.2)
     other = Request("other", 100.0, 4, 2, score=0.0)
-    sched.add(other, 100.1)  # the engine is busy ranking now: this interval is this one's pass
-    assert later._work_s == 0.0
-    assert other._work_s == pytest.approx(0.05)
+    sched.add(other, 100.1)  # the engine is busy ranking now: this interval is a ranker pass
+    assert sched._engine_s == pytest.approx(0.25)
+    assert later._work_s == other._work_s == 0.0

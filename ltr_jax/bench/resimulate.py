@@ -94,10 +94,11 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], argparse.Namespace]:
     for name, value in recorded.items():
         if value is not None:
             setattr(args, name, value)
-    if rule == "fcfs-slack":  # reports from before this key learned each score class from 16 finished requests
+    if rule == "fcfs-slack":  # reports from before these keys: 16 finished requests per score class, no reserve
         tree = args.config_tree
         starvation_cfg = dataclasses.replace(tree.scheduler.starvation,
-                                             min_finished_per_class=starvation.get("min_finished_per_class", 16))
+                                             min_finished_per_class=starvation.get("min_finished_per_class", 16),
+                                             slack_reserve=starvation.get("slack_reserve", 0.0))
         args.config_tree = dataclasses.replace(tree, scheduler=dataclasses.replace(tree.scheduler,
                                                                                    starvation=starvation_cfg))
     unrecorded = [name for name, value in recorded.items() if value is None]

@@ -11,25 +11,25 @@ of a decision is always allowed so nothing starves behind a long prompt).
 
 Starvation control (`ltr_jax.scheduler.starvation` states both rules and their promises). Under the default
 ``fcfs-slack`` rule the scheduler also keeps what each request has cost the engine, from the intervals between its
-calls: the interval that ends with a request's ``add`` is its ranker pass, one that ends with its first token after
-admission is its prefill, and one that ends with a token of a request that was already running is a decode step, a
-1/num_slots share of it to each running request. It hands the cost model (`WorkModel`) each request as it starts
-and, every ``_REFRESH_EVERY`` finishes, what each started one has cost or had so far. From the model and the
-requests' scores it estimates FCFS's delay (`fcfs_delay_s`) and promotes a waiting request once its wait exceeds the
-largest delay since the oldest waiting request began to wait plus the slack (`promotion_wait_s`). Under the
-``threshold`` rule (wall-clock seconds) a waiting request whose wait since its last token (since arrival before its
-first token) exceeds ``threshold_s`` is promoted. Under either, a promoted request is ordered ahead of every ranked
-one, by when it was promoted; its quantum is ``quantum_s`` from then (fcfs-slack) or from the moment it became
-starved (threshold), and once that has passed and it has produced a token since promotion it is demoted (under
-fcfs-slack, unless it has been promoted ``run_to_end_after`` times, or was promoted from a score class the cost
-model has too few finished requests of (``learn_thin_classes``), and such a run is affordable (``run_to_end_share``,
-a promoted slot left free): then it keeps its slot and priority until it finishes). With ``requeue_after_quantum``
-a demoted request that holds its slot through the promotion is back in rank order: a better-ranked waiting request
-may take that slot even past the cap (the paper's "promoted for a quantum"); when it is off, a promotion runs the
-request to its end. Threshold guarantee (tested in the simulator):
-with at most 2 x num_slots requests in the system, no prefill budget and no preemption cap, max_waiting_time <=
-threshold + quantum + one iteration + one boundary's prefill phase. In overload no fixed threshold can be kept
-(every request needs a token per threshold + quantum); fcfs-slack's bound grows with FCFS's own delay instead.
+calls: the interval that ends with a request's ``add`` is its ranker pass (engine time, but no request's cost: FCFS
+would not rank), one that ends with its first token after admission is its prefill, and one that ends with a token of
+a request that was already running is a decode step, a 1/num_slots share of it to each running request. It hands the
+cost model (`WorkModel`) each request as it starts and, every ``_REFRESH_EVERY`` finishes, what each started one has
+cost or had so far. From the model and the requests' scores it estimates FCFS's delay (`fcfs_delay_s`) and promotes a
+waiting request once its wait exceeds the largest delay since the oldest waiting request began to wait plus the slack
+less its reserve (`promotion_wait_s`). Under the ``threshold`` rule (wall-clock seconds) a waiting request whose wait
+since its last token (since arrival before its first token) exceeds ``threshold_s`` is promoted. Under either, a
+promoted request is ordered ahead of every ranked one, by when it was promoted; its quantum is ``quantum_s`` from then
+(fcfs-slack) or from the moment it became starved (threshold), and once that has passed and it has produced a token
+since promotion it is demoted (under fcfs-slack, unless it has been promoted ``run_to_end_after`` times, or was
+promoted from a score class the cost model has too few finished requests of (``learn_thin_classes``), and such a run
+is affordable (``run_to_end_share``, a promoted slot left free): then it keeps its slot and priority until it
+finishes). With ``requeue_after_quantum`` a demoted request that holds its slot through the promotion is back in rank
+order: a better-ranked waiting request may take that slot even past the cap (the paper's "promoted for a quantum");
+when it is off, a promotion runs the request to its end. Threshold guarantee (tested in the simulator): with at most 2
+x num_slots requests in the system, no prefill budget and no preemption cap, max_waiting_time <= threshold + quantum +
+one iteration + one boundary's prefill phase. In overload no fixed threshold can be kept (every request needs a token
+per threshold + quantum); fcfs-slack's bound grows with FCFS's own delay instead.
 
 Data structures, so a decision costs O((admissions + preemptions + promotions) log n + num_slots), not O(n): waiting
 requests sit in a sorted list by rank and, for starvation, in sorted lists by wait-clock start (threshold) or by
@@ -238,7 +238,8 @@ class Scheduler:
         self._by_id[req.request_id] = req
         if self._fcfs_slack:
             if self._running or self._waiting:
-                self._attribute_interval(req, now, exclusive=True)  # ending with its add: its ranker pass
+                # ending with its add: its ranker pass, engine time but no request's cost (FCFS ranks nothing)
+                self._attribute_interval(None, now, exclusive=True)
             else:  # the engine was idle since the last event: no one's cost (this ranker pass is lost with it)
                 self._event_time = now
             self._work_model.arrived(req.score)
@@ -481,14 +482,16 @@ class Scheduler:
         self._push_waiting(req, self._last_now)
 
     # ---------------------------------------------------- fcfs-slack accounting
-    def _attribute_interval(self, req: Request, now: float, exclusive: bool) -> None:
-        """Attribute the engine time since the last event: all of it to ``req`` (``exclusive``: its ranker pass
-        or prefill), or a 1/num_slots share of it to each running request (a decode step)."""
+    def _attribute_interval(self, req: Request | None, now: float, exclusive: bool) -> None:
+        """Attribute the engine time since the last event: all of it to ``req`` (``exclusive``: its prefill; to no
+        request when ``req`` is None: a ranker pass), or a 1/num_slots share of it to each running request (a
+        decode step)."""
         if self._event_time is not None and now > self._event_time:
             dt = now - self._event_time
             self._engine_s += dt
             if exclusive:
-                req._work_s += dt
+                if req is not None:
+                    req._work_s += dt
             else:
                 self._share_clock += dt / self.num_slots
         if self._event_time is None or now > self._event_time:
@@ -544,8 +547,9 @@ class Scheduler:
     def promotion_wait_s(self, now: float) -> float:
         """fcfs-slack: the wait after which a request is promoted now: the longest wait FCFS would have imposed on
         a request arriving since the oldest waiting one began to wait (`fcfs_delay_s`, at each moment the least
-        estimate of the ``_STEADY_S`` seconds before it), plus the slack, less a quantum: promoted then, its token
-        lands within the slack even if it waits a quantum for a promoted slot or the estimate runs a little ahead."""
+        estimate of the ``_STEADY_S`` seconds before it), plus the slack less its reserve, less a quantum: promoted
+        then, its token lands within the slack even if it waits a quantum for a promoted slot or the estimate runs a
+        little ahead."""
         delay = self.fcfs_delay_s()
         recent = self._recent_delays  # the least estimate of the last _STEADY_S: a model refresh's spike is dropped
         while recent and recent[-1][1] >= delay:
@@ -562,7 +566,7 @@ class Scheduler:
                      self._by_arrival[0][1].arrival_time if self._by_arrival else now)
         while len(peaks) > 1 and peaks[1][0] <= oldest:
             peaks.popleft()
-        return peaks[0][1] + max(0.0, self.starvation.slack_for(peaks[0][1]) - self.starvation.quantum_s)
+        return peaks[0][1] + max(0.0, self.starvation.aimed_slack(peaks[0][1]) - self.starvation.quantum_s)
 
     def _promote_past_fcfs(self, now: float) -> None:
         """Promote every waiting request that has waited longer than `promotion_wait_s`: resumed ones by their wait

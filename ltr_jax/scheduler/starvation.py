@@ -4,39 +4,40 @@ Two rules, chosen by ``rule``:
 
 * ``fcfs-slack`` (the default). Its promise: **no request waits, for its first token or between two tokens, longer
   than first-come-first-served would have made a request arriving during that wait wait, plus the slack: ``slack_s``
-  or ``slack_share`` of that FCFS delay, whichever is more.** The estimate of FCFS's delay errs by a share of it
-  (its cost classes are learned from samples), so a slack that absorbs the error grows with the delay; and it is
-  taken ``estimate_sds`` standard deviations of the unstarted requests' work below its expectation, since on a few
-  slots a handful of long requests decide FCFS's delay and the expectation alone runs ahead of it half the time. Under
-  FCFS a request's wait depends only on the work ahead of it, and the work in the system is the same under every
+  or ``slack_share`` of that FCFS delay, whichever is more.** The estimate of FCFS's delay errs by a share of it (its
+  cost classes are learned from samples), so a slack that absorbs the error grows with the delay; and it is taken
+  ``estimate_sds`` standard deviations of the unstarted requests' work below its expectation, since on a few slots a
+  handful of long requests decide FCFS's delay and the expectation alone runs ahead of it half the time. The rule aims
+  ``slack_reserve`` of the slack inside its promise: the worst wait sits on the aim, so an estimate that runs a little
+  high (a few per cent either way, on the best-learned traces too) would otherwise pass the promise; and a server's
+  run differs from FCFS's by the ranker passes, which FCFS would not run: they are engine time but no request's cost.
+  Under FCFS a request's wait depends only on the work ahead of it, and the work in the system is the same under every
   order that keeps the engine busy, so FCFS's delay can be estimated while another policy runs: the expected engine
   seconds still to go of the requests here (`WorkModel`, from their ranker scores and what they have had), less what
   FCFS would still be running in the other slots (the scheduler's ``fcfs_delay_s``). The cost model learns from the
-  requests that started, counting unfinished ones as lower bounds, so it is not fooled by the ranking finishing
-  short requests first; where the ranking lets no request of a score class finish it errs low, which promotes early
-  rather than late. A request that has waited longer than the largest such delay since the oldest waiting request
-  began to wait, plus the slack less ``quantum_s`` (so that its token lands within the slack), is promoted: it
-  takes the next slot (with ``preempt_past_cap``, the slot of the worst-ranked running request) ahead of every
-  ranked request, for ``quantum_s`` and at least one token. Under overload FCFS makes everyone wait long, so the
-  rule lets everyone wait long and promotes only the requests the ranking keeps waiting beyond that. Hysteresis: a
-  promoted request is never displaced before its quantum ends; after it, with ``requeue_after_quantum``, it is back
-  in rank order, and it is promoted again only once it has waited past the bound again, at least the slack less
-  ``quantum_s``; a request promoted ``run_to_end_after`` times keeps its slot until it finishes (the ranking would
+  requests that started, counting unfinished ones as lower bounds, so it is not fooled by the ranking finishing short
+  requests first; where the ranking lets no request of a score class finish it errs low, which promotes early rather
+  than late. A request that has waited longer than the largest such delay since the oldest waiting request began to
+  wait, plus the slack less its reserve and ``quantum_s`` (so that its token lands within the slack), is promoted: it
+  takes the next slot (with ``preempt_past_cap``, the slot of the worst-ranked running request) ahead of every ranked
+  request, for ``quantum_s`` and at least one token. Under overload FCFS makes everyone wait long, so the rule lets
+  everyone wait long and promotes only the requests the ranking keeps waiting beyond that. Hysteresis: a promoted
+  request is never displaced before its quantum ends; after it, with ``requeue_after_quantum``, it is back in rank
+  order, and it is promoted again only once it has waited past the bound again, at least the slack less its reserve
+  and ``quantum_s``; a request promoted ``run_to_end_after`` times keeps its slot until it finishes (the ranking would
   starve it again), so no request is promoted more often than that. A promoted request whose score class has fewer
-  than ``min_finished_per_class`` finished requests (counting the ones already running to their end for this)
-  also keeps its slot until it finishes (``learn_thin_classes``): the ranking lets the classes it defers finish only
-  through promotions, so without these their costs are known only as lower bounds, the estimate runs low and the
-  rule promotes early and often; a request promoted by its age, not its length, is a fair sample of its class.
-  Such runs are out of rank order, so a new one starts only while they, counted at what they have had or are
-  expected to cost (this one included), come to at most ``learn_share`` of the engine's time so far. Every run to
-  the end (either kind) holds a slot out of rank order that everyone waiting waits for, so it happens only while the
-  largest cost the model has seen is at most ``run_to_end_share`` of FCFS's delay (on a large engine one request is
-  a small part of everyone's wait; on a few slots it is not, and there promotions are quanta), and while such runs
-  leave at least one of the promoted slots to the promotions of a quantum (a request past its bound never waits for
-  someone's whole run).
-  Promoted requests hold at most
-  ``max_promoted_share`` of the slots while ranked requests wait (past that share the promise yields to the
-  ranking).
+  than ``min_finished_per_class`` finished requests (counting the ones already running to their end for this) also
+  keeps its slot until it finishes (``learn_thin_classes``): the ranking lets the classes it defers finish only
+  through promotions, so without these their costs are known only as lower bounds, the estimate runs low and the rule
+  promotes early and often; a request promoted by its age, not its length, is a fair sample of its class. Such runs
+  are out of rank order, so a new one starts only while they, counted at what they have had or are expected to cost
+  (this one included), come to at most ``learn_share`` of the engine's time so far. Every run to the end (either kind)
+  holds a slot out of rank order that everyone waiting waits for, so it happens only while the largest cost the model
+  has seen is at most ``run_to_end_share`` of FCFS's delay (on a large engine one request is a small part of
+  everyone's wait; on a few slots it is not, and there promotions are quanta), and while such runs leave at least one
+  of the promoted slots to the promotions of a quantum (a request past its bound never waits for someone's whole run).
+  Promoted requests hold at most ``max_promoted_share`` of the slots while ranked requests wait (past that share the
+  promise yields to the ranking).
 * ``threshold``: the paper's rule in wall-clock seconds: a request whose wait since its last token (since arrival
   before its first) exceeds ``threshold_s`` is promoted for ``quantum_s``; under overload everyone crosses a fixed
   threshold, so it promotes and preempts in bulk. Kept for comparison.
@@ -60,6 +61,10 @@ def slack_for(slack_s: float, slack_share: float, fcfs_delay_s: float) -> float:
     return max(slack_s, slack_share * fcfs_delay_s)
 
 
+def _below_one(value: float) -> str | None:
+    return None if value < 1 else "a share below 1"
+
+
 @dataclass(frozen=True, kw_only=True)
 class StarvationConfig:
     """The config tree's ``scheduler.starvation`` section."""
@@ -73,6 +78,9 @@ class StarvationConfig:
                                              "it is promoted")
     slack_share: float = setting(0.25, ge=0, doc="fcfs-slack: the slack is the larger of slack_s and this share of "
                                                  "FCFS's delay (0: slack_s alone)")
+    slack_reserve: float = setting(0.1, ge=0, check=_below_one, doc="fcfs-slack: share of the slack the rule keeps in "
+                                                       "reserve for the FCFS estimate's error: it promotes at the "
+                                                       "estimate plus (1 - this) of the slack")
     estimate_sds: float = setting(1.0, ge=0, doc="fcfs-slack: FCFS's delay is estimated this many standard "
                                                  "deviations of the unstarted requests' work below its expectation "
                                                  "(0: the expectation)")
@@ -134,6 +142,8 @@ class StarvationConfig:
             value = getattr(self, pname)
             if not (isinstance(value, (int, float)) and 0 <= value <= 1):
                 raise ValueError(f"StarvationConfig.{pname} must be in [0, 1], got {value!r}")
+        if not (isinstance(self.slack_reserve, (int, float)) and 0 <= self.slack_reserve < 1):
+            raise ValueError(f"StarvationConfig.slack_reserve must be in [0, 1), got {self.slack_reserve!r}")
         for pname in ("slack_share", "estimate_sds"):
             value = getattr(self, pname)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -150,13 +160,19 @@ class StarvationConfig:
         """fcfs-slack: how much longer than ``fcfs_delay_s`` (FCFS's delay) a request may wait."""
         return slack_for(self.slack_s, self.slack_share, fcfs_delay_s)
 
+    def aimed_slack(self, fcfs_delay_s: float) -> float:
+        """fcfs-slack: how much longer than the estimate of FCFS's delay the rule lets a request wait: the slack
+        less its reserve (the estimate errs a few per cent either way, and the worst wait sits on the aim)."""
+        return (1.0 - self.slack_reserve) * self.slack_for(fcfs_delay_s)
+
     def describe(self) -> dict:
         """The keys that matter for this rule (what a report prints)."""
         common = {"rule": self.rule, "quantum_s": self.quantum_s, "preempt_past_cap": self.preempt_past_cap,
                   "requeue_after_quantum": self.requeue_after_quantum}
         if self.rule == "fcfs-slack":
             return {**common, "slack_s": self.slack_s, "slack_share": self.slack_share,
-                    "estimate_sds": self.estimate_sds, "max_promoted_share": self.max_promoted_share,
+                    "slack_reserve": self.slack_reserve, "estimate_sds": self.estimate_sds,
+                    "max_promoted_share": self.max_promoted_share,
                     "run_to_end_after": self.run_to_end_after, "learn_thin_classes": self.learn_thin_classes,
                     "min_finished_per_class": self.min_finished_per_class, "learn_share": self.learn_share,
                     "run_to_end_share": self.run_to_end_share}
