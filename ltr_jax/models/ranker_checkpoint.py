@@ -3,17 +3,20 @@
 Layout of an exported ranker directory::
 
     <dir>/ranker.json   {"format": "ltr_jax.ranker", "version": 1, "spec": RankerSpec, "arrays": {path: shape},
-                         ...provenance}
+                         "head_sha256": {file under head/: digest}, ...provenance}
     <dir>/head/         Orbax StandardCheckpointer output of the head's NNX state (KBs)
 
 The backbone is not stored: it is the serving model's own first ``spec.n_layers`` blocks, rebuilt from the model
 (``spec.model_source``) at serve time. Every failure to restore (missing files, unreadable JSON, arrays whose
-shapes disagree with the JSON, an Orbax read error, a backbone of the wrong width) raises
-`RankerCheckpointError` naming the path and the problem.
+shapes disagree with the JSON, a head file whose digest differs from the one recorded at export, an Orbax read
+error, a backbone of the wrong width) raises `RankerCheckpointError` naming the path and the problem. The digests
+are checked before Orbax reads anything, so a corrupt export is refused without a read that fails half-way
+(exports from before the digests are read unchecked).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -69,9 +72,30 @@ def save_ranker(path: str | Path, head: RankerHead, spec: RankerSpec, extra: dic
         checkpointer.save(path / HEAD_DIR, nnx.state(head), force=True)
         checkpointer.wait_until_finished()
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "spec": spec.to_dict(),
-            "arrays": {k: list(v) for k, v in sorted(shapes.items())}, **(extra or {})}
+            "arrays": {k: list(v) for k, v in sorted(shapes.items())},
+            "head_sha256": _digests(path / HEAD_DIR), **(extra or {})}
     (path / SPEC_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return path
+
+
+def _digests(head_dir: Path) -> dict[str, str]:
+    """{file path under ``head_dir``: its SHA-256}, every file."""
+    return {f.relative_to(head_dir).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(head_dir.rglob("*")) if f.is_file()}
+
+
+def _check_digests(head_dir: Path, recorded: Any) -> None:
+    if not isinstance(recorded, dict):
+        raise RankerCheckpointError(f"{head_dir.parent / SPEC_FILE}: 'head_sha256' should map file names to "
+                                    "digests; re-export the ranker")
+    found = _digests(head_dir)
+    for name, digest in sorted(recorded.items()):
+        if name not in found:
+            raise RankerCheckpointError(f"{head_dir / name}: missing (the export recorded it); restore the whole "
+                                        "ranker directory or re-export it")
+        if found[name] != digest:
+            raise RankerCheckpointError(f"{head_dir / name}: corrupt (its SHA-256 differs from the one recorded at "
+                                        "export); restore the whole ranker directory or re-export it")
 
 
 def read_spec(path: str | Path) -> tuple[RankerSpec, dict[str, Any]]:
@@ -109,6 +133,8 @@ def load_ranker(path: str | Path) -> tuple[RankerHead, RankerSpec, dict[str, Any
     head_dir = path / HEAD_DIR
     if not head_dir.is_dir():
         raise RankerCheckpointError(f"{head_dir}: missing; the head's Orbax checkpoint should be here")
+    if "head_sha256" in meta:
+        _check_digests(head_dir, meta["head_sha256"])
     with ocp.StandardCheckpointer() as checkpointer:
         return _restore_head(path, head_dir, spec, meta, checkpointer)
 
