@@ -76,8 +76,8 @@ class StarvationConfig:
                             "threshold: promote after threshold_s of waiting (the paper's fixed rule)")
     slack_s: float = setting(30.0, gt=0, doc="fcfs-slack: seconds a request may wait beyond FCFS's delay before "
                                              "it is promoted")
-    # The promise is 0.28 and the rule aims slack_reserve (0.1) inside it, at 0.252: at 0.25 the aim alone promotes
-    # past 0.2 times per request on some AlpacaEval 32 req/s seeds (benchmarks/RESULTS.md, eighth version).
+    # The rule aims slack_reserve inside this share: a share whose aim keeps AlpacaEval traffic's promotions under
+    # the point (benchmarks/RESULTS.md, eighth version).
     slack_share: float = setting(0.28, ge=0, doc="fcfs-slack: the slack is the larger of slack_s and this share of "
                                                  "FCFS's delay (0: slack_s alone)")
     slack_reserve: float = setting(0.1, ge=0, check=_below_one, doc="fcfs-slack: share of the slack the rule keeps in "
