@@ -74,8 +74,8 @@ def add_shared_options(p: argparse.ArgumentParser, *, rates: str) -> None:
                    "'threshold' after --starvation-threshold seconds of waiting, for --starvation-quantum "
                    "(default: the config's, fcfs-slack; 'threshold' when --starvation-threshold is given)")
     p.add_argument("--starvation-slack", type=float, default=None,
-                   help="fcfs-slack: seconds a request may wait beyond FCFS's delay before it is promoted "
-                   "(scheduler.starvation.slack_s)")
+                   help="fcfs-slack: the promise's slack: seconds a request may wait beyond FCFS's delay "
+                   "(scheduler.starvation.slack_s; the rule promotes scheduler.starvation.slack_reserve of it early)")
     p.add_argument("--starvation-slack-share", type=float, default=None,
                    help="fcfs-slack: the slack is the larger of --starvation-slack and this share of FCFS's delay "
                    "(scheduler.starvation.slack_share)")
