@@ -1,14 +1,14 @@
 """Issue 27's three points for `bench simulate` runs of ltr+starvation alone, against fcfs / ltr runs of the same
 traces kept from an earlier run.
 
-fcfs and ltr do not read ``scheduler.starvation``, so a change to the rule needs only its own policy rerun: the
-same ``--seed``, ``--rates``, ``--ranker`` / ``--prompts`` / ``--lengths`` give the same trace. For each rule run
-(a directory ``bench simulate --policies ltr+starvation --out`` wrote) this finds the baseline report of the same
-seed among ``--baselines`` (directories holding a report.json with fcfs and ltr runs at the same rate, and the same
-length source) and prints, per rate and seed: the share of ltr's mean-latency gain over fcfs kept, the margin to
-the rule's promise (fcfs's worst max_waiting_time plus the slack the rule run's config promises, less the rule's
-worst), the same margin against ``--old-slack S,SHARE`` when given, and promotions per request; then a summary
-per rate. ``--json`` prints the rows as one JSON object instead.
+fcfs and ltr do not read ``scheduler.starvation``, so a change to the rule needs only its own policy rerun: the same
+``--seed``, ``--rates``, ``--ranker`` / ``--prompts`` / ``--lengths`` give the same trace. For each rule run (a
+directory ``bench simulate --policies ltr+starvation --out`` wrote) this finds the baseline report of the same seed
+among ``--baselines`` (directories holding a report.json with fcfs and ltr runs at the same rate, and the same length
+source) and prints, per rate and seed, what `bench`'s reports compute (`starvation_cost`): the share of ltr's
+mean-latency gain over fcfs kept, the margin to the rule's promise (fcfs's worst max_waiting_time plus the slack the
+rule run's config promises, less the rule's worst), the same margin against ``--old-slack S,SHARE`` when given, and
+promotions per request; then a summary per rate. ``--json`` prints the rows as one JSON object instead.
 
     python scripts/starvation_against_baselines.py --runs 'DIR/rule_seed*' \
         --baselines 'benchmarks/results/starvation_sim_alpacaeval_v7_rate32_seed*' --old-slack 30,0.25
@@ -21,6 +21,7 @@ import glob
 import json
 from pathlib import Path
 
+from ltr_jax.bench.report import starvation_cost
 from ltr_jax.scheduler.starvation import slack_for
 
 GAIN_POINT, PROMOTION_POINT = 0.9, 0.2
@@ -46,14 +47,14 @@ def rows(runs: str, baselines: str, old_slack: tuple[float, float] | None) -> li
                 raise SystemExit(f"{path}: no baseline of seed {key[0]}, {rate} and this length source among "
                                  f"{baselines!r}")
             base_path, baseline = base[key]
-            fcfs, ltr, rule = baseline["fcfs"], baseline["ltr"], by_policy["ltr+starvation"]
-            fcfs_mean, ltr_mean = fcfs["latency_s"]["mean"], ltr["latency_s"]["mean"]
-            fcfs_worst, worst = fcfs["max_waiting_time_s"]["max"], rule["max_waiting_time_s"]["max"]
+            cost = starvation_cost({"fcfs": baseline["fcfs"], "ltr": baseline["ltr"],
+                                    "ltr+starvation": by_policy["ltr+starvation"]}, starvation)
+            if cost is None:
+                continue  # ltr gains under 5% over fcfs at this rate: nothing to keep
+            fcfs_worst, worst = cost["fcfs_max_waiting_time_max_s"], cost["max_waiting_time_max_s"]
             row = {"run": str(path), "baseline": str(base_path), "seed": report["seed"], "rate": rate,
-                   "gain_kept": (fcfs_mean - rule["latency_s"]["mean"]) / (fcfs_mean - ltr_mean),
-                   "margin_s": fcfs_worst + slack_for(starvation["slack_s"], starvation["slack_share"], fcfs_worst)
-                   - worst,
-                   "promotions_per_request": rule["promotions"] / rule["num_requests"]}
+                   "gain_kept": cost["share_of_ltr_gain_kept"], "margin_s": cost["bound_s"] - worst,
+                   "promotions_per_request": cost["promotions_per_request"]}
             if old_slack is not None:
                 row["margin_old_promise_s"] = fcfs_worst + slack_for(*old_slack, fcfs_worst) - worst
             row["meets"] = (row["gain_kept"] >= GAIN_POINT and row["margin_s"] >= 0
